@@ -1,0 +1,243 @@
+"""The debtor's side of borrowing: ask the gManager, negotiate with creditors, give back.
+
+The transport is injected: ``send_lend(creditor_id, LendRequest) -> LendReply`` and
+``send_release(creditor_id, Release) -> None`` may call an in-process ``RManager`` directly or
+a remote actor; nothing here knows threads or Ray. A transport that cannot reach a creditor
+should answer a false ``LendReply`` (so the debtor moves on) rather than raise.
+
+Policy (our reading; the paper leaves it open):
+
+* One creditor per need when possible: the debtor asks the recommended creditors in order
+  for *all* ``num_blocks``; the first that grants wins. New rBlocks on one instance add at
+  most one remote MicroAttention to the request.
+* Split only when the gManager says nobody can hold it all (``Recommendation.split``) and a
+  ``send_release`` is available: every share is asked all-or-nothing, and if any share is
+  refused, the shares already granted are released. ``borrow`` never returns a partial set.
+* Each false is reported to the gManager (which then skips that creditor until its next
+  heartbeat shows more room). When every candidate said false the debtor asks the gManager
+  again, at most ``max_rounds`` times in all; an empty recommendation ends the attempt.
+* Every grant is recorded on the debtor (``record_borrowed``) and in the ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.messages import LendReply, LendRequest, Recommendation, Release
+from infinite_llm.kvcache.metrics import BorrowStats
+from infinite_llm.kvcache.rmanager import RManager
+
+SendLend = Callable[[int, LendRequest], LendReply]
+SendRelease = Callable[[int, Release], None]
+
+
+class GManagerLike(Protocol):
+    """What the debtor needs from the gManager (a ``GManager`` or a proxy to a remote one)."""
+
+    def recommend(self, debtor_id: int, num_blocks: int) -> Recommendation: ...
+
+    def report_false(self, creditor_id: int, num_lendable: int = 0) -> None: ...
+
+    def record_lend(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
+
+    def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BorrowConfig:
+    max_rounds: int = 3
+    allow_split: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be >= 1")
+
+
+def borrow(
+    debtor: RManager,
+    gmanager: GManagerLike,
+    num_blocks: int,
+    send_lend: SendLend,
+    *,
+    send_release: SendRelease | None = None,
+    config: BorrowConfig | None = None,
+    stats: BorrowStats | None = None,
+) -> list[BlockRef] | None:
+    """Borrow exactly ``num_blocks`` remote rBlocks for ``debtor``, or None (nothing held)."""
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+    config = config or BorrowConfig()
+    stats = stats if stats is not None else BorrowStats()
+    start = time.perf_counter()
+    granted = None
+    try:
+        for _ in range(config.max_rounds):
+            rec = gmanager.recommend(debtor.instance_id, num_blocks)
+            stats.add(num_rounds=1)
+            for creditor_id in rec.creditor_ids:
+                granted = _ask(debtor, gmanager, creditor_id, num_blocks, send_lend, stats)
+                if granted is not None:
+                    return granted
+            if rec.split and config.allow_split and send_release is not None:
+                granted = _ask_split(debtor, gmanager, rec.split, send_lend, send_release, stats)
+                if granted is not None:
+                    stats.add(num_split=1)
+                    return granted
+            if rec.is_empty:
+                break
+        return None
+    finally:
+        stats.add(
+            num_borrows=1,
+            num_granted=granted is not None,
+            num_failed=granted is None,
+            num_blocks_borrowed=len(granted) if granted else 0,
+        )
+        stats.latency.record(time.perf_counter() - start)
+
+
+def release(
+    debtor: RManager,
+    gmanager: GManagerLike,
+    refs: Iterable[BlockRef],
+    send_release: SendRelease,
+    *,
+    stats: BorrowStats | None = None,
+) -> None:
+    """Give borrowed rBlocks back to their creditors (one ``Release`` per creditor).
+
+    Validates every ref first. The debtor forgets a creditor's refs *before* sending: once
+    the creditor frees them it may lend the same blocks to this debtor again at once (from
+    another thread). If ``send_release`` raises, the refs are recorded again (the creditor
+    still holds them lent, so nobody else can have them) and the error propagates.
+    """
+    refs = list(refs)
+    by_creditor: dict[int, list[BlockRef]] = {}
+    for ref in refs:
+        by_creditor.setdefault(ref.instance_id, []).append(ref)
+    if not debtor.has_borrowed(refs):
+        raise ValueError(f"instance {debtor.instance_id} did not borrow all of {refs}")
+    for creditor_id in sorted(by_creditor):
+        group = by_creditor[creditor_id]
+        debtor.record_returned(group)
+        try:
+            send_release(creditor_id, Release(debtor.instance_id, group))
+        except BaseException:
+            debtor.record_borrowed(group)
+            raise
+        gmanager.record_release(debtor.instance_id, creditor_id, len(group))
+    if stats is not None:
+        stats.add(num_blocks_released=len(refs))
+
+
+class Borrower:
+    """One debtor's borrowing, with its transport, gManager and counters bound once.
+
+    ``allocate``/``free`` make it a block allocator for the scheduler: local rBlocks first,
+    borrowed ones for the rest, and every rBlock of a request freed where it lives.
+    """
+
+    def __init__(
+        self,
+        debtor: RManager,
+        gmanager: GManagerLike,
+        send_lend: SendLend,
+        send_release: SendRelease,
+        *,
+        config: BorrowConfig | None = None,
+        stats: BorrowStats | None = None,
+    ) -> None:
+        self.debtor = debtor
+        self.gmanager = gmanager
+        self.send_lend = send_lend
+        self.send_release = send_release
+        self.config = config or BorrowConfig()
+        self.stats = stats if stats is not None else BorrowStats()
+
+    def borrow(self, num_blocks: int) -> list[BlockRef] | None:
+        return borrow(
+            self.debtor,
+            self.gmanager,
+            num_blocks,
+            self.send_lend,
+            send_release=self.send_release,
+            config=self.config,
+            stats=self.stats,
+        )
+
+    def release(self, refs: Iterable[BlockRef]) -> None:
+        release(self.debtor, self.gmanager, refs, self.send_release, stats=self.stats)
+
+    def allocate(self, num_blocks: int) -> list[BlockRef] | None:
+        """Local blocks first, the rest borrowed; all or nothing (None holds nothing)."""
+        local_n = min(num_blocks, self.debtor.num_free_blocks)
+        local = self.debtor.allocate(local_n) if local_n else []
+        if local is None:  # another thread took them meanwhile
+            local = []
+        if len(local) == num_blocks:
+            return local
+        remote = self.borrow(num_blocks - len(local))
+        if remote is None:
+            self.debtor.free(local)
+            return None
+        return local + remote
+
+    def free(self, refs: Iterable[BlockRef]) -> None:
+        """Free a request's rBlocks: local ones to the pool, remote ones to their creditors."""
+        refs = list(refs)
+        home = self.debtor.instance_id
+        self.debtor.free([r for r in refs if r.instance_id == home])
+        remote = [r for r in refs if r.instance_id != home]
+        if remote:
+            self.release(remote)
+
+
+def _ask(
+    debtor: RManager,
+    gmanager: GManagerLike,
+    creditor_id: int,
+    num_blocks: int,
+    send_lend: SendLend,
+    stats: BorrowStats,
+) -> list[BlockRef] | None:
+    """One all-or-nothing lend request; records a grant, reports a false."""
+    request = debtor.new_lend_request(num_blocks)
+    reply = send_lend(creditor_id, request)
+    if not reply.ok:
+        stats.add(num_false_replies=1)
+        gmanager.report_false(creditor_id, reply.num_lendable)
+        return None
+    granted = list(reply.granted or ())
+    if (
+        reply.creditor_id != creditor_id
+        or len(granted) != num_blocks
+        or len(set(granted)) != num_blocks
+        or any(ref.instance_id != creditor_id for ref in granted)
+    ):
+        raise ValueError(f"malformed reply from creditor {creditor_id} to {request}: {reply}")
+    debtor.record_borrowed(granted)
+    gmanager.record_lend(debtor.instance_id, creditor_id, num_blocks)
+    return granted
+
+
+def _ask_split(
+    debtor: RManager,
+    gmanager: GManagerLike,
+    shares: tuple[tuple[int, int], ...],
+    send_lend: SendLend,
+    send_release: SendRelease,
+    stats: BorrowStats,
+) -> list[BlockRef] | None:
+    granted: list[BlockRef] = []
+    for creditor_id, n in shares:
+        got = _ask(debtor, gmanager, creditor_id, n, send_lend, stats)
+        if got is None:
+            if granted:
+                release(debtor, gmanager, granted, send_release)
+            return None
+        granted += got
+    return granted

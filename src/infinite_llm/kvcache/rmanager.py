@@ -1,0 +1,389 @@
+"""RManager: owner of one instance's physical rBlocks (allocate, free, lend, reclaim, heartbeat).
+
+Every physical block ``0..num_blocks-1`` of the instance's pool is in exactly one state::
+
+    FREE  -> in the free heap (lowest id handed out first)
+    USED  -> allocated for one of this instance's own requests
+    LENT  -> allocated on behalf of a remote debtor (``lend``), until it is released
+
+Blocks this instance *borrowed* from others live in other pools; the rManager only keeps
+their refs per creditor (``record_borrowed``/``record_returned``) so its counts and heartbeat
+cover them. The creditor is the authority over its blocks: a lend is answered from the local
+free pool only, first come first served and all-or-nothing, and never by borrowing in turn
+(no borrowing chains). A cap limits how much of the pool may be lent at once.
+
+Thread-safe: a creditor serves lend requests from other threads while its engine allocates.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.borrowed import BorrowedBlocks
+from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
+
+_FREE, _USED, _LENT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class RManagerConfig:
+    """How one instance manages its pool (the pool size is a run-time fact, passed apart).
+
+    ``lending_cap`` is the largest fraction of the pool lent to remote debtors at once;
+    0 disables lending (every block stays for the instance's own requests).
+    """
+
+    lending_cap: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lending_cap <= 1.0:
+            raise ValueError(f"lending_cap must be in [0, 1], got {self.lending_cap}")
+
+    def max_lent_blocks(self, num_blocks: int) -> int:
+        # The epsilon keeps 0.29 * 100 from flooring to 28.
+        return math.floor(self.lending_cap * num_blocks + 1e-9)
+
+
+class RManager:
+    """Owns one instance's physical rBlocks ``0..num_blocks-1``."""
+
+    def __init__(self, instance_id: int, num_blocks: int, *, lending_cap: float = 0.5) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.instance_id = instance_id
+        self.config = RManagerConfig(lending_cap=lending_cap)
+        self._num_blocks = num_blocks
+        self._max_lent = self.config.max_lent_blocks(num_blocks)
+        self._lock = threading.Lock()
+        self._state = [_FREE] * num_blocks
+        # Every FREE block is in the heap exactly once, so no lazy deletion is needed:
+        # blocks leave it only by heappop and come back only by heappush.
+        self._free_heap = list(range(num_blocks))
+        self._num_used = 0
+        self._lent_to: dict[int, set[int]] = {}  # debtor_id -> block ids lent to it
+        self._debtor_of: dict[int, int] = {}  # lent block id -> debtor_id
+        self._borrowed = BorrowedBlocks(instance_id)
+        self._heartbeat_seq = itertools.count(1)
+        self._lend_request_seq = itertools.count(1)
+
+    @classmethod
+    def from_config(cls, instance_id: int, num_blocks: int, config: RManagerConfig) -> RManager:
+        return cls(instance_id, num_blocks, lending_cap=config.lending_cap)
+
+    def __repr__(self) -> str:
+        return (
+            f"RManager(id={self.instance_id}, free={self.num_free_blocks}, "
+            f"used={self.num_used_blocks}, lent={self.num_lent_blocks}, "
+            f"borrowed={self.num_borrowed_blocks})"
+        )
+
+    # ---- counts -------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_heap)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Local blocks allocated for this instance's own requests."""
+        return self._num_used
+
+    @property
+    def num_lent_blocks(self) -> int:
+        return len(self._debtor_of)
+
+    @property
+    def num_borrowed_blocks(self) -> int:
+        """Remote blocks this instance currently holds as a debtor."""
+        return len(self._borrowed)
+
+    @property
+    def max_lent_blocks(self) -> int:
+        return self._max_lent
+
+    @property
+    def num_lendable_blocks(self) -> int:
+        """Free blocks this instance would lend right now under its cap."""
+        with self._lock:
+            return self._lendable()
+
+    def _lendable(self) -> int:
+        return max(0, min(len(self._free_heap), self.max_lent_blocks - len(self._debtor_of)))
+
+    # ---- own requests -------------------------------------------------------------------
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        _check_count(num_blocks)
+        return num_blocks <= len(self._free_heap)
+
+    def allocate(self, num_blocks: int) -> list[BlockRef] | None:
+        """Take ``num_blocks`` local blocks for an own request, lowest ids first.
+
+        All or nothing: ``None`` on shortfall, never a partial list.
+        """
+        _check_count(num_blocks)
+        with self._lock:
+            block_ids = self._take(num_blocks, _USED)
+            if block_ids is None:
+                return None
+            self._num_used += num_blocks
+        return [BlockRef(self.instance_id, b) for b in block_ids]
+
+    def free(self, refs: Iterable[BlockRef]) -> None:
+        """Free local blocks of own requests. Validates every ref before freeing any."""
+        refs = list(refs)
+        with self._lock:
+            block_ids = self._local_ids(refs)
+            for b in block_ids:
+                if self._state[b] != _USED:
+                    raise ValueError(f"{BlockRef(self.instance_id, b)} is not in use here")
+            self._give_back(block_ids)
+            self._num_used -= len(block_ids)
+
+    # ---- creditor side ------------------------------------------------------------------
+
+    def can_lend(self, num_blocks: int) -> bool:
+        _check_count(num_blocks)
+        with self._lock:
+            return num_blocks <= self._lendable()
+
+    def lend(self, request: LendRequest) -> LendReply:
+        """Serve a remote debtor: exactly ``request.num_blocks`` free local blocks, or false.
+
+        Never partial, never beyond the lending cap, and never by borrowing on the debtor's
+        behalf: only this pool's free blocks are considered.
+        """
+        if request.num_blocks <= 0:
+            raise ValueError(f"a lend request needs num_blocks > 0, got {request.num_blocks}")
+        if request.debtor_id == self.instance_id:
+            raise ValueError(f"instance {self.instance_id} cannot lend to itself")
+        with self._lock:
+            granted = None
+            if request.num_blocks <= self._lendable():
+                block_ids = self._take(request.num_blocks, _LENT)
+                assert block_ids is not None  # lendable <= free
+                self._lent_to.setdefault(request.debtor_id, set()).update(block_ids)
+                for b in block_ids:
+                    self._debtor_of[b] = request.debtor_id
+                granted = [BlockRef(self.instance_id, b) for b in block_ids]
+            lendable = self._lendable()
+        return LendReply(
+            creditor_id=self.instance_id,
+            debtor_id=request.debtor_id,
+            request_id=request.request_id,
+            granted=granted,
+            num_lendable=lendable,
+        )
+
+    def reclaim(self, release: Release) -> None:
+        """Take back blocks lent to ``release.debtor_id``; validates all before freeing any."""
+        with self._lock:
+            block_ids = self._lent_ids(release.debtor_id, release.refs)
+            self._untrack_lent(release.debtor_id, block_ids)
+            self._give_back(block_ids)
+
+    def reclaim_all(self, debtor_id: int) -> int:
+        """Free everything lent to ``debtor_id`` (the debtor died). Returns how many."""
+        with self._lock:
+            block_ids = sorted(self._lent_to.get(debtor_id, ()))
+            self._untrack_lent(debtor_id, block_ids)
+            self._give_back(block_ids)
+        return len(block_ids)
+
+    def repossess(self, debtor_id: int, refs: Iterable[BlockRef]) -> None:
+        """Turn blocks lent to ``debtor_id`` into blocks of this instance's own requests.
+
+        Used by a defragmentation swap: the slot stays occupied, only its owner changes
+        (the debtor's data moves out while this instance's own data moves in).
+        """
+        refs = list(refs)
+        with self._lock:
+            block_ids = self._lent_ids(debtor_id, refs)
+            self._untrack_lent(debtor_id, block_ids)
+            for b in block_ids:
+                self._state[b] = _USED
+            self._num_used += len(block_ids)
+
+    def lent_refs(self, debtor_id: int | None = None) -> list[BlockRef]:
+        """Blocks currently lent (to ``debtor_id``, or to anyone), sorted."""
+        with self._lock:
+            ids = self._debtor_of if debtor_id is None else self._lent_to.get(debtor_id, ())
+            return [BlockRef(self.instance_id, b) for b in sorted(ids)]
+
+    def lent_counts(self) -> dict[int, int]:
+        """debtor_id -> number of blocks lent to it."""
+        with self._lock:
+            return {d: len(ids) for d, ids in self._lent_to.items()}
+
+    # ---- debtor side --------------------------------------------------------------------
+
+    def new_lend_request(self, num_blocks: int) -> LendRequest:
+        """A ``LendRequest`` from this instance with a fresh per-debtor request id."""
+        _check_count(num_blocks)
+        return LendRequest(self.instance_id, num_blocks, next(self._lend_request_seq))
+
+    def record_borrowed(self, refs: Iterable[BlockRef]) -> None:
+        """Note remote blocks granted to this instance (from any creditors)."""
+        refs = list(refs)
+        with self._lock:
+            self._borrowed.add(refs)
+
+    def record_returned(self, refs: Iterable[BlockRef]) -> None:
+        """Forget remote blocks given back to (or taken home from) their creditors."""
+        refs = list(refs)
+        with self._lock:
+            self._borrowed.remove(refs)
+
+    def has_borrowed(self, refs: Iterable[BlockRef]) -> bool:
+        """Every ref is a remote block this instance holds (and none is listed twice)."""
+        refs = list(refs)
+        with self._lock:
+            return self._borrowed.holds(refs)
+
+    def drop_borrowed_from(self, creditor_id: int) -> list[BlockRef]:
+        """Forget every block borrowed from ``creditor_id`` (it died); returns them, sorted,
+        so the engine can abort the requests that used them."""
+        with self._lock:
+            return self._borrowed.pop_creditor(creditor_id)
+
+    def borrowed_refs(self, creditor_id: int | None = None) -> list[BlockRef]:
+        """Remote blocks held as debtor (from ``creditor_id``, or from anyone), sorted."""
+        with self._lock:
+            return self._borrowed.refs(creditor_id)
+
+    def borrowed_counts(self) -> dict[int, int]:
+        """creditor_id -> number of its blocks held by this instance."""
+        with self._lock:
+            return self._borrowed.counts()
+
+    # ---- reporting ----------------------------------------------------------------------
+
+    def heartbeat(self) -> Heartbeat:
+        """A consistent snapshot of this instance's memory for the gManager."""
+        with self._lock:
+            return Heartbeat(
+                instance_id=self.instance_id,
+                seq=next(self._heartbeat_seq),
+                num_blocks=self.num_blocks,
+                num_free=len(self._free_heap),
+                num_used=self._num_used,
+                num_lent=len(self._debtor_of),
+                num_borrowed=len(self._borrowed),
+                lendable=self._lendable(),
+                lent_to={d: len(ids) for d, ids in self._lent_to.items()},
+                borrowed_from=self._borrowed.counts(),
+            )
+
+    def owner_of(self, block_id: int) -> int | None:
+        """Which instance's request occupies local block ``block_id`` (None: free)."""
+        with self._lock:
+            state = self._state[block_id]
+            if state == _FREE:
+                return None
+            return self.instance_id if state == _USED else self._debtor_of[block_id]
+
+    def block_owners(self) -> list[int | None]:
+        """``owner_of`` for every local block at once (one consistent snapshot)."""
+        with self._lock:
+            iid, debtor_of = self.instance_id, self._debtor_of
+            return [
+                None if st == _FREE else iid if st == _USED else debtor_of[b]
+                for b, st in enumerate(self._state)
+            ]
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every block is in exactly one consistent state."""
+        with self._lock:
+            iid, n = self.instance_id, self.num_blocks
+            heap = self._free_heap
+            assert len(set(heap)) == len(heap), f"instance {iid}: a block is free twice"
+            assert all(self._state[b] == _FREE for b in heap), (
+                f"instance {iid}: a block in the free heap is not FREE"
+            )
+            counts = [self._state.count(s) for s in (_FREE, _USED, _LENT)]
+            assert counts[0] == len(heap), (
+                f"instance {iid}: {counts[0]} FREE blocks but {len(heap)} in the free heap"
+            )
+            assert counts[1] == self._num_used, (
+                f"instance {iid}: {counts[1]} USED blocks, counter says {self._num_used}"
+            )
+            assert counts[2] == len(self._debtor_of), (
+                f"instance {iid}: {counts[2]} LENT blocks, {len(self._debtor_of)} tracked"
+            )
+            assert sum(counts) == n, f"instance {iid}: free+used+lent != {n}"
+            per_debtor = sum(len(ids) for ids in self._lent_to.values())
+            assert per_debtor == len(self._debtor_of), (
+                f"instance {iid}: lent-per-debtor sums to {per_debtor}, not {len(self._debtor_of)}"
+            )
+            for debtor_id, ids in self._lent_to.items():
+                assert ids, f"instance {iid}: empty lent set kept for debtor {debtor_id}"
+                assert debtor_id != iid, f"instance {iid} lent to itself"
+                for b in ids:
+                    assert self._debtor_of.get(b) == debtor_id, (
+                        f"instance {iid}: block {b} lent to {debtor_id} is not tracked so"
+                    )
+            assert len(self._debtor_of) <= self.max_lent_blocks, (
+                f"instance {iid}: {len(self._debtor_of)} lent > cap {self.max_lent_blocks}"
+            )
+            self._borrowed.check_integrity()
+
+    # ---- internals (caller holds the lock) ----------------------------------------------
+
+    def _take(self, num_blocks: int, state: int) -> list[int] | None:
+        if num_blocks > len(self._free_heap):
+            return None
+        block_ids = [heapq.heappop(self._free_heap) for _ in range(num_blocks)]
+        for b in block_ids:
+            self._state[b] = state
+        return block_ids
+
+    def _give_back(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            self._state[b] = _FREE
+            heapq.heappush(self._free_heap, b)
+
+    def _local_ids(self, refs: list[BlockRef]) -> list[int]:
+        block_ids = []
+        for ref in refs:
+            if ref.instance_id != self.instance_id:
+                raise ValueError(f"{ref} names another instance than {self.instance_id}")
+            if not 0 <= ref.block_id < self.num_blocks:
+                raise ValueError(f"{ref} is out of range (pool of {self.num_blocks})")
+            block_ids.append(ref.block_id)
+        if len(set(block_ids)) != len(block_ids):
+            raise ValueError(f"duplicate refs given to instance {self.instance_id}")
+        return block_ids
+
+    def _lent_ids(self, debtor_id: int, refs: list[BlockRef]) -> list[int]:
+        block_ids = self._local_ids(refs)
+        for b in block_ids:
+            if self._debtor_of.get(b) != debtor_id:
+                raise ValueError(
+                    f"{BlockRef(self.instance_id, b)} is not lent to instance {debtor_id}"
+                )
+        return block_ids
+
+    def _untrack_lent(self, debtor_id: int, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        lent = self._lent_to[debtor_id]
+        for b in block_ids:
+            lent.discard(b)
+            del self._debtor_of[b]
+        if not lent:
+            del self._lent_to[debtor_id]
+
+
+def _check_count(num_blocks: int) -> None:
+    if num_blocks < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
