@@ -1,0 +1,64 @@
+"""Building blocks of the decoder: RMSNorm and rotary position embeddings, as transformers computes them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from infinite_llm.model.config import ModelArchConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, then cast back (the same arithmetic as transformers)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(input_dtype)
+
+
+def _rope_inv_freq(arch: ModelArchConfig) -> tuple[torch.Tensor, float]:
+    if arch.rope_type == "default":
+        dim = arch.head_dim
+        inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+    if arch.rope_type == "dynamic":
+        raise ValueError("dynamic NTK RoPE scaling is not supported (its frequencies depend on the batch)")
+    # Scaled variants (linear, llama3, yarn, longrope): transformers' own implementation.
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    fields = arch.to_hf_dict()
+    hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[arch.rope_type](hf_config)
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the positions of one step, shared by every layer."""
+
+    def __init__(self, arch: ModelArchConfig, device: torch.device) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = _rope_inv_freq(arch)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] -> cos, sin: [T, 1, head_dim] (broadcast over heads)
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; rotate-half convention (HF layout, not interleaved)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
