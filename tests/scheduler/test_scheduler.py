@@ -1,0 +1,122 @@
+"""Scheduler bookkeeping on small exact pools: budgets, chunking, FCFS, preemption, freeing."""
+
+from __future__ import annotations
+
+import pytest
+
+from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.sampling_params import SamplingParams
+from infinite_llm.scheduler.request import Request, RequestStatus
+from infinite_llm.scheduler.scheduler import Scheduler, SchedulerConfig
+
+BS = 4
+
+
+def make(num_blocks: int = 12, budget: int = 16, max_seqs: int = 8) -> tuple[Scheduler, RManager]:
+    rm = RManager(0, num_blocks, lending_cap=0.0)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), BS, rm), rm
+
+
+def req(rid: str, prompt_len: int, max_tokens: int = 8) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(temperature=0, max_tokens=max_tokens),
+                   max_tokens=max_tokens, eos_token_id=None)
+
+
+def step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    sampled = {item.request.request_id: token for item in out.scheduled if item.samples}
+    return out, s.update_from_output(out, sampled)
+
+
+def test_prefill_is_chunked_under_the_token_budget() -> None:
+    s, rm = make(budget=6)
+    r = req("a", 10)
+    s.add_request(r)
+    out, _ = step(s)
+    assert [(i.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 6)]
+    assert r.block_table.refs() == [BlockRef(0, 0), BlockRef(0, 1)]  # 6 tokens -> 2 blocks of 4
+    out, results = step(s)
+    assert out.scheduled[0].num_new_tokens == 4 and results[0].new_token_id == 7  # prompt done: sampled
+    assert r.num_computed_tokens == 10 and r.output_token_ids == [7]
+    assert r.block_table.refs() == [BlockRef(0, 0), BlockRef(0, 1), BlockRef(0, 2)]
+    out, _ = step(s)
+    assert out.scheduled[0].num_new_tokens == 1  # decode
+    rm.check_integrity()
+
+
+def test_decodes_and_prefill_chunks_share_a_step() -> None:
+    s, _ = make(budget=8)
+    a, b = req("a", 3), req("b", 20)
+    s.add_request(a)
+    step(s)  # a prefilled
+    s.add_request(b)
+    out, _ = step(s)
+    assert [(i.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 7)]
+
+
+def test_fcfs_head_of_line_waits_for_memory() -> None:
+    s, rm = make(num_blocks=6, budget=64)
+    big, small = req("big", 20, max_tokens=2), req("small", 2, max_tokens=2)  # big needs 5 blocks
+    s.add_request(req("first", 4, max_tokens=8))  # takes 1 block, 2 once it decodes
+    step(s)
+    s.add_request(big)
+    s.add_request(small)
+    out, _ = step(s)
+    # first holds 2 blocks after its decode, 4 are free: big (5 blocks) waits, and small must
+    # not overtake it (FCFS).
+    assert [i.request.request_id for i in out.scheduled] == ["first"]
+    assert s.num_waiting == 2 and rm.num_free_blocks == 4
+
+
+def test_preemption_frees_the_newest_and_resumes_it_later() -> None:
+    s, rm = make(num_blocks=4, budget=64)
+    a, b = req("a", 8, max_tokens=6), req("b", 8, max_tokens=6)  # 2 full blocks each
+    s.add_request(a)
+    s.add_request(b)
+    step(s)
+    assert rm.num_free_blocks == 0
+    out, _ = step(s)  # a's decode writes token 9: a 3rd block, so b is preempted
+    assert out.preempted == [b] and b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
+    assert b.block_table.refs() == [] and b.output_token_ids == [7]  # keeps its output
+    while a.status is RequestStatus.RUNNING:
+        step(s)
+    assert a.status is RequestStatus.FINISHED_LENGTH and len(a.output_token_ids) == 6
+    out, _ = step(s)  # b resumes: recomputes prompt + its 1 output token
+    assert out.scheduled[0].request is b and out.scheduled[0].num_new_tokens == 9
+    rm.check_integrity()
+
+
+def test_abort_frees_blocks_in_any_state() -> None:
+    s, rm = make(num_blocks=8)
+    s.add_request(req("a", 9))
+    s.add_request(req("b", 30))  # waits (needs 8 blocks, 5 left)
+    step(s)
+    assert s.abort_request("a").status is RequestStatus.FINISHED_ABORTED
+    assert s.abort_request("b").status is RequestStatus.FINISHED_ABORTED
+    assert s.abort_request("b") is None
+    assert rm.num_free_blocks == 8 and not s.has_unfinished_requests()
+    rm.check_integrity()
+
+
+def test_max_num_seqs_caps_running_requests() -> None:
+    s, _ = make(num_blocks=64, budget=64, max_seqs=2)
+    for i in range(4):
+        s.add_request(req(str(i), 2))
+    out, _ = step(s)
+    assert len(out.scheduled) == 2 and s.num_waiting == 2
+
+
+@pytest.mark.parametrize("stop", ["eos", "stop_token", "length"])
+def test_token_level_stops(stop: str) -> None:
+    s, rm = make()
+    params = SamplingParams(temperature=0, max_tokens=3, stop_token_ids=[9] if stop == "stop_token" else None)
+    r = Request("a", [1, 2], params, max_tokens=3, eos_token_id=5)
+    s.add_request(r)
+    token = {"eos": 5, "stop_token": 9, "length": 4}[stop]
+    while r.status is RequestStatus.WAITING or r.status is RequestStatus.RUNNING:
+        step(s, token)
+    expected = RequestStatus.FINISHED_LENGTH if stop == "length" else RequestStatus.FINISHED_STOPPED
+    assert r.status is expected
+    assert len(r.output_token_ids) == (3 if stop == "length" else 1)
+    assert rm.num_free_blocks == rm.num_blocks
