@@ -56,6 +56,13 @@ class BlockTable:
         refs, self._refs = self._refs, []
         return refs
 
+    def remove_instance(self, instance_id: int) -> list[BlockRef]:
+        """Drop the blocks on ``instance_id`` (it died); returns them. The table is no longer
+        contiguous, so the request must be recomputed."""
+        gone = [ref for ref in self._refs if ref.instance_id == instance_id]
+        self._refs = [ref for ref in self._refs if ref.instance_id != instance_id]
+        return gone
+
     def refs(self) -> list[BlockRef]:
         return list(self._refs)
 

@@ -106,7 +106,7 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self._ensure_blocks(request, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
@@ -167,7 +167,8 @@ class Scheduler:
         if refs:
             self.allocator.free(refs)
 
-    def _preempt(self, request: Request) -> None:
+    def preempt(self, request: Request) -> None:
+        """Free a running request's rBlocks and queue it first, to be recomputed from its tokens."""
         self.running.remove(request)
         self._free_blocks(request)
         request.status = RequestStatus.WAITING

@@ -1,0 +1,250 @@
+"""Native CPU MicroAttention for decode (few query tokens per request), all requests in one call.
+
+The C kernel (``csrc/decode_ma.c``) reads K and V straight from the pool through the block
+table (no gather, no copy), float32 or bfloat16, GQA by treating the ``G`` query heads of a KV
+head as rows that share every key load, and runs (request, kv head, split-K chunk) items on
+OpenMP threads, merging split-K partials by log-sum-exp inside the kernel.
+
+Why not torch's flash kernel for decode: it is called once per request (tens of microseconds
+each) and streams a single query row at a fraction of the memory bandwidth. For long prefill
+chunks it is a GEMM and wins; ``micro.py`` picks between the two.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import torch
+
+from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.native_build import NativeLibrary, build_and_load
+
+_SOURCE = Path(__file__).parent / "csrc" / "decode_ma.c"
+TILE = 16  # keys per tile in the kernel: chunk lengths are multiples of it
+MIN_CHUNK_TOKENS = 512  # shorter split-K chunks cost more in merging than they gain in balance
+ITEMS_PER_THREAD = 4  # split-K until every thread has about this many items
+SERIAL_WORK = 4096  # key-rows x kv heads below which one thread beats waking the others
+MAX_HEAD_DIM = 256
+
+_lock = threading.Lock()
+_state: dict[str, NativeLibrary | None] = {}
+
+
+def native_library() -> NativeLibrary | None:
+    """The compiled kernel, built on first use; None when it cannot be had (logged once)."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                native = build_and_load(_SOURCE)
+                if native is not None:
+                    fn = native.lib.ma_decode
+                    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+                    fn.argtypes = [p, p, p, i64, i64, i32, i32, p, p, p, p, p, i32, i32, i32, i32]
+                    fn.argtypes += [ctypes.c_float, i64, i32, p, p]
+                    fn.restype = ctypes.c_int
+                    merge = native.lib.merge_into
+                    merge.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
+                    merge.restype = None
+                    own = native.lib.self_decode
+                    own.argtypes = [
+                        p,
+                        i64,
+                        p,
+                        i64,
+                        p,
+                        i64,
+                        i32,
+                        i64,
+                        i32,
+                        i32,
+                        i32,
+                        ctypes.c_float,
+                        p,
+                        p,
+                    ]
+                    own.restype = None
+                _state["lib"] = native
+    return _state["lib"]
+
+
+def native_available() -> bool:
+    return native_library() is not None
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the kernel handles these tensors (else callers use another impl)."""
+    hkv, _, _, d = k_cache.shape
+    hq = q.shape[1]
+    return (
+        q.device.type == "cpu"
+        and k_cache.device.type == "cpu"
+        and k_cache.dtype in (torch.float32, torch.bfloat16)
+        and v_cache.dtype == k_cache.dtype
+        and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(-1) == 1
+        and k_cache.stride(-2) == d
+        and d % (8 if k_cache.dtype == torch.float32 else 16) == 0  # whole vectors (bf16: pairs)
+        and d <= MAX_HEAD_DIM
+        and hq % hkv == 0
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
+def _split(batch: MABatch, hkv: int, num_threads: int) -> tuple[int, int]:
+    """(chunk_tokens, threads): split-K only when (request, head) pairs cannot feed the threads."""
+    ctxs = [c for c, n in zip(batch.context_lens, batch.query_lens) if c and n]
+    if not ctxs:
+        return TILE, 1
+    longest = max(ctxs)
+    work = sum(ctxs) * hkv
+    if num_threads <= 1 or work < SERIAL_WORK:
+        return longest, 1
+    pairs = len(ctxs) * hkv
+    want = ITEMS_PER_THREAD * num_threads
+    if pairs >= want:
+        return longest, num_threads
+    per_pair = -(-want // pairs)
+    chunk = max(MIN_CHUNK_TOKENS, -(-longest // per_pair))
+    return -(-chunk // TILE) * TILE, num_threads
+
+
+def _row_limits(batch: MABatch, num_rows: int) -> torch.Tensor:
+    """Causal: per query row, how many of its request's keys in this shard it may see."""
+    assert batch.q_start_pos is not None and batch.kv_start_pos is not None
+    limits = torch.empty(num_rows, dtype=torch.int64)
+    for i in range(batch.num_requests):
+        r0, r1 = batch.query_start[i], batch.query_start[i + 1]
+        first = batch.q_start_pos[i] - batch.kv_start_pos[i] + 1  # row r sees keys j < first + r
+        limits[r0:r1] = (torch.arange(r1 - r0) + first).clamp_(0, batch.context_lens[i])
+    return limits
+
+
+def micro_attention_native(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: MABatch,
+    scale: float,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``micro_attention_reference``; raises RuntimeError when unavailable."""
+    native = native_library()
+    if native is None or not supports(q, k_cache, v_cache):
+        raise RuntimeError("native decode attention is not available for these tensors")
+    t, hq, d = q.shape
+    hkv = k_cache.shape[0]
+    if t != batch.num_query_rows:
+        raise ValueError(f"q has {t} rows, the batch {batch.num_query_rows}")
+    tables = batch.flat_tables()
+    qf = q.to(torch.float32).contiguous()
+    out = torch.empty(t, hq, d, dtype=torch.float32)
+    lse = torch.empty(t, hq, dtype=torch.float32)
+    limits = _row_limits(batch, t) if causal else None
+    chunk, threads = _split(batch, hkv, torch.get_num_threads())
+    status = native.lib.ma_decode(
+        qf.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        int(k_cache.dtype == torch.bfloat16),
+        batch.num_requests,
+        tables.query_start.data_ptr(),
+        tables.block_table.data_ptr(),
+        tables.block_start.data_ptr(),
+        tables.context_lens.data_ptr(),
+        None if limits is None else limits.data_ptr(),
+        hq,
+        hkv,
+        d,
+        batch.block_size,
+        scale,
+        chunk,
+        threads,
+        out.data_ptr(),
+        lse.data_ptr(),
+    )
+    if status != 0:
+        raise MemoryError("native decode attention could not allocate its scratch memory")
+    return out.to(q.dtype), lse
+
+
+def merge_into_native(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    rows: torch.Tensor | None,
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+) -> bool:
+    """``merge.merge_into`` in one C loop; False (nothing done) where it does not apply."""
+    native = native_library()
+    if (
+        native is None
+        or out.dtype != torch.float32
+        or lse.dtype != torch.float32
+        or part_lse.dtype != torch.float32
+        or part_out.dtype not in (torch.float32, torch.bfloat16)
+        or out.device.type != "cpu"
+        or part_out.device.type != "cpu"
+        or not (
+            out.is_contiguous()
+            and lse.is_contiguous()
+            and part_out.is_contiguous()
+            and part_lse.is_contiguous()
+        )
+        or (rows is not None and (rows.dtype != torch.int64 or not rows.is_contiguous()))
+    ):
+        return False
+    n, h, d = part_out.shape
+    native.lib.merge_into(
+        out.data_ptr(),
+        lse.data_ptr(),
+        None if rows is None else rows.data_ptr(),
+        n,
+        h,
+        d,
+        part_out.data_ptr(),
+        int(part_out.dtype == torch.bfloat16),
+        part_lse.data_ptr(),
+    )
+    return True
+
+
+def self_decode_native(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decode self part (each token sees only itself) -> (out [T, Hq, D] float32, lse [T, Hq]);
+    None where the native library or these tensors do not fit (the caller uses torch)."""
+    native = native_library()
+    if (
+        native is None
+        or not (q.dtype == k.dtype == v.dtype)
+        or q.dtype not in (torch.float32, torch.bfloat16)
+    ):
+        return None
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    for x in (q, k, v):
+        if x.device.type != "cpu" or x.stride(-1) != 1 or x.stride(-2) != d:
+            return None
+    out = torch.empty(t, hq, d, dtype=torch.float32)
+    lse = torch.empty(t, hq, dtype=torch.float32)
+    native.lib.self_decode(
+        q.data_ptr(),
+        q.stride(0),
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        int(q.dtype == torch.bfloat16),
+        t,
+        hq,
+        hkv,
+        d,
+        scale,
+        out.data_ptr(),
+        lse.data_ptr(),
+    )
+    return out, lse

@@ -1,0 +1,207 @@
+"""DistAttention: a request's attention over rBlocks spread across instances, merged exactly.
+
+Per step the engine builds a ``DistPlan`` from each request's block table. Per layer:
+
+    new tokens  --self (causal, fresh k/v)----------------------------> (out, lse)
+    q rows      --MA over context rBlocks on instance 0 (local)-------> (out, lse) --merge--> out
+                --MA over context rBlocks on instance 2 (a creditor)--> (out, lse)
+    new k, v    --written to the slot of their rBlock, wherever it lives
+
+Context = the tokens cached before this step, so no MA over rBlocks ever needs a causal mask:
+the causal part is the step's own tokens, computed from the fresh k, v. Only queries (and the
+new tokens' k, v) travel to an instance; only (out, lse) come back; one call per instance per
+layer for the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.cpu_flash import causal_self_attention
+from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.merge import merge_into
+from infinite_llm.attention.micro import micro_attention
+from infinite_llm.kvcache.block import BlockRef
+
+
+@dataclass(frozen=True)
+class StepSpan:
+    """One request's share of a step: its rBlocks, tokens already cached, tokens computed now."""
+
+    block_refs: Sequence[BlockRef]
+    num_computed_tokens: int
+    num_new_tokens: int
+
+
+@dataclass
+class ShardWork:
+    """What one instance does for one layer: store new K,V and/or run one batched MA."""
+
+    write_slots: torch.Tensor | None = None  # [n] int64 slots in that instance's pool
+    k: torch.Tensor | None = None  # [n, Hkv, D]
+    v: torch.Tensor | None = None
+    q: torch.Tensor | None = None  # [rows, Hq, D]
+    batch: MABatch | None = None
+
+
+class MAExecutor(Protocol):
+    """Runs each instance's share of a layer; in-process here, remote in ``cluster/``."""
+
+    def run(
+        self, layer_idx: int, work: Mapping[int, ShardWork]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Do every instance's writes and MAs; return (out, lse) per instance that had an MA."""
+        ...
+
+
+@dataclass
+class _Shard:
+    rows: torch.Tensor | None  # query rows sent to this instance (None: all rows, in order)
+    batch: MABatch
+
+
+@dataclass
+class _Write:
+    rows: torch.Tensor | None  # token rows whose k, v go to this instance (None: all)
+    slots: torch.Tensor
+
+
+class DistPlan:
+    """Where each request's context lives and where its new tokens go, computed once per step."""
+
+    def __init__(
+        self, spans: Sequence[StepSpan], block_size: int, device: torch.device | str = "cpu"
+    ) -> None:
+        self.query_lens = [s.num_new_tokens for s in spans]
+        self.num_tokens = sum(self.query_lens)
+        shard_reqs: dict[int, list[tuple[int, list[int], int]]] = {}
+        write_rows: dict[int, list[int]] = {}
+        write_slots: dict[int, list[int]] = {}
+        row = 0
+        for idx, span in enumerate(spans):
+            ctx = span.num_computed_tokens
+            refs = span.block_refs
+            if len(refs) * block_size < ctx + span.num_new_tokens:
+                raise ValueError(
+                    f"request {idx}: {len(refs)} rBlocks cannot hold {ctx + span.num_new_tokens} tokens"
+                )
+            num_ctx_blocks = -(-ctx // block_size)
+            per_instance: dict[int, list[int]] = {}
+            for ref in refs[:num_ctx_blocks]:
+                per_instance.setdefault(ref.instance_id, []).append(ref.block_id)
+            last = refs[num_ctx_blocks - 1].instance_id if num_ctx_blocks else None
+            for inst, blocks in per_instance.items():
+                # Every context block is full except the logically last one, listed last on its instance.
+                tokens = len(blocks) * block_size
+                if inst == last:
+                    tokens -= num_ctx_blocks * block_size - ctx
+                shard_reqs.setdefault(inst, []).append((idx, blocks, tokens))
+            for pos in range(ctx, ctx + span.num_new_tokens):
+                ref = refs[pos // block_size]
+                write_rows.setdefault(ref.instance_id, []).append(row + pos - ctx)
+                write_slots.setdefault(ref.instance_id, []).append(
+                    ref.block_id * block_size + pos % block_size
+                )
+            row += span.num_new_tokens
+
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        self.shards: dict[int, _Shard] = {}
+        for inst, reqs in shard_reqs.items():
+            batch = MABatch(
+                query_lens=[self.query_lens[i] for i, _, _ in reqs],
+                block_ids=[blocks for _, blocks, _ in reqs],
+                context_lens=[tokens for _, _, tokens in reqs],
+                block_size=block_size,
+            )
+            rows: list[int] = []
+            for i, _, _ in reqs:
+                rows.extend(range(starts[i], starts[i + 1]))
+            self.shards[inst] = _Shard(self._index(rows, device), batch)
+        self.writes = {
+            inst: _Write(
+                self._index(write_rows[inst], device),
+                torch.tensor(slots, dtype=torch.long, device=device),
+            )
+            for inst, slots in write_slots.items()
+        }
+
+    def _index(self, rows: list[int], device: torch.device | str) -> torch.Tensor | None:
+        if len(rows) == self.num_tokens and rows == list(range(self.num_tokens)):
+            return None  # every row, in order: no gather or scatter needed
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+    @property
+    def instance_ids(self) -> set[int]:
+        return set(self.shards) | set(self.writes)
+
+    def context_bytes(self, head_dim: int, num_kv_heads: int, dtype_size: int) -> dict[int, int]:
+        """Per instance: bytes of K and V one layer's MA reads (for the bandwidth figures)."""
+        return {
+            inst: sum(shard.batch.context_lens) * 2 * num_kv_heads * head_dim * dtype_size
+            for inst, shard in self.shards.items()
+        }
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x.index_select(0, rows)
+
+
+class DistAttention:
+    """The attention backend the model calls: self part + one MA per instance, merged exactly."""
+
+    def __init__(self, executor: MAExecutor, plan: DistPlan, scale: float) -> None:
+        self.executor = executor
+        self.plan = plan
+        self.scale = scale
+
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        plan = self.plan
+        work: dict[int, ShardWork] = {}
+        for inst, write in plan.writes.items():
+            work[inst] = ShardWork(
+                write_slots=write.slots, k=_take(k, write.rows), v=_take(v, write.rows)
+            )
+        for inst, shard in plan.shards.items():
+            w = work.setdefault(inst, ShardWork())
+            w.q, w.batch = _take(q, shard.rows), shard.batch
+        results = self.executor.run(layer_idx, work)
+        # merged in float32, rounded to the model's dtype once
+        acc, lse = causal_self_attention(
+            q, k, v, plan.query_lens, self.scale, torch.float32 if results else None
+        )
+        for inst, (part_out, part_lse) in results.items():
+            merge_into(acc, lse, plan.shards[inst].rows, part_out, part_lse)
+        return acc.to(q.dtype)
+
+
+class LocalExecutor:
+    """All pools in this process: direct writes and MA calls (the in-process transport)."""
+
+    def __init__(self, pools: Mapping[int, KVPool], impl: str = "auto") -> None:
+        self.pools = pools
+        self.impl = impl
+
+    def run(
+        self, layer_idx: int, work: Mapping[int, ShardWork]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for inst, w in work.items():
+            pool = self.pools[inst]
+            # MA first: the step's new tokens are not part of any MA's context.
+            if w.batch is not None and w.q is not None:
+                results[inst] = micro_attention(
+                    w.q, pool.k[layer_idx], pool.v[layer_idx], w.batch, impl=self.impl
+                )
+            if w.write_slots is not None:
+                assert w.k is not None and w.v is not None
+                pool.write(layer_idx, w.write_slots, w.k, w.v)
+        return results

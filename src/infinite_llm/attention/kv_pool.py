@@ -1,0 +1,58 @@
+"""``KVPool``: one instance's physical rBlocks as tensors, every layer's K and V.
+
+Layout per layer (K and V alike)::
+
+    [num_kv_heads, num_blocks, block_size, head_dim]
+
+so the tokens of a contiguous run of blocks form a strided [heads, tokens, head_dim] view that
+the attention kernel reads without a gather. A token's slot is ``block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"a KV pool needs blocks (got num_blocks={num_blocks}, block_size={block_size})")
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
+        # torch.empty commits pages only as blocks get written; unwritten slots are never read.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens: slots [n] int64; k, v [n, Hkv, D]."""
+        h, d = self.num_kv_heads, self.head_dim
+        self.k[layer].view(h, -1, d).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
+        self.v[layer].view(h, -1, d).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
+
+    def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of whole rBlocks (every layer): for migration. -> k, v [L, Hkv, n, bs, D]."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
+        return self.k.index_select(2, index), self.v.index_select(2, index)
+
+    def write_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
+        self.k.index_copy_(2, index, k.to(self.k.device, self.dtype))
+        self.v.index_copy_(2, index, v.to(self.v.device, self.dtype))

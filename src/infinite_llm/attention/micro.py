@@ -1,0 +1,104 @@
+"""``micro_attention``: one MA over rBlocks of one pool, dispatched to the best kernel for the device.
+
+Kernels (all return (out, lse float32) and are tested against the reference):
+
+* ``reference``: plain torch, float32 math; any device.
+* ``flash``: torch's fused CPU flash kernel, one call per request; a GEMM for long query chunks.
+* ``native``: the C decode kernel (``cpu_native``), every request in one multithreaded call;
+  falls back to ``flash`` (with a log line) where it cannot be built or used.
+* ``auto``: on CPU, requests with at most ``NATIVE_MAX_QUERY_LEN`` query tokens (decode rows)
+  go to ``native`` and longer prefill chunks to ``flash``, a mixed batch split between the two;
+  ``flash`` alone when the native kernel is unavailable; ``reference`` off CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from infinite_llm.attention import cpu_native
+from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.cpu_flash import micro_attention_flash
+from infinite_llm.attention.reference import micro_attention_reference
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "reference", "flash", "native")
+# Per request: up to this many query tokens the native kernel beats flash (see bench/attention.py;
+# each query token adds G rows that share the kernel's key loads, flash turns into a GEMM).
+NATIVE_MAX_QUERY_LEN = 8
+
+_warned: set[str] = set()
+
+
+def micro_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: MABatch,
+    scale: float | None = None,
+    causal: bool = False,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over the rBlocks named in ``batch``; returns (out [T, Hq, D], lse [T, Hq] f32).
+
+    q: [T, Hq, D]; k_cache, v_cache: one layer of a pool, [Hkv, num_blocks, block_size, D].
+    ``impl``: one of ``IMPLS`` (see the module docstring).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
+    on_cpu = q.device.type == "cpu"
+    if impl == "auto":
+        if on_cpu and native_usable(q, k_cache, v_cache):
+            return _auto_cpu(q, k_cache, v_cache, batch, scale, causal)
+        impl = "flash" if on_cpu else "reference"
+    if impl == "native":
+        if native_usable(q, k_cache, v_cache):
+            return cpu_native.micro_attention_native(q, k_cache, v_cache, batch, scale, causal)
+        impl = "flash" if on_cpu else "reference"
+        _warn_once(
+            f"native attention unavailable for {q.device.type} {k_cache.dtype} D={q.shape[-1]}; using {impl}"
+        )
+    if impl == "flash":
+        return micro_attention_flash(q, k_cache, v_cache, batch, scale, causal)
+    return micro_attention_reference(q, k_cache, v_cache, batch, scale, causal)
+
+
+def native_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The native kernel is built (building it on first call) and handles these tensors."""
+    return cpu_native.supports(q, k_cache, v_cache) and cpu_native.native_available()
+
+
+def _auto_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: MABatch,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    few, many = batch.split_by_query_len(NATIVE_MAX_QUERY_LEN)
+    if many is None:
+        return cpu_native.micro_attention_native(q, k_cache, v_cache, batch, scale, causal)
+    if few is None:
+        return micro_attention_flash(q, k_cache, v_cache, batch, scale, causal)
+    t, hq, d = q.shape
+    out = torch.empty(t, hq, d, dtype=q.dtype)
+    lse = torch.empty(t, hq, dtype=torch.float32)
+    parts = ((few, cpu_native.micro_attention_native), (many, micro_attention_flash))
+    for part, kernel in parts:
+        part_out, part_lse = kernel(
+            q.index_select(0, part.rows), k_cache, v_cache, part.batch, scale, causal
+        )
+        out.index_copy_(0, part.rows, part_out)
+        lse.index_copy_(0, part.rows, part_lse)
+    return out, lse
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)

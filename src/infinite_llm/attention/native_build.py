@@ -1,0 +1,167 @@
+"""Compile a C kernel at first use, cache the shared library, load it with ctypes.
+
+The library is cached under ``$INFINITE_LLM_KERNEL_CACHE`` (default
+``~/.cache/infinite-llm/kernels/``; ``$XDG_CACHE_HOME`` is honoured), named by a hash of the
+source, the compiler, its flags and the CPU (``-march=native`` code must not run on another
+CPU sharing the home directory). Compilation writes a temporary file and renames it, so
+processes racing on a cold cache each end up loading a complete library.
+
+OpenMP: torch ships its own ``libgomp`` and has loaded it already; the kernel is linked against
+that very file, so one process has one OpenMP runtime (two would each keep a thread pool and
+oversubscribe the cores). Where the compiler cannot do OpenMP the kernel is built serial.
+
+``INFINITE_LLM_NATIVE=0`` disables native kernels; ``$CC`` picks the compiler (default ``cc``);
+``$INFINITE_LLM_NATIVE_CFLAGS`` adds compiler flags (for tuning, e.g. ``-DPREFETCH_TILES=4``).
+Every failure is logged once and answered with ``None``: callers fall back to torch kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BASE_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-fno-math-errno", "-fno-trapping-math")
+
+
+@dataclass(frozen=True)
+class NativeLibrary:
+    lib: ctypes.CDLL
+    path: Path
+    openmp: bool
+
+
+def kernel_cache_dir() -> Path:
+    explicit = os.environ.get("INFINITE_LLM_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "infinite-llm" / "kernels"
+
+
+def native_enabled() -> bool:
+    return os.environ.get("INFINITE_LLM_NATIVE", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
+
+
+def _torch_libgomp() -> Path | None:
+    path = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    return path if path.exists() else None
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86, arm
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _attempts(cc: str) -> list[tuple[list[str], list[str], bool]]:
+    """(compile flags, link inputs, openmp) to try in order: fastest build first."""
+    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+    native += os.environ.get("INFINITE_LLM_NATIVE_CFLAGS", "").split()
+    gomp = _torch_libgomp()
+    out: list[tuple[list[str], list[str], bool]] = []
+    if gomp is not None:
+        link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"]
+        out.append(([*BASE_FLAGS, *native, "-fopenmp"], link, True))
+    out.append(([*BASE_FLAGS, *native], [], False))
+    out.append(([*BASE_FLAGS], [], False))
+    return out
+
+
+def _compile(cc: str, source: Path, target: Path, flags: list[str], link: list[str]) -> str | None:
+    """Build ``target``; returns None on success, else the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+        for cmd in (
+            [cc, *flags, "-c", str(source), "-o", str(obj)],
+            [cc, "-shared", str(obj), *link, "-lm", "-o", str(lib)],
+        ):
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as exc:
+                return f"{' '.join(cmd)}: {exc}"
+            if done.returncode != 0:
+                return f"{' '.join(cmd)}: {done.stderr.strip()[-2000:]}"
+        os.replace(lib, target)  # atomic: a concurrent loader sees no file or a whole one
+    return None
+
+
+def build_and_load(source: Path) -> NativeLibrary | None:
+    """The compiled ``source`` (from the cache when built before), or None with a log line why."""
+    if not native_enabled():
+        logger.info("native attention kernels disabled by INFINITE_LLM_NATIVE")
+        return None
+    if not source.exists():
+        logger.warning("native kernel source %s is missing; using torch kernels", source)
+        return None
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        logger.warning(
+            "no C compiler (%s) found; native attention disabled, using torch kernels", cc
+        )
+        return None
+    text = source.read_bytes()
+    version = _compiler_version(cc)
+    errors: list[str] = []
+    for flags, link, openmp in _attempts(cc):
+        key = hashlib.sha256(
+            b"\0".join(
+                [
+                    text,
+                    cc.encode(),
+                    version.encode(),
+                    " ".join(flags + link).encode(),
+                    _cpu_fingerprint().encode(),
+                ]
+            )
+        ).hexdigest()[:20]
+        target = kernel_cache_dir() / f"{source.stem}-{key}.so"
+        if not target.exists():
+            error = _compile(cc, source, target, flags, link)
+            if error is not None:
+                errors.append(error)
+                continue
+            logger.info("compiled native kernel %s (%s)", target, " ".join(flags))
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            errors.append(f"loading {target}: {exc}")
+            continue
+        if not openmp:
+            logger.warning(
+                "native kernel %s built without OpenMP: it runs on one thread", source.name
+            )
+        return NativeLibrary(lib, target, openmp)
+    logger.warning(
+        "could not build native kernel %s; using torch kernels. %s", source.name, " | ".join(errors)
+    )
+    return None

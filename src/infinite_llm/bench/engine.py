@@ -1,0 +1,177 @@
+"""``infinite-llm bench engine``: prefill and decode throughput, ours vs transformers (and vLLM).
+
+Workload (the same prompts for every engine, in one run): random 512-token prompts, 64 new
+tokens, ignore_eos, greedy, at batch 1, 8 and 32. Method, identical for each engine:
+prefill time = wall time of a generate with max_tokens=1; total = with max_tokens=64;
+prefill tok/s = B*prompt_len / prefill; decode tok/s = B*(64-1) / (total - prefill).
+The batch-1 decode bound is measured bandwidth / weight bytes read per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from infinite_llm.bench.common import (
+    emit,
+    format_table,
+    machine_info,
+    measure_read_bandwidth,
+    peak_rss_bytes,
+)
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def _timed(fn: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _rates(b: int, prompt_len: int, max_tokens: int, t_prefill: float, t_total: float) -> dict[str, float]:
+    decode_time = max(t_total - t_prefill, 1e-9)
+    return {
+        "prefill_s": t_prefill,
+        "total_s": t_total,
+        "prefill_tok_s": b * prompt_len / t_prefill,
+        "decode_tok_s": b * (max_tokens - 1) / decode_time,
+        "decode_step_ms": decode_time / (max_tokens - 1) * 1e3,
+    }
+
+
+def bench_ours(args: argparse.Namespace, prompts: list[list[int]], bar: tqdm) -> tuple[dict[int, Any], Any]:
+    from infinite_llm import LLM, SamplingParams
+
+    max_batch = max(args.batch_sizes)
+    blocks = max_batch * (-(-(args.prompt_len + args.max_tokens) // args.block_size)) + 16
+    llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size, kv_blocks_per_instance=blocks,
+              max_num_seqs=max(max_batch, 1), max_num_batched_tokens=args.max_num_batched_tokens,
+              attention_impl=args.attention_impl, progress=False)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    full = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    results = {}
+    for b in args.batch_sizes:
+        batch = prompts[:b]
+        t_prefill, _ = _timed(lambda batch=batch: llm.generate(batch, one, use_tqdm=False))
+        t_total, outs = _timed(lambda batch=batch: llm.generate(batch, full, use_tqdm=False))
+        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_total),
+                      "token_ids": [o.outputs[0].token_ids for o in outs]}
+        bar.update(1)
+    llm.check_integrity()
+    return results, llm
+
+
+@torch.inference_mode()
+def bench_hf(args: argparse.Namespace, model_dir: str, prompts: list[list[int]], bar: tqdm) -> dict[int, Any]:
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+    def generate(batch: list[list[int]], n: int) -> torch.Tensor:
+        ids = torch.tensor(batch)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
+    generate(prompts[:1], 4)
+    results = {}
+    for b in args.batch_sizes:
+        batch = prompts[:b]
+        t_prefill, _ = _timed(lambda batch=batch: generate(batch, 1))
+        t_total, out = _timed(lambda batch=batch: generate(batch, args.max_tokens))
+        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_total),
+                      "token_ids": out[:, args.prompt_len:].tolist()}
+        bar.update(1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infinite-llm bench engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--peer", action="append", default=[], choices=["vllm"],
+                        help="also run this engine on the same workload (needs `make bench-peers`)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from infinite_llm.model.loader import load_model
+
+    steps = len(args.batch_sizes) * (1 + (not args.no_hf) + len(args.peer))
+    bar = tqdm(total=steps, desc="bench engine", unit="run")
+    bandwidth = measure_read_bandwidth()
+    loaded = load_model(args.model, args.dtype, progress=False)
+    prompts = make_prompts(max(args.batch_sizes), args.prompt_len, loaded.arch.vocab_size)
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    del loaded
+    ours, llm = bench_ours(args, prompts, bar)
+    rss_ours = peak_rss_bytes()
+    kv_bytes = sum(inst.pool.nbytes for inst in llm.engine.cluster.instances)
+    model_dir = llm.engine.loaded.model_dir
+    del llm
+    engines: dict[str, dict[int, Any]] = {"infinite-llm": ours}
+    if not args.no_hf:
+        engines["transformers"] = bench_hf(args, model_dir, prompts, bar)
+    for peer in args.peer:
+        from infinite_llm.bench.peers.vllm import run_vllm_offline
+
+        engines[peer] = {int(k): v for k, v in run_vllm_offline(
+            model_dir, prompts, args.batch_sizes, args.max_tokens, dtype=args.dtype)["results"].items()}
+        bar.update(len(args.batch_sizes))
+    bar.close()
+
+    limit_tok_s = bandwidth * 1e9 / weight_bytes
+    rows, figures = [], {}
+    for name, res in engines.items():
+        for b, r in res.items():
+            row = {"engine": name, "batch": b, "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
+                   "decode_step_ms": r["decode_step_ms"]}
+            if name != "infinite-llm":
+                row["ours_decode_x"] = ours[b]["decode_tok_s"] / r["decode_tok_s"]
+                row["ours_prefill_x"] = ours[b]["prefill_tok_s"] / r["prefill_tok_s"]
+                row["same_tokens"] = sum(a == c for a, c in zip(ours[b]["token_ids"], r["token_ids"])) / b
+            rows.append(row)
+            figures.setdefault(name, {})[b] = {k: v for k, v in r.items() if k != "token_ids"} | {
+                k: row[k] for k in ("ours_decode_x", "ours_prefill_x", "same_tokens") if k in row}
+    result = {
+        "bench": "engine",
+        "model": args.model,
+        "dtype": args.dtype,
+        "workload": {"prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "batch_sizes": args.batch_sizes},
+        "machine": machine_info(),
+        "read_bandwidth_gb_s": bandwidth,
+        "weight_bytes": weight_bytes,
+        "batch1_decode_limit_tok_s": limit_tok_s,
+        "batch1_decode_fraction_of_limit": ours[args.batch_sizes[0]]["decode_tok_s"] / limit_tok_s
+        if args.batch_sizes[0] == 1 else None,
+        "peak_rss_bytes_ours": rss_ours,
+        "kv_pool_bytes_ours": kv_bytes,
+        "engines": figures,
+    }
+    table = format_table(rows, ["engine", "batch", "prefill_tok_s", "decode_tok_s", "decode_step_ms",
+                                "ours_decode_x", "ours_prefill_x", "same_tokens"], "bench engine")
+    table += (f"\nread bandwidth {bandwidth:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB -> batch-1 decode bound "
+              f"{limit_tok_s:.1f} tok/s; ours peak RSS {rss_ours / 1e9:.2f} GB (KV pool {kv_bytes / 1e9:.2f} GB reserved)")
+    emit(result, table, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

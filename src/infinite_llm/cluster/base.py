@@ -1,0 +1,102 @@
+"""The cluster contract the front end (``LLMEngine``, the server) drives, and shared helpers.
+
+Two implementations: ``InProcessCluster`` (every instance in this process, the default) and
+``RayCluster`` (one Ray actor per instance plus one for the gManager).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Any
+
+from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.config import EngineConfig
+from infinite_llm.engine.events import StepEvent
+from infinite_llm.model.config import ModelArchConfig
+from infinite_llm.model.loader import parse_dtype
+from infinite_llm.scheduler.request import Request, RequestStatus
+
+DEFAULT_KV_MEMORY = 2 << 30  # per instance, when neither blocks nor bytes are given
+DEFAULT_KV_FRACTION = 0.25  # ... and at most this share of the memory available now
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def resolve_num_blocks(config: EngineConfig, arch: ModelArchConfig) -> int:
+    """rBlocks per instance: given, or as many as the KV memory (given or defaulted) holds."""
+    cache = config.cache
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    per_block = KVPool.bytes_per_block(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.block_size, parse_dtype(config.dtype)
+    )
+    memory = cache.memory_bytes
+    if memory is None:
+        memory = min(DEFAULT_KV_MEMORY, int(available_memory() * DEFAULT_KV_FRACTION) // config.num_instances)
+    num_blocks = memory // per_block
+    if num_blocks < 1:
+        raise ValueError(f"KV memory of {memory} bytes holds no rBlock ({per_block} bytes each)")
+    return num_blocks
+
+
+def max_request_blocks(num_blocks: int, num_instances: int, lending_cap: float, borrowing: bool) -> int:
+    """The most rBlocks one request can ever hold: its home pool plus what the others may lend."""
+    if not borrowing:
+        return num_blocks
+    return num_blocks + (num_instances - 1) * int(lending_cap * num_blocks)
+
+
+class Cluster(abc.ABC):
+    """Instances, their router and gManager; requests go in, ``StepEvent``s come out."""
+
+    block_size: int
+    num_blocks_per_instance: int
+
+    @property
+    @abc.abstractmethod
+    def max_request_tokens(self) -> int:
+        """Tokens one request could hold if it had the whole cluster's lendable memory."""
+
+    @abc.abstractmethod
+    def add_request(self, request: Request, home: int | None = None) -> int:
+        """Queue on ``home``, or on the instance the router picks; returns the home's id."""
+
+    @abc.abstractmethod
+    def abort_request(self, request_id: str) -> None:
+        """Drop the request wherever it is and free its rBlocks on every instance."""
+
+    @abc.abstractmethod
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """End a request the front end decided is done (a stop string matched)."""
+
+    @abc.abstractmethod
+    def step(self) -> list[StepEvent]:
+        """One iteration on every instance (heartbeats and defragmentation in between)."""
+
+    @abc.abstractmethod
+    def has_unfinished_requests(self) -> bool: ...
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Per instance free/used/lent/borrowed rBlocks, ledger edges, locality, counters."""
+
+    @abc.abstractmethod
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every manager and every block table agree."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release processes and memory (Ray actors); in-process needs nothing."""

@@ -1,0 +1,55 @@
+"""Engine configuration: frozen dataclasses, one per subsystem, bundled in ``EngineConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infinite_llm.scheduler.scheduler import SchedulerConfig
+
+BACKENDS = ("inprocess", "ray")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """KV memory of each instance: ``num_blocks`` rBlocks, or as many as ``memory_bytes`` holds."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # per instance
+    memory_bytes: int | None = None  # per instance; used when num_blocks is None
+    # Largest share of an instance's pool lent to others at once. 1.0: lend any free rBlock, so one
+    # request can grow into the whole cluster; lower it to keep room for the instance's own requests.
+    lending_cap: float = 1.0
+    enable_borrowing: bool = True  # False: the vLLM-style baseline (a request lives on one instance)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {self.num_blocks}")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise ValueError(f"memory_bytes must be positive, got {self.memory_bytes}")
+        if not 0.0 <= self.lending_cap <= 1.0:
+            raise ValueError(f"lending_cap must be in [0, 1], got {self.lending_cap}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_instances: int = 1
+    backend: str = "inprocess"
+    ray_address: str | None = None  # join this Ray cluster; None starts a local one
+    max_model_len: int | None = None  # default: the model's context length, capped by KV capacity
+    seed: int = 0
+    attention_impl: str = "auto"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ValueError(f"num_instances must be at least 1, got {self.num_instances}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

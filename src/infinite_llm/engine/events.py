@@ -1,0 +1,16 @@
+"""``StepEvent``: what a request did in one step, as plain picklable data for any transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infinite_llm.engine.sampler import SampledToken
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    request_id: str
+    sampled: SampledToken | None  # None: a prefill chunk without a token yet, or an abort
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None: still running
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0

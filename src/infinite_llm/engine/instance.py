@@ -1,0 +1,151 @@
+"""``Instance``: one model replica with its own KV pool, RManager and scheduler.
+
+Both transports drive instances through these methods: its own requests (add, abort, step),
+its role as a creditor (lend, reclaim, serve MicroAttention on the rBlocks it lent) and as a
+debtor (through its scheduler's allocator, which borrows), plus heartbeats and migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from infinite_llm.attention.dist import ShardWork
+from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.micro import micro_attention
+from infinite_llm.engine.events import StepEvent
+from infinite_llm.engine.model_runner import ModelRunner
+from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
+from infinite_llm.kvcache.migration import Relocation
+from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.scheduler.request import Request, RequestStatus
+from infinite_llm.scheduler.scheduler import Scheduler
+
+
+class Instance:
+    def __init__(
+        self,
+        instance_id: int,
+        runner: ModelRunner,
+        pool: KVPool,
+        rmanager: RManager,
+        scheduler: Scheduler,
+        attention_impl: str = "auto",
+    ) -> None:
+        self.instance_id = instance_id
+        self.runner = runner
+        self.pool = pool
+        self.rmanager = rmanager
+        self.scheduler = scheduler
+        self.attention_impl = attention_impl
+
+    # -- own requests -----------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        request.home_instance_id = self.instance_id
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort_request(request_id) is not None
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        request = self.scheduler.requests.get(request_id)
+        if request is not None:
+            self.scheduler.finish_request(request, status)
+
+    def step(self) -> list[StepEvent]:
+        """Schedule, run the model once, advance the requests; nothing to do -> []."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self.runner.execute(out)
+        results = self.scheduler.update_from_output(out, {rid: s.token_id for rid, s in sampled.items()})
+        return [
+            StepEvent(
+                r.request.request_id,
+                sampled.get(r.request.request_id),
+                r.request.status.finish_reason,
+                r.request.stop_reason,
+                r.request.num_preemptions,
+            )
+            for r in results
+        ]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    @property
+    def num_requests(self) -> int:
+        return self.scheduler.num_running + self.scheduler.num_waiting
+
+    # -- creditor side ----------------------------------------------------------------------
+    def lend(self, request: LendRequest) -> LendReply:
+        return self.rmanager.lend(request)
+
+    def reclaim(self, release: Release) -> None:
+        self.rmanager.reclaim(release)
+
+    def run_shard(self, layer_idx: int, work: ShardWork) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A debtor's share of one layer on this pool: MA over its context rBlocks, then store new K,V.
+
+        The MA reads only tokens cached before the debtor's step, so the order is free; MA first.
+        """
+        result = None
+        if work.batch is not None and work.q is not None:
+            result = micro_attention(
+                work.q, self.pool.k[layer_idx], self.pool.v[layer_idx], work.batch, impl=self.attention_impl
+            )
+        if work.write_slots is not None:
+            assert work.k is not None and work.v is not None
+            self.pool.write(layer_idx, work.write_slots, work.k, work.v)
+        return result
+
+    # -- cluster housekeeping ---------------------------------------------------------------
+    def heartbeat(self) -> Heartbeat:
+        return self.rmanager.heartbeat()
+
+    def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.read_blocks(block_ids)
+
+    def write_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        self.pool.write_blocks(block_ids, k, v)
+
+    def relocate(self, relocations: Iterable[Relocation]) -> int:
+        """Point this instance's requests at the new homes of moved rBlocks; returns how many moved."""
+        moves = {r.old: r.new for r in relocations}
+        moved = 0
+        for request in self.scheduler.requests.values():
+            for index, ref in enumerate(request.block_table):
+                new = moves.get(ref)
+                if new is not None:
+                    request.block_table.replace(index, new)
+                    moved += 1
+        return moved
+
+    def drop_instance(self, dead_id: int) -> list[str]:
+        """Another instance died with its pool: forget what it borrowed from us, and restart from
+        their tokens (recompute) every request of ours that had rBlocks there.
+
+        Returns the ids of the requests that lost rBlocks.
+        """
+        self.rmanager.reclaim_all(dead_id)
+        self.rmanager.drop_borrowed_from(dead_id)
+        lost = []
+        for request in list(self.scheduler.running):
+            if request.block_table.num_blocks_on(dead_id):
+                request.block_table.remove_instance(dead_id)  # that memory is gone; free the rest
+                self.scheduler.preempt(request)
+                lost.append(request.request_id)
+        return lost
+
+    def adopt_request(self, request: Request) -> None:
+        """Take over a request whose home died: it restarts from its tokens (prompt + output)."""
+        request.block_table.clear()
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.add_request(request)
+
+    def block_refs_in_use(self) -> list[BlockRef]:
+        return [ref for request in self.scheduler.requests.values() for ref in request.block_table]

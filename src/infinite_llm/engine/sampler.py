@@ -1,0 +1,86 @@
+"""Pick the next token of each request from its logits: greedy, temperature, top-k/p, min-p, seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from infinite_llm.scheduler.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # log-probability under the model (before temperature and filters)
+    top_logprobs: dict[int, float] | None = None
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """logits: [V] (already divided by temperature) -> logits with filtered entries at -inf."""
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (always keep the first).
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
+    """logits: [N, vocab] float32, row i for requests[i]."""
+    logits = logits.float()
+    # min_tokens: forbid stopping tokens until enough output exists.
+    for i, request in enumerate(requests):
+        params = request.sampling_params
+        if request.num_output_tokens < params.min_tokens:
+            banned = list(params.stop_token_ids or [])
+            if not params.ignore_eos and request.eos_token_id is not None:
+                banned.append(request.eos_token_id)
+            if banned:
+                logits[i, banned] = float("-inf")
+    want_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+    token_ids = [0] * len(requests)
+    greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+    if greedy_rows:
+        picks = logits[greedy_rows].argmax(dim=-1).tolist()
+        for row, token in zip(greedy_rows, picks):
+            token_ids[row] = token
+    for i, request in enumerate(requests):
+        params = request.sampling_params
+        if params.greedy:
+            continue
+        row = _filter(logits[i] / params.temperature, params.top_k, params.top_p, params.min_p)
+        probs = torch.softmax(row, dim=-1)
+        token_ids[i] = int(torch.multinomial(probs, 1, generator=request.generator).item())
+
+    results = []
+    for i, request in enumerate(requests):
+        k = request.sampling_params.logprobs
+        if k is None or logprobs is None:
+            results.append(SampledToken(token_ids[i]))
+            continue
+        row = logprobs[i]
+        top: dict[int, float] = {}
+        if k > 0:
+            values, indices = torch.topk(row, k)
+            top = dict(zip(indices.tolist(), values.tolist()))
+        chosen = float(row[token_ids[i]])
+        top[token_ids[i]] = chosen
+        results.append(SampledToken(token_ids[i], chosen, top))
+    return results

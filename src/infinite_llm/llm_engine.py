@@ -1,0 +1,125 @@
+"""``LLMEngine``: the front end of the cluster: tokenize and validate, step, detokenize.
+
+Used by ``LLM`` (offline) and by the server (online). Requests are refused with a
+``ValueError`` naming the problem before any memory is taken.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+
+from infinite_llm.cluster import create_cluster
+from infinite_llm.config import EngineConfig
+from infinite_llm.engine.output_processor import OutputProcessor
+from infinite_llm.model.loader import LoadedModel, load_model
+from infinite_llm.outputs import RequestOutput
+from infinite_llm.sampling_params import SamplingParams
+from infinite_llm.scheduler.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = True) -> None:
+        self.config = config
+        self.loaded = loaded or load_model(config.model, config.dtype, config.device, progress=progress)
+        self.tokenizer = self.loaded.tokenizer
+        self.arch = self.loaded.arch
+        self.cluster = create_cluster(config, self.loaded)
+        self.max_model_len = self._resolve_max_model_len()
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def _resolve_max_model_len(self) -> int:
+        capacity = self.cluster.max_request_tokens
+        wanted = self.config.max_model_len or self.arch.max_position_embeddings
+        if self.config.max_model_len and self.config.max_model_len > self.arch.max_position_embeddings:
+            logger.warning("max_model_len %d is past the %d positions %s was trained on",
+                           self.config.max_model_len, self.arch.max_position_embeddings, self.loaded.source.name)
+        if wanted > capacity:
+            if self.config.max_model_len:
+                logger.warning("max_model_len %d exceeds the KV capacity of %d tokens; using %d",
+                               wanted, capacity, capacity)
+            return capacity
+        return wanted
+
+    # -- requests ---------------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> Request:
+        """Tokenize and validate; raises ValueError naming the problem (nothing is allocated)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.arch.vocab_size}): {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens, but this engine's max_model_len is {self.max_model_len} "
+                f"(the prompt plus at least one generated token must fit)"
+            )
+        if params.max_tokens is None:
+            max_tokens = self.max_model_len - len(token_ids)
+        else:
+            max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        return Request(
+            request_id=request_id or self.new_request_id(),
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            max_tokens=max_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+
+    def add_request(self, request: Request, prompt_text: str | None = None, home: int | None = None) -> None:
+        """Queue a request made by ``make_request`` (its id must be new); ``home`` pins its instance."""
+        if request.request_id in self.output_processor.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.output_processor.add_request(request.request_id, prompt_text, list(request.prompt_token_ids),
+                                          request.sampling_params)
+        self.cluster.add_request(request, home)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it runs and free its rBlocks; its final output, or None if unknown."""
+        output = self.output_processor.abort(request_id)
+        if output is not None:
+            self.cluster.abort_request(request_id)
+        return output
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.output_processor.requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.output_processor.requests)
+
+    # -- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step on every instance; outputs for the requests that made progress."""
+        outputs: list[RequestOutput] = []
+        for event in self.cluster.step():
+            output, stopped = self.output_processor.process(event)
+            if stopped:
+                self.cluster.finish_request(event.request_id, RequestStatus.FINISHED_STOPPED)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def check_integrity(self) -> None:
+        self.cluster.check_integrity()
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
