@@ -10,7 +10,9 @@ The batch-1 decode bound is measured bandwidth / weight bytes read per step.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import tempfile
 import time
 from typing import Any
 
@@ -129,11 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     engines: dict[str, dict[int, Any]] = {"infinite-llm": ours}
     if not args.no_hf:
         engines["transformers"] = bench_hf(args, model_dir, prompts, bar)
+    peer_reports = {}
     for peer in args.peer:
         from infinite_llm.bench.peers.vllm import run_vllm_offline
 
-        engines[peer] = {int(k): v for k, v in run_vllm_offline(
-            model_dir, prompts, args.batch_sizes, args.max_tokens, dtype=args.dtype)["results"].items()}
+        export_dir = os.path.join(tempfile.gettempdir(), f"infinite-llm-export-{args.model}-{args.dtype}")
+        if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
+            from infinite_llm.model.export import export_hf
+
+            export_hf(args.model, export_dir, args.dtype)
+        report = run_vllm_offline(
+            export_dir, prompts, args.batch_sizes, args.max_tokens, timeout=3600,
+            extra_args=["--dtype", args.dtype, "--max-num-batched-tokens", str(args.max_num_batched_tokens)],
+        )
+        engines[peer] = {
+            r["batch_size"]: {**_rates(r["batch_size"], args.prompt_len, args.max_tokens, r["t_prefill_s"],
+                                       r["t_total_s"]), "token_ids": r["token_ids"]}
+            for r in report["results"]
+        }
+        peer_reports[peer] = {k: v for k, v in report.items() if k != "results"}
         bar.update(len(args.batch_sizes))
     bar.close()
 
@@ -164,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_bytes_ours": rss_ours,
         "kv_pool_bytes_ours": kv_bytes,
         "engines": figures,
+        "peers": peer_reports,
     }
     table = format_table(rows, ["engine", "batch", "prefill_tok_s", "decode_tok_s", "decode_step_ms",
                                 "ours_decode_x", "ours_prefill_x", "same_tokens"], "bench engine")
