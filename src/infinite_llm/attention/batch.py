@@ -17,7 +17,6 @@ class FlatTables:
     block_table: torch.Tensor  # [sum of blocks] int32
     block_start: torch.Tensor  # [n + 1] int64
     context_lens: torch.Tensor  # [n] int64
-    max_query_len: int
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,6 @@ class MABatch:
                 ),
                 block_start=torch.tensor(starts, dtype=torch.int64),
                 context_lens=torch.tensor(self.context_lens, dtype=torch.int64),
-                max_query_len=max(self.query_lens, default=0),
             )
         return self._flat
 

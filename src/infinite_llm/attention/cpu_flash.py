@@ -100,7 +100,9 @@ def causal_self_attention(
         lse = (q.reshape(t, hkv, group, d) * k.unsqueeze(2)).sum(-1, dtype=torch.float32).view(
             t, hq
         ) * scale
-        return v.unsqueeze(2).expand(t, hkv, group, d).reshape(t, hq, d).to(out_dtype), lse
+        out = torch.empty(t, hkv, group, d, dtype=out_dtype, device=q.device)
+        out.copy_(v.unsqueeze(2))  # a fresh buffer (merged into in place), never a view of v
+        return out.view(t, hq, d), lse
     out = torch.empty(t, hq, d, dtype=out_dtype, device=q.device)
     lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
     start = 0

@@ -3,7 +3,9 @@
 The C kernel (``csrc/decode_ma.c``) reads K and V straight from the pool through the block
 table (no gather, no copy), float32 or bfloat16, GQA by treating the ``G`` query heads of a KV
 head as rows that share every key load, and runs (request, kv head, split-K chunk) items on
-OpenMP threads, merging split-K partials by log-sum-exp inside the kernel.
+OpenMP threads, merging split-K partials by log-sum-exp inside the kernel. The same library
+has the two small pieces around an MA in DistAttention: the running-state merge and a decode
+token's attention over itself (``merge_into_native``, ``self_decode_native``).
 
 Why not torch's flash kernel for decode: it is called once per request (tens of microseconds
 each) and streams a single query row at a fraction of the memory bandwidth. For long prefill
@@ -33,40 +35,48 @@ _state: dict[str, NativeLibrary | None] = {}
 
 
 def native_library() -> NativeLibrary | None:
-    """The compiled kernel, built on first use; None when it cannot be had (logged once)."""
+    """The compiled kernels, built on first use; None when they cannot be had (logged once)."""
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
                 native = build_and_load(_SOURCE)
                 if native is not None:
-                    fn = native.lib.ma_decode
-                    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-                    fn.argtypes = [p, p, p, i64, i64, i32, i32, p, p, p, p, p, i32, i32, i32, i32]
-                    fn.argtypes += [ctypes.c_float, i64, i32, p, p]
-                    fn.restype = ctypes.c_int
-                    merge = native.lib.merge_into
-                    merge.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
-                    merge.restype = None
-                    own = native.lib.self_decode
-                    own.argtypes = [
-                        p,
-                        i64,
-                        p,
-                        i64,
-                        p,
-                        i64,
-                        i32,
-                        i64,
-                        i32,
-                        i32,
-                        i32,
-                        ctypes.c_float,
-                        p,
-                        p,
-                    ]
-                    own.restype = None
+                    _declare(native.lib)
                 _state["lib"] = native
     return _state["lib"]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """C signatures (pointers travel as integers from ``Tensor.data_ptr()``)."""
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.ma_decode.argtypes = [
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i32,
+        i32,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i32,
+        i32,
+        i32,
+        i32,
+        f32,
+        i64,
+        i32,
+        p,
+        p,
+    ]
+    lib.ma_decode.restype = ctypes.c_int
+    lib.merge_into.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
+    lib.merge_into.restype = None
+    lib.self_decode.argtypes = [p, i64, p, i64, p, i64, i32, i64, i32, i32, i32, f32, p, p]
+    lib.self_decode.restype = None
 
 
 def native_available() -> bool:
@@ -166,8 +176,10 @@ def micro_attention_native(
         out.data_ptr(),
         lse.data_ptr(),
     )
-    if status != 0:
+    if status == -1:
         raise MemoryError("native decode attention could not allocate its scratch memory")
+    if status != 0:
+        raise ValueError(f"native decode attention cannot do head_dim={d} with {k_cache.dtype}")
     return out.to(q.dtype), lse
 
 
@@ -179,10 +191,8 @@ def merge_into_native(
     part_lse: torch.Tensor,
 ) -> bool:
     """``merge.merge_into`` in one C loop; False (nothing done) where it does not apply."""
-    native = native_library()
     if (
-        native is None
-        or out.dtype != torch.float32
+        out.dtype != torch.float32
         or lse.dtype != torch.float32
         or part_lse.dtype != torch.float32
         or part_out.dtype not in (torch.float32, torch.bfloat16)
@@ -196,6 +206,9 @@ def merge_into_native(
         )
         or (rows is not None and (rows.dtype != torch.int64 or not rows.is_contiguous()))
     ):
+        return False
+    native = native_library()
+    if native is None:
         return False
     n, h, d = part_out.shape
     native.lib.merge_into(

@@ -8,14 +8,20 @@
  *     cache[h][block][offset][d]    head stride hs, block stride bst, token stride D
  *
  * Work item = (request, kv head, split-K chunk of its keys). An item walks its keys in tiles of
- * TILE tokens (a tile may span rBlocks: each token's address comes from the block table) and
- * keeps, per query row, the online-softmax state (running max m, sum l, unnormalised acc[D]).
- * The G query heads of a KV head (times the request's query tokens) are the item's rows, so
- * each key is read once for all of them. Items of a request with several chunks leave partial
- * states that a second pass merges by log-sum-exp; a single chunk writes its rows directly.
+ * TILE tokens (a tile may span rBlocks: each token's address comes from the block table, and
+ * the tiles ahead are prefetched, which no hardware prefetcher can do across scattered blocks)
+ * and keeps, per query row, the online-softmax state (running max m, sum l, unnormalised
+ * acc[D]). The G query heads of a KV head (times the request's query tokens) are the item's
+ * rows: each key vector is loaded once for three rows at a time. Items of a request with
+ * several chunks leave partial states that a second pass merges by log-sum-exp; a single chunk
+ * writes its rows directly. bfloat16 is widened two elements per 32-bit lane (see bf16_even).
+ *
+ * Also here: merge_into (the running-state merge of DistAttention) and self_decode (a decode
+ * token's attention over itself), each a single loop instead of a dozen small torch ops.
  *
  * Portable C11 + GCC/Clang vector extensions (lowered to AVX2, AVX-512, NEON, ... by the
- * compiler); OpenMP for threads (linked against the libgomp torch already loaded).
+ * compiler; AVX gets a faster horizontal reduction); OpenMP for threads, linked against the
+ * libgomp torch already loaded.
  */
 #include <math.h>
 #include <stdint.h>
@@ -35,6 +41,9 @@ typedef uint32_t v8u __attribute__((vector_size(32), aligned(4)));
 #define MAX_D 256
 #ifndef PREFETCH_TILES
 #define PREFETCH_TILES 2  /* rBlocks sit anywhere: hardware prefetchers cannot follow the table */
+#endif
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 3
 #endif
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -149,6 +158,47 @@ ALWAYS_INLINE v8f bf16_odd(v8u raw) {
     return f;
 }
 
+/* Four dot products at once: lane j of the result = sum of the lanes of a[j]. */
+ALWAYS_INLINE v4f reduce4(const v8f a[4]) {
+#if defined(__AVX__)
+    __m256 s01 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]);
+    __m256 s23 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+    __m256 s03 = _mm256_hadd_ps(s01, s23); /* [a0..a3 low halves | a0..a3 high halves] */
+    return (v4f)(_mm256_castps256_ps128(s03) + _mm256_extractf128_ps(s03, 1));
+#else
+    v4f r;
+    for (int j = 0; j < 4; j++) r[j] = hsum8(a[j]);
+    return r;
+#endif
+}
+
+/* Scores of `nr` (1..3) query rows against the TILE keys at kp: s[r][j] = q_r . k_j (q is
+ * pre-scaled). Each key vector is loaded once for all rows. */
+ALWAYS_INLINE void tile_scores(const float *q, const int nr, const char *const *kp,
+                               float (*s)[TILE], int bf16, int D) {
+    const int nd = D / 8;
+    for (int j0 = 0; j0 < TILE; j0 += 4) {
+        v8f a[3][4] = {{{0}}};
+        if (bf16) {
+            for (int c = 0; c < nd; c += 2)
+                for (int j = 0; j < 4; j++) {
+                    v8u raw = *(const v8u *)(kp[j0 + j] + 16 * c);
+                    v8f ke = bf16_even(raw), ko = bf16_odd(raw);
+                    for (int r = 0; r < nr; r++)
+                        a[r][j] += *(const v8f *)(q + r * D + 8 * c) * ke +
+                                   *(const v8f *)(q + r * D + 8 * c + 8) * ko;
+                }
+        } else {
+            for (int c = 0; c < nd; c++)
+                for (int j = 0; j < 4; j++) {
+                    v8f kk = *(const v8f *)(kp[j0 + j] + 32 * c);
+                    for (int r = 0; r < nr; r++) a[r][j] += *(const v8f *)(q + r * D + 8 * c) * kk;
+                }
+        }
+        for (int r = 0; r < nr; r++) *(v4f *)&s[r][j0] = reduce4(a[r]);
+    }
+}
+
 /* One item: rows (l, g) of request i, kv head h, query rows r0..r0+nrows of its L*G rows;
  * keys t0..t1. Leaves the unnormalised state (m, l, acc[rows][D]). */
 ALWAYS_INLINE void run_item(const Problem *P, int i, int h, int r0, int nrows, int64_t t0,
@@ -184,8 +234,8 @@ ALWAYS_INLINE void run_item(const Problem *P, int i, int h, int r0, int nrows, i
             key_offsets(P, blocks, tp, np, tok_bytes, off);
             for (int j = 0; j < np; j++)
                 for (int64_t b = 0; b < tok_bytes; b += 64) {
-                    __builtin_prefetch(kh + off[j] + b, 0, 3);
-                    __builtin_prefetch(vh + off[j] + b, 0, 3);
+                    __builtin_prefetch(kh + off[j] + b, 0, PREFETCH_LOCALITY);
+                    __builtin_prefetch(vh + off[j] + b, 0, PREFETCH_LOCALITY);
                 }
         }
         key_offsets(P, blocks, t, nt, tok_bytes, off);
@@ -194,30 +244,21 @@ ALWAYS_INLINE void run_item(const Problem *P, int i, int h, int r0, int nrows, i
             kp[j] = kh + off[j < nt ? j : 0];
             vp[j] = vh + off[j < nt ? j : 0];
         }
-        /* scores, eight keys at a time: eight independent FMA chains, one reduction */
-        for (int r = 0; r < nrows; r++) {
-            const float *qr = qs + r * D;
-            for (int j0 = 0; j0 < TILE; j0 += 8) {
-                v8f a[8] = {{0}};
-                if (bf16) {
-                    for (int c = 0; c < nd; c += 2) {
-                        v8f qe = *(const v8f *)(qr + 8 * c), qo = *(const v8f *)(qr + 8 * c + 8);
-                        for (int j = 0; j < 8; j++) {
-                            v8u raw = *(const v8u *)(kp[j0 + j] + 16 * c);
-                            a[j] += qe * bf16_even(raw) + qo * bf16_odd(raw);
-                        }
-                    }
-                } else {
-                    for (int c = 0; c < nd; c++) {
-                        v8f qc = *(const v8f *)(qr + 8 * c);
-                        for (int j = 0; j < 8; j++)
-                            a[j] += qc * *(const v8f *)(kp[j0 + j] + 32 * c);
-                    }
-                }
-                v8i visible = lane + (int)(t + j0 - t0) < (int)(limit[r] - t0);
-                *(v8f *)&s[r][j0] = select8(visible, reduce8(a), (v8f){0} - INFINITY);
-            }
+        /* scores: up to three rows share each key load (twelve FMA chains, four keys at a time) */
+        for (int r = 0; r < nrows; r += 3) {
+            const int nr = nrows - r < 3 ? nrows - r : 3;
+            if (nr == 3)
+                tile_scores(qs + r * D, 3, kp, &s[r], bf16, D);
+            else if (nr == 2)
+                tile_scores(qs + r * D, 2, kp, &s[r], bf16, D);
+            else
+                tile_scores(qs + r * D, 1, kp, &s[r], bf16, D);
         }
+        for (int r = 0; r < nrows; r++) /* keys past the tile, the shard or the causal limit */
+            for (int j0 = 0; j0 < TILE; j0 += 8) {
+                v8i visible = lane + (int)(t + j0 - t0) < (int)(limit[r] - t0);
+                *(v8f *)&s[r][j0] = select8(visible, *(v8f *)&s[r][j0], (v8f){0} - INFINITY);
+            }
         /* online softmax: probabilities overwrite the scores */
         for (int r = 0; r < nrows; r++) {
             v8f s0 = *(v8f *)&s[r][0], s1 = *(v8f *)&s[r][8];
@@ -301,12 +342,14 @@ typedef struct {
     int64_t t0, t1, state; /* state: offset of this item's partial state in the scratch */
 } Item;
 
-/* Returns 0, or -1 when scratch memory could not be allocated. */
+/* Returns 0; -1 when scratch memory could not be allocated; -2 for a head size it cannot do
+ * (a multiple of 8 up to MAX_D; bfloat16: of 16). */
 int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
               int64_t block_stride, int kv_bf16, int num_requests, const int64_t *query_start,
               const int32_t *block_table, const int64_t *block_start, const int64_t *context_lens,
               const int64_t *row_limit, int hq, int hkv, int d, int block_size, float scale,
               int64_t chunk_tokens, int num_threads, float *out, float *lse) {
+    if (d % (kv_bf16 ? 16 : 8) || d > MAX_D) return -2;
     const int esz = kv_bf16 ? 2 : 4, G = hq / hkv;
     Problem P = {q, (const char *)k, (const char *)v, head_stride * esz, block_stride * esz,
                  query_start, block_table, block_start, context_lens, row_limit, hq, hkv, d,

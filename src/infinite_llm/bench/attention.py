@@ -1,0 +1,416 @@
+"""Micro-benchmark of DistAttention's kernels: decode MA split over shards vs one monolithic MA.
+
+Workload (SmolLM2-135M's attention shapes): ``--batch`` requests (default 1) each decoding one
+token, Hq=9 query heads over Hkv=3 KV heads (GQA group 3), head_dim 64, block_size 16, one
+layer's pool. For every context length and shard count S:
+
+* ``mono``: the kernel over the whole context in one MA call;
+* ``split``: the context cut into S contiguous runs of rBlocks (as DistAttention places them on S
+  instances), one MA per run, then the log-sum-exp merge of the S partial states. Every shard
+  reads the same pool tensor, so memory stays at one copy of the KV (the time is what S instances
+  would spend one after another; on a cluster they run in parallel);
+* ``overhead`` = split / mono - 1; ``bandwidth`` = KV bytes read / time, against the machine's
+  read bandwidth measured here (a large torch sum);
+* ``error``: max abs difference of the split result to a float64 reference (chunked, exact).
+
+``python -m infinite_llm.bench.attention --json`` prints one JSON object; the table goes to
+stdout otherwise; ``--out DIR`` writes ``attention.png`` (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.merge import merge_attention_states
+from infinite_llm.attention.micro import IMPLS, micro_attention
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
+TARGET_MONO_BW_PCT = 60.0  # monolithic decode at 128K: share of the measured read bandwidth
+TARGET_SPLIT_OVERHEAD_PCT = 10.0  # 4 shards, contexts >= 32K
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072, 262144, 524288)
+
+
+def measure_read_bandwidth(num_bytes: int = 512 << 20, repeats: int = 9) -> tuple[float, float]:
+    """(median, best) GB/s of a multithreaded torch sum over a buffer far beyond the caches."""
+    x = torch.ones(num_bytes // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return num_bytes / statistics.median(times) / 1e9, num_bytes / min(times) / 1e9
+
+
+def _time_pair(
+    fa: Callable[[], object], fb: Callable[[], object], budget_s: float, min_repeats: int = 5
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``fa`` and ``fb``, alternated (after a warm-up of each) so that
+    whatever else runs on the machine meanwhile weighs on both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for fn in (fa, fb):
+        fn()
+    t_start = time.perf_counter()
+    while len(times[0]) < min_repeats or (
+        time.perf_counter() - t_start < budget_s and len(times[0]) < 200
+    ):
+        for fn, out in zip((fa, fb), times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return times
+
+
+def _reference_f64(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: MABatch,
+    scale: float,
+    chunk_blocks: int = 1024,
+) -> torch.Tensor:
+    """Exact decode attention in float64, streaming the context a few rBlocks at a time (the
+    whole context is never copied: peak memory stays near one chunk)."""
+    group = NUM_HEADS // NUM_KV_HEADS
+    outs = []
+    for i in range(batch.num_requests):
+        qi = q[batch.query_start[i] : batch.query_start[i + 1]].double()  # [L, Hq, D]
+        qg = qi.view(qi.shape[0], NUM_KV_HEADS, group, HEAD_DIM)
+        top = torch.full(qg.shape[:3], float("-inf"), dtype=torch.float64)
+        total = torch.zeros_like(top)
+        acc = torch.zeros(qg.shape, dtype=torch.float64)
+        blocks, ctx = batch.block_ids[i], batch.context_lens[i]
+        for b0 in range(0, len(blocks), chunk_blocks):
+            ids = torch.tensor(blocks[b0 : b0 + chunk_blocks])
+            valid = min(ctx - b0 * BLOCK_SIZE, len(ids) * BLOCK_SIZE)
+            kc = k.index_select(1, ids).reshape(NUM_KV_HEADS, -1, HEAD_DIM)[:, :valid].double()
+            vc = v.index_select(1, ids).reshape(NUM_KV_HEADS, -1, HEAD_DIM)[:, :valid].double()
+            scores = torch.einsum("lhgd,hsd->lhgs", qg, kc) * scale
+            new_top = torch.maximum(top, scores.amax(-1))
+            fix = torch.exp(top - new_top)
+            p = torch.exp(scores - new_top[..., None])
+            total = total * fix + p.sum(-1)
+            acc = acc * fix[..., None] + torch.einsum("lhgs,hsd->lhgd", p, vc)
+            top = new_top
+        outs.append((acc / total[..., None]).reshape(qi.shape))
+    return torch.cat(outs)
+
+
+def _shards(block_ids: list[list[int]], contexts: list[int], num_shards: int) -> list[MABatch]:
+    """Each request's blocks cut into ``num_shards`` contiguous runs (the last may hold fewer)."""
+    batches = []
+    for s in range(num_shards):
+        ids, lens = [], []
+        for blocks, ctx in zip(block_ids, contexts):
+            per = -(-len(blocks) // num_shards)
+            mine = blocks[s * per : (s + 1) * per]
+            ids.append(mine)
+            lens.append(max(0, min(ctx, (s + 1) * per * BLOCK_SIZE) - s * per * BLOCK_SIZE))
+        batches.append(MABatch([1] * len(ids), ids, lens, BLOCK_SIZE))
+    return batches
+
+
+def bench_context(
+    context: int,
+    shard_counts: Sequence[int],
+    impl: str,
+    dtype: torch.dtype,
+    batch_size: int,
+    layout: str,
+    budget_s: float,
+    seed: int,
+    progress: Callable[[], None],
+) -> list[dict]:
+    """Every shard count at one context length; one pool for the whole grid row."""
+    num_blocks = -(-context // BLOCK_SIZE)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (NUM_KV_HEADS, num_blocks * batch_size, BLOCK_SIZE, HEAD_DIM)
+    k = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    v = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    order = list(range(num_blocks * batch_size))
+    if layout == "shuffled":  # rBlocks wherever the pool had room, as in a long-running engine
+        random.Random(seed).shuffle(order)
+    block_ids = [order[i * num_blocks : (i + 1) * num_blocks] for i in range(batch_size)]
+    contexts = [context] * batch_size
+    q = (torch.randn(batch_size, NUM_HEADS, HEAD_DIM, generator=gen) * 2).to(dtype)
+    scale = HEAD_DIM**-0.5
+    mono_batch = MABatch([1] * batch_size, block_ids, contexts, BLOCK_SIZE)
+    truth = _reference_f64(q, k, v, mono_batch, scale)
+    kv_bytes = batch_size * context * NUM_KV_HEADS * HEAD_DIM * 2 * k.element_size()
+
+    def mono() -> tuple[torch.Tensor, torch.Tensor]:
+        return micro_attention(q, k, v, mono_batch, scale, impl=impl)
+
+    mono_err = (mono()[0].double() - truth).abs().max().item()
+    rows = []
+    for num_shards in shard_counts:
+        batches = _shards(block_ids, contexts, num_shards)
+        parts = [micro_attention(q, k, v, b, scale, impl=impl) for b in batches]
+
+        def split(batches: list[MABatch] = batches) -> tuple[torch.Tensor, torch.Tensor]:
+            states = [micro_attention(q, k, v, b, scale, impl=impl) for b in batches]
+            return merge_attention_states([o for o, _ in states], [lse for _, lse in states])
+
+        def merge(parts: list = parts) -> tuple[torch.Tensor, torch.Tensor]:
+            return merge_attention_states([o for o, _ in parts], [lse for _, lse in parts])
+
+        mono_t, split_t = _time_pair(mono, split if num_shards > 1 else mono, budget_s)
+        merge_t = _time_pair(merge, merge, min(budget_s, 0.05))[0] if num_shards > 1 else [0.0]
+        err = mono_err if num_shards == 1 else (split()[0].double() - truth).abs().max().item()
+        split_s, mono_s = statistics.median(split_t), statistics.median(mono_t)
+        rows.append(
+            {
+                "impl": impl,
+                "context": context,
+                "shards": num_shards,
+                "time_ms": split_s * 1e3,
+                "time_min_ms": min(split_t) * 1e3,
+                "merge_ms": statistics.median(merge_t) * 1e3,
+                "mono_ms": mono_s * 1e3,
+                "mono_min_ms": min(mono_t) * 1e3,
+                "overhead_pct": (split_s / mono_s - 1) * 100,
+                "overhead_min_pct": (min(split_t) / min(mono_t) - 1) * 100,
+                "samples": len(split_t),
+                "kv_bytes": kv_bytes,
+                "gbps": kv_bytes / split_s / 1e9,
+                "gbps_best": kv_bytes / min(split_t) / 1e9,
+                "max_abs_err": err,
+            }
+        )
+        progress()
+    return rows
+
+
+def run_attention_bench(
+    contexts: Sequence[int] = DEFAULT_CONTEXTS,
+    shard_counts: Sequence[int] = (1, 2, 4, 8, 16),
+    impls: Sequence[str] = ("auto",),
+    dtype: str = "float32",
+    batch_size: int = 1,
+    layout: str = "shuffled",
+    budget_s: float = 0.5,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict:
+    """The whole grid; returns one JSON-ready dict."""
+    from tqdm import tqdm
+
+    read_gbps, read_best_gbps = measure_read_bandwidth()
+    results: list[dict] = []
+    with tqdm(
+        total=len(contexts) * len(shard_counts) * len(impls),
+        disable=not show_progress,
+        file=sys.stderr,
+    ) as bar:
+        for impl in impls:
+            for context in contexts:
+                bar.set_description(f"{impl} {context // 1024}K")
+                results += bench_context(
+                    context,
+                    shard_counts,
+                    impl,
+                    DTYPES[dtype],
+                    batch_size,
+                    layout,
+                    budget_s,
+                    seed,
+                    lambda: bar.update(),
+                )
+    for row in results:
+        row["pct_of_bw"] = row["gbps"] / read_gbps * 100
+        row["pct_of_bw_best"] = row["gbps_best"] / read_best_gbps * 100
+    return {
+        "benchmark": "attention",
+        "config": {
+            "num_heads": NUM_HEADS,
+            "num_kv_heads": NUM_KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "block_size": BLOCK_SIZE,
+            "batch_size": batch_size,
+            "query_tokens_per_request": 1,
+            "dtype": dtype,
+            "layout": layout,
+            "impls": list(impls),
+            "contexts": list(contexts),
+            "shards": list(shard_counts),
+            "threads": torch.get_num_threads(),
+            "timing": "median of alternated samples (mono and split interleaved); *_min: best",
+        },
+        "machine": {
+            "read_gbps": read_gbps,
+            "read_best_gbps": read_best_gbps,
+            "read_measure": "torch.sum over 512 MiB float32: median and best of 9",
+        },
+        "results": results,
+        "targets": _targets(results),
+    }
+
+
+def _targets(results: list[dict]) -> dict:
+    out = {}
+    for impl in sorted({r["impl"] for r in results}):
+        rows = [r for r in results if r["impl"] == impl]
+        mono = [r for r in rows if r["shards"] == 1 and r["context"] == 131072]
+        split = [r for r in rows if r["shards"] == 4 and r["context"] >= 32768]
+        worst = max((r["overhead_pct"] for r in split), default=None)
+        out[impl] = {
+            "mono_pct_of_bw_at_128k": mono[0]["pct_of_bw"] if mono else None,
+            "mono_best_pct_of_best_bw_at_128k": mono[0]["pct_of_bw_best"] if mono else None,
+            "split4_max_overhead_min_pct_ge_32k": max(
+                (r["overhead_min_pct"] for r in split), default=None
+            ),
+            "mono_target_pct": TARGET_MONO_BW_PCT,
+            "mono_met": mono[0]["pct_of_bw"] >= TARGET_MONO_BW_PCT if mono else None,
+            "split4_max_overhead_pct_ge_32k": worst,
+            "split_target_pct": TARGET_SPLIT_OVERHEAD_PCT,
+            "split_met": worst <= TARGET_SPLIT_OVERHEAD_PCT if worst is not None else None,
+        }
+    return out
+
+
+def format_table(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"decode MA: {cfg['batch_size']} request(s) x 1 token, Hq={cfg['num_heads']} Hkv={cfg['num_kv_heads']} "
+        f"D={cfg['head_dim']} block_size={cfg['block_size']} {cfg['dtype']} {cfg['layout']} blocks, "
+        f"{cfg['threads']} threads; machine read bandwidth {report['machine']['read_gbps']:.1f} GB/s "
+        f"(best {report['machine']['read_best_gbps']:.1f}); times are medians, 'best' GB/s from the fastest call",
+    ]
+    head = (
+        f"{'impl':<8} {'context':>8} {'shards':>6} {'ms':>9} {'merge ms':>8} {'mono ms':>9} "
+        f"{'overhead':>8} {'GB/s':>6} {'best':>6} {'% bw':>5} {'max err':>8}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        lines.append(
+            f"{r['impl']:<8} {r['context']:>8} {r['shards']:>6} {r['time_ms']:>9.3f} {r['merge_ms']:>8.3f} "
+            f"{r['mono_ms']:>9.3f} {r['overhead_pct']:>7.1f}% {r['gbps']:>6.1f} {r['gbps_best']:>6.1f} "
+            f"{r['pct_of_bw']:>5.0f} "
+            f"{r['max_abs_err']:>8.1e}"
+        )
+    for impl, t in report["targets"].items():
+        if t["mono_pct_of_bw_at_128k"] is not None:
+            verdict = "met" if t["mono_met"] else "NOT met"
+            lines.append(
+                f"{impl}: monolithic at 128K = {t['mono_pct_of_bw_at_128k']:.0f}% of read bandwidth "
+                f"(target {t['mono_target_pct']:.0f}%): {verdict}"
+            )
+        if t["split4_max_overhead_pct_ge_32k"] is not None:
+            verdict = "met" if t["split_met"] else "NOT met"
+            lines.append(
+                f"{impl}: 4 shards at >= 32K, worst overhead {t['split4_max_overhead_pct_ge_32k']:.1f}% "
+                f"(target {t['split_target_pct']:.0f}%): {verdict}"
+            )
+    return "\n".join(lines)
+
+
+def write_plot(report: dict, out_dir: Path) -> Path | None:
+    """Bandwidth and split overhead vs context, one line per shard count; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
+        )
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, (ax_bw, ax_over) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for impl in report["config"]["impls"]:
+        for shards in report["config"]["shards"]:
+            rows = [r for r in report["results"] if r["impl"] == impl and r["shards"] == shards]
+            ctx = [r["context"] for r in rows]
+            label = f"{impl}, {shards} shard{'s' if shards > 1 else ''}"
+            ax_bw.plot(ctx, [r["gbps"] for r in rows], marker="o", label=label)
+            if shards > 1:
+                ax_over.plot(ctx, [r["overhead_pct"] for r in rows], marker="o", label=label)
+    ax_bw.axhline(report["machine"]["read_gbps"], color="k", linestyle="--", label="machine read")
+    ax_over.axhline(TARGET_SPLIT_OVERHEAD_PCT, color="r", linestyle=":", label="target")
+    for ax, title, unit in (
+        (ax_bw, "effective KV bandwidth", "GB/s"),
+        (ax_over, "split overhead vs monolithic", "%"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    cfg = report["config"]
+    fig.suptitle(
+        f"decode MA, Hq={cfg['num_heads']} Hkv={cfg['num_kv_heads']} D={cfg['head_dim']} {cfg['dtype']}, "
+        f"batch {cfg['batch_size']}, {cfg['threads']} threads"
+    )
+    fig.tight_layout()
+    path = out_dir / "attention.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infinite-llm bench attention", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument(
+        "--impl", nargs="+", default=["auto"], choices=IMPLS, help="MA kernel(s) to time"
+    )
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--batch", type=int, default=1, help="requests decoding together")
+    parser.add_argument(
+        "--layout", default="shuffled", choices=["shuffled", "contiguous"], help="rBlock placement"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=0.5, help="seconds of timing per measurement"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="directory for attention.png")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        report = run_attention_bench(
+            args.contexts,
+            args.shards,
+            args.impl,
+            args.dtype,
+            args.batch,
+            args.layout,
+            args.budget,
+            args.seed,
+            show_progress=not args.no_progress,
+        )
+    print(json.dumps(report) if args.json else format_table(report))
+    if args.out is not None:
+        path = write_plot(report, args.out)
+        if path is not None:
+            print(f"plot: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
