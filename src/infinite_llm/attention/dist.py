@@ -2,15 +2,17 @@
 
 Per step the engine builds a ``DistPlan`` from each request's block table. Per layer:
 
-    new tokens  --self (causal, fresh k/v)----------------------------> (out, lse)
+    new k, v    --stored first in the slot of their rBlock, wherever it lives
     q rows      --MA over context rBlocks on instance 0 (local)-------> (out, lse) --merge--> out
                 --MA over context rBlocks on instance 2 (a creditor)--> (out, lse)
-    new k, v    --written to the slot of their rBlock, wherever it lives
+    prefill     --self (causal, fresh k/v)----------------------------> (out, lse)
 
-Context = the tokens cached before this step, so no MA over rBlocks ever needs a causal mask:
-the causal part is the step's own tokens, computed from the fresh k, v. Only queries (and the
-new tokens' k, v) travel to an instance; only (out, lse) come back; one call per instance per
-layer for the whole batch.
+No MA over rBlocks ever needs a causal mask. A decode token's context is every cached token up
+to and including itself (its K,V are stored before the MAs run). A prefill chunk's context is
+the tokens cached before the step; its causal part over its own tokens is computed from the
+fresh k, v. Only queries (and the new tokens' k, v) travel to an instance; only (out, lse) come
+back; one call per instance per layer for the whole batch. A decode batch whose rBlocks are all
+local is one kernel call per layer, with nothing to merge.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class MAExecutor(Protocol):
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Do every instance's writes and MAs; return (out, lse) per instance that had an MA."""
+        """On every instance store the new K,V, then run the MA (a decode token's MA reads its
+        own K,V); return (out, lse) per instance that had an MA."""
         ...
 
 
@@ -79,6 +82,8 @@ class DistPlan:
     ) -> None:
         self.query_lens = [s.num_new_tokens for s in spans]
         self.num_tokens = sum(self.query_lens)
+        # Prefill chunks (more than one new token) get a causal self part; decode tokens don't.
+        self.prefill_query_lens = [n for n in self.query_lens if n > 1]
         shard_reqs: dict[int, list[tuple[int, list[int], int]]] = {}
         write_rows: dict[int, list[int]] = {}
         write_slots: dict[int, list[int]] = {}
@@ -90,6 +95,9 @@ class DistPlan:
                 raise ValueError(
                     f"request {idx}: {len(refs)} rBlocks cannot hold {ctx + span.num_new_tokens} tokens"
                 )
+            # A decode token attends to the cache including its own (stored first) K,V.
+            if span.num_new_tokens == 1:
+                ctx += 1
             num_ctx_blocks = -(-ctx // block_size)
             per_instance: dict[int, list[int]] = {}
             for ref in refs[:num_ctx_blocks]:
@@ -101,9 +109,10 @@ class DistPlan:
                 if inst == last:
                     tokens -= num_ctx_blocks * block_size - ctx
                 shard_reqs.setdefault(inst, []).append((idx, blocks, tokens))
-            for pos in range(ctx, ctx + span.num_new_tokens):
+            first_new = span.num_computed_tokens
+            for pos in range(first_new, first_new + span.num_new_tokens):
                 ref = refs[pos // block_size]
-                write_rows.setdefault(ref.instance_id, []).append(row + pos - ctx)
+                write_rows.setdefault(ref.instance_id, []).append(row + pos - first_new)
                 write_slots.setdefault(ref.instance_id, []).append(
                     ref.block_id * block_size + pos % block_size
                 )
@@ -124,6 +133,8 @@ class DistPlan:
             for i, _, _ in reqs:
                 rows.extend(range(starts[i], starts[i + 1]))
             self.shards[inst] = _Shard(self._index(rows, device), batch)
+        prefill_rows = [r for i, n in enumerate(self.query_lens) if n > 1 for r in range(starts[i], starts[i + 1])]
+        self.prefill_rows = self._index(prefill_rows, device) if prefill_rows else None
         self.writes = {
             inst: _Write(
                 self._index(write_rows[inst], device),
@@ -174,10 +185,24 @@ class DistAttention:
             w = work.setdefault(inst, ShardWork())
             w.q, w.batch = _take(q, shard.rows), shard.batch
         results = self.executor.run(layer_idx, work)
-        # merged in float32, rounded to the model's dtype once
-        acc, lse = causal_self_attention(
-            q, k, v, plan.query_lens, self.scale, torch.float32 if results else None
-        )
+        if not plan.prefill_query_lens and len(results) == 1:
+            (inst, (out, _)), = results.items()
+            if plan.shards[inst].rows is None:
+                return out.to(q.dtype)  # every row's whole context on one instance: done
+        # Merged in float32, rounded to the model's dtype once.
+        if len(plan.prefill_query_lens) == len(plan.query_lens):
+            acc, lse = causal_self_attention(q, k, v, plan.query_lens, self.scale, torch.float32)
+        else:
+            acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+            if plan.prefill_rows is not None:
+                rows = plan.prefill_rows
+                part_out, part_lse = causal_self_attention(
+                    q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
+                    plan.prefill_query_lens, self.scale, torch.float32,
+                )
+                acc.index_copy_(0, rows, part_out)
+                lse.index_copy_(0, rows, part_lse)
         for inst, (part_out, part_lse) in results.items():
             merge_into(acc, lse, plan.shards[inst].rows, part_out, part_lse)
         return acc.to(q.dtype)
@@ -196,12 +221,11 @@ class LocalExecutor:
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for inst, w in work.items():
             pool = self.pools[inst]
-            # MA first: the step's new tokens are not part of any MA's context.
+            if w.write_slots is not None:  # first: a decode token's MA reads its own K,V
+                assert w.k is not None and w.v is not None
+                pool.write(layer_idx, w.write_slots, w.k, w.v)
             if w.batch is not None and w.q is not None:
                 results[inst] = micro_attention(
                     w.q, pool.k[layer_idx], pool.v[layer_idx], w.batch, impl=self.impl
                 )
-            if w.write_slots is not None:
-                assert w.k is not None and w.v is not None
-                pool.write(layer_idx, w.write_slots, w.k, w.v)
         return results

@@ -11,9 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
-from infinite_llm.attention.dist import ShardWork
+from infinite_llm.attention.dist import LocalExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
-from infinite_llm.attention.micro import micro_attention
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.model_runner import ModelRunner
 from infinite_llm.kvcache.block import BlockRef
@@ -40,6 +39,7 @@ class Instance:
         self.rmanager = rmanager
         self.scheduler = scheduler
         self.attention_impl = attention_impl
+        self._local = LocalExecutor({instance_id: pool}, impl=attention_impl)
 
     # -- own requests -----------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -87,19 +87,9 @@ class Instance:
         self.rmanager.reclaim(release)
 
     def run_shard(self, layer_idx: int, work: ShardWork) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A debtor's share of one layer on this pool: MA over its context rBlocks, then store new K,V.
-
-        The MA reads only tokens cached before the debtor's step, so the order is free; MA first.
-        """
-        result = None
-        if work.batch is not None and work.q is not None:
-            result = micro_attention(
-                work.q, self.pool.k[layer_idx], self.pool.v[layer_idx], work.batch, impl=self.attention_impl
-            )
-        if work.write_slots is not None:
-            assert work.k is not None and work.v is not None
-            self.pool.write(layer_idx, work.write_slots, work.k, work.v)
-        return result
+        """A debtor's share of one layer on this pool: store its new K,V, then MA over its rBlocks
+        (the same order as every executor: a decode token's MA reads its own K,V)."""
+        return self._local.run(layer_idx, {self.instance_id: work}).get(self.instance_id)
 
     # -- cluster housekeeping ---------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
