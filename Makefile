@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test serve test lint bench-engine clean
+.PHONY: install install-test serve test test-deps lint bench-engine clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,21 @@ install-test: $(TEST_STAMP)
 serve: install
 	$(VENV)/bin/infinite-llm serve
 
-test: install-test
+test: install-test test-deps
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
+
+# Headless Chromium for the dashboard test (tests/server/test_dashboard.py). Installs it only
+# when missing, as root, with apt-get; otherwise says why and the test skips with that reason.
+test-deps:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "test-deps: chromium missing (needs root and apt-get to install); the dashboard test will skip"; \
+	else \
+	  echo "test-deps: installing chromium for the dashboard test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "test-deps: could not install chromium; the dashboard test will skip"; \
+	fi
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests

@@ -9,8 +9,10 @@ BENCHES = {
     "engine": "infinite_llm.bench.engine",
     "attention": "infinite_llm.bench.attention",
     "memory": "infinite_llm.bench.memory",
+    "serve": "infinite_llm.bench.serve",
     "capacity": "infinite_llm.bench.capacity",
     "distributed": "infinite_llm.bench.distributed",
+    "paper": "infinite_llm.bench.paper",
 }
 
 

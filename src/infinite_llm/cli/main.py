@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from infinite_llm.cli import bench, generate
+from infinite_llm.cli import bench, export, generate, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
     bench.add_parser(sub)
+    export.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

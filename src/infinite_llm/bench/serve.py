@@ -1,0 +1,389 @@
+"""``infinite-llm bench serve``: an open-loop client for any OpenAI-compatible server (ours or vLLM).
+
+Method (vLLM's ``benchmark_serving``): random token-id prompts of ``--input-len`` tokens, each
+asking for exactly ``--output-len`` tokens (``ignore_eos``, greedy), sent to ``/v1/completions``
+with streaming, arrivals a Poisson process at each ``--request-rate`` (``inf``: all at once).
+Per request: TTFT (first token), ITL (between streamed chunks), TPOT ((latency - TTFT) /
+(output tokens - 1)), end-to-end latency; per run: request and token throughput. Output
+tokens are the server's own count (``stream_options.include_usage``). ``--launch`` starts
+``infinite-llm serve`` with ``--server-args`` for the run; otherwise ``--base-url`` is used.
+
+    infinite-llm bench serve --launch --server-args "--model tiny" --request-rate 4 inf --json
+    infinite-llm bench serve --base-url http://127.0.0.1:8011 --model /tmp/smollm2-hf --tokenizer smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from infinite_llm.bench.common import emit, format_table, machine_info
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    num_output_tokens: int = 0
+
+
+def make_prompts(n: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """Random token ids away from both ends of the vocabulary (where special tokens live)."""
+    rng = random.Random(seed)
+    margin = min(100, vocab_size // 4)
+    return [
+        [rng.randrange(margin, vocab_size - margin) for _ in range(input_len)] for _ in range(n)
+    ]
+
+
+def arrival_delays(n: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which each request is sent: Poisson arrivals, or all at 0."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, size=n)
+    return [0.0, *np.cumsum(gaps[:-1]).tolist()]  # the first request goes at once
+
+
+async def send_one(
+    client: httpx.AsyncClient, endpoint: str, payload: dict[str, Any]
+) -> RequestResult:
+    result = RequestResult()
+    start = time.perf_counter()
+    last = start
+    try:
+        async with client.stream("POST", endpoint, json=payload) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                return result
+            num_chunks = 0
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    result.error = str(event["error"])[:300]
+                    return result
+                if event.get("usage"):
+                    result.num_output_tokens = int(event["usage"].get("completion_tokens") or 0)
+                choices = event.get("choices") or []
+                if not choices or not choices[0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if num_chunks == 0:
+                    result.ttft_s = now - start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+                num_chunks += 1
+            result.latency_s = time.perf_counter() - start
+            if result.num_output_tokens == 0:
+                result.num_output_tokens = num_chunks  # a server without usage: one token per chunk
+            result.ok = num_chunks > 0
+            if not result.ok:
+                result.error = "no tokens streamed"
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def run_rate(
+    base_url: str,
+    headers: dict[str, str],
+    model: str,
+    prompts: Sequence[list[int]],
+    args: argparse.Namespace,
+    rate: float,
+) -> tuple[list[RequestResult], float]:
+    delays = arrival_delays(len(prompts), rate, args.seed)
+    limits = httpx.Limits(
+        max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1
+    )
+    timeout = httpx.Timeout(args.timeout, connect=30)
+    gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    bar = tqdm(
+        total=len(prompts),
+        desc=f"rate {rate:g} req/s",
+        unit="req",
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=timeout, limits=limits
+    ) as client:
+
+        def payload(prompt: list[int]) -> dict[str, Any]:
+            return {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": args.output_len,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+
+        warm_up = {**payload(prompts[0]), "max_tokens": 2}
+        await send_one(client, args.endpoint, warm_up)  # not measured
+        start = time.perf_counter()
+
+        async def one(prompt: list[int], delay: float) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
+            if gate is None:
+                result = await send_one(client, args.endpoint, payload(prompt))
+            else:
+                async with gate:
+                    result = await send_one(client, args.endpoint, payload(prompt))
+            bar.update(1)
+            return result
+
+        results = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays)))
+        duration = time.perf_counter() - start
+    bar.close()
+    return list(results), duration
+
+
+def summarize(
+    results: Sequence[RequestResult], duration: float, input_len: int, rate: float
+) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    num_in = input_len * len(ok)
+    num_out = sum(r.num_output_tokens for r in ok)
+    row: dict[str, Any] = {
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "total_input_tokens": num_in,
+        "total_output_tokens": num_out,
+        "request_throughput": len(ok) / duration,
+        "input_throughput": num_in / duration,
+        "output_throughput": num_out / duration,
+        "total_token_throughput": (num_in + num_out) / duration,
+    }
+    tpot = [
+        (r.latency_s - r.ttft_s) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1
+    ]
+    series = {
+        "ttft": [r.ttft_s for r in ok],
+        "tpot": tpot,
+        "itl": [x for r in ok for x in r.itl_s],
+        "e2el": [r.latency_s for r in ok],
+    }
+    for name, values in series.items():
+        ms = np.array(values) * 1e3
+        for stat, fn in (("mean", np.mean), ("median", np.median)):
+            row[f"{stat}_{name}_ms"] = float(fn(ms)) if ms.size else None
+        for q in (90, 99):
+            row[f"p{q}_{name}_ms"] = float(np.percentile(ms, q)) if ms.size else None
+    errors = sorted({r.error for r in results if not r.ok})
+    if errors:
+        row["errors"] = errors[:5]
+    return row
+
+
+# -- our own server, for --launch --------------------------------------------------------------
+class LaunchedServer:
+    def __init__(self, server_args: list[str], timeout_s: float = 600.0) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        # The log outlives this object (its path is printed on failure): no context manager.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            "w+", prefix="bench-serve-", suffix=".log", delete=False
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "infinite_llm.cli.main",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-uvicorn-access-log",
+            *server_args,
+        ]
+        print(f"launching: {shlex.join(cmd)} (log: {self.log.name})", file=sys.stderr)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited with {self.proc.returncode}; see {self.log.name}"
+                )
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"the server did not start in {timeout_s} s; see {self.log.name}"
+                )
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def served_model(base_url: str, headers: dict[str, str]) -> str:
+    response = httpx.get(base_url + "/v1/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
+def vocab_size_of(name: str) -> int:
+    """The vocabulary of a model our registry knows (embedded name, tiny, GGUF, HF directory)."""
+    from infinite_llm.model.loader import model_dir_for
+    from infinite_llm.model.loader.hf_loader import read_hf_arch
+    from infinite_llm.model.registry import resolve_model
+
+    return read_hf_arch(model_dir_for(resolve_model(name), progress=False)).vocab_size
+
+
+def _launch_model(server_args: list[str]) -> str:
+    for i, arg in enumerate(server_args):
+        if arg == "--model" and i + 1 < len(server_args):
+            return server_args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    from infinite_llm.model.registry import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infinite-llm bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="an OpenAI-compatible server"
+    )
+    p.add_argument("--endpoint", default="/v1/completions", help="completions path on that server")
+    p.add_argument("--launch", action="store_true", help="start `infinite-llm serve` for the run")
+    p.add_argument(
+        "--server-args", default="", help="arguments of the launched server (one string)"
+    )
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model whose vocabulary the random prompts use (default: --model / the launched one)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=None, help="vocabulary size (skips --tokenizer)"
+    )
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[math.inf],
+        help="requests per second, Poisson arrivals; inf sends all at once",
+    )
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (the table goes to stderr)"
+    )
+    return p
+
+
+# fmt: off
+COLUMNS = ["request_rate", "completed", "failed", "duration_s", "request_throughput",
+           "output_throughput", "total_token_throughput", "mean_ttft_ms", "p99_ttft_ms",
+           "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms"]
+# fmt: on
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+        print(
+            "error: --num-prompts, --input-len and --output-len must be at least 1", file=sys.stderr
+        )
+        return 2
+    server_args = shlex.split(args.server_args)
+    launched = LaunchedServer(server_args) if args.launch else None
+    try:
+        base_url = launched.base_url if launched else args.base_url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model = args.model or served_model(base_url, headers)
+        vocab = args.vocab_size or vocab_size_of(
+            args.tokenizer or (_launch_model(server_args) if launched else model)
+        )
+        prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+        rows = []
+        for rate in args.request_rate:
+            results, duration = asyncio.run(run_rate(base_url, headers, model, prompts, args, rate))
+            rows.append(summarize(results, duration, args.input_len, rate))
+    finally:
+        if launched is not None:
+            launched.stop()
+    result = {
+        "bench": "serve",
+        "base_url": "launched: infinite-llm serve " + args.server_args if launched else base_url,
+        "model": model,
+        "config": {
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "seed": args.seed,
+            "max_concurrency": args.max_concurrency,
+            "vocab_size": vocab,
+        },
+        "machine": machine_info(),
+        "results": rows,
+    }
+    title = (
+        f"bench serve: {model}, {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out "
+        f"(times in ms, throughput per s)"
+    )
+    emit(result, format_table(rows, COLUMNS, title), args.json)
+    return 0 if all(row["failed"] == 0 for row in rows) else 1
