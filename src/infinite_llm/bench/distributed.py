@@ -1,0 +1,276 @@
+"""``infinite-llm bench distributed``: decode step time with a batch's KV spread over 1, 2, 4 instances.
+
+Workload: ``--batch`` requests of ``--context`` random prompt tokens, greedy, all homed on
+instance 0 and prefilled in one step. With N instances every pool holds ceil(total rBlocks / N)
+(the whole generation's), so instance 0 fills its own pool and borrows the rest from the
+others: the batch's KV is spread over N pools (N = 1: all local). Defragmentation is off (it
+would bring blocks home). Each configuration runs in-process and on Ray (one actor per
+instance). Decode steps that cross an rBlock boundary also borrow; the median hides them.
+
+Figures per configuration: median wall time of ``LLMEngine.step()`` over the measured decode
+steps (min and max beside it; in-process configurations are alive together and their steps
+interleaved, so machine noise hits them alike; Ray clusters run one at a time), its ratio to the same backend's all-local step and to the
+in-process all-local step, the payload bytes that crossed instances per step (queries, new
+K,V and their slots out; partial outputs and their lse back), remote MA calls per step, where
+the rBlocks were, and whether the tokens equal the all-local run's. On Ray also the per-layer
+round trip (home issues every creditor's shard -> every (out, lse) back), the creditor's MA
+time, and a no-op actor-to-actor call (bare, and with one layer's payload) to compare with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from infinite_llm.attention.dist import ShardWork
+from infinite_llm.bench.common import emit, format_table, machine_info
+from infinite_llm.config import CacheConfig, EngineConfig
+from infinite_llm.llm_engine import LLMEngine
+from infinite_llm.model.loader import LoadedModel, load_model
+from infinite_llm.sampling_params import SamplingParams
+from infinite_llm.scheduler.scheduler import SchedulerConfig
+
+HOME = 0
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.nbytes for t in tensors if t is not None)
+
+
+class _CountingExecutor:
+    """Wraps the in-process transport: payload bytes of every shard that leaves the home."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        results = self.inner.run(layer_idx, work)
+        for inst, w in work.items():
+            if inst != HOME:
+                self.bytes_sent += _nbytes(w.q, w.write_slots, w.k, w.v)
+        for inst, (out, lse) in results.items():
+            if inst != HOME:
+                self.bytes_received += _nbytes(out, lse)
+        return results
+
+
+def _engine(args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int,
+            num_blocks: int) -> LLMEngine:
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, num_instances=num_instances, backend=backend,
+        attention_impl=args.attention_impl,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=num_blocks, lending_cap=1.0),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.batch * args.context, max_num_seqs=args.batch),
+    )
+    engine = LLMEngine(config, loaded, progress=False)
+    engine.cluster.defrag_interval_steps = 10**9  # type: ignore[attr-defined]
+    return engine
+
+
+def _ms(values: list[float], q: float = 50) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1e3
+
+
+class _Run:
+    """One configuration: an engine whose batch, all homed on instance 0, is spread over N pools."""
+
+    def __init__(self, args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int) -> None:
+        blocks_per_request = -(-(args.context + args.warmup + args.steps + 2) // args.block_size)
+        self.num_blocks = math.ceil(args.batch * blocks_per_request / num_instances)
+        self.backend, self.num_instances, self.num_layers = backend, num_instances, loaded.arch.num_layers
+        self.engine = _engine(args, loaded, backend, num_instances, self.num_blocks)
+        self.cluster: Any = self.engine.cluster
+        self.counter = None
+        if backend == "inprocess":
+            self.counter = _CountingExecutor(self.cluster.transport)
+            for inst in self.cluster.instances.values():
+                inst.runner.executor = self.counter
+        self.times: list[float] = []
+        self.tokens: dict[str, list[int]] = {}
+
+    def start(self, prompts: list[list[int]], max_tokens: int) -> None:
+        """Queue the batch and prefill it (one step: the token budget holds every prompt)."""
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        for prompt in prompts:
+            request = self.engine.make_request(prompt, params)
+            self.engine.add_request(request, home=HOME)
+            self.tokens[request.request_id] = []
+        while any(not t for t in self.tokens.values()):
+            self.step()
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        outs = self.engine.step()
+        elapsed = time.perf_counter() - start
+        for out in outs:
+            self.tokens[out.request_id] = out.outputs[0].token_ids
+        return elapsed
+
+    def _bytes(self, stats: dict[str, Any]) -> tuple[int, int]:
+        if self.counter is not None:
+            return self.counter.bytes_sent, self.counter.bytes_received
+        return stats["ray"]["bytes_sent"], stats["ray"]["bytes_received"]
+
+    def mark(self) -> None:
+        self.before = self.cluster.stats()
+        self.bytes_before = self._bytes(self.before)
+
+    def finish(self, steps: int) -> dict[str, Any]:
+        """Figures of the timed steps; then runs the batch to its end and checks every manager."""
+        after = self.cluster.stats()
+        (sent0, recv0), (sent1, recv1) = self.bytes_before, self._bytes(after)
+        while self.engine.has_unfinished_requests():
+            self.step()
+        self.engine.check_integrity()
+        row: dict[str, Any] = {
+            "backend": self.backend,
+            "instances": self.num_instances,
+            "blocks_per_pool": self.num_blocks,
+            "step_ms": statistics.median(self.times) * 1e3,
+            "step_ms_min": min(self.times) * 1e3,
+            "step_ms_max": max(self.times) * 1e3,
+            "bytes_out_per_step": (sent1 - sent0) / steps,
+            "bytes_back_per_step": (recv1 - recv0) / steps,
+            "remote_ma_per_step": (after["remote_ma_calls"] - self.before["remote_ma_calls"]) / steps,
+            "blocks_per_instance": [i["used"] + i["lent"] for i in self.before["instances"]],
+            "preemptions": sum(i["preemptions"] for i in after["instances"]),
+            "false_replies": after["false_replies"],
+            "tokens": list(self.tokens.values()),
+        }
+        if self.backend == "ray":
+            row.update(_ray_figures(self.cluster, self.num_layers, steps, row["bytes_out_per_step"]))
+        return row
+
+
+def measure(args: argparse.Namespace, loaded: LoadedModel, backend: str, instances: list[int],
+            prompts: list[list[int]], bar: tqdm) -> list[dict[str, Any]]:
+    """These instance counts of one backend at once, their timed steps interleaved (round robin,
+    rotating who goes first) so that a noisy machine slows them all alike."""
+    runs: list[_Run] = []
+    try:
+        for n in instances:
+            runs.append(_Run(args, loaded, backend, n))
+            bar.update(1)
+        for run in runs:
+            run.start(prompts, args.warmup + args.steps + 2)  # one step after the timed ones ends it
+            for _ in range(args.warmup):
+                run.step()
+            run.mark()
+            bar.update(1)
+        for i in range(args.steps):
+            for j in range(len(runs)):
+                run = runs[(i + j) % len(runs)]
+                run.times.append(run.step())
+        rows = [run.finish(args.steps) for run in runs]
+        bar.update(len(runs))
+        return rows
+    finally:
+        for run in runs:
+            run.engine.shutdown()
+
+
+def _ray_figures(cluster: Any, num_layers: int, steps: int, bytes_out_per_step: float) -> dict[str, Any]:
+    """Per-layer figures of the measured steps (the last ones each actor recorded)."""
+    snaps = cluster.snapshots()
+    calls = steps * num_layers
+    home = next(s for s in snaps if s.instance_id == HOME)
+    # One sample per layer and step; the closing step (one per layer) came after the timed ones.
+    window = slice(-(calls + num_layers), -num_layers)
+    round_trips = home.layer_round_trip_s[window]
+    waits = home.layer_remote_wait_s[window]
+    serve = [x for s in snaps if s.instance_id != HOME for x in s.shard_serve_s[window]]
+    figures: dict[str, Any] = {
+        "layer_round_trip_ms": _ms(round_trips),
+        "layer_remote_wait_ms": _ms(waits),
+        "creditor_ma_ms": _ms(serve),
+    }
+    if len(snaps) > 1:
+        num_creditors = len(snaps) - 1
+        payload = int(bytes_out_per_step / max(1, num_layers * num_creditors))
+        probe = cluster.probe(num_calls=200, payload_bytes=payload)
+        figures.update({"noop_call_ms": probe["noop_s"] * 1e3, "payload_call_ms": probe["payload_s"] * 1e3,
+                        "layer_payload_bytes": payload})
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infinite-llm bench distributed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--backends", nargs="+", default=["inprocess", "ray"], choices=["inprocess", "ray"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="decode steps before timing")
+    parser.add_argument("--attention-impl", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of this process (Ray actors use at most as many each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, args.dtype, progress=False)
+    rng = random.Random(args.seed)
+    vocab = loaded.arch.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(args.context)] for _ in range(args.batch)]
+    bar = tqdm(total=3 * len(args.backends) * len(args.instances), desc="bench distributed", unit="stage")
+    rows = []
+    for backend in args.backends:
+        # In-process configurations are timed together; Ray ones one cluster at a time (idle
+        # actors of other clusters would load the machine: heartbeats, the object store).
+        groups = [[n] for n in sorted(args.instances)] if backend == "ray" else [sorted(args.instances)]
+        for group in groups:
+            rows += measure(args, loaded, backend, group, prompts, bar)
+    bar.close()
+
+    local = {r["backend"]: r for r in rows if r["instances"] == 1}
+    reference = local.get("inprocess") or rows[0]
+    for r in rows:
+        own = local.get(r["backend"])
+        r["vs_local_x"] = r["step_ms"] / own["step_ms"] if own else None
+        r["vs_inprocess_local_x"] = r["step_ms"] / reference["step_ms"] if reference["instances"] == 1 else None
+        r["same_tokens"] = r["tokens"] == reference["tokens"]
+    results = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
+    result = {
+        "bench": "distributed",
+        "model": args.model,
+        "dtype": args.dtype,
+        "workload": {"batch": args.batch, "context": args.context, "block_size": args.block_size,
+                     "steps": args.steps, "warmup": args.warmup},
+        "machine": machine_info(),  # threads: this process's torch threads
+        "target_inprocess_vs_local_x": 1.15,
+        "results": results,
+    }
+    columns = ["backend", "instances", "step_ms", "step_ms_min", "step_ms_max", "vs_local_x", "vs_inprocess_local_x",
+               "remote_ma_per_step", "bytes_out_per_step", "bytes_back_per_step", "same_tokens"]
+    table = format_table(results, columns, f"bench distributed ({args.model}, batch {args.batch}, "
+                                           f"context {args.context}, median of {args.steps} decode steps)")
+    ray_rows = [r for r in results if r["backend"] == "ray" and r["instances"] > 1]
+    if ray_rows:
+        table += "\n\n" + format_table(ray_rows, ["instances", "layer_round_trip_ms", "layer_remote_wait_ms",
+                                                  "creditor_ma_ms", "noop_call_ms", "payload_call_ms",
+                                                  "layer_payload_bytes"], "ray: per layer, one creditor call")
+    emit(result, table, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

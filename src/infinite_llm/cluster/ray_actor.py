@@ -1,0 +1,313 @@
+"""``InstanceActor``: one instance in its own Ray worker process; ``GManagerActor``: the gManager.
+
+``RayCluster`` wraps it with ``ray.remote(max_concurrency=...)``: a threaded actor, so while its
+step thread runs the model (and waits on its creditors), other threads serve its peers:
+
+    step thread        driver --step--> schedule, forward (per layer: run_shard on creditors),
+                                        sample; borrowing: recommend -> gManager, lend -> peers
+    peer threads       peers  --run_shard/lend/reclaim--> this pool and RManager
+    heartbeat thread   every ``heartbeat_interval_s``: Heartbeat --> gManager (fire and forget)
+
+Thread safety: ``_lock`` serializes everything that touches this instance's own requests and
+block tables (step, add/abort/finish, relocate, drop/adopt, snapshots); the driver never calls
+those while a step runs, so it only guards against mistakes. Peer calls never take it: the
+RManager has its own lock, and the pool slots a creditor writes for a debtor are blocks it
+lent, disjoint from the blocks its own step reads and writes. A step waits on peers but no
+peer call waits on anything, so mutual borrowing (A from B, B from A) cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
+from infinite_llm.cluster.ray_transport import (
+    Packed,
+    PeerUnreachable,
+    RayTransport,
+    RemoteGManager,
+    SampleRecorder,
+    ShardMessage,
+    ShardReceiver,
+    pack,
+    unpack,
+)
+from infinite_llm.config import EngineConfig
+from infinite_llm.engine.events import StepEvent
+from infinite_llm.engine.instance import Instance
+from infinite_llm.engine.model_runner import ModelRunner
+from infinite_llm.kvcache.borrow import Borrower
+from infinite_llm.kvcache.gmanager import GManager
+from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
+from infinite_llm.kvcache.metrics import BorrowStats
+from infinite_llm.kvcache.migration import Relocation
+from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.model.llama import LlamaForCausalLM
+from infinite_llm.model.loader import model_dir_for, parse_dtype
+from infinite_llm.model.loader.hf_loader import iter_safetensors, read_hf_arch
+from infinite_llm.model.registry import resolve_model
+from infinite_llm.scheduler.request import Request, RequestStatus
+from infinite_llm.scheduler.scheduler import Scheduler
+
+# The RManager calls a remote defragmentation executor may make (see ``RemoteRManager``).
+RMANAGER_CALLS = frozenset(
+    {"allocate", "reclaim", "repossess", "record_returned", "lent_refs", "borrowed_refs", "has_borrowed"}
+)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What every instance actor is built from (the same for all; each gets its own id)."""
+
+    config: EngineConfig
+    num_blocks: int
+    lending_cap: float
+    borrowing: bool
+    num_threads: int  # torch intra-op threads of the actor
+    heartbeat_interval_s: float = 0.05  # a beat costs two processes some Python: keep them few
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """One actor's step: its events, plus the peers (and gManager) it found unreachable."""
+
+    events: list[StepEvent]
+    unreachable: list[int]
+    gmanager_unreachable: bool = False
+
+
+def load_weights(config: EngineConfig) -> LlamaForCausalLM:
+    """``load_model`` without the tokenizer: an actor never sees text, and the tokenizer's
+    transformers import is a third of an actor's start-up (torch's own import is the rest)."""
+    model_dir = model_dir_for(resolve_model(config.model), progress=False)
+    dtype, device = parse_dtype(config.dtype), torch.device(config.device)
+    net = LlamaForCausalLM(read_hf_arch(model_dir), dtype, device)
+    net.load_weights((name, t.to(device=device, dtype=dtype)) for name, t in iter_safetensors(model_dir, False))
+    return net.eval()
+
+
+class InstanceActor:
+    """One instance as a threaded Ray actor: its own requests for the driver, its pool and
+    RManager for its debtors (see the module docstring for the threads)."""
+
+    def __init__(self, instance_id: int, spec: InstanceSpec) -> None:
+        logging.getLogger("infinite_llm").setLevel(logging.WARNING)
+        torch.set_num_threads(spec.num_threads)
+        config = spec.config
+        model = load_weights(config)
+        arch = model.arch
+        block_size = config.cache.block_size
+        pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks, block_size,
+                      parse_dtype(config.dtype), torch.device(config.device))
+        rmanager = RManager(instance_id, spec.num_blocks, lending_cap=spec.lending_cap)
+        self.transport = RayTransport(instance_id, pool, config.attention_impl)
+        self.gmanager = RemoteGManager(refresh=self.transport.peer_heartbeats,
+                                       refresh_interval_s=spec.heartbeat_interval_s)
+        self.borrow_stats = BorrowStats(latency=SampleRecorder())
+        allocator = (
+            Borrower(rmanager, self.gmanager, self.transport.lend, self.transport.release, stats=self.borrow_stats)
+            if spec.borrowing else rmanager
+        )
+        scheduler = Scheduler(config.scheduler, block_size, allocator)
+        runner = ModelRunner(model, block_size, self.transport, seed=config.seed + instance_id)
+        self.instance = Instance(instance_id, runner, pool, rmanager, scheduler, config.attention_impl)
+        self.instance_id = instance_id
+        self.shard_serve = SampleRecorder()
+        self.receiver = ShardReceiver(block_size)
+        self._lock = threading.Lock()
+        self._heartbeat_interval_s = spec.heartbeat_interval_s
+        self._heartbeats: threading.Thread | None = None
+
+    def connect(self, peers: Mapping[int, Any], gmanager: Any) -> Heartbeat:
+        """Learn the peers and the gManager, start heartbeats; returns a first heartbeat."""
+        self.transport.set_peers(peers)
+        self.gmanager.handle = gmanager
+        if self._heartbeats is None:
+            self._heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+            self._heartbeats.start()
+        return self.instance.heartbeat()
+
+    def set_gmanager(self, gmanager: Any) -> None:
+        self.gmanager.handle = gmanager
+        self.gmanager.unreachable = False
+
+    def ping(self) -> int:
+        return self.instance_id
+
+    def _heartbeat_loop(self) -> None:
+        while True:  # until the actor's process ends
+            time.sleep(self._heartbeat_interval_s)
+            try:
+                self.gmanager.send_heartbeat(self.instance.heartbeat())
+            except Exception:  # the gManager is restarting: the next beat goes to the new one
+                logging.getLogger(__name__).debug("heartbeat not sent", exc_info=True)
+
+    # -- own requests (driver) ----------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        with self._lock:
+            self.instance.add_request(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        with self._lock:
+            return self.instance.abort_request(request_id)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        with self._lock:
+            self.instance.finish_request(request_id, status)
+
+    def step(self) -> StepReply:
+        """One step; a step that met a dead creditor is abandoned whole (retried next time)."""
+        with self._lock:
+            try:
+                events = self.instance.step()
+            except PeerUnreachable:
+                events = []
+        gm_down, self.gmanager.unreachable = self.gmanager.unreachable, False
+        return StepReply(events, self.transport.take_unreachable(), gm_down)
+
+    # -- creditor side (peers) ----------------------------------------------------------------
+    def lend(self, request: LendRequest) -> LendReply:
+        return self.instance.lend(request)
+
+    def reclaim(self, release: Release) -> None:
+        self.instance.reclaim(release)
+
+    def run_shard(self, layer_idx: int, message: ShardMessage) -> tuple[Packed, Packed] | None:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = self.instance.run_shard(layer_idx, self.receiver.work(message))
+        self.shard_serve.record(time.perf_counter() - start)
+        if result is None:
+            return None
+        out, lse = pack(result[0]), pack(result[1])
+        assert out is not None and lse is not None
+        return out, lse
+
+    def noop(self, payload: Any = None) -> None:
+        """For latency probes: the cost of one actor call, with or without a payload."""
+
+    def probe_peer(self, peer_id: int, num_calls: int, payload_bytes: int) -> dict[str, float]:
+        """Median seconds of a no-op call to a peer, bare and with a ``payload_bytes`` array."""
+        peer = self.transport.peer(peer_id)
+        payload = np.zeros(max(1, payload_bytes // 4), dtype=np.float32)
+        out: dict[str, float] = {}
+        for name, args in (("noop_s", ()), ("payload_s", (payload,))):
+            ray.get(peer.noop.remote(*args))
+            times = []
+            for _ in range(num_calls):
+                start = time.perf_counter()
+                ray.get(peer.noop.remote(*args))
+                times.append(time.perf_counter() - start)
+            out[name] = float(np.median(times))
+        return out
+
+    # -- cluster housekeeping (driver, between steps) -----------------------------------------
+    def heartbeat(self) -> Heartbeat:
+        return self.instance.heartbeat()
+
+    def rmanager_call(self, method: str, *args: Any) -> Any:
+        """One RManager call of a defragmentation plan (the manager takes its own lock)."""
+        if method not in RMANAGER_CALLS:
+            raise ValueError(f"RManager.{method} is not callable remotely")
+        return getattr(self.instance.rmanager, method)(*args)
+
+    def read_blocks(self, block_ids: list[int]) -> tuple[Packed, Packed]:
+        k, v = self.instance.read_blocks(block_ids)
+        pk, pv = pack(k), pack(v)
+        assert pk is not None and pv is not None
+        return pk, pv
+
+    def write_blocks(self, block_ids: list[int], k: Packed, v: Packed) -> None:
+        tk, tv = unpack(k), unpack(v)
+        assert tk is not None and tv is not None
+        self.instance.write_blocks(block_ids, tk, tv)
+
+    def relocate(self, relocations: list[Relocation]) -> int:
+        with self._lock:
+            return self.instance.relocate(relocations)
+
+    def drop_instance(self, dead_id: int) -> list[str]:
+        """A peer died: stop calling it, free what it borrowed, recompute what lived there."""
+        self.transport.forget_peer(dead_id)
+        self.receiver.forget(dead_id)
+        with self._lock:
+            return self.instance.drop_instance(dead_id)
+
+    def adopt_request(self, request: Request) -> None:
+        with self._lock:
+            self.instance.adopt_request(request)
+
+    def snapshot(self, check: bool = False) -> InstanceSnapshot:
+        """Counts, block tables and counters; ``check`` first runs the RManager's own checks."""
+        with self._lock:
+            inst = self.instance
+            rm, sched = inst.rmanager, inst.scheduler
+            if check:
+                rm.check_integrity()
+            borrow = self.borrow_stats.as_dict()
+            borrow.pop("latency", None)
+            latency = self.borrow_stats.latency
+            assert isinstance(latency, SampleRecorder)
+            return InstanceSnapshot(
+                instance_id=self.instance_id,
+                num_blocks=rm.num_blocks,
+                num_free=rm.num_free_blocks,
+                num_used=rm.num_used_blocks,
+                num_lent=rm.num_lent_blocks,
+                num_borrowed=rm.num_borrowed_blocks,
+                num_running=sched.num_running,
+                num_waiting=sched.num_waiting,
+                num_preemptions=sched.num_preemptions,
+                block_owners=rm.block_owners(),
+                lent_counts=rm.lent_counts(),
+                block_tables={rid: req.block_table.refs() for rid, req in sched.requests.items()},
+                borrow=borrow,
+                borrow_latency_s=latency.values(),
+                transport=self.transport.counters() | {"view_refreshes": self.gmanager.num_refreshes},
+                layer_round_trip_s=self.transport.layer_round_trip.values(),
+                layer_remote_wait_s=self.transport.layer_remote_wait.values(),
+                shard_serve_s=self.shard_serve.values(),
+            )
+
+
+class GManagerActor(GManager):
+    """The gManager in its own actor. Heartbeats are fire and forget, so one sent before an
+    instance was failed can arrive after ``forget_instance``: whatever it says about a forgotten
+    instance is dropped (else a dead creditor's debt would come back into the ledger for good)."""
+
+    def __init__(self, forgotten: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self._forgotten = set(forgotten)
+
+    def forget_instance(self, instance_id: int) -> None:
+        self._forgotten.add(instance_id)
+        super().forget_instance(instance_id)
+
+    def on_heartbeat(self, hb: Heartbeat) -> None:
+        clean = self._clean(hb)
+        if clean is not None:
+            super().on_heartbeat(clean)
+
+    def rebuild(self, heartbeats: Iterable[Heartbeat]) -> None:
+        super().rebuild(c for c in map(self._clean, heartbeats) if c is not None)
+
+    def _clean(self, hb: Heartbeat) -> Heartbeat | None:
+        dead = self._forgotten
+        if hb.instance_id in dead:
+            return None
+        if dead & (hb.lent_to.keys() | hb.borrowed_from.keys()):
+            hb = dataclasses.replace(
+                hb, lent_to={i: n for i, n in hb.lent_to.items() if i not in dead},
+                borrowed_from={i: n for i, n in hb.borrowed_from.items() if i not in dead})
+        return hb

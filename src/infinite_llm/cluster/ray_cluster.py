@@ -1,0 +1,370 @@
+"""``RayCluster``: one Ray actor per instance plus one for the gManager, driven from this process.
+
+Where each message goes::
+
+    driver --add/abort/finish/adopt--> home actor            (routed by the gManager's free view)
+    driver --step (all at once)------> every actor --> StepReply(events, unreachable peers)
+    actor  --run_shard(layer)--------> each creditor actor   (queries + new K,V out; out, lse back)
+    actor  --recommend/record_*------> gManager actor        (borrowing; waits for the answer)
+    actor  --lend/reclaim------------> creditor actor
+    actor  --Heartbeat (timer)-------> gManager actor        (fire and forget, ordered by seq)
+    driver --plan, rmanager calls, read/write_blocks, relocate--> actors   (defragmentation)
+
+Control calls the driver makes between steps are collected and awaited before the next step
+(a threaded actor does not promise to run calls in the order they were sent). Every
+``defrag_interval_steps`` steps the driver runs the gManager's plan live: the plan's
+bookkeeping goes through ``RemoteRManager`` proxies (``kvcache.migration.execute_plan``
+unchanged), then rBlock data is read from every source, written to every destination and
+block tables switched; the old copy is freed by the plan itself (reclaim or repossess).
+
+Faults: an instance actor that dies is found by the next call to it (its step, a peer's MA,
+lend or release), confirmed with a ping, then failed like ``InProcessCluster.fail_instance``:
+the gManager forgets it, survivors drop what they lent to it and recompute requests that had
+rBlocks on it, and the requests homed on it are rebuilt here from what the driver kept
+(prompt, outputs seen in events, sampling parameters, arrival) and re-homed. A seeded random
+sampler of a re-homed request restarts from its seed (its generator died with the actor);
+greedy requests finish with the same tokens. ``restart_gmanager`` replaces the gManager actor
+and rebuilds its ledger from one round of heartbeats (a dead gManager found during a step is
+restarted the same way).
+
+Local clusters inline actor-call payloads up to ``INLINE_BYTES`` (no object-store round trip
+for one layer's queries or partial outputs); a joined cluster keeps its own setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
+from infinite_llm.cluster.ray_actor import GManagerActor, InstanceActor, InstanceSpec
+from infinite_llm.cluster.ray_snapshot import InstanceSnapshot, check_snapshots, merged_stats
+from infinite_llm.cluster.ray_transport import RemoteLedgerSink, RemoteRManager
+from infinite_llm.cluster.router import Router
+from infinite_llm.config import EngineConfig
+from infinite_llm.engine.events import StepEvent
+from infinite_llm.kvcache.block import BlockTable
+from infinite_llm.kvcache.migration import execute_plan
+from infinite_llm.model.loader import LoadedModel
+from infinite_llm.scheduler.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+INLINE_BYTES = 8 << 20
+PING_TIMEOUT_S = 10.0
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join ``address`` or start a local Ray cluster; False (nothing done) if Ray is up already."""
+    if ray.is_initialized():
+        return False
+    quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                             "ignore_reinit_error": True}
+    if address is not None:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **quiet, _system_config={
+            "max_direct_call_object_size": INLINE_BYTES, "task_rpc_inlined_bytes_limit": 4 * INLINE_BYTES})
+    return True
+
+
+@dataclass
+class _Record:
+    """What the driver keeps of a live request to rebuild it if its home dies."""
+
+    request: Request  # as submitted (a copy: the live one is in the home actor)
+    home: int
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    num_preemptions: int = 0
+
+    def rebuild(self) -> Request:
+        return dataclasses.replace(self.request, output_token_ids=list(self.output_token_ids),
+                                   num_preemptions=self.num_preemptions, block_table=BlockTable(),
+                                   num_computed_tokens=0, status=RequestStatus.WAITING, generator=None)
+
+
+class RayCluster(Cluster):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        cache = config.cache
+        self.block_size = cache.block_size
+        self.num_blocks_per_instance = resolve_num_blocks(config, loaded.arch)
+        self.borrowing = cache.enable_borrowing and config.num_instances > 1
+        lending_cap = cache.lending_cap if self.borrowing else 0.0
+        self._max_blocks = max_request_blocks(self.num_blocks_per_instance, config.num_instances, lending_cap,
+                                              self.borrowing)
+        cpus = os.cpu_count() or 1
+        self._started_ray = init_ray(config.ray_address, max(cpus, config.num_instances + 1))
+        local = config.ray_address is None
+        self.max_concurrency = 8 + config.num_instances  # a step, every peer's MA, lends, probes
+        # This machine's cores shared by its actors, at most as many threads each as the driver
+        # uses (what an in-process cluster would use for all of its instances).
+        threads = max(1, min(torch.get_num_threads(), cpus // config.num_instances)) if local else 1
+        spec = InstanceSpec(config, self.num_blocks_per_instance, lending_cap, self.borrowing, threads)
+        actor_class = ray.remote(InstanceActor).options(
+            max_concurrency=self.max_concurrency, num_cpus=0 if local else 1, max_restarts=0,
+            scheduling_strategy="SPREAD")
+        self._actors: dict[int, Any] = {}
+        self._gmanager: Any = None
+        try:
+            self._gmanager = self._new_gmanager()
+            self._actors = {i: actor_class.remote(i, spec) for i in range(config.num_instances)}
+            ray.get([a.connect.remote(self._actors, self._gmanager) for a in self._actors.values()])
+        except BaseException:
+            self.shutdown()
+            raise
+        self.router = Router(self.block_size)
+        self._records: dict[str, _Record] = {}
+        self._pending: list[Any] = []  # control calls sent since the last step
+        self._num_steps = 0
+        self.num_migrated_blocks = 0
+        self.num_defrag_runs = 0
+        self.num_failed_instances = 0
+        self.num_gmanager_restarts = 0
+        self.defrag_interval_steps = 8
+        self.send_heartbeats()
+
+    def _new_gmanager(self) -> Any:
+        forgotten = frozenset(range(self.config.num_instances)) - set(self._actors) if self._actors else frozenset()
+        return ray.remote(GManagerActor).options(max_concurrency=8, num_cpus=0, max_restarts=0).remote(forgotten)
+
+    # -- contract ---------------------------------------------------------------------------
+    @property
+    def max_request_tokens(self) -> int:
+        return self._max_blocks * self.block_size
+
+    @property
+    def instance_ids(self) -> list[int]:
+        return sorted(self._actors)
+
+    def add_request(self, request: Request, home: int | None = None) -> int:
+        if home is None:
+            home = self._route(request.num_tokens)
+        elif home not in self._actors:
+            raise ValueError(f"no live instance {home}")
+        copy = dataclasses.replace(request, block_table=BlockTable(), output_token_ids=list(request.output_token_ids))
+        self._records[request.request_id] = _Record(copy, home, list(request.output_token_ids),
+                                                    request.num_preemptions)
+        self._pending.append(self._actors[home].add_request.remote(request))
+        return home
+
+    def abort_request(self, request_id: str) -> None:
+        self._end(request_id, "abort_request")
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        self._end(request_id, "finish_request", status)
+
+    def _end(self, request_id: str, method: str, *args: Any) -> None:
+        record = self._records.pop(request_id, None)
+        if record is not None and record.home in self._actors:
+            self._flush()  # it may not have reached its home yet
+            self._pending.append(getattr(self._actors[record.home], method).remote(request_id, *args))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._records)
+
+    def step(self) -> list[StepEvent]:
+        self._flush()
+        refs = {i: a.step.remote() for i, a in self._actors.items()}
+        events: list[StepEvent] = []
+        dead: set[int] = set()
+        suspects: set[int] = set()
+        gmanager_down = False
+        for i, ref in refs.items():
+            try:
+                reply = ray.get(ref)
+            except RayActorError:
+                dead.add(i)
+                continue
+            events.extend(reply.events)
+            suspects.update(reply.unreachable)
+            gmanager_down |= reply.gmanager_unreachable
+        dead |= {i for i in suspects - dead if i in self._actors and not self._alive(self._actors[i], "ping")}
+        self._track(events)
+        if dead >= set(self._actors):
+            raise RuntimeError(f"every instance actor died ({sorted(dead)})")
+        for i in sorted(dead):
+            self.fail_instance(i)
+        if gmanager_down and not self._alive(self._gmanager, "instance_ids"):
+            self.restart_gmanager()
+        for i in self._actors:
+            self.router.on_heartbeat(i)  # heartbeats went out meanwhile; forget routed promises
+        self._num_steps += 1
+        if self.borrowing and self._num_steps % self.defrag_interval_steps == 0:
+            self.defragment()
+        return events
+
+    def _track(self, events: list[StepEvent]) -> None:
+        for event in events:
+            record = self._records.get(event.request_id)
+            if record is None:
+                continue
+            if event.sampled is not None:
+                record.output_token_ids.append(event.sampled.token_id)
+            record.num_preemptions = event.num_preemptions
+            if event.finish_reason is not None:
+                del self._records[event.request_id]
+
+    def _route(self, num_tokens: int) -> int:
+        free = ray.get(self._gmanager.free_blocks.remote())
+        num_requests = dict.fromkeys(self._actors, 0)
+        for record in self._records.values():
+            num_requests[record.home] = num_requests.get(record.home, 0) + 1
+        return self.router.pick(sorted(self._actors), free, num_requests, num_tokens)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for ref in pending:
+            with contextlib.suppress(RayActorError):  # a dead home: the next step re-homes its requests
+                ray.get(ref)
+
+    def _alive(self, actor: Any, method: str) -> bool:
+        """Whether ``actor`` answers a cheap ``method`` call (a slow answer counts as alive)."""
+        try:
+            ray.get(getattr(actor, method).remote(), timeout=PING_TIMEOUT_S)
+        except RayActorError:
+            return False
+        except GetTimeoutError:
+            logger.warning("an actor did not answer a ping within %.0fs; taken as alive", PING_TIMEOUT_S)
+        return True
+
+    def _gather(self, method: str, *args: Any) -> dict[int, Any]:
+        """Call every live instance actor at once; fail the ones found dead and call again."""
+        while True:
+            self._flush()
+            refs = {i: getattr(a, method).remote(*args) for i, a in self._actors.items()}
+            out, dead = {}, []
+            for i, ref in refs.items():
+                try:
+                    out[i] = ray.get(ref)
+                except RayActorError:
+                    dead.append(i)
+            if not dead:
+                return out
+            for i in dead:
+                self.fail_instance(i)
+
+    # -- heartbeats, defragmentation, failures ----------------------------------------------
+    def send_heartbeats(self) -> None:
+        """One round now, awaited: the gManager's view equals every rManager afterwards."""
+        heartbeats = self._gather("heartbeat")
+        ray.get([self._gmanager.on_heartbeat.remote(hb) for hb in heartbeats.values()])
+        for i in heartbeats:
+            self.router.on_heartbeat(i)
+
+    def defragment(self, with_repatriation: bool = True) -> int:
+        """Run the gManager's plan now, between steps; returns how many rBlocks moved."""
+        self.send_heartbeats()
+        plan = ray.get(self._gmanager.plan_defragmentation.remote(with_repatriation=with_repatriation))
+        if plan.is_empty:
+            return 0
+        managers = {i: RemoteRManager(a) for i, a in self._actors.items()}
+        try:
+            relocations = execute_plan(managers, plan, gmanager=RemoteLedgerSink(self._gmanager))  # type: ignore[arg-type]
+        except ValueError as exc:  # the ledger was stale: try again after the next heartbeats
+            logger.debug("defragmentation skipped: %s", exc)
+            return 0
+        if not relocations:
+            return 0
+        # One cycle swap's moves form a ring: read every source before writing any target.
+        sources = sorted({r.old.instance_id for r in relocations})
+        moves = {s: [r for r in relocations if r.old.instance_id == s] for s in sources}
+        data = ray.get([self._actors[s].read_blocks.remote([r.old.block_id for r in moves[s]]) for s in sources])
+        writes = []
+        for src, (k, v) in zip(sources, data):
+            for dst in sorted({r.new.instance_id for r in moves[src]}):
+                index = [j for j, r in enumerate(moves[src]) if r.new.instance_id == dst]
+                writes.append(self._actors[dst].write_blocks.remote(
+                    [moves[src][j].new.block_id for j in index], (k[0][:, :, index], k[1]),
+                    (v[0][:, :, index], v[1])))
+        ray.get(writes)
+        moved = sum(self._gather("relocate", relocations).values())
+        assert moved == len(relocations), f"moved {moved} block-table entries for {len(relocations)} rBlocks"
+        self.num_migrated_blocks += moved
+        self.num_defrag_runs += 1
+        self.send_heartbeats()
+        return moved
+
+    def fail_instance(self, instance_id: int) -> list[str]:
+        """Lose an instance actor (killed here if still alive). Requests with rBlocks there
+        restart from their tokens on the survivors; its own are rebuilt and re-homed."""
+        if instance_id not in self._actors:
+            raise ValueError(f"no live instance {instance_id}")
+        if len(self._actors) == 1:
+            raise RuntimeError("cannot fail the last instance")
+        actor = self._actors.pop(instance_id)
+        ray.kill(actor, no_restart=True)
+        self.num_failed_instances += 1
+        ray.get(self._gmanager.forget_instance.remote(instance_id))
+        affected = [rid for lost in self._gather("drop_instance", instance_id).values() for rid in lost]
+        orphans = sorted((r for r in self._records.values() if r.home == instance_id),
+                         key=lambda r: r.request.arrival_time)
+        self.send_heartbeats()
+        for record in orphans:
+            record.home = self._route(record.request.num_prompt_tokens + len(record.output_token_ids))
+            self._pending.append(self._actors[record.home].adopt_request.remote(record.rebuild()))
+            affected.append(record.request.request_id)
+        self._flush()
+        return affected
+
+    def kill_instance(self, instance_id: int) -> None:
+        """Kill an instance actor without telling anyone (a crash): the next step finds out."""
+        ray.kill(self._actors[instance_id], no_restart=True)
+
+    def restart_gmanager(self) -> None:
+        """Replace the gManager actor; its ledger is rebuilt from one round of heartbeats."""
+        ray.kill(self._gmanager, no_restart=True)
+        self._gmanager = self._new_gmanager()
+        self._gather("set_gmanager", self._gmanager)
+        heartbeats = self._gather("heartbeat")
+        ray.get(self._gmanager.rebuild.remote(list(heartbeats.values())))
+        self.num_gmanager_restarts += 1
+
+    def probe(self, num_calls: int = 100, payload_bytes: int = 0) -> dict[str, float]:
+        """Actor-to-actor call latency (instance 0 -> 1): median s, bare and with a payload."""
+        first, second = self.instance_ids[:2]
+        return ray.get(self._actors[first].probe_peer.remote(second, num_calls, payload_bytes))
+
+    # -- introspection ----------------------------------------------------------------------
+    def snapshots(self, check: bool = False) -> list[InstanceSnapshot]:
+        return [s for _, s in sorted(self._gather("snapshot", check).items())]
+
+    def stats(self) -> dict[str, Any]:
+        edges = ray.get(self._gmanager.edges.remote())
+        g = ray.get(self._gmanager.stats.remote())
+        out = merged_stats(self.snapshots(), edges, g.num_queries, self.borrowing, self.block_size)
+        out.update({
+            "migrated_blocks": self.num_migrated_blocks,
+            "defrag_runs": self.num_defrag_runs,
+            "failed_instances": self.num_failed_instances,
+        })
+        out["ray"]["gmanager_restarts"] = self.num_gmanager_restarts
+        out["ray"]["max_concurrency"] = self.max_concurrency
+        return out
+
+    def check_integrity(self) -> None:
+        self.send_heartbeats()  # the ledger must equal reality after a heartbeat round
+        snaps = self.snapshots(check=True)
+        ray.get(self._gmanager.check_integrity.remote())
+        check_snapshots(snaps, ray.get(self._gmanager.edges.remote()))
+
+    def shutdown(self) -> None:
+        actors = [*self._actors.values(), self._gmanager]
+        self._actors, self._gmanager = {}, None
+        for actor in actors:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # already gone
+                    logger.debug("kill failed", exc_info=True)
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False

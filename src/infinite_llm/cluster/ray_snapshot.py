@@ -1,0 +1,132 @@
+"""Snapshots of Ray instance actors, and the cluster-wide stats and integrity checks over them.
+
+The driver gathers one ``InstanceSnapshot`` per actor between steps (nothing changes then) and
+checks the same invariants ``InProcessCluster.check_integrity`` checks on live objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.ledger import Edge
+from infinite_llm.kvcache.metrics import locality, percentile
+
+
+@dataclass(frozen=True)
+class InstanceSnapshot:
+    """One instance's memory, requests and counters at one moment, for stats and integrity."""
+
+    instance_id: int
+    num_blocks: int
+    num_free: int
+    num_used: int
+    num_lent: int
+    num_borrowed: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    block_owners: list[int | None]
+    lent_counts: dict[int, int]
+    block_tables: dict[str, list[BlockRef]]  # this instance's own requests
+    borrow: dict[str, Any]  # BorrowStats counters
+    borrow_latency_s: list[float]
+    transport: dict[str, int]
+    layer_round_trip_s: list[float]  # per layer with remote shards: issue -> all (out, lse) back
+    layer_remote_wait_s: list[float]  # ... of which spent waiting after the local share was done
+    shard_serve_s: list[float]  # time this instance spent serving its debtors' MAs
+
+
+def check_snapshots(snaps: Sequence[InstanceSnapshot], edges: Mapping[Edge, int]) -> None:
+    """Raise AssertionError unless block tables, managers and the ledger all agree."""
+    ids = {s.instance_id for s in snaps}
+    held: dict[int, list[int]] = {i: [] for i in ids}
+    borrowed = dict.fromkeys(ids, 0)
+    lent = dict.fromkeys(ids, 0)
+    for s in snaps:
+        i = s.instance_id
+        for refs in s.block_tables.values():
+            for ref in refs:
+                assert ref.instance_id in held, f"instance {i} holds an rBlock on dead instance {ref.instance_id}"
+                held[ref.instance_id].append(ref.block_id)
+                if ref.instance_id != i:
+                    borrowed[i] += 1
+                    lent[ref.instance_id] += 1
+    for s in snaps:
+        i, blocks = s.instance_id, held[s.instance_id]
+        assert len(blocks) == len(set(blocks)), f"instance {i}: an rBlock is held by two requests"
+        assert len(blocks) == s.num_used + s.num_lent, (
+            f"instance {i}: requests hold {len(blocks)} of its rBlocks, "
+            f"its manager counts {s.num_used} used + {s.num_lent} lent"
+        )
+        assert borrowed[i] == s.num_borrowed, (
+            f"instance {i}: requests hold {borrowed[i]} remote rBlocks, manager records {s.num_borrowed}"
+        )
+        assert lent[i] == s.num_lent, f"instance {i}: lent {s.num_lent}, in use remotely {lent[i]}"
+        assert s.num_free + s.num_used + s.num_lent == s.num_blocks, f"instance {i}: counts do not add up"
+    ledger = {pair: n for pair, n in edges.items() if n}
+    actual = {(d, s.instance_id): n for s in snaps for d, n in s.lent_counts.items() if n}
+    assert ledger == actual, f"ledger {ledger} != what creditors have lent {actual}"
+
+
+def _p(values: list[float], q: float) -> float:
+    return percentile(sorted(values), q)
+
+
+def merged_stats(
+    snaps: Sequence[InstanceSnapshot], edges: Mapping[Edge, int], gmanager_queries: int, borrowing: bool,
+    block_size: int,
+) -> dict[str, Any]:
+    """The keys of ``InProcessCluster.stats()`` (less the driver's own counters) plus ``ray``."""
+    tables = {rid: (s.instance_id, refs) for s in snaps for rid, refs in s.block_tables.items()}
+    loc = locality(tables)
+
+    def total(key: str) -> int:
+        return sum(int(s.borrow.get(key, 0)) for s in snaps)
+
+    borrow_latency = [x for s in snaps for x in s.borrow_latency_s]
+    round_trips = [x for s in snaps for x in s.layer_round_trip_s]
+    waits = [x for s in snaps for x in s.layer_remote_wait_s]
+    serve = [x for s in snaps for x in s.shard_serve_s]
+    return {
+        "instances": [
+            {
+                "instance_id": s.instance_id,
+                "num_blocks": s.num_blocks,
+                "free": s.num_free,
+                "used": s.num_used,
+                "lent": s.num_lent,
+                "borrowed": s.num_borrowed,
+                "running": s.num_running,
+                "waiting": s.num_waiting,
+                "preemptions": s.num_preemptions,
+                "block_owners": s.block_owners,
+            }
+            for s in snaps
+        ],
+        "ledger": [{"debtor": d, "creditor": c, "blocks": n} for (d, c), n in sorted(edges.items())],
+        "locality": {"mean": loc.mean, "overall": loc.overall, "num_local": loc.num_local_blocks,
+                     "num_blocks": loc.num_blocks},
+        "borrowing": borrowing,
+        "block_size": block_size,
+        "false_replies": total("num_false_replies"),
+        "borrows": total("num_borrows"),
+        "borrow_failures": total("num_failed"),
+        "blocks_borrowed": total("num_blocks_borrowed"),
+        "borrow_latency_p50_s": _p(borrow_latency, 50),
+        "borrow_latency_p99_s": _p(borrow_latency, 99),
+        "gmanager_queries": gmanager_queries,
+        "remote_ma_calls": sum(s.transport["shard_calls"] for s in snaps),
+        "ray": {
+            # recent samples only (each actor keeps its last 4096 of each figure)
+            "layer_round_trip_p50_s": _p(round_trips, 50),
+            "layer_round_trip_p99_s": _p(round_trips, 99),
+            "layer_remote_wait_p50_s": _p(waits, 50),
+            "shard_serve_p50_s": _p(serve, 50),
+            "bytes_sent": sum(s.transport["bytes_sent"] for s in snaps),
+            "bytes_received": sum(s.transport["bytes_received"] for s in snaps),
+            "gmanager_view_refreshes": sum(s.transport.get("view_refreshes", 0) for s in snaps),
+        },
+    }
