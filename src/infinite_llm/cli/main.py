@@ -1,4 +1,4 @@
-"""The ``infinite-llm`` command line: generate, serve, bench, export-hf."""
+"""The ``infinite-llm`` command line: generate, serve, bench, simulate, export-hf."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from infinite_llm.cli import bench, export, generate, serve
+from infinite_llm.cli import bench, export, generate, serve, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     export.add_parser(sub)
     serve.add_parser(sub)
+    simulate.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""The simulator: deterministic, loses nothing, refuses exactly what cannot fit, stays consistent."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import pytest
+
+from infinite_llm.sim.presets import PRESETS, Preset, Workload
+from infinite_llm.sim.simulator import simulate
+from infinite_llm.sim.sweep import capacity_probe, paper_sweep
+from infinite_llm.sim.trace import TraceRequest, generate_trace
+
+from .helpers import requests, small_config, unit_costs
+
+
+def random_requests(n: int, max_len: int, seed: int, rate: float = 50.0) -> list[TraceRequest]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        p = rng.randint(1, max_len - 1)
+        out.append(TraceRequest(i, t, p, rng.randint(1, min(12, max_len - p)), "rand"))
+    return out
+
+
+def outcome(result):
+    return [(r.home, r.refused, r.first_token_s, r.finish_s, r.num_preemptions) for r in result.records]
+
+
+@pytest.mark.parametrize("execution", ["parallel", "serial"])
+def test_same_seed_same_result(execution):
+    reqs = random_requests(40, 48, seed=1)
+    a = simulate(small_config(), unit_costs(), reqs, execution=execution)
+    b = simulate(small_config(), unit_costs(), reqs, execution=execution)
+    assert outcome(a) == outcome(b)
+    assert a.summary()["tokens_per_s"] == b.summary()["tokens_per_s"]
+    c = simulate(small_config(), unit_costs(), random_requests(40, 48, seed=2), execution=execution)
+    assert outcome(a) != outcome(c)
+
+
+@pytest.mark.parametrize("execution", ["parallel", "serial"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_borrowing_never_loses_a_request(execution, seed):
+    config = small_config(num_instances=3, num_blocks=12)  # 48 tokens a pool, 144 pooled
+    reqs = random_requests(30, 48, seed=seed, rate=200.0)  # far more than fits at once
+    result = simulate(config, unit_costs(), reqs, execution=execution, integrity_every=1)
+    summary = result.summary()
+    assert not result.livelock
+    assert summary["num_completed"] == len(reqs)
+    assert summary["num_refused"] == summary["num_unfinished"] == 0
+    assert result.all_free_after
+    assert summary["borrows"] > 0 and summary["kv_locality"] < 1.0
+    assert all(r.first_token_s is not None and r.finish_s >= r.first_token_s >= r.arrival_s for r in result.records)
+
+
+def test_baseline_refuses_what_one_instance_cannot_hold_ours_serves_pooled():
+    reqs = requests((40, 8), (50, 8), (120, 20), (150, 10), (20, 4))  # pools: 48 tokens, 144 pooled
+    base = simulate(small_config(borrowing=False), unit_costs(), reqs)
+    ours = simulate(small_config(borrowing=True), unit_costs(), reqs)
+    assert [r.refused for r in base.records] == [False, True, True, True, False]
+    assert [r.refused for r in ours.records] == [False, False, False, True, False]
+    assert ours.summary()["longest_context_served"] == 140
+    assert base.summary()["longest_context_served"] == 48
+    assert base.all_free_after and ours.all_free_after
+
+
+def small_preset(**workload) -> Preset:
+    return Preset("small", "test", "parallel", small_config(), (2, 3), Workload(**workload), linear=unit_costs())
+
+
+def test_capacity_probe_serves_the_pooled_memory():
+    preset = small_preset()
+    for n in (2, 3):
+        base, ours = capacity_probe(preset, n, False), capacity_probe(preset, n, True)
+        assert base["served_tokens"] == 48 and ours["served_tokens"] == 48 * n
+        assert base["one_more_refused"] and ours["one_more_refused"]
+        assert ours["all_free_after"]
+
+
+def test_paper_sweep_reports_ratios():
+    preset = small_preset(traces=("chat", "longtail"), requests_per_instance=6, rate_per_instance=20.0,
+                          scale=48 / 117_648, output_scale=0.02)
+    result = paper_sweep(preset, seeds=(0, 1), uncapped=("longtail",))
+    assert [row["instances"] for row in result["rows"]] == [2, 3]
+    for row in result["rows"]:
+        assert row["max_context_ratio"] == row["instances"]
+        assert set(row["throughput_ratio"]) == {"chat", "longtail", "longtail-uncapped"}
+        for comp in row["traces"].values():
+            assert len(comp["per_seed"]) == 2
+            assert comp["throughput_ratio_min"] <= comp["throughput_ratio"] <= comp["throughput_ratio_max"]
+            for seed_comp in comp["per_seed"]:
+                for run in seed_comp["runs"].values():
+                    assert run["num_completed"] + run["num_refused"] + run["num_unfinished"] == run["num_requests"]
+                    if not run["livelock"]:
+                        assert run["num_unfinished"] == 0 and run["all_free_after"]
+
+
+def test_defragmentation_restores_locality_in_serial_runs():
+    config = dataclasses.replace(small_config(num_instances=3, num_blocks=16), defrag_every_steps=2)
+    reqs = random_requests(40, 64, seed=5, rate=100.0)
+    result = simulate(config, unit_costs(), reqs, execution="serial", integrity_every=1)
+    assert result.summary()["migrated_blocks"] > 0
+    assert result.all_free_after
+
+
+def test_scales_to_a_million_token_context_quickly():
+    preset = PRESETS["paper-32xA100"]
+    start = time.perf_counter()
+    probe = capacity_probe(preset, 8, True)
+    assert probe["served_tokens"] == 8 * preset.pool_tokens > 900_000
+    assert probe["one_more_refused"] and probe["all_free_after"]
+    assert time.perf_counter() - start < 30
+
+
+def test_a100_presets_run_a_trace():
+    preset = PRESETS["a100-llama2-70b"]
+    trace = generate_trace("longtail", 16, 8.0, seed=0, max_context=preset.pool_tokens)
+    for borrowing in (False, True):
+        s = simulate(preset.cluster_config(2, borrowing), preset.costs(), trace.requests).summary()
+        assert s["num_completed"] == 16 and s["tokens_per_s"] > 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known livelock of the engine's scheduling with borrowing (reproduced on the real in-process "
+    "cluster): three requests each larger than its home pool, all pools full at once; each instance "
+    "preempts its own request, the gManager hears of the freed pools only at the next heartbeat, and "
+    "each instance re-admits its request into its own freed pool. Remove this marker once fixed."))
+@pytest.mark.parametrize("execution", ["parallel", "serial"])
+def test_requests_larger_than_a_pool_at_once_finish(execution):
+    reqs = requests((60, 4), (60, 4), (60, 4), gap=0.0)  # 48-token pools, 144 pooled
+    result = simulate(small_config(), unit_costs(), reqs, execution=execution)
+    assert not result.livelock and result.summary()["num_completed"] == 3
+
+
+@pytest.mark.parametrize(("n", "blocks", "cap", "borrow"), [(1, 10, 1.0, True), (3, 12, 1.0, True), (4, 7, 0.5, True),
+                                                           (4, 7, 0.29, True), (5, 9, 1.0, False)])
+def test_capacity_rule_is_the_engines(n, blocks, cap, borrow):
+    from infinite_llm.cluster.base import max_request_blocks
+
+    config = dataclasses.replace(small_config(num_instances=n, num_blocks=blocks, borrowing=borrow), lending_cap=cap)
+    borrowing = borrow and n > 1
+    expected = max_request_blocks(blocks, n, cap if borrowing else 0.0, borrowing) * config.block_size
+    assert config.max_request_tokens == expected
+
+
+def test_sim_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, infinite_llm.sim, infinite_llm.sim.sweep, infinite_llm.sim.validate; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
