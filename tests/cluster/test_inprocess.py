@@ -57,6 +57,17 @@ def test_whole_cluster_full_preempts_and_finishes_exact() -> None:
     assert_all_free(engine)
 
 
+def test_every_home_outgrown_at_once_finishes_exact() -> None:
+    # Three requests, each bigger than its home pool, all prefilling at once: every pool fills
+    # in the same steps. Without cluster-wide order each instance preempted its own request
+    # and re-admitted it into the pool it had just freed, forever; now the youngest yields.
+    engine = make_engine(num_instances=3, num_blocks=12, block_size=8, budget=32)
+    prompts = random_prompts(3, (120, 120), 256, seed=23)  # 120 + 24 tokens > 96 per pool
+    got = run(engine, prompts, homes=[0, 1, 2], timeout_s=120)
+    assert got == expected(prompts)
+    assert_all_free(engine)
+
+
 def test_creditor_failure_mid_generation_keeps_output() -> None:
     engine = make_engine(num_instances=3, num_blocks=16, block_size=8, budget=48)
     prompts = random_prompts(2, (200, 200), 256, seed=23)

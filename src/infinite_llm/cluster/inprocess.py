@@ -23,14 +23,14 @@ from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
-from infinite_llm.kvcache.borrow import Borrower
+from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
 from infinite_llm.kvcache.metrics import BorrowStats, locality
 from infinite_llm.kvcache.migration import execute_plan
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.model.loader import LoadedModel, parse_dtype
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Scheduler
+from infinite_llm.scheduler.scheduler import Scheduler, grant_right_of_way
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,14 @@ class InProcessCluster(Cluster):
         self.borrow_stats = BorrowStats()
         arch, dtype, device = loaded.arch, parse_dtype(config.dtype), torch.device(config.device)
         self.instances: dict[int, Instance] = {}
+        # A failed borrow refreshes the gManager's view once a step (direct heartbeats, cheap here).
+        self._views = RefreshOnEmpty(self.gmanager, lambda: self.send_heartbeats(force=True))
         for i in range(config.num_instances):
             pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, self.num_blocks_per_instance,
                           self.block_size, dtype, device)
             rmanager = RManager(i, self.num_blocks_per_instance, lending_cap=lending_cap)
             allocator = (
-                Borrower(rmanager, self.gmanager, self.transport.lend, self.transport.release, stats=self.borrow_stats)
+                Borrower(rmanager, self._views, self.transport.lend, self.transport.release, stats=self.borrow_stats)
                 if self.borrowing else rmanager
             )
             scheduler = Scheduler(config.scheduler, self.block_size, allocator)
@@ -105,6 +107,9 @@ class InProcessCluster(Cluster):
         self.send_heartbeats()
         events: list[StepEvent] = []
         for inst in list(self.instances.values()):
+            if self.borrowing:
+                grant_right_of_way({i: x.scheduler for i, x in self.instances.items()})
+                self._views.arm()
             events.extend(inst.step())
         for event in events:
             if event.finish_reason is not None:

@@ -85,6 +85,8 @@ class StepReply:
     events: list[StepEvent]
     unreachable: list[int]
     gmanager_unreachable: bool = False
+    blocked_seq: int | None = None  # the scheduler's cluster-order reports (scheduler module)
+    youngest_seq: int | None = None
 
 
 def load_weights(config: EngineConfig) -> LlamaForCausalLM:
@@ -166,15 +168,19 @@ class InstanceActor:
         with self._lock:
             self.instance.finish_request(request_id, status)
 
-    def step(self) -> StepReply:
-        """One step; a step that met a dead creditor is abandoned whole (retried next time)."""
+    def step(self, right_of_way: int | None = None, youngest_elsewhere: int | None = None) -> StepReply:
+        """One step; a step that met a dead creditor is abandoned whole (retried next time).
+        The arguments are what the other instances reported at their last step."""
         with self._lock:
+            scheduler = self.instance.scheduler
+            scheduler.right_of_way, scheduler.youngest_elsewhere = right_of_way, youngest_elsewhere
             try:
                 events = self.instance.step()
             except PeerUnreachable:
                 events = []
+            blocked, youngest = scheduler.blocked_seq, scheduler.youngest_seq
         gm_down, self.gmanager.unreachable = self.gmanager.unreachable, False
-        return StepReply(events, self.transport.take_unreachable(), gm_down)
+        return StepReply(events, self.transport.take_unreachable(), gm_down, blocked, youngest)
 
     # -- creditor side (peers) ----------------------------------------------------------------
     def lend(self, request: LendRequest) -> LendReply:

@@ -55,6 +55,7 @@ from infinite_llm.kvcache.block import BlockTable
 from infinite_llm.kvcache.migration import execute_plan
 from infinite_llm.model.loader import LoadedModel
 from infinite_llm.scheduler.request import Request, RequestStatus
+from infinite_llm.scheduler.scheduler import cluster_order
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class RayCluster(Cluster):
         self._records: dict[str, _Record] = {}
         self._pending: list[Any] = []  # control calls sent since the last step
         self._num_steps = 0
+        self._order: dict[int, tuple[int | None, int | None]] = {}  # last (blocked, youngest) per instance
         self.num_migrated_blocks = 0
         self.num_defrag_runs = 0
         self.num_failed_instances = 0
@@ -173,7 +175,8 @@ class RayCluster(Cluster):
 
     def step(self) -> list[StepEvent]:
         self._flush()
-        refs = {i: a.step.remote() for i, a in self._actors.items()}
+        order = cluster_order({i: self._order.get(i, (None, None)) for i in self._actors}) if self.borrowing else {}
+        refs = {i: a.step.remote(*order.get(i, (None, None))) for i, a in self._actors.items()}
         events: list[StepEvent] = []
         dead: set[int] = set()
         suspects: set[int] = set()
@@ -185,6 +188,7 @@ class RayCluster(Cluster):
                 dead.add(i)
                 continue
             events.extend(reply.events)
+            self._order[i] = (reply.blocked_seq, reply.youngest_seq)
             suspects.update(reply.unreachable)
             gmanager_down |= reply.gmanager_unreachable
         dead |= {i for i in suspects - dead if i in self._actors and not self._alive(self._actors[i], "ping")}

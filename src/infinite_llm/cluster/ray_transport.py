@@ -307,7 +307,7 @@ class RemoteGManager:
             handle = self.handle
             if handle is not None:
                 try:
-                    ray.get([handle.on_heartbeat.remote(hb) for hb in heartbeats])
+                    ray.get([handle.on_heartbeat.remote(hb) for hb in heartbeats] + [handle.resort.remote()])
                 except RayActorError:
                     self.unreachable = True
             rec = self._call("recommend", debtor_id, num_blocks) or rec

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Recommendation, Release
@@ -45,6 +45,35 @@ class GManagerLike(Protocol):
     def record_lend(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
 
     def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
+
+
+class RefreshOnEmpty:
+    """A ``GManagerLike`` that, when it has no creditor to recommend, first refreshes the
+    gManager's view with a round of heartbeats (``refresh``) and asks again: at most once per
+    ``arm()`` (the cluster arms it before each step). Memory freed since the last heartbeat
+    is then found by the step that needs it, instead of that step preempting a request."""
+
+    def __init__(self, gmanager: Any, refresh: Callable[[], None]) -> None:
+        self._gmanager = gmanager
+        self._refresh = refresh
+        self._armed = True
+        self.num_refreshes = 0
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def recommend(self, debtor_id: int, num_blocks: int) -> Recommendation:
+        rec = self._gmanager.recommend(debtor_id, num_blocks)
+        if rec.is_empty and self._armed:
+            self._armed = False
+            self.num_refreshes += 1
+            self._refresh()
+            self._gmanager.resort()
+            rec = self._gmanager.recommend(debtor_id, num_blocks)
+        return rec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gmanager, name)
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,11 @@ class GManager:
             self._stats.num_empty += not creditor_ids and not split
         return Recommendation(debtor_id, num_blocks, creditor_ids, split)
 
+    def resort(self) -> None:
+        """Rank the creditors afresh at the next query (after a forced round of heartbeats)."""
+        with self._lock:
+            self._needs_sort = True
+
     def handle_query(self, query: BorrowQuery) -> Recommendation:
         return self.recommend(query.debtor_id, query.num_blocks)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
+_arrival_seq = itertools.count()
+
+
 @dataclass(eq=False)
 class Request:
     """``num_computed_tokens`` of ``all_token_ids`` have K,V in the request's rBlocks."""
@@ -38,6 +42,9 @@ class Request:
     max_tokens: int  # resolved: min(sampling_params.max_tokens, max_model_len - prompt length)
     eos_token_id: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # Creation order in this process (the driver's, for a cluster): lower is older. A request
+    # waiting for memory has the right of way over younger ones on every instance.
+    arrival_seq: int = field(default_factory=lambda: next(_arrival_seq))
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

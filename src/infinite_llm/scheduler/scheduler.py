@@ -5,6 +5,21 @@ then waiting requests in arrival order while the token budget and rBlocks last. 
 request cannot get an rBlock, the most recently admitted request is preempted: its rBlocks are
 freed and it is recomputed from its tokens (prompt + output so far) when memory returns, which
 yields exactly the same continuation.
+
+Across a borrowing cluster memory is one pool, so the same order must hold cluster-wide, or
+instances starve each other (each preempts its own request, re-admits it into the pool it just
+freed, and none ever gets past its home pool). The cluster passes each scheduler two facts
+about the other instances, from their last steps (``grant_right_of_way``):
+
+* ``right_of_way``: the oldest ``arrival_seq`` waiting for memory elsewhere (stalled, or at
+  the head of a queue that memory kept out). Nothing younger is admitted here meanwhile.
+* ``youngest_elsewhere``: the youngest running request elsewhere. A request that runs out of
+  memory and is the youngest here preempts itself only if it is also the youngest in the
+  cluster; otherwise it keeps its rBlocks and stalls (``blocked_seq`` reports it) until
+  memory comes back, while the youngest requests give theirs up.
+
+The oldest starved request thus always gets the memory that frees up, and every request fits
+the cluster alone (the front end's limit), so every request finishes.
 """
 
 from __future__ import annotations
@@ -40,6 +55,25 @@ class BlockAllocator(Protocol):
     def free(self, refs: Iterable[BlockRef]) -> None: ...
 
 
+def grant_right_of_way(schedulers: Mapping[int, Scheduler]) -> None:
+    """Tell every scheduler of a borrowing cluster what the others reported at their last step
+    (``right_of_way`` and ``youngest_elsewhere``; see the module docstring)."""
+    reports = {i: (s.blocked_seq, s.youngest_seq) for i, s in schedulers.items()}
+    for i, (right_of_way, youngest) in cluster_order(reports).items():
+        schedulers[i].right_of_way, schedulers[i].youngest_elsewhere = right_of_way, youngest
+
+
+def cluster_order(reports: Mapping[int, tuple[int | None, int | None]]) -> dict[int, tuple[int | None, int | None]]:
+    """Per instance, from every instance's ``(blocked_seq, youngest_seq)``: the oldest blocked
+    and the youngest running request on the *other* instances."""
+    out: dict[int, tuple[int | None, int | None]] = {}
+    for i in reports:
+        others = [r for j, r in reports.items() if j != i]
+        out[i] = (min((b for b, _ in others if b is not None), default=None),
+                  max((y for _, y in others if y is not None), default=None))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class StepResult:
     request: Request
@@ -56,6 +90,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Cluster-wide order (see the module docstring): reported by this scheduler...
+        self.blocked_seq: int | None = None
+        # ...and told by the cluster.
+        self.right_of_way: int | None = None
+        self.youngest_elsewhere: int | None = None
 
     # -- queue ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -98,6 +137,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        stalled: list[Request] = []
         for request in list(self.running):
             if budget == 0:
                 break
@@ -106,6 +146,9 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self._ensure_blocks(request, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
+                if victim is request and self._younger_elsewhere(request):
+                    stalled.append(request)  # keep the rBlocks; the younger ones yield theirs
+                    break
                 self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -114,11 +157,18 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
 
-        # New work only when nothing was preempted: memory is short.
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # New work only when nothing was preempted or stalled: memory is short.
+        short = bool(out.preempted or stalled)
+        blocked = [r.arrival_seq for r in stalled]
+        if out.preempted:
+            blocked.append(self.waiting[0].arrival_seq)
+        while not short and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self.right_of_way is not None and request.arrival_seq > self.right_of_way:
+                break  # an older request elsewhere waits for memory: it goes first
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._ensure_blocks(request, request.num_computed_tokens + num_new):
+                blocked.append(request.arrival_seq)
                 break  # FCFS: later requests wait behind the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -127,7 +177,16 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+        self.blocked_seq = min(blocked, default=None)
         return out
+
+    def _younger_elsewhere(self, request: Request) -> bool:
+        return self.youngest_elsewhere is not None and self.youngest_elsewhere > request.arrival_seq
+
+    @property
+    def youngest_seq(self) -> int | None:
+        """The youngest running request's ``arrival_seq`` (None when nothing runs)."""
+        return max((r.arrival_seq for r in self.running), default=None)
 
     def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[StepResult]:
         """Advance every scheduled request; append sampled tokens; finish on token-level stops."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infinite_llm.cluster.router import Router
-from infinite_llm.kvcache.borrow import Borrower
+from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
@@ -98,10 +98,12 @@ class SimCluster:
         self.borrow_stats = BorrowStats()
         self.tracker = PlacementTracker()
         self.instances: dict[int, SimInstance] = {}
+        # As InProcessCluster: a failed borrow refreshes the gManager's view once a step.
+        self.views = RefreshOnEmpty(self.gmanager, self.send_heartbeats)
         for i in range(config.num_instances):
             rmanager = RManager(i, config.num_blocks_per_instance, lending_cap=lending_cap)
             allocator = (
-                Borrower(rmanager, self.gmanager, self._lend, self._release, stats=self.borrow_stats)
+                Borrower(rmanager, self.views, self._lend, self._release, stats=self.borrow_stats)
                 if self.borrowing else rmanager
             )
             self.instances[i] = SimInstance(i, rmanager, Scheduler(config.scheduler, self.block_size, allocator))

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.scheduler.output import SchedulerOutput
 from infinite_llm.scheduler.request import Request
+from infinite_llm.scheduler.scheduler import grant_right_of_way
 from infinite_llm.sim.cluster import SimCluster, SimClusterConfig, SimInstance
 from infinite_llm.sim.costs import CostModel, StepWork
 from infinite_llm.sim.metrics import RequestRecord, WorkTotals, summarize
@@ -144,6 +145,9 @@ class _Run:
         """One ``Scheduler.schedule()`` and the step's work (None when nothing was scheduled)."""
         stats = self.cluster.borrow_stats
         before = stats.num_rounds + stats.num_false_replies + stats.num_granted
+        if self.cluster.borrowing:
+            grant_right_of_way({i: x.scheduler for i, x in self.cluster.instances.items()})
+            self.cluster.views.arm()
         out = inst.scheduler.schedule()
         for request in out.preempted:
             self.cluster.tracker.forget(request)
