@@ -1,4 +1,4 @@
-"""``Router``: picks each new request's home instance, least loaded by the gManager's view."""
+"""``Router``: picks each new request's home instance: fewest requests among those with room."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ from collections.abc import Sequence
 
 
 class Router:
-    """Most free rBlocks (as last heard in heartbeats, minus what was routed since), then fewest
-    requests. Loosely coherent like the gManager itself: it never needs to be exact."""
+    """Among the instances whose free rBlocks (as last heard in heartbeats, minus what was routed
+    since) hold the request, the one with the fewest requests (then the most free rBlocks);
+    when none holds it, the one with the most free rBlocks (it borrows the rest). Free memory
+    alone is a poor load signal while memory is plentiful: a queue can grow on the instance
+    that happens to report a few more free rBlocks. Loosely coherent like the gManager itself."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
@@ -21,10 +24,13 @@ class Router:
         if not instance_ids:
             raise RuntimeError("no live instance to route to")
 
-        def score(i: int) -> tuple[int, int, int]:
+        need = -(-num_tokens // self.block_size)
+
+        def score(i: int) -> tuple[bool, int, int, int]:
             free = free_blocks.get(i, 0) - self._routed_blocks.get(i, 0)
-            return (free, -num_requests.get(i, 0), -i)
+            fits = free >= need
+            return (fits, -num_requests.get(i, 0) if fits else 0, free, -i)
 
         home = max(instance_ids, key=score)
-        self._routed_blocks[home] = self._routed_blocks.get(home, 0) + -(-num_tokens // self.block_size)
+        self._routed_blocks[home] = self._routed_blocks.get(home, 0) + need
         return home
