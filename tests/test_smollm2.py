@@ -9,6 +9,7 @@ import torch
 
 from conftest import hf_greedy_with, loaded_model
 from infinite_llm import LLM, SamplingParams
+from infinite_llm.model.layers import PackedLinear
 from infinite_llm.model.registry import resolve_model
 
 pytestmark = pytest.mark.slow
@@ -35,10 +36,12 @@ def reference():
 
 def test_weights_equal_transformers_gguf_loader(reference) -> None:
     _, ref = reference
-    ours = dict(loaded_model("smollm2").model.named_parameters(remove_duplicate=False))
+    model = loaded_model("smollm2").model
+    ours = dict(model.named_parameters(remove_duplicate=False))
     ref_sd = ref.state_dict()
     layer = 7
-    qkv = ours[f"layers.{layer}.qkv_proj.weight"]
+    proj = model.layers[layer].qkv_proj
+    qkv = proj.dense_weight() if isinstance(proj, PackedLinear) else proj.weight
     expect = torch.cat([ref_sd[f"model.layers.{layer}.self_attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(qkv, expect)
     assert torch.equal(ours["embed_tokens.weight"], ref_sd["model.embed_tokens.weight"])

@@ -62,6 +62,16 @@ def test_context_three_times_one_pool_is_exact(ray_engine) -> None:
     assert_all_free(engine)
 
 
+def test_every_home_outgrown_at_once_finishes_exact(ray_engine) -> None:
+    # Three requests, each bigger than its home pool, prefilling at once on three actors that
+    # step concurrently: the youngest yields (cluster-wide order through the step arguments).
+    engine = ray_engine(num_instances=3, num_blocks=12, block_size=8, budget=32)
+    prompts = random_prompts(3, (120, 120), 256, seed=23)  # 120 + 24 tokens > 96 per pool
+    got = run(engine, prompts, homes=[0, 1, 2], timeout_s=120)
+    assert got == expected(prompts)
+    assert_all_free(engine)
+
+
 def test_mutual_borrowing_finishes_within_a_bound(ray_engine) -> None:
     # Actor 0 borrows from 1 while a filler fills pool 0; once the filler is gone, 1's own request
     # outgrows pool 1 and borrows from 0. Each then serves the other's MicroAttention while its

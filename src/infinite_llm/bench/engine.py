@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measure_read_bandwidth()
     loaded = load_model(args.model, args.dtype, progress=False)
     prompts = make_prompts(max(args.batch_sizes), args.prompt_len, loaded.arch.vocab_size)
-    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    weight_bytes = loaded.model.weight_bytes()
     del loaded
     ours, llm = bench_ours(args, prompts, bar)
     rss_ours = peak_rss_bytes()
-    kv_bytes = sum(inst.pool.nbytes for inst in llm.engine.cluster.instances)
+    kv_bytes = sum(inst.pool.nbytes for inst in llm.engine.cluster.instances.values())
     model_dir = llm.engine.loaded.model_dir
     del llm
     engines: dict[str, dict[int, Any]] = {"infinite-llm": ours}

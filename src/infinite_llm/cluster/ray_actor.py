@@ -96,7 +96,9 @@ def load_weights(config: EngineConfig) -> LlamaForCausalLM:
     dtype, device = parse_dtype(config.dtype), torch.device(config.device)
     net = LlamaForCausalLM(read_hf_arch(model_dir), dtype, device)
     net.load_weights((name, t.to(device=device, dtype=dtype)) for name, t in iter_safetensors(model_dir, False))
-    return net.eval()
+    net.eval()
+    net.prepack()
+    return net
 
 
 class InstanceActor:

@@ -73,3 +73,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     the same products, so the same bits.
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    """oneDNN pre-packed linears: CPU, float32 (bfloat16 packing needs AVX-512 or AVX-NE-CONVERT)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class PackedLinear(nn.Module):
+    """``F.linear`` with the weight reordered once into oneDNN's blocked layout (what
+    ``torch.compile`` does for CPU linears). The plain layout is re-blocked on every call; at
+    this model's decode shapes the packed GEMM is 1.5-3x faster. Same math, other summation
+    order: results agree with ``F.linear`` to float32 rounding."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_nbytes = weight.numel() * weight.element_size()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)  # opaque mkldnn tensor
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight back in its plain layout, bit for bit (identity rows times it are exact)."""
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [], "").t().contiguous()

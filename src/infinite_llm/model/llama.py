@@ -15,7 +15,13 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from infinite_llm.model.config import ModelArchConfig
-from infinite_llm.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from infinite_llm.model.layers import (
+    PackedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    can_prepack,
+)
 
 
 class AttentionBackend(Protocol):
@@ -86,7 +92,32 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head_weight = nn.Parameter(
                 torch.empty(arch.vocab_size, arch.hidden_size, **kw), requires_grad=False
             )
+        self.lm_head: PackedLinear | None = None  # set by prepack()
         self.requires_grad_(False)
+
+    def prepack(self) -> bool:
+        """Replace every linear (and the LM head) by a ``PackedLinear`` when the weights allow it
+        (CPU, float32); call once, after ``load_weights``. Returns whether it packed."""
+        if self.lm_head is not None or not can_prepack(self.lm_head_weight):
+            return False
+        for layer in self.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                linear = getattr(layer, name)
+                setattr(layer, name, PackedLinear(linear.weight, linear.bias))
+        self.lm_head = PackedLinear(self.lm_head_weight, None)
+        if not self.arch.tie_word_embeddings:
+            del self.lm_head_weight  # the packed copy replaces it (a tied one is the embedding)
+        return True
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads: every linear and norm and the LM head, once
+        (the embedding is only gathered, a row per token)."""
+        embedding = self.embed_tokens.weight
+        n = sum(p.numel() * p.element_size() for p in self.parameters() if p is not embedding)
+        n += sum(m.weight_nbytes for m in self.modules() if isinstance(m, PackedLinear))
+        if self.lm_head is None and self.arch.tie_word_embeddings:
+            n += self.lm_head_weight.numel() * self.lm_head_weight.element_size()
+        return n
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
@@ -100,6 +131,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
         return F.linear(hidden, self.lm_head_weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

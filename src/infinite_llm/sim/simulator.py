@@ -24,10 +24,10 @@ Per step the simulator does O(scheduled requests + new rBlocks) work (``Placemen
 so million-token contexts and 32 instances run in minutes.
 
 A run stops early, marked ``livelock``, when ``livelock_threshold`` preemptions happen in a
-row without any request finishing: with borrowing, instances whose requests outgrow their
-pools at the same time can keep preempting and recomputing them forever (each frees its
-pool, the gManager only hears of it at the next heartbeat, and each re-admits its own
-request into the memory it just freed). The real engine does the same; see docs/benchmarks.md.
+row without any request finishing. That was once the fate of instances whose requests
+outgrew their pools at the same time (each preempted its own and re-admitted it into the
+memory it had just freed); the schedulers' cluster-wide order (``scheduler.scheduler``)
+ended it, and the guard stays so that a regression stops instead of spinning.
 """
 
 from __future__ import annotations

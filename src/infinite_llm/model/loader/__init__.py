@@ -65,6 +65,7 @@ def load_model(
         (name, tensor.to(device=torch_device, dtype=torch_dtype)) for name, tensor in iter_safetensors(model_dir, progress)
     )
     net.eval()
+    net.prepack()
     tokenizer = Tokenizer(load_hf_tokenizer(model_dir))
     logger.info("loaded %s (%s, %.1fs)", source.name, torch_dtype, time.perf_counter() - start)
     return LoadedModel(source, arch, net, tokenizer, model_dir)
