@@ -135,6 +135,8 @@ class InProcessCluster(Cluster):
 
     def defragment(self, with_repatriation: bool = True) -> int:
         """Run the gManager's plan now (between steps): returns how many rBlocks moved."""
+        if not any(self.gmanager.edges().values()):
+            return 0  # nothing borrowed: no cycle to swap, nothing to bring home
         self.send_heartbeats(force=True)
         plan = self.gmanager.plan_defragmentation(with_repatriation=with_repatriation)
         if plan.is_empty:

@@ -143,6 +143,8 @@ class SimCluster:
 
     def defragment(self) -> list[Relocation]:
         """Run the gManager's plan now; returns the rBlocks moved (none on a stale ledger)."""
+        if not any(self.gmanager.edges().values()):
+            return []  # nothing borrowed: no cycle to swap, nothing to bring home
         self.send_heartbeats()
         plan = self.gmanager.plan_defragmentation(with_repatriation=True)
         if plan.is_empty:
