@@ -25,6 +25,7 @@ from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
 from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
+from infinite_llm.kvcache.integrity import check_cluster, pool_state
 from infinite_llm.kvcache.metrics import BorrowStats, locality
 from infinite_llm.kvcache.migration import execute_plan
 from infinite_llm.kvcache.rmanager import RManager
@@ -238,30 +239,8 @@ class InProcessCluster(Cluster):
 
     def check_integrity(self) -> None:
         self.send_heartbeats(force=True)  # the ledger must equal reality after a heartbeat round
-        held: dict[int, list[int]] = {i: [] for i in self.instances}
-        borrowed: dict[int, int] = dict.fromkeys(self.instances, 0)
-        lent: dict[int, int] = dict.fromkeys(self.instances, 0)
-        for i, inst in self.instances.items():
-            for ref in inst.block_refs_in_use():
-                assert ref.instance_id in held, f"instance {i} holds an rBlock on dead instance {ref.instance_id}"
-                held[ref.instance_id].append(ref.block_id)
-                if ref.instance_id != i:
-                    borrowed[i] += 1
-                    lent[ref.instance_id] += 1
-        for i, inst in self.instances.items():
-            rm = inst.rmanager
-            rm.check_integrity()
-            blocks = held[i]
-            assert len(blocks) == len(set(blocks)), f"instance {i}: an rBlock is held by two requests"
-            assert len(blocks) == rm.num_used_blocks + rm.num_lent_blocks, (
-                f"instance {i}: requests hold {len(blocks)} of its rBlocks, "
-                f"its manager counts {rm.num_used_blocks} used + {rm.num_lent_blocks} lent"
-            )
-            assert borrowed[i] == rm.num_borrowed_blocks, (
-                f"instance {i}: requests hold {borrowed[i]} remote rBlocks, manager records {rm.num_borrowed_blocks}"
-            )
-            assert lent[i] == rm.num_lent_blocks, f"instance {i}: lent {rm.num_lent_blocks}, in use remotely {lent[i]}"
+        for inst in self.instances.values():
+            inst.rmanager.check_integrity()
         self.gmanager.check_integrity()
-        edges = {pair: n for pair, n in self.gmanager.edges().items() if n}
-        actual = {(d, c): n for c, inst in self.instances.items() for d, n in inst.rmanager.lent_counts().items() if n}
-        assert edges == actual, f"ledger {edges} != what creditors have lent {actual}"
+        check_cluster([pool_state(inst.rmanager, ((rid, r.block_table) for rid, r in inst.scheduler.requests.items()))
+                       for inst in self.instances.values()], self.gmanager.edges())

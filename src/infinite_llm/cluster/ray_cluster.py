@@ -46,12 +46,13 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
 from infinite_llm.cluster.ray_actor import GManagerActor, InstanceActor, InstanceSpec
-from infinite_llm.cluster.ray_snapshot import InstanceSnapshot, check_snapshots, merged_stats
+from infinite_llm.cluster.ray_snapshot import InstanceSnapshot, merged_stats
 from infinite_llm.cluster.ray_transport import RemoteLedgerSink, RemoteRManager
 from infinite_llm.cluster.router import Router
 from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.kvcache.block import BlockTable
+from infinite_llm.kvcache.integrity import check_cluster
 from infinite_llm.kvcache.migration import execute_plan
 from infinite_llm.model.loader import LoadedModel
 from infinite_llm.scheduler.request import Request, RequestStatus
@@ -358,7 +359,7 @@ class RayCluster(Cluster):
         self.send_heartbeats()  # the ledger must equal reality after a heartbeat round
         snaps = self.snapshots(check=True)
         ray.get(self._gmanager.check_integrity.remote())
-        check_snapshots(snaps, ray.get(self._gmanager.edges.remote()))
+        check_cluster(snaps, ray.get(self._gmanager.edges.remote()))
 
     def shutdown(self) -> None:
         actors = [*self._actors.values(), self._gmanager]

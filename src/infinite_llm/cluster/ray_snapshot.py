@@ -39,38 +39,6 @@ class InstanceSnapshot:
     shard_serve_s: list[float]  # time this instance spent serving its debtors' MAs
 
 
-def check_snapshots(snaps: Sequence[InstanceSnapshot], edges: Mapping[Edge, int]) -> None:
-    """Raise AssertionError unless block tables, managers and the ledger all agree."""
-    ids = {s.instance_id for s in snaps}
-    held: dict[int, list[int]] = {i: [] for i in ids}
-    borrowed = dict.fromkeys(ids, 0)
-    lent = dict.fromkeys(ids, 0)
-    for s in snaps:
-        i = s.instance_id
-        for refs in s.block_tables.values():
-            for ref in refs:
-                assert ref.instance_id in held, f"instance {i} holds an rBlock on dead instance {ref.instance_id}"
-                held[ref.instance_id].append(ref.block_id)
-                if ref.instance_id != i:
-                    borrowed[i] += 1
-                    lent[ref.instance_id] += 1
-    for s in snaps:
-        i, blocks = s.instance_id, held[s.instance_id]
-        assert len(blocks) == len(set(blocks)), f"instance {i}: an rBlock is held by two requests"
-        assert len(blocks) == s.num_used + s.num_lent, (
-            f"instance {i}: requests hold {len(blocks)} of its rBlocks, "
-            f"its manager counts {s.num_used} used + {s.num_lent} lent"
-        )
-        assert borrowed[i] == s.num_borrowed, (
-            f"instance {i}: requests hold {borrowed[i]} remote rBlocks, manager records {s.num_borrowed}"
-        )
-        assert lent[i] == s.num_lent, f"instance {i}: lent {s.num_lent}, in use remotely {lent[i]}"
-        assert s.num_free + s.num_used + s.num_lent == s.num_blocks, f"instance {i}: counts do not add up"
-    ledger = {pair: n for pair, n in edges.items() if n}
-    actual = {(d, s.instance_id): n for s in snaps for d, n in s.lent_counts.items() if n}
-    assert ledger == actual, f"ledger {ledger} != what creditors have lent {actual}"
-
-
 def _p(values: list[float], q: float) -> float:
     return percentile(sorted(values), q)
 

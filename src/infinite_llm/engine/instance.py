@@ -15,7 +15,6 @@ from infinite_llm.attention.dist import LocalExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.model_runner import ModelRunner
-from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.rmanager import RManager
@@ -136,6 +135,3 @@ class Instance:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.add_request(request)
-
-    def block_refs_in_use(self) -> list[BlockRef]:
-        return [ref for request in self.scheduler.requests.values() for ref in request.block_table]

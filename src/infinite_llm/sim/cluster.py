@@ -21,6 +21,7 @@ from typing import Any
 from infinite_llm.cluster.router import Router
 from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
+from infinite_llm.kvcache.integrity import check_cluster, pool_state
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation, execute_plan
@@ -190,38 +191,18 @@ class SimCluster:
         }
 
     def check_integrity(self) -> None:
-        """The same checks as ``InProcessCluster.check_integrity``: every manager, every block
-        table and the ledger agree after a heartbeat round."""
+        """The same checks as ``InProcessCluster.check_integrity`` (``kvcache.integrity``), plus
+        the placement index against the block tables."""
         self.send_heartbeats()
-        held: dict[int, list[int]] = {i: [] for i in self.instances}
-        borrowed = dict.fromkeys(self.instances, 0)
-        lent = dict.fromkeys(self.instances, 0)
-        for i, inst in self.instances.items():
-            for request in inst.scheduler.requests.values():
-                for ref in request.block_table:
-                    held[ref.instance_id].append(ref.block_id)
-                    if ref.instance_id != i:
-                        borrowed[i] += 1
-                        lent[ref.instance_id] += 1
-        for i, inst in self.instances.items():
-            rm = inst.rmanager
-            rm.check_integrity()
-            blocks = held[i]
-            assert len(blocks) == len(set(blocks)), f"instance {i}: an rBlock is held by two requests"
-            assert len(blocks) == rm.num_used_blocks + rm.num_lent_blocks, (
-                f"instance {i}: requests hold {len(blocks)} of its rBlocks, "
-                f"its manager counts {rm.num_used_blocks} used + {rm.num_lent_blocks} lent"
-            )
-            assert borrowed[i] == rm.num_borrowed_blocks, (
-                f"instance {i}: requests hold {borrowed[i]} remote rBlocks, manager records {rm.num_borrowed_blocks}"
-            )
-            assert lent[i] == rm.num_lent_blocks, f"instance {i}: lent {rm.num_lent_blocks}, in use remotely {lent[i]}"
+        for inst in self.instances.values():
+            inst.rmanager.check_integrity()
         self.gmanager.check_integrity()
-        edges = {pair: n for pair, n in self.gmanager.edges().items() if n}
-        actual = {(d, c): n for c, inst in self.instances.items() for d, n in inst.rmanager.lent_counts().items() if n}
-        assert edges == actual, f"ledger {edges} != what creditors have lent {actual}"
-        assert self.tracker.num_borrowed_blocks == sum(borrowed.values()), (
-            f"placement index holds {self.tracker.num_borrowed_blocks} borrowed rBlocks, tables {sum(borrowed.values())}"
+        pools = [pool_state(inst.rmanager, ((rid, r.block_table) for rid, r in inst.scheduler.requests.items()))
+                 for inst in self.instances.values()]
+        check_cluster(pools, self.gmanager.edges())
+        num_borrowed = sum(p.num_borrowed for p in pools)
+        assert self.tracker.num_borrowed_blocks == num_borrowed, (
+            f"placement index holds {self.tracker.num_borrowed_blocks} borrowed rBlocks, tables {num_borrowed}"
         )
 
     def all_free(self) -> bool:

@@ -131,6 +131,8 @@ def iter_gguf_weights(reader: Any, arch: ModelArchConfig, progress: bool = True)
         except Exception as exc:
             raise GGUFError(f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {exc}") from exc
         data = np.ascontiguousarray(data, dtype=np.float32)
+        if not data.flags.writeable:  # an F32 tensor comes back as a view of the read-only mmap
+            data = data.copy()
         if permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
             data = _unpermute(data, arch.num_heads)
         elif permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
