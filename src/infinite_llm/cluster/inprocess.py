@@ -25,7 +25,7 @@ from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
 from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
-from infinite_llm.kvcache.integrity import check_cluster, pool_state
+from infinite_llm.kvcache.integrity import check_cluster, pool_counts, pool_state
 from infinite_llm.kvcache.metrics import BorrowStats, locality
 from infinite_llm.kvcache.migration import execute_plan
 from infinite_llm.kvcache.rmanager import RManager
@@ -205,19 +205,13 @@ class InProcessCluster(Cluster):
         g = self.gmanager.stats()
         return {
             "instances": [
-                {
-                    "instance_id": i,
-                    "num_blocks": inst.rmanager.num_blocks,
-                    "free": inst.rmanager.num_free_blocks,
-                    "used": inst.rmanager.num_used_blocks,
-                    "lent": inst.rmanager.num_lent_blocks,
-                    "borrowed": inst.rmanager.num_borrowed_blocks,
+                pool_counts(inst.rmanager) | {
                     "running": inst.scheduler.num_running,
                     "waiting": inst.scheduler.num_waiting,
                     "preemptions": inst.scheduler.num_preemptions,
                     "block_owners": inst.rmanager.block_owners(),
                 }
-                for i, inst in sorted(self.instances.items())
+                for _, inst in sorted(self.instances.items())
             ],
             "ledger": [{"debtor": d, "creditor": c, "blocks": n} for (d, c), n in sorted(self.gmanager.edges().items())],
             "locality": {"mean": loc.mean, "overall": loc.overall, "num_local": loc.num_local_blocks,

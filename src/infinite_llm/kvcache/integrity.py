@@ -49,6 +49,13 @@ def pool_state(rmanager: RManager, block_tables: Iterable[tuple[str, Iterable[Bl
                      rmanager.lent_counts(), {rid: list(refs) for rid, refs in block_tables})
 
 
+def pool_counts(rmanager: RManager) -> dict[str, int]:
+    """An instance's rBlock counts as every cluster's ``stats()`` reports them."""
+    return {"instance_id": rmanager.instance_id, "num_blocks": rmanager.num_blocks,
+            "free": rmanager.num_free_blocks, "used": rmanager.num_used_blocks,
+            "lent": rmanager.num_lent_blocks, "borrowed": rmanager.num_borrowed_blocks}
+
+
 def check_cluster(pools: Sequence[PoolView], edges: Mapping[Edge, int]) -> None:
     """Raise AssertionError unless block tables, managers and the ledger all agree."""
     ids = {p.instance_id for p in pools}

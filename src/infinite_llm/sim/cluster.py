@@ -21,7 +21,7 @@ from typing import Any
 from infinite_llm.cluster.router import Router
 from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
-from infinite_llm.kvcache.integrity import check_cluster, pool_state
+from infinite_llm.kvcache.integrity import check_cluster, pool_counts, pool_state
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation, execute_plan
@@ -168,16 +168,8 @@ class SimCluster:
         g = self.gmanager.stats()
         return {
             "instances": [
-                {
-                    "instance_id": i,
-                    "num_blocks": inst.rmanager.num_blocks,
-                    "free": inst.rmanager.num_free_blocks,
-                    "used": inst.rmanager.num_used_blocks,
-                    "lent": inst.rmanager.num_lent_blocks,
-                    "borrowed": inst.rmanager.num_borrowed_blocks,
-                    "preemptions": inst.scheduler.num_preemptions,
-                }
-                for i, inst in sorted(self.instances.items())
+                pool_counts(inst.rmanager) | {"preemptions": inst.scheduler.num_preemptions}
+                for _, inst in sorted(self.instances.items())
             ],
             "borrowing": self.borrowing,
             "borrows": borrow.num_borrows,
