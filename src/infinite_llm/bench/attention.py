@@ -33,24 +33,13 @@ import torch
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.merge import merge_attention_states
 from infinite_llm.attention.micro import IMPLS, micro_attention
+from infinite_llm.bench.common import read_bandwidth_samples
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 TARGET_MONO_BW_PCT = 60.0  # monolithic decode at 128K: share of the measured read bandwidth
 TARGET_SPLIT_OVERHEAD_PCT = 10.0  # 4 shards, contexts >= 32K
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072, 262144, 524288)
-
-
-def measure_read_bandwidth(num_bytes: int = 512 << 20, repeats: int = 9) -> tuple[float, float]:
-    """(median, best) GB/s of a multithreaded torch sum over a buffer far beyond the caches."""
-    x = torch.ones(num_bytes // 4, dtype=torch.float32)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return num_bytes / statistics.median(times) / 1e9, num_bytes / min(times) / 1e9
 
 
 def _time_pair(
@@ -206,7 +195,8 @@ def run_attention_bench(
     """The whole grid; returns one JSON-ready dict."""
     from tqdm import tqdm
 
-    read_gbps, read_best_gbps = measure_read_bandwidth()
+    samples = read_bandwidth_samples(512 << 20, 9)
+    read_gbps, read_best_gbps = statistics.median(samples), max(samples)
     results: list[dict] = []
     with tqdm(
         total=len(contexts) * len(shard_counts) * len(impls),

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.ledger import Edge
 from infinite_llm.kvcache.rmanager import RManager
 
 
-class PoolView(Protocol):
-    """What ``check_cluster`` reads of an instance (``PoolState``, or a Ray snapshot)."""
+@dataclass(frozen=True)
+class PoolState:
+    """What ``check_cluster`` reads of an instance; a Ray ``InstanceSnapshot`` has the same fields."""
 
     instance_id: int
     num_blocks: int
@@ -28,18 +29,6 @@ class PoolView(Protocol):
     num_borrowed: int
     lent_counts: Mapping[int, int]
     block_tables: Mapping[str, Sequence[BlockRef]]  # the instance's own requests
-
-
-@dataclass(frozen=True)
-class PoolState:
-    instance_id: int
-    num_blocks: int
-    num_free: int
-    num_used: int
-    num_lent: int
-    num_borrowed: int
-    lent_counts: Mapping[int, int]
-    block_tables: Mapping[str, Sequence[BlockRef]]
 
 
 def pool_state(rmanager: RManager, block_tables: Iterable[tuple[str, Iterable[BlockRef]]]) -> PoolState:
@@ -56,7 +45,7 @@ def pool_counts(rmanager: RManager) -> dict[str, int]:
             "lent": rmanager.num_lent_blocks, "borrowed": rmanager.num_borrowed_blocks}
 
 
-def check_cluster(pools: Sequence[PoolView], edges: Mapping[Edge, int]) -> None:
+def check_cluster(pools: Sequence[PoolState | Any], edges: Mapping[Edge, int]) -> None:
     """Raise AssertionError unless block tables, managers and the ledger all agree."""
     ids = {p.instance_id for p in pools}
     held: dict[int, list[int]] = {i: [] for i in ids}
