@@ -120,3 +120,13 @@ def test_token_level_stops(stop: str) -> None:
     assert r.status is expected
     assert len(r.output_token_ids) == (3 if stop == "length" else 1)
     assert rm.num_free_blocks == rm.num_blocks
+
+
+def test_waiting_queue_is_in_arrival_order_whatever_the_order_of_adds() -> None:
+    sched, _ = make()
+    first, second, third = (req(f"r{i}", 8) for i in range(3))
+    for request in (third, first, second):
+        sched.add_request(request)
+    assert [r.request_id for r in sched.waiting] == ["r0", "r1", "r2"]
+    out, _ = step(sched)
+    assert [item.request.request_id for item in out.scheduled] == ["r0", "r1"]  # budget 16: two prompts

@@ -101,7 +101,12 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        # FCFS by arrival, even when adds arrive out of order (a threaded Ray actor runs the
+        # driver's calls concurrently): behind every waiting request that is older.
+        index = len(self.waiting)
+        while index and self.waiting[index - 1].arrival_seq > request.arrival_seq:
+            index -= 1
+        self.waiting.insert(index, request)
 
     def abort_request(self, request_id: str) -> Request | None:
         """Finish a request as aborted and free its rBlocks; None when unknown or finished."""
