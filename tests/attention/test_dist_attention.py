@@ -32,7 +32,7 @@ LAYER = 1  # of two: the layer index must reach the pools
 @given(
     layout=st.sampled_from(HEAD_LAYOUTS),
     d=st.sampled_from(HEAD_DIMS),
-    bs=st.sampled_from([1, 4, 16]),
+    bs=st.sampled_from([1, 4, 16, 32]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     impl=st.sampled_from(impls()),
     num_pools=st.integers(1, 8),
@@ -79,6 +79,49 @@ def test_dist_attention_matches_sdpa(
     for i, (c, n) in enumerate(reqs):
         k, v = read_tokens(placement, LAYER, i, c + n)
         assert torch.equal(k, full_k[i]) and torch.equal(v, full_v[i])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    layout=st.sampled_from(HEAD_LAYOUTS),
+    d=st.sampled_from(HEAD_DIMS),
+    bs=st.sampled_from([1, 16, 32]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    num_pools=st.integers(2, 8),
+    contexts=st.lists(st.integers(0, 700), min_size=1, max_size=5),
+    seed=st.integers(0, 2**20),
+)
+def test_decode_over_pools_in_one_native_call(
+    layout: tuple[int, int],
+    d: int,
+    bs: int,
+    dtype: torch.dtype,
+    num_pools: int,
+    contexts: list[int],
+    seed: int,
+) -> None:
+    """A decode batch spread over pools: the in-process executor runs every pool's MA and the
+    merge in one native call (where the kernel takes the tensors); same result as SDPA."""
+    hq, hkv = layout
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    placement = place(rng, num_pools, [c // bs + 1 for c in contexts], bs, hkv, d, dtype, num_layers=2)
+    full_k = [randn(gen, c + 1, hkv, d, dtype=dtype) for c in contexts]
+    full_v = [randn(gen, c + 1, hkv, d, dtype=dtype) for c in contexts]
+    for i, c in enumerate(contexts):
+        write_tokens(placement, LAYER, i, 0, full_k[i][:c], full_v[i][:c])
+    plan = DistPlan([StepSpan(placement.refs[i], c, 1) for i, c in enumerate(contexts)], bs)
+    executor = LocalExecutor(placement.pools)
+    attention = DistAttention(executor, plan, d**-0.5)
+    q = randn(gen, len(contexts), hq, d, dtype=dtype, std=2.0)
+    new_k = torch.cat([k[c:] for k, c in zip(full_k, contexts)])
+    new_v = torch.cat([v[c:] for v, c in zip(full_v, contexts)])
+    out = attention(LAYER, q, new_k, new_v)
+    for i, c in enumerate(contexts):
+        ref_out, _ = sdpa_truth(q[i : i + 1], full_k[i], full_v[i], c, d**-0.5)
+        assert_close(out[i : i + 1], None, ref_out, None, dtype)
+    fusable = cpu_native.native_available() and d % (8 if dtype == torch.float32 else 16) == 0
+    assert executor.num_fused_calls == int(fusable and len(plan.shards) > 1)
 
 
 @settings(max_examples=30, deadline=None)

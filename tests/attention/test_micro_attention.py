@@ -33,7 +33,7 @@ def shapes(draw: st.DrawFn) -> dict:
         "hq": hq,
         "hkv": hkv,
         "d": draw(st.sampled_from(HEAD_DIMS)),
-        "bs": draw(st.sampled_from([1, 3, 4, 16])),
+        "bs": draw(st.sampled_from([1, 3, 4, 16, 32])),
         "dtype": draw(st.sampled_from(DTYPES)),
         "seed": draw(st.integers(0, 2**20)),
     }

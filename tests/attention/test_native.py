@@ -80,6 +80,18 @@ def test_split_k_across_threads(
 
 
 @needs_native
+@pytest.mark.parametrize("bs", [16, 24, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_shuffled_contexts(bs: int, dtype: torch.dtype) -> None:
+    """Thousands of keys on shuffled rBlocks: whole steps of tiles, the prefetch ahead, a last
+    partial step and tile (block sizes a multiple of the tile, and not), GQA rows 1..3."""
+    q, k, v, batch = _problem([2011, 1100, 64, 77], [1, 1, 1, 1], 9, 3, 64, dtype, bs)
+    _check(q, k, v, batch)
+    q, k, v, batch = _problem([1500, 333], [1, 1], 8, 4, 32, dtype, bs)
+    _check(q, k, v, batch)
+
+
+@needs_native
 def test_more_rows_than_one_tile() -> None:
     """8 query tokens x 4 heads per KV head = 32 rows: two passes of 16 rows over the keys."""
     q, k, v, batch = _problem([300, 5], [8, 3], 8, 2, 32, torch.float32)

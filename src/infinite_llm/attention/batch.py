@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class MABatch:
     _parts: dict[int, tuple[Part | None, Part | None]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _memo: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.query_lens)
@@ -114,6 +118,13 @@ class MABatch:
                 context_lens=torch.tensor(self.context_lens, dtype=torch.int64),
             )
         return self._flat
+
+    def memo(self, key: object, compute: Callable[[], T]) -> T:
+        """``compute()``, once per batch and key: what a kernel derives from the batch is derived
+        once per step, not once per layer."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def subset(self, requests: Sequence[int]) -> Part:
         """The batch of only ``requests`` (in that order) and the query rows they own here."""

@@ -17,12 +17,13 @@ local is one kernel call per layer, with nothing to merge.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from infinite_llm.attention import cpu_native
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.cpu_flash import causal_self_attention
 from infinite_llm.attention.kv_pool import KVPool
@@ -66,6 +67,7 @@ class MAExecutor(Protocol):
 class _Shard:
     rows: torch.Tensor | None  # query rows sent to this instance (None: all rows, in order)
     batch: MABatch
+    requests: list[int]  # the step's request index of each of the batch's requests
 
 
 @dataclass
@@ -132,9 +134,12 @@ class DistPlan:
             rows: list[int] = []
             for i, _, _ in reqs:
                 rows.extend(range(starts[i], starts[i + 1]))
-            self.shards[inst] = _Shard(self._index(rows, device), batch)
+            self.shards[inst] = _Shard(self._index(rows, device), batch, [i for i, _, _ in reqs])
         prefill_rows = [r for i, n in enumerate(self.query_lens) if n > 1 for r in range(starts[i], starts[i + 1])]
         self.prefill_rows = self._index(prefill_rows, device) if prefill_rows else None
+        self.query_start = starts
+        self.block_size = block_size
+        self._memo: dict[object, object] = {}
         self.writes = {
             inst: _Write(
                 self._index(write_rows[inst], device),
@@ -147,6 +152,12 @@ class DistPlan:
         if len(rows) == self.num_tokens and rows == list(range(self.num_tokens)):
             return None  # every row, in order: no gather or scatter needed
         return torch.tensor(rows, dtype=torch.long, device=device)
+
+    def memo(self, key: object, compute: Callable[[], object]) -> object:
+        """``compute()`` once per step and key (an executor's per-step tables, reused by every layer)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def instance_ids(self) -> set[int]:
@@ -181,6 +192,11 @@ class DistAttention:
             work[inst] = ShardWork(
                 write_slots=write.slots, k=_take(k, write.rows), v=_take(v, write.rows)
             )
+        run_decode = getattr(self.executor, "run_decode", None)
+        if run_decode is not None and not plan.prefill_query_lens and len(plan.shards) > 1:
+            merged = run_decode(layer_idx, work, q, plan, self.scale)
+            if merged is not None:  # every shard's MA and the merge in one call
+                return merged.to(q.dtype)
         for inst, shard in plan.shards.items():
             w = work.setdefault(inst, ShardWork())
             w.q, w.batch = _take(q, shard.rows), shard.batch
@@ -190,7 +206,14 @@ class DistAttention:
             if plan.shards[inst].rows is None:
                 return out.to(q.dtype)  # every row's whole context on one instance: done
         # Merged in float32, rounded to the model's dtype once.
-        if len(plan.prefill_query_lens) == len(plan.query_lens):
+        first = None
+        if not plan.prefill_query_lens:  # decode: start from a state that covers every row
+            first = next((i for i in results if plan.shards[i].rows is None), None)
+        if first is not None:
+            out0, lse0 = results.pop(first)
+            acc = out0.to(torch.float32, copy=True)
+            lse = lse0.to(torch.float32, copy=True)
+        elif len(plan.prefill_query_lens) == len(plan.query_lens):
             acc, lse = causal_self_attention(q, k, v, plan.query_lens, self.scale, torch.float32)
         else:
             acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -209,23 +232,76 @@ class DistAttention:
 
 
 class LocalExecutor:
-    """All pools in this process: direct writes and MA calls (the in-process transport)."""
+    """All pools in this process: direct writes and MA calls (the in-process transport).
+
+    A decode step whose rows have context on several pools can run as one native call
+    (``run_decode``): each pool's MA and the log-sum-exp merge of their states, as DistAttention
+    would do shard by shard, without a Python round per shard and layer.
+    """
 
     def __init__(self, pools: Mapping[int, KVPool], impl: str = "auto") -> None:
         self.pools = pools
         self.impl = impl
+        self.num_fused_calls = 0
+
+    def run_decode(
+        self,
+        layer_idx: int,
+        writes: Mapping[int, ShardWork],
+        q: torch.Tensor,
+        plan: DistPlan,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """Store the new K,V, then attention of every (decode) row over all its shards: the
+        merged out [T, Hq, D] float32; None (nothing done) where the native kernel cannot."""
+        if self.impl not in ("auto", "native") or q.device.type != "cpu":
+            return None
+        insts = list(plan.shards)
+        if any(i not in self.pools for i in insts):
+            return None
+        caches = [(self.pools[i].k[layer_idx], self.pools[i].v[layer_idx]) for i in insts]
+        tables = plan.memo(("native-shards", tuple(insts)), lambda: _shard_tables(plan, insts, q, caches))
+        if tables is None:
+            return None
+        self._write(layer_idx, writes)
+        self.num_fused_calls += 1
+        out, _ = cpu_native.decode_attention_shards(q, caches, tables, plan.block_size, scale)
+        return out
+
+    def _write(self, layer_idx: int, work: Mapping[int, ShardWork]) -> None:
+        for inst, w in work.items():
+            if w.write_slots is not None:
+                assert w.k is not None and w.v is not None
+                self.pools[inst].write(layer_idx, w.write_slots, w.k, w.v)
 
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._write(layer_idx, work)  # first: a decode token's MA reads its own K,V
         for inst, w in work.items():
-            pool = self.pools[inst]
-            if w.write_slots is not None:  # first: a decode token's MA reads its own K,V
-                assert w.k is not None and w.v is not None
-                pool.write(layer_idx, w.write_slots, w.k, w.v)
             if w.batch is not None and w.q is not None:
+                pool = self.pools[inst]
                 results[inst] = micro_attention(
                     w.q, pool.k[layer_idx], pool.v[layer_idx], w.batch, impl=self.impl
                 )
         return results
+
+
+def _shard_tables(
+    plan: DistPlan, insts: list[int], q: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> cpu_native.ShardTables | None:
+    """The plan's shards as the native kernel reads them; None where it cannot take them (no
+    kernel, another dtype or layout, pools that differ)."""
+    k0 = caches[0][0]
+    if not cpu_native.native_available() or any(
+        not cpu_native.supports(q, k, v)
+        or k.dtype != k0.dtype
+        or k.shape[0] != k0.shape[0]
+        or k.shape[2:] != k0.shape[2:]
+        or k.stride(1) != k0.stride(1)
+        for k, v in caches
+    ):
+        return None
+    shards = [(plan.shards[i].batch, plan.shards[i].requests) for i in insts]
+    return cpu_native.ShardTables.build(shards, plan.query_start)

@@ -84,7 +84,9 @@ def _auto_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     few, many = batch.split_by_query_len(NATIVE_MAX_QUERY_LEN)
     if many is None:
-        return cpu_native.micro_attention_native(q, k_cache, v_cache, batch, scale, causal)
+        return cpu_native.micro_attention_native(
+            q, k_cache, v_cache, batch, scale, causal, checked=True
+        )
     if few is None:
         return micro_attention_flash(q, k_cache, v_cache, batch, scale, causal)
     t, hq, d = q.shape

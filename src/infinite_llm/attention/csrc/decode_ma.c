@@ -8,10 +8,12 @@
  *     cache[h][block][offset][d]    head stride hs, block stride bst, token stride D
  *
  * Work item = (request, kv head, split-K chunk of its keys). An item walks its keys in tiles of
- * TILE tokens (a tile may span rBlocks: each token's address comes from the block table, and
- * the tiles ahead are prefetched, which no hardware prefetcher can do across scattered blocks)
- * and keeps, per query row, the online-softmax state (running max m, sum l, unnormalised
- * acc[D]). The G query heads of a KV head (times the request's query tokens) are the item's
+ * TILE tokens and keeps, per query row, the online-softmax state (running max m, sum l,
+ * unnormalised acc[D]). When the block size is a multiple of TILE (the usual 16, 32, ...) a
+ * tile lies in one rBlock and its keys are addressed from one base pointer; SUPER_TILES tiles
+ * are scored before one softmax update; the keys and values of the tiles a step ahead are
+ * prefetched line by line through the loops (no hardware prefetcher can follow scattered
+ * blocks). Other block sizes take each key's address from the block table. The G query heads of a KV head (times the request's query tokens) are the item's
  * rows: each key vector is loaded once for three rows at a time. Items of a request with
  * several chunks leave partial states that a second pass merges by log-sum-exp; a single chunk
  * writes its rows directly. bfloat16 is widened two elements per 32-bit lane (see bf16_even).
@@ -39,9 +41,12 @@ typedef uint32_t v8u __attribute__((vector_size(32), aligned(4)));
 #define TILE 16       /* keys per tile */
 #define MAX_ROWS 16   /* query rows per pass over an item's keys */
 #define MAX_D 256
-#ifndef PREFETCH_TILES
-#define PREFETCH_TILES 2  /* rBlocks sit anywhere: hardware prefetchers cannot follow the table */
+#ifndef SUPER_TILES
+#define SUPER_TILES 4 /* tiles scored together before one online-softmax update */
 #endif
+#ifndef PREFETCH_STEPS /* rBlocks sit anywhere: hardware prefetchers cannot follow the table. */
+#define PREFETCH_STEPS 1 /* The keys and values this many steps ahead are prefetched line by line */
+#endif                   /* while a step computes (128K shuffled, 2 threads: 12 -> 17 GB/s). */
 #ifndef PREFETCH_LOCALITY
 #define PREFETCH_LOCALITY 3
 #endif
@@ -92,7 +97,7 @@ typedef struct {
     const char *k, *v;        /* pool layer base pointers */
     int64_t head_stride;      /* bytes */
     int64_t block_stride;     /* bytes */
-    const int64_t *query_start;   /* [n + 1] */
+    const int64_t *q_first;       /* [n]: request i's first query row in q (and out) */
     const int32_t *block_table;   /* flattened block ids, request i at block_start[i] */
     const int64_t *block_start;   /* [n + 1] */
     const int64_t *context_lens;  /* [n] */
@@ -120,6 +125,10 @@ ALWAYS_INLINE v8f reduce8(const v8f a[8]) {
     for (int j = 0; j < 8; j++) r[j] = hsum8(a[j]);
     return r;
 #endif
+}
+
+ALWAYS_INLINE v8f splat8(float x) { /* not 0 + x: without -ffast-math that is an addition */
+    return (v8f){x, x, x, x, x, x, x, x};
 }
 
 ALWAYS_INLINE float hmax8(v8f a) {
@@ -172,30 +181,188 @@ ALWAYS_INLINE v4f reduce4(const v8f a[4]) {
 #endif
 }
 
+/* Address of key j of a tile: kp[j], or base + j * tb when the tile lies in one rBlock (`contig`,
+ * a constant in every specialisation: the addresses become immediate offsets). */
+ALWAYS_INLINE const char *at(const char *const *kp, const char *base, int contig, int64_t tb,
+                             int j) {
+    return contig ? base + j * tb : kp[j];
+}
+
 /* Scores of `nr` (1..3) query rows against the TILE keys at kp: s[r][j] = q_r . k_j (q is
  * pre-scaled). Each key vector is loaded once for all rows. */
 ALWAYS_INLINE void tile_scores(const float *q, const int nr, const char *const *kp,
-                               float (*s)[TILE], int bf16, int D) {
+                               const char *kbase, int contig, float *s, int ld, int bf16, int D,
+                               const char *pf) {
+    const int64_t tb = (int64_t)D * (bf16 ? 2 : 4);
     const int nd = D / 8;
     for (int j0 = 0; j0 < TILE; j0 += 4) {
+        if (pf) /* the same four keys of a tile ahead: spread out, not a burst that stalls loads */
+            for (int64_t b = 0; b < 4 * tb; b += 64) __builtin_prefetch(pf + j0 * tb + b, 0, PREFETCH_LOCALITY);
         v8f a[3][4] = {{{0}}};
         if (bf16) {
             for (int c = 0; c < nd; c += 2)
                 for (int j = 0; j < 4; j++) {
-                    v8u raw = *(const v8u *)(kp[j0 + j] + 16 * c);
+                    v8u raw = *(const v8u *)(at(kp, kbase, contig, tb, j0 + j) + 16 * c);
                     v8f ke = bf16_even(raw), ko = bf16_odd(raw);
                     for (int r = 0; r < nr; r++)
                         a[r][j] += *(const v8f *)(q + r * D + 8 * c) * ke +
                                    *(const v8f *)(q + r * D + 8 * c + 8) * ko;
                 }
-        } else {
-            for (int c = 0; c < nd; c++)
-                for (int j = 0; j < 4; j++) {
-                    v8f kk = *(const v8f *)(kp[j0 + j] + 32 * c);
-                    for (int r = 0; r < nr; r++) a[r][j] += *(const v8f *)(q + r * D + 8 * c) * kk;
-                }
+        } else { /* three q vectors and the twelve sums stay in registers; one load per key */
+            const char *k0 = at(kp, kbase, contig, tb, j0), *k1 = at(kp, kbase, contig, tb, j0 + 1);
+            const char *k2 = at(kp, kbase, contig, tb, j0 + 2), *k3 = at(kp, kbase, contig, tb, j0 + 3);
+#pragma GCC unroll 1 /* unrolled, GCC hoists all q vectors and spills the sums */
+            for (int c = 0; c < nd; c++) {
+                const v8f q0 = *(const v8f *)(q + 8 * c);
+                const v8f q1 = nr > 1 ? *(const v8f *)(q + D + 8 * c) : q0;
+                const v8f q2 = nr > 2 ? *(const v8f *)(q + 2 * D + 8 * c) : q0;
+#define SCORE_KEY(J, KP)                                   \
+    {                                                      \
+        const v8f kk = *(const v8f *)((KP) + 32 * c);      \
+        a[0][J] += q0 * kk;                                \
+        if (nr > 1) a[1][J] += q1 * kk;                    \
+        if (nr > 2) a[2][J] += q2 * kk;                    \
+    }
+                SCORE_KEY(0, k0)
+                SCORE_KEY(1, k1)
+                SCORE_KEY(2, k2)
+                SCORE_KEY(3, k3)
+#undef SCORE_KEY
+            }
         }
-        for (int r = 0; r < nr; r++) *(v4f *)&s[r][j0] = reduce4(a[r]);
+        for (int r = 0; r < nr; r++) *(v4f *)&s[r * ld + j0] = reduce4(a[r]);
+    }
+}
+
+/* acc[r] += sum_j s[r][j] v_j for `nr` (1..3) rows (float32 values): twelve accumulators, three
+ * broadcast weights and one value vector fill the sixteen AVX registers. */
+ALWAYS_INLINE void tile_pv_f32(float *acc, const int nr, const float *s, int ld,
+                               const char *const *vp, const char *vbase, int contig, int D,
+                               const char *pf) {
+    const int nd = D / 8;
+    for (int c0 = 0; c0 < nd; c0 += 4) {
+        const int nc = nd - c0 < 4 ? nd - c0 : 4;
+        v8f a[3][4];
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < nc; c++) a[r][c] = *(const v8f *)(acc + r * D + 8 * (c0 + c));
+        for (int j = 0; j < TILE; j++) {
+            if (pf) /* the same part of value j of a tile ahead */
+                for (int b = 0; b < nc * 32; b += 64)
+                    __builtin_prefetch(pf + j * 4 * (int64_t)D + 32 * c0 + b, 0, PREFETCH_LOCALITY);
+            const v8f p0 = splat8(s[j]);
+            const v8f p1 = nr > 1 ? splat8(s[ld + j]) : p0;
+            const v8f p2 = nr > 2 ? splat8(s[2 * ld + j]) : p0;
+            const char *vj = at(vp, vbase, contig, 4 * (int64_t)D, j) + 32 * c0;
+            for (int c = 0; c < nc; c++) {
+                const v8f vv = *(const v8f *)(vj + 32 * c);
+                a[0][c] += p0 * vv;
+                if (nr > 1) a[1][c] += p1 * vv;
+                if (nr > 2) a[2][c] += p2 * vv;
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < nc; c++) *(v8f *)(acc + r * D + 8 * (c0 + c)) = a[r][c];
+    }
+}
+
+/* NT tiles of keys from t on (the last tile may hold fewer than TILE real keys) for an item's
+ * rows: scores of all NT * TILE keys, masking, one online-softmax update, acc += p V. Tile u's
+ * keys are at kb[u] / vb[u] + j * D * esz when `contig` (NT, contig: constants), else at kp/vp
+ * (NT = 1). Scoring several tiles before one softmax update keeps the latency chain of max, exp
+ * and rescaling off the path of every sixteen keys. */
+ALWAYS_INLINE void tile_step(const float *qs, int nrows, const int64_t *limit, int64_t t,
+                             int64_t t0, const int NT, const char *const *kp,
+                             const char *const *vp, const char *const *kb, const char *const *vb,
+                             const char *const *pk, const char *const *pv, int contig, float *m,
+                             float *l, float *acc, int bf16, int D) {
+    const int nd = D / 8, W = NT * TILE;
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    float s[MAX_ROWS * SUPER_TILES * TILE] __attribute__((aligned(32)));
+    /* scores: up to three rows share each key load (twelve FMA chains, four keys at a time) */
+    for (int u = 0; u < NT; u++) {
+        const char *kbase = contig ? kb[u] : NULL;
+        for (int r = 0; r < nrows; r += 3) {
+            const int nr = nrows - r < 3 ? nrows - r : 3;
+            float *sr = s + r * W + u * TILE;
+            if (nr == 3)
+                tile_scores(qs + r * D, 3, kp, kbase, contig, sr, W, bf16, D, r == 0 && pk ? pk[u] : NULL);
+            else if (nr == 2)
+                tile_scores(qs + r * D, 2, kp, kbase, contig, sr, W, bf16, D, r == 0 && pk ? pk[u] : NULL);
+            else
+                tile_scores(qs + r * D, 1, kp, kbase, contig, sr, W, bf16, D, r == 0 && pk ? pk[u] : NULL);
+        }
+    }
+    for (int r = 0; r < nrows; r++) /* keys past the tile, the shard or the causal limit */
+        if (t + W > limit[r])
+            for (int j0 = 0; j0 < W; j0 += 8) {
+                v8i visible = lane + (int)(t + j0 - t0) < (int)(limit[r] - t0);
+                *(v8f *)&s[r * W + j0] = select8(visible, *(v8f *)&s[r * W + j0], (v8f){0} - INFINITY);
+            }
+    /* online softmax: probabilities overwrite the scores */
+    for (int r = 0; r < nrows; r++) {
+        float *sr = s + r * W;
+        v8f mx = *(v8f *)sr;
+        for (int j0 = 8; j0 < W; j0 += 8) {
+            v8f x = *(v8f *)&sr[j0];
+            mx = select8(x > mx, x, mx);
+        }
+        float mt = hmax8(mx);
+        if (mt == -INFINITY) {
+            memset(sr, 0, sizeof(float) * W);
+            continue;
+        }
+        float mn = mt > m[r] ? mt : m[r];
+        v8f sum = {0};
+        for (int j0 = 0; j0 < W; j0 += 8) {
+            v8f p = exp8(*(v8f *)&sr[j0] - mn);
+            *(v8f *)&sr[j0] = p;
+            sum += p;
+        }
+        if (mn != m[r]) {
+            float corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mn);
+            l[r] *= corr;
+            for (int c = 0; c < D; c++) acc[(int64_t)r * D + c] *= corr;
+            m[r] = mn;
+        }
+        l[r] += hsum8(sum);
+    }
+    /* acc += p V */
+    for (int u = 0; u < NT; u++) {
+        const char *vbase = contig ? vb[u] : NULL;
+        if (bf16) { /* per row, up to eight accumulator vectors across the keys of the tile */
+            for (int r = 0; r < nrows; r++) {
+                float *ar = acc + (int64_t)r * D;
+                const float *sr = s + r * W + u * TILE;
+                for (int c0 = 0; c0 < nd; c0 += 8) {
+                    const int nc = nd - c0 < 8 ? nd - c0 : 8;
+                    v8f a[8];
+                    for (int c = 0; c < nc; c++) a[c] = *(v8f *)(ar + 8 * (c0 + c));
+                    for (int j = 0; j < TILE; j++) {
+                        const float pj = sr[j];
+                        if (r == 0 && c0 == 0 && pv && pv[u]) /* value j of a tile ahead */
+                            for (int b = 0; b < 2 * D; b += 64)
+                                __builtin_prefetch(pv[u] + j * 2 * (int64_t)D + b, 0, PREFETCH_LOCALITY);
+                        for (int c = 0; c < nc; c += 2) {
+                            v8u raw = *(const v8u *)(at(vp, vbase, contig, 2 * (int64_t)D, j) + 16 * (c0 + c));
+                            a[c] += pj * bf16_even(raw);
+                            a[c + 1] += pj * bf16_odd(raw);
+                        }
+                    }
+                    for (int c = 0; c < nc; c++) *(v8f *)(ar + 8 * (c0 + c)) = a[c];
+                }
+            }
+        } else { /* three rows x four vectors of accumulators: each value vector loaded once */
+            for (int r = 0; r < nrows; r += 3) {
+                const int nr = nrows - r < 3 ? nrows - r : 3;
+                const float *sr = s + r * W + u * TILE;
+                if (nr == 3)
+                    tile_pv_f32(acc + (int64_t)r * D, 3, sr, W, vp, vbase, contig, D, r == 0 && pv ? pv[u] : NULL);
+                else if (nr == 2)
+                    tile_pv_f32(acc + (int64_t)r * D, 2, sr, W, vp, vbase, contig, D, r == 0 && pv ? pv[u] : NULL);
+                else
+                    tile_pv_f32(acc + (int64_t)r * D, 1, sr, W, vp, vbase, contig, D, r == 0 && pv ? pv[u] : NULL);
+            }
+        }
     }
 }
 
@@ -203,7 +370,7 @@ ALWAYS_INLINE void tile_scores(const float *q, const int nr, const char *const *
  * keys t0..t1. Leaves the unnormalised state (m, l, acc[rows][D]). */
 ALWAYS_INLINE void run_item(const Problem *P, int i, int h, int r0, int nrows, int64_t t0,
                             int64_t t1, float *m, float *l, float *acc, int bf16, int D) {
-    const int G = P->hq / P->hkv, nd = D / 8, esz = bf16 ? 2 : 4;
+    const int G = P->hq / P->hkv, esz = bf16 ? 2 : 4;
     const int64_t tok_bytes = (int64_t)D * esz;
     const int32_t *blocks = P->block_table + P->block_start[i];
     const char *kh = P->k + h * P->head_stride, *vh = P->v + h * P->head_stride;
@@ -212,7 +379,7 @@ ALWAYS_INLINE void run_item(const Problem *P, int i, int h, int r0, int nrows, i
     int64_t limit[MAX_ROWS];
     for (int r = 0; r < nrows; r++) {
         int f = r0 + r;
-        int64_t row = P->query_start[i] + f / G;
+        int64_t row = P->q_first[i] + f / G;
         const float *qr = P->q + (row * P->hq + h * G + f % G) * D;
         for (int c = 0; c < D; c++) {
             int to = bf16 ? (c & ~15) + (c & 1) * 8 + (c & 15) / 2 : c;
@@ -223,85 +390,61 @@ ALWAYS_INLINE void run_item(const Problem *P, int i, int h, int r0, int nrows, i
         l[r] = 0.0f;
         memset(acc + (int64_t)r * D, 0, sizeof(float) * D);
     }
-    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    float s[MAX_ROWS][TILE] __attribute__((aligned(32)));
-    for (int64_t t = t0; t < t1; t += TILE) {
+    const int64_t bs = P->block_size;
+    /* tiles start at multiples of TILE (t0 is one): with bs % TILE == 0 a tile is one rBlock's */
+    const int blocked = bs % TILE == 0;
+    int64_t t = t0;
+    while (t < t1) {
+        /* the tiles PREFETCH_STEPS steps ahead, prefetched while this step computes */
+        const char *pk[SUPER_TILES] = {NULL}, *pv[SUPER_TILES] = {NULL};
+        const int64_t ahead = t + PREFETCH_STEPS * SUPER_TILES * TILE;
+        for (int u = 0; PREFETCH_STEPS > 0 && blocked && u < SUPER_TILES; u++) {
+            const int64_t tp = ahead + u * TILE;
+            if (tp + TILE > t1) break;
+            const int64_t base = (int64_t)blocks[tp / bs] * P->block_stride + (tp % bs) * tok_bytes;
+            pk[u] = kh + base;
+            pv[u] = vh + base;
+        }
+        if (blocked && t + SUPER_TILES * TILE <= t1) { /* SUPER_TILES whole tiles */
+            const char *kb[SUPER_TILES], *vb[SUPER_TILES];
+            for (int u = 0; u < SUPER_TILES; u++) {
+                const int64_t tu = t + u * TILE;
+                const int64_t base = (int64_t)blocks[tu / bs] * P->block_stride + (tu % bs) * tok_bytes;
+                kb[u] = kh + base;
+                vb[u] = vh + base;
+            }
+            tile_step(qs, nrows, limit, t, t0, SUPER_TILES, NULL, NULL, kb, vb, pk, pv, 1, m, l,
+                      acc, bf16, D);
+            t += SUPER_TILES * TILE;
+            continue;
+        }
         const int nt = t1 - t < TILE ? (int)(t1 - t) : TILE;
-        int64_t off[TILE];
-        if (PREFETCH_TILES > 0 && t + PREFETCH_TILES * TILE < t1) {
-            const int64_t tp = t + PREFETCH_TILES * TILE;
-            const int np = t1 - tp < TILE ? (int)(t1 - tp) : TILE;
-            key_offsets(P, blocks, tp, np, tok_bytes, off);
-            for (int j = 0; j < np; j++)
-                for (int64_t b = 0; b < tok_bytes; b += 64) {
-                    __builtin_prefetch(kh + off[j] + b, 0, PREFETCH_LOCALITY);
-                    __builtin_prefetch(vh + off[j] + b, 0, PREFETCH_LOCALITY);
-                }
-        }
-        key_offsets(P, blocks, t, nt, tok_bytes, off);
-        const char *kp[TILE], *vp[TILE];
-        for (int j = 0; j < TILE; j++) { /* padding keys repeat the first: finite, weight 0 */
-            kp[j] = kh + off[j < nt ? j : 0];
-            vp[j] = vh + off[j < nt ? j : 0];
-        }
-        /* scores: up to three rows share each key load (twelve FMA chains, four keys at a time) */
-        for (int r = 0; r < nrows; r += 3) {
-            const int nr = nrows - r < 3 ? nrows - r : 3;
-            if (nr == 3)
-                tile_scores(qs + r * D, 3, kp, &s[r], bf16, D);
-            else if (nr == 2)
-                tile_scores(qs + r * D, 2, kp, &s[r], bf16, D);
-            else
-                tile_scores(qs + r * D, 1, kp, &s[r], bf16, D);
-        }
-        for (int r = 0; r < nrows; r++) /* keys past the tile, the shard or the causal limit */
-            for (int j0 = 0; j0 < TILE; j0 += 8) {
-                v8i visible = lane + (int)(t + j0 - t0) < (int)(limit[r] - t0);
-                *(v8f *)&s[r][j0] = select8(visible, *(v8f *)&s[r][j0], (v8f){0} - INFINITY);
-            }
-        /* online softmax: probabilities overwrite the scores */
-        for (int r = 0; r < nrows; r++) {
-            v8f s0 = *(v8f *)&s[r][0], s1 = *(v8f *)&s[r][8];
-            float mt = hmax8(select8(s0 > s1, s0, s1));
-            if (mt == -INFINITY) {
-                *(v8f *)&s[r][0] = (v8f){0};
-                *(v8f *)&s[r][8] = (v8f){0};
-                continue;
-            }
-            float mn = mt > m[r] ? mt : m[r];
-            v8f p0 = exp8(s0 - mn), p1 = exp8(s1 - mn);
-            *(v8f *)&s[r][0] = p0;
-            *(v8f *)&s[r][8] = p1;
-            if (mn != m[r]) {
-                float corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mn);
-                l[r] *= corr;
-                for (int c = 0; c < D; c++) acc[(int64_t)r * D + c] *= corr;
-                m[r] = mn;
-            }
-            l[r] += hsum8(p0 + p1);
-        }
-        /* acc += p V: per row, up to eight accumulator vectors across the keys of the tile */
-        for (int r = 0; r < nrows; r++) {
-            float *ar = acc + (int64_t)r * D;
-            for (int c0 = 0; c0 < nd; c0 += 8) {
-                const int nc = nd - c0 < 8 ? nd - c0 : 8;
-                v8f a[8];
-                for (int c = 0; c < nc; c++) a[c] = *(v8f *)(ar + 8 * (c0 + c));
-                for (int j = 0; j < TILE; j++) {
-                    const float pj = s[r][j];
-                    if (bf16) {
-                        for (int c = 0; c < nc; c += 2) {
-                            v8u raw = *(const v8u *)(vp[j] + 16 * (c0 + c));
-                            a[c] += pj * bf16_even(raw);
-                            a[c + 1] += pj * bf16_odd(raw);
-                        }
-                    } else {
-                        for (int c = 0; c < nc; c++) a[c] += pj * *(const v8f *)(vp[j] + 32 * (c0 + c));
+        if (blocked && nt == TILE) { /* one whole tile */
+            const int64_t base = (int64_t)blocks[t / bs] * P->block_stride + (t % bs) * tok_bytes;
+            const char *kb = kh + base, *vb = vh + base;
+            tile_step(qs, nrows, limit, t, t0, 1, NULL, NULL, &kb, &vb, NULL, NULL, 1, m, l, acc,
+                      bf16, D);
+        } else { /* a tile across rBlocks, or the last partial one: key by key */
+            int64_t off[TILE] = {0};
+            key_offsets(P, blocks, t, nt, tok_bytes, off);
+            if (!blocked && PREFETCH_STEPS > 0 && t + 2 * TILE <= t1) {
+                int64_t poff[TILE];
+                key_offsets(P, blocks, t + TILE, TILE, tok_bytes, poff);
+                for (int j = 0; j < TILE; j++)
+                    for (int64_t b = 0; b < tok_bytes; b += 64) {
+                        __builtin_prefetch(kh + poff[j] + b, 0, PREFETCH_LOCALITY);
+                        __builtin_prefetch(vh + poff[j] + b, 0, PREFETCH_LOCALITY);
                     }
-                }
-                for (int c = 0; c < nc; c++) *(v8f *)(ar + 8 * (c0 + c)) = a[c];
             }
+            const char *kp[TILE], *vp[TILE];
+            for (int j = 0; j < TILE; j++) { /* padding keys repeat the first: finite, weight 0 */
+                kp[j] = kh + off[j < nt ? j : 0];
+                vp[j] = vh + off[j < nt ? j : 0];
+            }
+            tile_step(qs, nrows, limit, t, t0, 1, kp, vp, NULL, NULL, NULL, NULL, 0, m, l, acc,
+                      bf16, D);
         }
+        t += TILE;
     }
     if (bf16) /* values back from [even | odd] to element order */
         for (int r = 0; r < nrows; r++)
@@ -338,56 +481,68 @@ static void item_any(const Problem *P, int i, int h, int r0, int n, int64_t t0, 
 }
 
 typedef struct {
-    int i, h, r0, nrows, chunk, num_chunks;
-    int64_t t0, t1, state; /* state: offset of this item's partial state in the scratch */
+    int s, i, h, r0, nrows; /* shard s's request i, kv head h, query rows r0..r0+nrows */
+    int part, parts;        /* place in its merge set: the items of one (group, h, r0) */
+    int64_t t0, t1, state;  /* keys; state: offset of this item's partial state in the scratch */
 } Item;
 
-/* Returns 0; -1 when scratch memory could not be allocated; -2 for a head size it cannot do
- * (a multiple of 8 up to MAX_D; bfloat16: of 16). */
-int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
-              int64_t block_stride, int kv_bf16, int num_requests, const int64_t *query_start,
-              const int32_t *block_table, const int64_t *block_start, const int64_t *context_lens,
-              const int64_t *row_limit, int hq, int hkv, int d, int block_size, float scale,
-              int64_t chunk_tokens, int num_threads, float *out, float *lse) {
-    if (d % (kv_bf16 ? 16 : 8) || d > MAX_D) return -2;
-    const int esz = kv_bf16 ? 2 : 4, G = hq / hkv;
-    Problem P = {q, (const char *)k, (const char *)v, head_stride * esz, block_stride * esz,
-                 query_start, block_table, block_start, context_lens, row_limit, hq, hkv, d,
-                 block_size, scale, out, lse};
-    /* count items; rows of requests without keys get the empty state right away */
+/* The work of every shard at once: shard s is a Problem (its pool, block tables, the first global
+ * query row of each of its requests); requests of different shards that share a group (the same
+ * query rows, their context spread over pools) are merged by log-sum-exp like split-K chunks.
+ * group_start[g]..group_start[g+1] index member[], which holds (shard, request) pairs. Returns 0;
+ * -1 when scratch memory could not be allocated. */
+static int ma_run(const Problem *shards, int num_groups, const int64_t *group_start,
+                  const int32_t *member, const int64_t *group_rows, int kv_bf16, int64_t chunk_tokens,
+                  int num_threads) {
+    const Problem *P0 = &shards[0];
+    const int hq = P0->hq, hkv = P0->hkv, d = P0->d, G = hq / hkv;
+    float *out = P0->out, *lse = P0->lse;
+    /* count items; rows of groups without keys get the empty state right away */
     int64_t num_items = 0;
-    for (int i = 0; i < num_requests; i++) {
-        int64_t rows = (query_start[i + 1] - query_start[i]) * G, ctx = context_lens[i];
-        if (rows == 0) continue;
-        if (ctx == 0) {
-            for (int64_t row = query_start[i]; row < query_start[i + 1]; row++)
+    for (int g = 0; g < num_groups; g++) {
+        int64_t rows = group_rows[g] * G, chunks = 0;
+        for (int64_t x = group_start[g]; x < group_start[g + 1]; x++) {
+            int64_t ctx = shards[member[2 * x]].context_lens[member[2 * x + 1]];
+            chunks += (ctx + chunk_tokens - 1) / chunk_tokens;
+        }
+        if (group_start[g] == group_start[g + 1]) continue; /* callers give every group one */
+        if (rows && !chunks) {
+            const Problem *P = &shards[member[2 * group_start[g]]];
+            int64_t first = P->q_first[member[2 * group_start[g] + 1]];
+            for (int64_t row = first; row < first + group_rows[g]; row++)
                 for (int hh = 0; hh < hq; hh++) {
                     memset(out + (row * hq + hh) * d, 0, sizeof(float) * d);
                     lse[row * hq + hh] = -INFINITY;
                 }
-            continue;
         }
-        num_items += hkv * ((rows + MAX_ROWS - 1) / MAX_ROWS) * ((ctx + chunk_tokens - 1) / chunk_tokens);
+        num_items += hkv * ((rows + MAX_ROWS - 1) / MAX_ROWS) * chunks;
     }
     Item *items = malloc(sizeof(Item) * (num_items ? num_items : 1));
     if (!items) return -1;
     int64_t n = 0, scratch = 0;
-    for (int i = 0; i < num_requests; i++) {
-        int rows = (int)(query_start[i + 1] - query_start[i]) * G;
-        int64_t ctx = context_lens[i];
-        if (rows == 0 || ctx == 0) continue;
-        int nc = (int)((ctx + chunk_tokens - 1) / chunk_tokens);
+    for (int g = 0; g < num_groups; g++) {
+        const int rows = (int)group_rows[g] * G;
         for (int h = 0; h < hkv; h++)
-            for (int r0 = 0; r0 < rows; r0 += MAX_ROWS)
-                for (int c = 0; c < nc; c++) {
-                    Item it = {i, h, r0, rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS, c, nc,
-                               c * chunk_tokens, (c + 1) * chunk_tokens < ctx ? (c + 1) * chunk_tokens : ctx, -1};
-                    if (nc > 1) {
-                        it.state = scratch;
-                        scratch += (int64_t)it.nrows * (d + 2);
+            for (int r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+                const int64_t set = n;
+                for (int64_t x = group_start[g]; x < group_start[g + 1]; x++) {
+                    const int sh = member[2 * x], i = member[2 * x + 1];
+                    const int64_t ctx = shards[sh].context_lens[i];
+                    for (int64_t t0 = 0; t0 < ctx; t0 += chunk_tokens) {
+                        Item it = {sh, i, h, r0, rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS, 0, 0,
+                                   t0, t0 + chunk_tokens < ctx ? t0 + chunk_tokens : ctx, -1};
+                        items[n++] = it;
                     }
-                    items[n++] = it;
                 }
+                for (int64_t x = set; x < n; x++) {
+                    items[x].part = (int)(x - set);
+                    items[x].parts = (int)(n - set);
+                    if (n - set > 1) {
+                        items[x].state = scratch;
+                        scratch += (int64_t)items[x].nrows * (d + 2);
+                    }
+                }
+            }
     }
     float *partial = scratch ? malloc(sizeof(float) * scratch) : NULL;
     if (scratch && !partial) {
@@ -407,16 +562,17 @@ int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
 #pragma omp for schedule(dynamic, 1)
         for (int64_t x = 0; x < n; x++) {
             const Item *it = &items[x];
+            const Problem *P = &shards[it->s];
             if (fn)
-                fn(&P, it->i, it->h, it->r0, it->nrows, it->t0, it->t1, m, l, acc);
+                fn(P, it->i, it->h, it->r0, it->nrows, it->t0, it->t1, m, l, acc);
             else
-                item_any(&P, it->i, it->h, it->r0, it->nrows, it->t0, it->t1, m, l, acc, kv_bf16);
+                item_any(P, it->i, it->h, it->r0, it->nrows, it->t0, it->t1, m, l, acc, kv_bf16);
             for (int r = 0; r < it->nrows; r++) {
                 int f = it->r0 + r;
-                int64_t row = query_start[it->i] + f / G;
+                int64_t row = P->q_first[it->i] + f / G;
                 int hh = it->h * G + f % G;
                 const float *a = acc + (int64_t)r * d;
-                if (it->num_chunks > 1) { /* partial state: merged below */
+                if (it->parts > 1) { /* partial state: merged below */
                     float *st = partial + it->state + (int64_t)r * (d + 2);
                     st[0] = m[r];
                     st[1] = l[r];
@@ -429,19 +585,20 @@ int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
                 lse[row * hq + hh] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
             }
         }
-        /* merge split-K partials: the first chunk's item of each (request, head, row tile) */
+        /* merge the partial states of every merge set (split-K chunks, shards of one group) */
 #pragma omp for schedule(static)
         for (int64_t x = 0; x < n; x++) {
             const Item *it = &items[x];
-            if (it->num_chunks == 1 || it->chunk != 0) continue;
+            if (it->parts == 1 || it->part != 0) continue;
+            const Problem *P = &shards[it->s];
             for (int r = 0; r < it->nrows; r++) {
                 float mx = -INFINITY, sum = 0.0f;
-                for (int c = 0; c < it->num_chunks; c++) {
+                for (int c = 0; c < it->parts; c++) {
                     float mc = partial[items[x + c].state + (int64_t)r * (d + 2)];
                     mx = mc > mx ? mc : mx;
                 }
                 int f = it->r0 + r;
-                int64_t row = query_start[it->i] + f / G;
+                int64_t row = P->q_first[it->i] + f / G;
                 int hh = it->h * G + f % G;
                 float *o = out + (row * hq + hh) * d;
                 memset(o, 0, sizeof(float) * d);
@@ -449,7 +606,7 @@ int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
                     lse[row * hq + hh] = -INFINITY;
                     continue;
                 }
-                for (int c = 0; c < it->num_chunks; c++) {
+                for (int c = 0; c < it->parts; c++) {
                     const float *st = partial + items[x + c].state + (int64_t)r * (d + 2);
                     if (st[0] == -INFINITY) continue;
                     float w = expf(st[0] - mx);
@@ -465,6 +622,90 @@ int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
     free(partial);
     free(items);
     return 0;
+}
+
+/* One pool: request i's query rows are query_start[i]..query_start[i+1] of q and out. Returns
+ * 0; -1 when scratch memory could not be allocated; -2 for a head size it cannot do (a multiple
+ * of 8 up to MAX_D; bfloat16: of 16). */
+int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
+              int64_t block_stride, int kv_bf16, int num_requests, const int64_t *query_start,
+              const int32_t *block_table, const int64_t *block_start, const int64_t *context_lens,
+              const int64_t *row_limit, int hq, int hkv, int d, int block_size, float scale,
+              int64_t chunk_tokens, int num_threads, float *out, float *lse) {
+    if (d % (kv_bf16 ? 16 : 8) || d > MAX_D) return -2;
+    const int esz = kv_bf16 ? 2 : 4;
+    Problem P = {q, (const char *)k, (const char *)v, head_stride * esz, block_stride * esz,
+                 query_start, block_table, block_start, context_lens, row_limit, hq, hkv, d,
+                 block_size, scale, out, lse};
+    int64_t *group_start = malloc(sizeof(int64_t) * (num_requests + 1));
+    int64_t *group_rows = malloc(sizeof(int64_t) * (num_requests + 1));
+    int32_t *member = malloc(sizeof(int32_t) * 2 * (num_requests + 1));
+    int status = -1;
+    if (group_start && group_rows && member) { /* every request its own group */
+        for (int i = 0; i <= num_requests; i++) group_start[i] = i;
+        for (int i = 0; i < num_requests; i++) {
+            group_rows[i] = query_start[i + 1] - query_start[i];
+            member[2 * i] = 0;
+            member[2 * i + 1] = i;
+        }
+        status = ma_run(&P, num_requests, group_start, member, group_rows, kv_bf16, chunk_tokens,
+                        num_threads);
+    }
+    free(group_start);
+    free(group_rows);
+    free(member);
+    return status;
+}
+
+/* Decode rows whose context is spread over several pools (DistAttention's shards in one
+ * process), every shard's MA and the merge in one call. Shard s: layer base pointers k[s],
+ * v[s] (head stride head_stride[s] elements; block stride, dtype and shapes shared), requests
+ * req_start[s]..req_start[s+1] of the flat per-request arrays below. Per request r: its group
+ * (the batch request whose rows it serves) group[r], its first global query row q_first[r],
+ * its rBlocks block_table[block_start[r]..block_start[r+1]] and context_lens[r] keys. Groups
+ * are 0..num_groups-1 with group_rows[g] query rows each; out [T, Hq, D], lse [T, Hq]. Returns
+ * as ma_decode. */
+int ma_decode_shards(const float *q, int num_shards, const int64_t *k, const int64_t *v,
+                     const int64_t *head_stride, int64_t block_stride, int kv_bf16,
+                     const int64_t *req_start, const int64_t *group, const int64_t *q_first,
+                     const int32_t *block_table, const int64_t *block_start,
+                     const int64_t *context_lens, int num_groups, const int64_t *group_rows,
+                     int hq, int hkv, int d, int block_size, float scale, int64_t chunk_tokens,
+                     int num_threads, float *out, float *lse) {
+    if (d % (kv_bf16 ? 16 : 8) || d > MAX_D) return -2;
+    const int esz = kv_bf16 ? 2 : 4;
+    const int64_t num_reqs = req_start[num_shards];
+    Problem *shards = malloc(sizeof(Problem) * (num_shards ? num_shards : 1));
+    int64_t *group_start = calloc(num_groups + 1, sizeof(int64_t));
+    int32_t *member = malloc(sizeof(int32_t) * 2 * (num_reqs ? num_reqs : 1));
+    int64_t *fill = malloc(sizeof(int64_t) * (num_groups ? num_groups : 1));
+    int status = -1;
+    if (shards && group_start && member && fill) {
+        for (int s = 0; s < num_shards; s++) { /* request arrays offset to the shard's first */
+            const int64_t r0 = req_start[s];
+            Problem P = {q, (const char *)(intptr_t)k[s], (const char *)(intptr_t)v[s],
+                         head_stride[s] * esz, block_stride * esz, q_first + r0, block_table,
+                         block_start + r0, context_lens + r0, NULL, hq, hkv, d, block_size,
+                         scale, out, lse};
+            shards[s] = P;
+        }
+        for (int64_t r = 0; r < num_reqs; r++) group_start[group[r] + 1]++; /* members by group */
+        for (int g = 0; g < num_groups; g++) group_start[g + 1] += group_start[g];
+        for (int g = 0; g < num_groups; g++) fill[g] = group_start[g];
+        for (int s = 0; s < num_shards; s++)
+            for (int64_t r = req_start[s]; r < req_start[s + 1]; r++) {
+                const int64_t x = fill[group[r]]++;
+                member[2 * x] = s;
+                member[2 * x + 1] = (int32_t)(r - req_start[s]);
+            }
+        status = ma_run(shards, num_groups, group_start, member, group_rows, kv_bf16,
+                        chunk_tokens, num_threads);
+    }
+    free(shards);
+    free(group_start);
+    free(member);
+    free(fill);
+    return status;
 }
 
 /* In place: merge the partial state (part_out, part_lse) of rows `rows` (NULL: rows 0..n-1) into
