@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from infinite_llm.attention.dist import ShardWork
+from infinite_llm.attention.dist import DistPlan, ShardWork
 from infinite_llm.bench.common import emit, format_table, machine_info
 from infinite_llm.config import CacheConfig, EngineConfig
 from infinite_llm.llm_engine import LLMEngine
@@ -62,6 +62,23 @@ class _CountingExecutor:
             if inst != HOME:
                 self.bytes_received += _nbytes(out, lse)
         return results
+
+    def run_decode(self, layer_idx: int, writes: Mapping[int, ShardWork], q: torch.Tensor,
+                   plan: DistPlan, scale: float) -> torch.Tensor | None:
+        """The fused in-process decode layer: counted as the shard traffic it stands for (each
+        creditor's query rows and new K,V out; a float32 (out, lse) per row back)."""
+        out = self.inner.run_decode(layer_idx, writes, q, plan, scale)
+        if out is not None:
+            for inst, w in writes.items():
+                if inst != HOME:
+                    self.bytes_sent += _nbytes(w.write_slots, w.k, w.v)
+            row_bytes = q[0].nbytes
+            for inst, shard in plan.shards.items():
+                if inst != HOME:
+                    rows = q.shape[0] if shard.rows is None else shard.rows.numel()
+                    self.bytes_sent += rows * row_bytes
+                    self.bytes_received += rows * q.shape[1] * (q.shape[2] + 1) * 4
+        return out
 
 
 def _engine(args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int,

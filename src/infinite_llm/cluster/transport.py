@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from infinite_llm.attention.dist import LocalExecutor, ShardWork
+from infinite_llm.attention.dist import DistPlan, LocalExecutor, ShardWork
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
 
 if TYPE_CHECKING:
@@ -48,6 +48,21 @@ class InProcessTransport:
     def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         self.num_shard_calls += max(0, len(work) - 1)
         return self._executor.run(layer_idx, work)
+
+    def run_decode(
+        self,
+        layer_idx: int,
+        writes: Mapping[int, ShardWork],
+        q: torch.Tensor,
+        plan: DistPlan,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """A decode layer over several pools in one native call (``LocalExecutor.run_decode``);
+        counted as the shard calls it replaces."""
+        out = self._executor.run_decode(layer_idx, writes, q, plan, scale)
+        if out is not None:
+            self.num_shard_calls += max(0, len(set(plan.shards) | set(writes)) - 1)
+        return out
 
     def lend(self, creditor_id: int, request: LendRequest) -> LendReply:
         creditor = self.instances.get(creditor_id)
