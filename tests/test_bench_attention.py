@@ -1,0 +1,21 @@
+"""``bench attention`` end to end on a small grid: figures present, results exact, table prints."""
+
+from __future__ import annotations
+
+from infinite_llm.attention import cpu_native
+from infinite_llm.bench.attention import format_table, run_attention_bench
+
+
+def test_small_grid() -> None:
+    report = run_attention_bench(
+        contexts=[1024, 2000], shard_counts=[1, 4], budget_s=0.01, show_progress=False
+    )
+    rows = report["results"]
+    assert [(r["context"], r["shards"]) for r in rows] == [(1024, 1), (1024, 4), (2000, 1), (2000, 4)]
+    for r in rows:
+        assert r["time_ms"] > 0 and r["mono_ms"] > 0 and r["gbps"] > 0
+        assert r["max_abs_err"] < 1e-5
+        if r["shards"] > 1 and cpu_native.native_available():
+            assert r["fused_ms"] > 0 and r["fused_max_abs_err"] < 1e-5
+    table = format_table(report)
+    assert len(table.splitlines()) >= 3 + len(rows)
