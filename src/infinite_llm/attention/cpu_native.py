@@ -191,11 +191,16 @@ def micro_attention_native(
         out.data_ptr(),
         lse.data_ptr(),
     )
+    _check(status, d, k_cache.dtype)
+    return (out if q.dtype == torch.float32 else out.to(q.dtype)), lse
+
+
+def _check(status: int, head_dim: int, dtype: torch.dtype) -> None:
+    """The kernels' return codes as exceptions."""
     if status == -1:
         raise MemoryError("native decode attention could not allocate its scratch memory")
     if status != 0:
-        raise ValueError(f"native decode attention cannot do head_dim={d} with {k_cache.dtype}")
-    return (out if q.dtype == torch.float32 else out.to(q.dtype)), lse
+        raise ValueError(f"native decode attention cannot do head_dim={head_dim} with {dtype}")
 
 
 def merge_into_native(
@@ -377,8 +382,5 @@ def decode_attention_shards(
         out.data_ptr(),
         lse.data_ptr(),
     )
-    if status == -1:
-        raise MemoryError("native decode attention could not allocate its scratch memory")
-    if status != 0:
-        raise ValueError(f"native decode attention cannot do head_dim={d} with {k0.dtype}")
+    _check(status, d, k0.dtype)
     return out, lse
