@@ -116,7 +116,7 @@ def test_decode_over_pools_in_one_native_call(
     q = randn(gen, len(contexts), hq, d, dtype=dtype, std=2.0)
     new_k = torch.cat([k[c:] for k, c in zip(full_k, contexts)])
     new_v = torch.cat([v[c:] for v, c in zip(full_v, contexts)])
-    out = attention(LAYER, q, new_k, new_v)
+    out = attention(LAYER, q.to(dtype), new_k.to(dtype), new_v.to(dtype))  # the model's dtype
     for i, c in enumerate(contexts):
         ref_out, _ = sdpa_truth(q[i : i + 1], full_k[i], full_v[i], c, d**-0.5)
         assert_close(out[i : i + 1], None, ref_out, None, dtype)
