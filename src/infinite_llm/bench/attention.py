@@ -42,14 +42,19 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 TARGET_MONO_BW_PCT = 60.0  # monolithic decode at 128K: share of the measured read bandwidth
 TARGET_SPLIT_OVERHEAD_PCT = 10.0  # 4 shards, contexts >= 32K
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_FLUSH_MIB = 128  # several times a last-level cache (32 MiB on the development machine)
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072, 262144, 524288)
 
 
 def _time_alternating(
-    fns: Sequence[Callable[[], object]], budget_s: float, min_repeats: int = 5
+    fns: Sequence[Callable[[], object]],
+    budget_s: float,
+    min_repeats: int = 5,
+    flush: Callable[[], object] | None = None,
 ) -> list[list[float]]:
     """Seconds per call of each of ``fns``, called in turn (after a warm-up of each) so that
-    whatever else runs on the machine meanwhile weighs on all alike."""
+    whatever else runs on the machine meanwhile weighs on all alike. ``flush`` runs before
+    every timed call, outside the timing."""
     times: list[list[float]] = [[] for _ in fns]
     for fn in fns:
         fn()
@@ -58,10 +63,24 @@ def _time_alternating(
         time.perf_counter() - t_start < budget_s and len(times[0]) < 200
     ):
         for fn, out in zip(fns, times):
+            if flush is not None:
+                flush()
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
     return times
+
+
+def cache_flusher(mib: int) -> Callable[[], object] | None:
+    """A read of ``mib`` MiB (several times the last-level cache) that evicts the KV a call
+    left there: in a decode step the other layers' KV and all the weights pass through the
+    caches between two visits of one layer's KV, so every MA reads from memory. Without it a
+    call would find part of the previous call's data in the cache, and which call ran before
+    which would decide the comparison. None for 0."""
+    if mib <= 0:
+        return None
+    buffer = torch.ones(mib << 18, dtype=torch.float32)
+    return buffer.sum
 
 
 def _reference_f64(
@@ -145,6 +164,7 @@ def bench_context(
     budget_s: float,
     seed: int,
     progress: Callable[[], None],
+    flush: Callable[[], object] | None = None,
 ) -> list[dict]:
     """Every shard count at one context length; one pool for the whole grid row."""
     num_blocks = -(-context // BLOCK_SIZE)
@@ -183,7 +203,7 @@ def bench_context(
         fused = _fused(q, k, v, batches, scale, impl) if num_shards > 1 else None
         if fused is not None:
             fns.append(fused)
-        timed = _time_alternating(fns, budget_s)
+        timed = _time_alternating(fns, budget_s, flush=flush)
         mono_t, split_t = timed[0], timed[1]
         merge_t = _time_alternating([merge], min(budget_s, 0.05))[0] if num_shards > 1 else [0.0]
         err = mono_err if num_shards == 1 else (split()[0].double() - truth).abs().max().item()
@@ -226,10 +246,12 @@ def run_attention_bench(
     budget_s: float = 0.5,
     seed: int = 0,
     show_progress: bool = True,
+    flush_mib: int = DEFAULT_FLUSH_MIB,
 ) -> dict:
     """The whole grid; returns one JSON-ready dict."""
     from tqdm import tqdm
 
+    flush = cache_flusher(flush_mib)
     samples = read_bandwidth_samples(512 << 20, 9)
     read_gbps, read_best_gbps = statistics.median(samples), max(samples)
     results: list[dict] = []
@@ -251,6 +273,7 @@ def run_attention_bench(
                     budget_s,
                     seed,
                     lambda: bar.update(),
+                    flush,
                 )
     for row in results:
         row["pct_of_bw"] = row["gbps"] / read_gbps * 100
@@ -271,6 +294,7 @@ def run_attention_bench(
             "shards": list(shard_counts),
             "threads": torch.get_num_threads(),
             "timing": "median of alternated samples (mono, split and fused interleaved); *_min: best",
+            "cache_flush_mib": flush_mib,
         },
         "machine": {
             "read_gbps": read_gbps,
@@ -418,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--flush-mib",
+        type=int,
+        default=DEFAULT_FLUSH_MIB,
+        help="MiB read before every timed call to evict the caches (0: calls find what the "
+        "previous one left in the cache)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for attention.png")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-progress", action="store_true")
@@ -439,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.budget,
             args.seed,
             show_progress=not args.no_progress,
+            flush_mib=args.flush_mib,
         )
     print(json.dumps(report) if args.json else format_table(report))
     if args.out is not None:
