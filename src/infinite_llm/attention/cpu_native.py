@@ -81,6 +81,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.merge_into.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
     lib.merge_into.restype = None
     lib.self_decode.argtypes = [p, i64, p, i64, p, i64, i32, i64, i32, i32, i32, f32, p, p]
+    lib.kv_write.argtypes = [p, p, i64, p, i64, p, i64, p, i64, i32, i32, i32]
+    lib.kv_write.restype = ctypes.c_int
     lib.self_decode.restype = None
 
 
@@ -384,3 +386,41 @@ def decode_attention_shards(
     )
     _check(status, d, k0.dtype)
     return out, lse
+
+
+def kv_write_native(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> bool:
+    """Store k, v [n, Hkv, D] in one layer's slots (``KVPool.write``) with one C loop; False
+    (nothing done) where the tensors do not fit it."""
+    native = native_library()
+    d = k_cache.shape[-1]
+    if (
+        native is None
+        or k_cache.device.type != "cpu"
+        or not (k.dtype == v.dtype == k_cache.dtype == v_cache.dtype)
+        or k.device.type != "cpu"
+        or v.device.type != "cpu"
+        or slots.dtype != torch.int64
+        or not slots.is_contiguous()
+        or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+        or any(x.stride(-1) != 1 or x.stride(-2) != d for x in (k, v))
+    ):
+        return False
+    status = native.lib.kv_write(
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        slots.data_ptr(),
+        slots.numel(),
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        k_cache.shape[0],
+        d,
+        k_cache.element_size(),
+    )
+    if status != 0:
+        raise IndexError(f"a KV slot is outside the pool's {k_cache.shape[1] * k_cache.shape[2]} slots")
+    return True

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from infinite_llm.attention.cpu_native import kv_write_native
+
 
 class KVPool:
     def __init__(
@@ -43,6 +45,8 @@ class KVPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens: slots [n] int64; k, v [n, Hkv, D]."""
+        if kv_write_native(self.k[layer], self.v[layer], slots, k, v):  # CPU: one C loop
+            return
         h, d = self.num_kv_heads, self.head_dim
         self.k[layer].view(h, -1, d).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
         self.v[layer].view(h, -1, d).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))

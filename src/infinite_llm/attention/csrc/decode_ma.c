@@ -771,3 +771,21 @@ void self_decode(const void *q, int64_t q_row, const void *k, int64_t k_row, con
             lse[r * hq + hh] = dot * scale;
         }
 }
+
+/* Store new tokens' K and V in their slots of one layer of a pool: token r's head h goes to
+ * cache[h][slots[r]] (head stride head_stride elements, token stride d). k, v [n, Hkv, D] with
+ * row strides in elements (heads and dims contiguous), of the pool's element size. Returns 0;
+ * -1 (nothing written) when a slot is outside the pool. */
+int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *slots, int64_t n,
+             const void *k, int64_t k_row, const void *v, int64_t v_row, int hkv, int d, int esz) {
+    const size_t bytes = (size_t)d * esz;
+    for (int64_t r = 0; r < n; r++)
+        if (slots[r] < 0 || slots[r] >= head_stride / d) return -1;
+    for (int64_t r = 0; r < n; r++)
+        for (int h = 0; h < hkv; h++) {
+            const int64_t dst = (h * head_stride + slots[r] * d) * esz;
+            memcpy((char *)k_cache + dst, (const char *)k + (r * k_row + (int64_t)h * d) * esz, bytes);
+            memcpy((char *)v_cache + dst, (const char *)v + (r * v_row + (int64_t)h * d) * esz, bytes);
+        }
+    return 0;
+}

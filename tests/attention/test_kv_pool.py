@@ -1,0 +1,44 @@
+"""``KVPool.write``: the native store equals torch's index_copy_, checks its slots, takes views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinite_llm.attention import cpu_native
+from infinite_llm.attention.kv_pool import KVPool
+
+
+def _torch_write(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    h, d = pool.num_kv_heads, pool.head_dim
+    pool.k[layer].view(h, -1, d).index_copy_(1, slots, k.transpose(0, 1).to(pool.dtype))
+    pool.v[layer].view(h, -1, d).index_copy_(1, slots, v.transpose(0, 1).to(pool.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_equals_index_copy(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = (KVPool(2, 3, 64, 10, 16, dtype) for _ in range(2))
+    for pool in (a, b):
+        pool.k.zero_()
+        pool.v.zero_()
+    # k, v as the model makes them: strided views of one fused projection
+    qkv = torch.randn(5, 9 * 64 + 2 * 3 * 64, generator=gen).to(dtype)
+    k = qkv[:, 9 * 64 : 12 * 64].view(5, 3, 64)
+    v = qkv[:, 12 * 64 :].view(5, 3, 64)
+    slots = torch.tensor([0, 17, 159, 42, 43])
+    a.write(1, slots, k, v)
+    _torch_write(b, 1, slots, k, v)
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    assert a.k[1].view(3, -1, 64)[:, 17].abs().sum() > 0  # something was written
+
+
+@pytest.mark.skipif(not cpu_native.native_available(), reason="native kernels unavailable")
+def test_out_of_range_slot_is_refused_and_writes_nothing() -> None:
+    pool = KVPool(1, 2, 16, 4, 4, torch.float32)
+    pool.k.zero_()
+    pool.v.zero_()
+    k = torch.ones(2, 2, 16)
+    with pytest.raises(IndexError):
+        pool.write(0, torch.tensor([3, 16]), k, k)
+    assert pool.k.abs().sum() == 0 and pool.v.abs().sum() == 0
