@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -30,6 +30,8 @@ from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.attention.merge import merge_into
 from infinite_llm.attention.micro import micro_attention
 from infinite_llm.kvcache.block import BlockRef
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -153,11 +155,11 @@ class DistPlan:
             return None  # every row, in order: no gather or scatter needed
         return torch.tensor(rows, dtype=torch.long, device=device)
 
-    def memo(self, key: object, compute: Callable[[], object]) -> object:
+    def memo(self, key: object, compute: Callable[[], _T]) -> _T:
         """``compute()`` once per step and key (an executor's per-step tables, reused by every layer)."""
         if key not in self._memo:
             self._memo[key] = compute()
-        return self._memo[key]
+        return self._memo[key]  # type: ignore[return-value]
 
     @property
     def instance_ids(self) -> set[int]:
