@@ -42,3 +42,25 @@ def test_out_of_range_slot_is_refused_and_writes_nothing() -> None:
     with pytest.raises(IndexError):
         pool.write(0, torch.tensor([3, 16]), k, k)
     assert pool.k.abs().sum() == 0 and pool.v.abs().sum() == 0
+
+
+def test_pool_memory_is_advised_as_huge_pages_and_works_without() -> None:
+    """Huge-page advice is an optimisation: the pool is the same tensor either way."""
+    from infinite_llm.attention import kv_pool
+
+    pool = KVPool(2, 2, 64, 2048, 16, torch.float32)  # 2 x 16 MiB per layer
+    assert pool.k.shape == (2, 2, 2048, 16, 64) and pool.k.is_contiguous()
+    small = torch.empty(16)
+    assert kv_pool.advise_hugepages(small) is False  # no whole 2 MB page inside
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        thp = ""
+    if "[madvise]" in thp or "[always]" in thp:  # the kernel takes the advice
+        assert kv_pool.advise_hugepages(pool.k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INFINITE_LLM_HUGEPAGES", "0")
+        plain = KVPool(1, 1, 16, 8, 4, torch.float32)
+        plain.write(0, torch.tensor([5]), torch.ones(1, 1, 16), torch.ones(1, 1, 16))
+        assert plain.k[0].view(1, -1, 16)[0, 5].sum() == 16

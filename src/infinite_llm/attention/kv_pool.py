@@ -10,6 +10,12 @@ the attention kernel reads without a gather. A token's slot is ``block_id * bloc
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import os
+import sys
+
 import torch
 
 from infinite_llm.attention.cpu_native import kv_write_native
@@ -32,8 +38,8 @@ class KVPool:
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         # torch.empty commits pages only as blocks get written; unwritten slots are never read.
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = empty_kv(shape, dtype, device)
+        self.v = empty_kv(shape, dtype, device)
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -60,3 +66,47 @@ class KVPool:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
         self.k.index_copy_(2, index, k.to(self.k.device, self.dtype))
         self.v.index_copy_(2, index, v.to(self.v.device, self.dtype))
+
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def empty_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``torch.empty`` for KV memory; on Linux CPU its pages are advised as transparent huge
+    pages (``madvise(MADV_HUGEPAGE)``, before anything touches them). rBlocks sit anywhere in
+    a pool, so an MA touches a new 4 KB page every rBlock of a head; 2 MB pages keep those
+    walks in the TLB (measured: decode MA over 128K shuffled tokens, 2 threads, cold caches,
+    14.6-16.2 -> 16.4-19.3 GB/s). Memory is then committed 2 MB at a time as blocks get
+    written. ``INFINITE_LLM_HUGEPAGES=0`` turns the advice off."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if tensor.device.type == "cpu" and sys.platform.startswith("linux") and _hugepages_wanted():
+        advise_hugepages(tensor)
+    return tensor
+
+
+def _hugepages_wanted() -> bool:
+    return os.environ.get("INFINITE_LLM_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc
+
+
+def advise_hugepages(tensor: torch.Tensor) -> bool:
+    """Advise the whole 2 MB pages inside ``tensor``'s memory as huge pages; whether the kernel
+    took the advice (False where it cannot: THP off, not Linux, too small)."""
+    libc = _libc()
+    start = tensor.data_ptr()
+    lo = -(-start // HUGE_PAGE) * HUGE_PAGE
+    hi = (start + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
+    if libc is None or hi <= lo:
+        return False
+    return libc.madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0

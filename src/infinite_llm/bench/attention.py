@@ -34,6 +34,7 @@ import torch
 
 from infinite_llm.attention import cpu_native
 from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.kv_pool import empty_kv
 from infinite_llm.attention.merge import merge_attention_states
 from infinite_llm.attention.micro import IMPLS, micro_attention
 from infinite_llm.bench.common import read_bandwidth_samples
@@ -170,8 +171,9 @@ def bench_context(
     num_blocks = -(-context // BLOCK_SIZE)
     gen = torch.Generator().manual_seed(seed)
     shape = (NUM_KV_HEADS, num_blocks * batch_size, BLOCK_SIZE, HEAD_DIM)
-    k = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
-    v = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    k, v = empty_kv(shape, dtype), empty_kv(shape, dtype)  # as the engine's pools
+    k.copy_(torch.randn(shape, generator=gen, dtype=torch.float32))
+    v.copy_(torch.randn(shape, generator=gen, dtype=torch.float32))
     order = list(range(num_blocks * batch_size))
     if layout == "shuffled":  # rBlocks wherever the pool had room, as in a long-running engine
         random.Random(seed).shuffle(order)
