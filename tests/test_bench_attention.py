@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from infinite_llm.attention import cpu_native
-from infinite_llm.bench.attention import format_table, run_attention_bench
+from infinite_llm.bench.attention import run_attention_bench
+from infinite_llm.bench.attention_report import format_table
 
 
 def test_small_grid() -> None:

@@ -23,7 +23,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from infinite_llm.attention import cpu_native
+from infinite_llm.attention import cpu_native, native_shards
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.cpu_flash import causal_self_attention
 from infinite_llm.attention.kv_pool import KVPool
@@ -267,7 +267,7 @@ class LocalExecutor:
             return None
         self._write(layer_idx, writes)
         self.num_fused_calls += 1
-        out, _ = cpu_native.decode_attention_shards(q, caches, tables, plan.block_size, scale)
+        out, _ = native_shards.decode_attention_shards(q, caches, tables, plan.block_size, scale)
         return out
 
     def _write(self, layer_idx: int, work: Mapping[int, ShardWork]) -> None:
@@ -292,7 +292,7 @@ class LocalExecutor:
 
 def _shard_tables(
     plan: DistPlan, insts: list[int], q: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]]
-) -> cpu_native.ShardTables | None:
+) -> native_shards.ShardTables | None:
     """The plan's shards as the native kernel reads them; None where it cannot take them (no
     kernel, another dtype or layout, pools that differ)."""
     k0 = caches[0][0]
@@ -306,4 +306,4 @@ def _shard_tables(
     ):
         return None
     shards = [(plan.shards[i].batch, plan.shards[i].requests) for i in insts]
-    return cpu_native.ShardTables.build(shards, plan.query_start)
+    return native_shards.ShardTables.build(shards, plan.query_start)

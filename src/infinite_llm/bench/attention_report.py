@@ -1,0 +1,125 @@
+"""``bench attention``'s verdicts and output: the targets, the table, the plot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+TARGET_MONO_BW_PCT = 60.0  # monolithic decode at 128K: share of the measured read bandwidth
+TARGET_SPLIT_OVERHEAD_PCT = 10.0  # 4 shards, contexts >= 32K
+
+
+def targets(results: list[dict]) -> dict:
+    """Per impl: the issue's two figures and whether they meet their targets."""
+    out = {}
+    for impl in sorted({r["impl"] for r in results}):
+        rows = [r for r in results if r["impl"] == impl]
+        mono = [r for r in rows if r["shards"] == 1 and r["context"] == 131072]
+        split = [r for r in rows if r["shards"] == 4 and r["context"] >= 32768]
+        worst = max((r["overhead_pct"] for r in split), default=None)
+        out[impl] = {
+            "mono_pct_of_bw_at_128k": mono[0]["pct_of_bw"] if mono else None,
+            "mono_best_pct_of_best_bw_at_128k": mono[0]["pct_of_bw_best"] if mono else None,
+            "split4_max_overhead_min_pct_ge_32k": max(
+                (r["overhead_min_pct"] for r in split), default=None
+            ),
+            "mono_target_pct": TARGET_MONO_BW_PCT,
+            "mono_met": mono[0]["pct_of_bw"] >= TARGET_MONO_BW_PCT if mono else None,
+            "split4_max_overhead_pct_ge_32k": worst,
+            "split_target_pct": TARGET_SPLIT_OVERHEAD_PCT,
+            "split_met": worst <= TARGET_SPLIT_OVERHEAD_PCT if worst is not None else None,
+            "fused4_max_overhead_pct_ge_32k": max(
+                (r["fused_overhead_pct"] for r in split if r["fused_overhead_pct"] is not None),
+                default=None,
+            ),
+        }
+    return out
+
+
+def format_table(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"decode MA: {cfg['batch_size']} request(s) x 1 token, Hq={cfg['num_heads']} Hkv={cfg['num_kv_heads']} "
+        f"D={cfg['head_dim']} block_size={cfg['block_size']} {cfg['dtype']} {cfg['layout']} blocks, "
+        f"{cfg['threads']} threads; machine read bandwidth {report['machine']['read_gbps']:.1f} GB/s "
+        f"(best {report['machine']['read_best_gbps']:.1f}); times are medians, 'best' GB/s from the fastest call",
+    ]
+    head = (
+        f"{'impl':<8} {'context':>8} {'shards':>6} {'ms':>9} {'merge ms':>8} {'mono ms':>9} "
+        f"{'overhead':>8} {'fused':>7} {'GB/s':>6} {'best':>6} {'% bw':>5} {'max err':>8}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        lines.append(
+            f"{r['impl']:<8} {r['context']:>8} {r['shards']:>6} {r['time_ms']:>9.3f} {r['merge_ms']:>8.3f} "
+            f"{r['mono_ms']:>9.3f} {r['overhead_pct']:>7.1f}% "
+            f"{'' if r.get('fused_overhead_pct') is None else format(r['fused_overhead_pct'], '.1f') + '%':>7} "
+            f"{r['gbps']:>6.1f} {r['gbps_best']:>6.1f} "
+            f"{r['pct_of_bw']:>5.0f} "
+            f"{r['max_abs_err']:>8.1e}"
+        )
+    for impl, t in report["targets"].items():
+        if t["mono_pct_of_bw_at_128k"] is not None:
+            verdict = "met" if t["mono_met"] else "NOT met"
+            lines.append(
+                f"{impl}: monolithic at 128K = {t['mono_pct_of_bw_at_128k']:.0f}% of read bandwidth "
+                f"(target {t['mono_target_pct']:.0f}%): {verdict}"
+            )
+        if t["split4_max_overhead_pct_ge_32k"] is not None:
+            verdict = "met" if t["split_met"] else "NOT met"
+            lines.append(
+                f"{impl}: 4 shards at >= 32K, worst overhead {t['split4_max_overhead_pct_ge_32k']:.1f}% "
+                f"(one MA call per shard, as on Ray; target {t['split_target_pct']:.0f}%): {verdict}"
+            )
+        if t.get("fused4_max_overhead_pct_ge_32k") is not None:
+            lines.append(
+                f"{impl}: 4 shards at >= 32K in one fused call (the in-process path), worst "
+                f"overhead {t['fused4_max_overhead_pct_ge_32k']:.1f}%"
+            )
+    return "\n".join(lines)
+
+
+def write_plot(report: dict, out_dir: Path) -> Path | None:
+    """Bandwidth and split overhead vs context, one line per shard count; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
+        )
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, (ax_bw, ax_over) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for impl in report["config"]["impls"]:
+        for shards in report["config"]["shards"]:
+            rows = [r for r in report["results"] if r["impl"] == impl and r["shards"] == shards]
+            ctx = [r["context"] for r in rows]
+            label = f"{impl}, {shards} shard{'s' if shards > 1 else ''}"
+            ax_bw.plot(ctx, [r["gbps"] for r in rows], marker="o", label=label)
+            if shards > 1:
+                ax_over.plot(ctx, [r["overhead_pct"] for r in rows], marker="o", label=label)
+    ax_bw.axhline(report["machine"]["read_gbps"], color="k", linestyle="--", label="machine read")
+    ax_over.axhline(TARGET_SPLIT_OVERHEAD_PCT, color="r", linestyle=":", label="target")
+    for ax, title, unit in (
+        (ax_bw, "effective KV bandwidth", "GB/s"),
+        (ax_over, "split overhead vs monolithic", "%"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    cfg = report["config"]
+    fig.suptitle(
+        f"decode MA, Hq={cfg['num_heads']} Hkv={cfg['num_kv_heads']} D={cfg['head_dim']} {cfg['dtype']}, "
+        f"batch {cfg['batch_size']}, {cfg['threads']} threads"
+    )
+    fig.tight_layout()
+    path = out_dir / "attention.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
