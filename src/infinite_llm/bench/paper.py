@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import time
-from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +33,14 @@ import torch
 from tqdm import tqdm
 
 from infinite_llm.bench.common import emit, format_table, machine_info
-from infinite_llm.sim.costs import features
+from infinite_llm.bench.paper_run import real_run
 from infinite_llm.sim.fit import (
-    MigrationSample,
-    OverheadSample,
     Samples,
-    StepSample,
     fit_document,
     fit_linear_costs,
     save_fit,
 )
-from infinite_llm.sim.metrics import RequestRecord, WorkTotals, ratio, summarize
-from infinite_llm.sim.placement import step_work
+from infinite_llm.sim.metrics import ratio
 from infinite_llm.sim.plots import plot_ratios
 from infinite_llm.sim.presets import DEFAULT_FIT_PATH, PRESETS
 from infinite_llm.sim.trace import TRACES, TraceRequest, generate_trace
@@ -55,179 +48,6 @@ from infinite_llm.sim.validate import validate
 
 MODES = (("no_borrow", False), ("borrowing", True))
 PROBE_OUTPUT_TOKENS = 4
-
-
-class BenchClock:
-    """Seconds since the run began: wall time, or this process's CPU time (``cpu``: immune to
-    other jobs on a shared machine when torch runs one thread; a wait for the next arrival is
-    skipped on this clock instead of slept)."""
-
-    def __init__(self, kind: str = "wall") -> None:
-        if kind not in ("wall", "cpu"):
-            raise ValueError(f"clock must be wall or cpu, got {kind!r}")
-        self.kind = kind
-        self._read = time.perf_counter if kind == "wall" else time.process_time
-        self._origin = self._read()
-
-    def __call__(self) -> float:
-        return self._read() - self._origin
-
-    def restart(self) -> None:
-        self._origin = self._read()
-
-    def wait_until(self, t: float) -> None:
-        delay = t - self()
-        if delay <= 0:
-            return
-        if self.kind == "wall":
-            time.sleep(delay)
-        else:
-            self._origin -= delay
-
-
-class StepProbe:
-    """Times a real cluster's instance steps (with their ``StepWork``), cluster-step overhead
-    and defragmentation, by wrapping the instances' ``step`` and runners' ``execute``."""
-
-    def __init__(self, cluster: Any, run: str, samples: Samples, clock: BenchClock) -> None:
-        self.cluster, self.run, self.samples, self.clock = cluster, run, samples, clock
-        self.totals = WorkTotals()
-        self.peak_used_fraction = 0.0
-        self._inside = self._feature_s = 0.0
-        self._work: Any = None
-        for inst in cluster.instances.values():
-            self._wrap(inst)
-        defragment = cluster.defragment
-
-        def probed_defragment(*a: Any, **kw: Any) -> int:
-            t0 = self.clock()
-            moved = defragment(*a, **kw)
-            dt = self.clock() - t0
-            self._inside += dt
-            if moved:
-                samples.migrations.append(MigrationSample(run, moved, dt))
-            return moved
-
-        cluster.defragment = probed_defragment
-
-    def _wrap(self, inst: Any) -> None:
-        step, execute, block_size = inst.step, inst.runner.execute, self.cluster.block_size
-
-        def probed_execute(out: Any) -> Any:
-            t0 = self.clock()
-            self._work = step_work(out, inst.instance_id, block_size)
-            self._feature_s += self.clock() - t0
-            return execute(out)
-
-        def probed_step() -> Any:
-            self._work, self._feature_s = None, 0.0
-            t0 = self.clock()
-            events = step()
-            dt = self.clock() - t0 - self._feature_s
-            if self._work is not None:
-                self.samples.steps.append(StepSample(self.run, tuple(features(self._work)), dt))
-                self.totals.add(self._work, dt)
-                self._inside += dt + self._feature_s
-                rm = inst.rmanager
-                self.peak_used_fraction = max(self.peak_used_fraction, 1 - rm.num_free_blocks / rm.num_blocks)
-            return events
-
-        inst.step, inst.runner.execute = probed_step, probed_execute
-
-    def engine_step(self, engine: Any) -> list[Any]:
-        self._inside = 0.0
-        t0 = self.clock()
-        outputs = engine.step()
-        self.samples.overheads.append(OverheadSample(self.run, self.clock() - t0 - self._inside))
-        return outputs
-
-
-def livelock_threshold(num_instances: int) -> int:
-    """Preemptions in a row without a request finishing after which a real run is stopped (the
-    engine's known livelock; see the simulator's ``livelock_threshold``, scaled to CPU runs)."""
-    return 30 * num_instances + 60
-
-
-def drive(engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed: int,
-          timeout_s: float) -> tuple[list[RequestRecord], str | None]:
-    """Open loop on the probe's clock: add each request once its arrival time has passed, else step.
-
-    Stops early (aborting what is open) on a livelock or after ``timeout_s``; says which."""
-    from infinite_llm.sampling_params import SamplingParams
-
-    vocab = engine.arch.vocab_size
-    prompts = {}
-    for r in requests:  # made before the clock starts
-        rng = random.Random(seed * 1_000_003 + r.index)
-        prompts[r.index] = [rng.randrange(3, vocab - 1) for _ in range(r.prompt_len)]
-    records = {r.index: RequestRecord(r.index, r.kind, r.arrival_s, r.prompt_len, r.output_len) for r in requests}
-    pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.index)))
-    clock = probe.clock
-    instances = list(engine.cluster.instances.values())
-    limit = livelock_threshold(len(instances))
-    preempted_at_finish = 0
-    stopped = None
-    clock.restart()
-    while pending or engine.has_unfinished_requests():
-        now = clock()
-        preemptions = sum(inst.scheduler.num_preemptions for inst in instances)
-        if preemptions - preempted_at_finish > limit or now > timeout_s:
-            stopped = "livelock" if now <= timeout_s else "timeout"
-            for rec in records.values():
-                if not rec.refused and rec.home is not None and rec.finish_s is None:
-                    engine.abort_request(str(rec.index))
-            break
-        while pending and pending[0].arrival_s <= now:
-            tr = pending.popleft()
-            rec = records[tr.index]
-            if tr.num_tokens > engine.max_model_len:  # the whole context can never fit
-                rec.refused = True
-                continue
-            params = SamplingParams(temperature=0.0, max_tokens=tr.output_len, ignore_eos=True)
-            request = engine.make_request(prompts[tr.index], params, request_id=str(tr.index))
-            engine.add_request(request)
-            rec.home = request.home_instance_id
-        if not engine.has_unfinished_requests():
-            if pending:
-                clock.wait_until(pending[0].arrival_s)
-            continue
-        outputs = probe.engine_step(engine)
-        t = clock()
-        for out in outputs:
-            rec = records[int(out.request_id)]
-            if rec.first_token_s is None and out.outputs[0].token_ids:
-                rec.first_token_s = t
-            if out.finished:
-                rec.finish_s = t
-                rec.num_preemptions = out.metrics.num_preemptions if out.metrics else 0
-                preempted_at_finish = sum(inst.scheduler.num_preemptions for inst in instances)
-    return [records[i] for i in sorted(records)], stopped
-
-
-def real_run(args: argparse.Namespace, loaded: Any, n: int, borrowing: bool, requests: Sequence[TraceRequest],
-             label: str, samples: Samples) -> dict[str, Any]:
-    from infinite_llm import LLM
-
-    llm = LLM(args.model, loaded_model=loaded, num_instances=n, block_size=args.block_size,
-              kv_blocks_per_instance=args.kv_blocks, enable_borrowing=borrowing,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              max_model_len=1 << 22, seed=args.seed, progress=False)
-    probe = StepProbe(llm.engine.cluster, label, samples, BenchClock(args.clock))
-    records, stopped = drive(llm.engine, requests, probe, args.seed, args.run_timeout)
-    llm.check_integrity()
-    stats = llm.cluster_stats()
-    summary = summarize(records, probe.totals)
-    summary.update({
-        "stopped": stopped,
-        "max_model_len": llm.engine.max_model_len,
-        "peak_used_fraction": probe.peak_used_fraction,
-        "block_locality_at_end": stats["locality"]["overall"],
-        "borrows": stats["borrows"], "blocks_borrowed": stats["blocks_borrowed"],
-        "migrated_blocks": stats["migrated_blocks"],
-        "all_free_after": all(i["free"] == i["num_blocks"] for i in stats["instances"]),
-    })
-    return {"label": label, "instances": n, "mode": "borrowing" if borrowing else "no_borrow",
-            "summary": summary, "requests": list(requests)}
 
 
 def config_doc(args: argparse.Namespace) -> dict[str, Any]:
