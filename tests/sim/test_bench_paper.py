@@ -57,3 +57,38 @@ def test_simulate_cli_a100(tmp_path, capsys):
     row = result["rows"][0]
     assert row["capacity"]["borrowing"]["served_tokens"] == 2 * row["capacity"]["no_borrow"]["served_tokens"]
     assert (tmp_path / "simulate-a100-llama2-7b.png").is_file()
+
+
+def test_interleaved_runs_keep_their_own_clocks():
+    import time
+
+    from infinite_llm.bench.paper_run import BenchClock, interleave
+
+    clocks = [BenchClock("wall"), BenchClock("wall")]
+    worked = [0.0, 0.0]
+
+    def driver(i, steps, busy):
+        clocks[i].restart()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < busy:
+                pass
+            worked[i] += time.perf_counter() - t0
+            yield
+        return f"run {i}", clocks[i]()
+
+    results = interleave([driver(0, 3, 0.02), driver(1, 6, 0.01)], clocks)
+    assert [r[0] for r in results] == ["run 0", "run 1"]  # in the drivers' order, not the finishing order
+    for (_, elapsed), work in zip(results, worked, strict=True):
+        # each clock saw its own work (and its turn's bookkeeping), not the other run's
+        assert work <= elapsed < work + 0.015
+    clock = BenchClock("cpu")
+    clock.pause()
+    frozen = clock()
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.02:
+        pass
+    assert clock() == frozen
+    clock.resume()
+    clock.wait_until(frozen + 5.0)  # an idle wait passes at once
+    assert clock() >= frozen + 5.0

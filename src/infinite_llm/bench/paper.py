@@ -4,10 +4,12 @@ For 2, 4 and 8 in-process instances with small pools (so memory pressure appears
 this CPU computes), each trace of ``sim.trace`` (scaled: prompts by ``--scale``, by default
 this pool over an A100's LLaMA2-7B pool, outputs by ``--output-scale``) runs with borrowing
 and with ``--no-borrow`` in the same process, same pools, same weights. Requests are driven
-open loop through ``LLMEngine`` in real time: each is added when its arrival time has passed
-(refused when its prompt + output exceeds the engine's ``max_model_len``), the engine steps
-otherwise. Per run: end-to-end throughput (requests/s, tokens/s), longest context served,
-refusals and preemptions, TTFT/TPOT percentiles, locality. Per N, the longest context of each
+open loop through ``LLMEngine``: each is added when its arrival time has passed (refused when
+its prompt + output exceeds the engine's ``max_model_len``), the engine steps otherwise. The
+two modes of a trace run interleaved, one engine step each in turn, each on its own clock
+(``bench.paper_run``), so a slow patch of this shared machine falls on both. Per run:
+end-to-end throughput (requests/s, tokens/s), longest context served, refusals and
+preemptions, TTFT/TPOT percentiles, locality. Per N, the longest context of each
 mode is served on an idle cluster (its ``max_model_len``; one token more is refused).
 
 Every instance step is timed with its features (``sim.placement.step_work``, computed as the
@@ -33,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from infinite_llm.bench.common import emit, format_table, machine_info
-from infinite_llm.bench.paper_run import real_run
+from infinite_llm.bench.paper_run import real_runs
 from infinite_llm.sim.fit import (
     Samples,
     fit_document,
@@ -115,24 +117,30 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     start = time.perf_counter()
     for n, name, capped in plan:
-        for mode, borrowing in MODES:
-            if name == "capacity":  # the longest request this mode accepts, then one token more
+        if name == "capacity":  # the longest request each mode accepts, then one token more
+            pairs = []
+            for mode, borrowing in MODES:
                 longest = pool * (n if borrowing and n > 1 else 1)
                 out_len = min(PROBE_OUTPUT_TOKENS, longest - 1)
-                requests = [TraceRequest(0, 0.0, longest - out_len, out_len, "probe"),
-                            TraceRequest(1, 0.0, longest - out_len + 1, out_len, "probe")]
-                trace_name = "capacity"
-            else:
-                trace = generate_trace(name, args.requests_per_instance * n, args.rate_per_instance * n,
-                                       seed=args.seed, scale=args.scale, output_scale=args.output_scale,
-                                       max_context=pool if capped else None)
-                requests, trace_name = list(trace.requests), name if capped else f"{name}-uncapped"
-            label = f"N={n} {trace_name} {mode}"
-            bar.set_postfix_str(label)
-            run = real_run(args, loaded, n, borrowing, requests, label, samples)
+                pairs.append(((mode, borrowing), [TraceRequest(0, 0.0, longest - out_len, out_len, "probe"),
+                                                  TraceRequest(1, 0.0, longest - out_len + 1, out_len, "probe")]))
+            trace_name = "capacity"
+        else:
+            trace = generate_trace(name, args.requests_per_instance * n, args.rate_per_instance * n,
+                                   seed=args.seed, scale=args.scale, output_scale=args.output_scale,
+                                   max_context=pool if capped else None)
+            trace_name = name if capped else f"{name}-uncapped"
+            pairs = [(mode, list(trace.requests)) for mode in MODES]
+        bar.set_postfix_str(f"N={n} {trace_name}")
+        if name == "capacity":  # different requests per mode: nothing to compare step by step
+            done = [run for mode, requests in pairs
+                    for run in real_runs(args, loaded, n, [mode], requests, f"N={n} {trace_name}", samples)]
+        else:
+            done = real_runs(args, loaded, n, MODES, pairs[0][1], f"N={n} {trace_name}", samples)
+        for run in done:
             run["trace"] = trace_name
             runs.append(run)
-            bar.update(1)
+        bar.update(2)
     bar.close()
     elapsed = time.perf_counter() - start
     return report(args, runs, samples, elapsed, load_before)

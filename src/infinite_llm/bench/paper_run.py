@@ -1,5 +1,10 @@
-"""One configuration of ``bench paper`` on the real engine: requests driven open loop in real
-time, every instance step timed with its features for the simulator's fit."""
+"""Configurations of ``bench paper`` on the real engine: requests driven open loop in real
+time, every instance step timed with its features for the simulator's fit.
+
+The runs compared with each other (ours and ``--no-borrow`` on one trace) go interleaved, one
+engine step each in turn, every run on its own clock that advances only while that run works:
+whatever slows this shared machine for a few seconds slows both modes alike, instead of
+deciding which one looks faster (back-to-back runs of one configuration differ by 3-6 %)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import argparse
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from infinite_llm.sim.costs import features
@@ -23,9 +28,9 @@ from infinite_llm.sim.trace import TraceRequest
 
 
 class BenchClock:
-    """Seconds since the run began: wall time, or this process's CPU time (``cpu``: immune to
-    other jobs on a shared machine when torch runs one thread; a wait for the next arrival is
-    skipped on this clock instead of slept)."""
+    """Seconds the run has worked: wall time, or this process's CPU time (``cpu``: immune to
+    other jobs on a shared machine when torch runs one thread). Paused while another run works
+    (``pause``/``resume``); a wait for the next arrival is skipped instead of slept."""
 
     def __init__(self, kind: str = "wall") -> None:
         if kind not in ("wall", "cpu"):
@@ -33,20 +38,27 @@ class BenchClock:
         self.kind = kind
         self._read = time.perf_counter if kind == "wall" else time.process_time
         self._origin = self._read()
+        self._paused_at: float | None = None
 
     def __call__(self) -> float:
-        return self._read() - self._origin
+        return (self._read() if self._paused_at is None else self._paused_at) - self._origin
 
     def restart(self) -> None:
         self._origin = self._read()
+        self._paused_at = None
+
+    def pause(self) -> None:
+        if self._paused_at is None:
+            self._paused_at = self._read()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._origin += self._read() - self._paused_at
+            self._paused_at = None
 
     def wait_until(self, t: float) -> None:
         delay = t - self()
-        if delay <= 0:
-            return
-        if self.kind == "wall":
-            time.sleep(delay)
-        else:
+        if delay > 0:  # nothing to do until then: the time passes at once
             self._origin -= delay
 
 
@@ -113,11 +125,16 @@ def livelock_threshold(num_instances: int) -> int:
     return 30 * num_instances + 60
 
 
-def drive(engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed: int,
-          timeout_s: float) -> tuple[list[RequestRecord], str | None]:
-    """Open loop on the probe's clock: add each request once its arrival time has passed, else step.
+Driven = tuple[list[RequestRecord], str | None]
 
-    Stops early (aborting what is open) on a livelock or after ``timeout_s``; says which."""
+
+def drive(engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed: int,
+          timeout_s: float) -> Generator[None, None, Driven]:
+    """Open loop on the probe's clock: add each request once its arrival time has passed, else
+    step; yields after every engine step (``interleave`` runs several of these in turn).
+
+    Stops early (aborting what is open) on a livelock or after ``timeout_s``; returns the
+    records and why it stopped early (None when every request ended)."""
     from infinite_llm.sampling_params import SamplingParams
 
     vocab = engine.arch.vocab_size
@@ -166,19 +183,51 @@ def drive(engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed:
                 rec.finish_s = t
                 rec.num_preemptions = out.metrics.num_preemptions if out.metrics else 0
                 preempted_at_finish = sum(inst.scheduler.num_preemptions for inst in instances)
+        yield
     return [records[i] for i in sorted(records)], stopped
 
 
-def real_run(args: argparse.Namespace, loaded: Any, n: int, borrowing: bool, requests: Sequence[TraceRequest],
-             label: str, samples: Samples) -> dict[str, Any]:
+def interleave(drivers: Sequence[Generator[None, None, Driven]], clocks: Sequence[BenchClock]) -> list[Driven]:
+    """Run the drivers one engine step each in turn, each clock running only during its own
+    driver's turn, until all have finished; their results in order."""
+    results: list[Driven | None] = [None] * len(drivers)
+    for clock in clocks:
+        clock.pause()
+    live = list(range(len(drivers)))
+    while live:
+        for i in list(live):
+            clocks[i].resume()
+            try:
+                next(drivers[i])
+            except StopIteration as done:
+                results[i] = done.value
+                live.remove(i)
+            finally:
+                clocks[i].pause()
+    return [r for r in results if r is not None]
+
+
+def real_runs(args: argparse.Namespace, loaded: Any, n: int, modes: Sequence[tuple[str, bool]],
+              requests: Sequence[TraceRequest], label: str, samples: Samples) -> list[dict[str, Any]]:
+    """The same requests on ``n`` fresh instances once per ``(mode, borrowing)``, interleaved."""
     from infinite_llm import LLM
 
-    llm = LLM(args.model, loaded_model=loaded, num_instances=n, block_size=args.block_size,
-              kv_blocks_per_instance=args.kv_blocks, enable_borrowing=borrowing,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              max_model_len=1 << 22, seed=args.seed, progress=False)
-    probe = StepProbe(llm.engine.cluster, label, samples, BenchClock(args.clock))
-    records, stopped = drive(llm.engine, requests, probe, args.seed, args.run_timeout)
+    llms, probes = [], []
+    for mode, borrowing in modes:
+        llm = LLM(args.model, loaded_model=loaded, num_instances=n, block_size=args.block_size,
+                  kv_blocks_per_instance=args.kv_blocks, enable_borrowing=borrowing,
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                  max_model_len=1 << 22, seed=args.seed, progress=False)
+        llms.append(llm)
+        probes.append(StepProbe(llm.engine.cluster, f"{label} {mode}", samples, BenchClock(args.clock)))
+    driven = interleave([drive(llm.engine, requests, probe, args.seed, args.run_timeout)
+                         for llm, probe in zip(llms, probes, strict=True)], [p.clock for p in probes])
+    return [run_document(llm, probe, records, stopped, n, borrowing, requests)
+            for llm, probe, (records, stopped), (_, borrowing) in zip(llms, probes, driven, modes, strict=True)]
+
+
+def run_document(llm: Any, probe: StepProbe, records: list[RequestRecord], stopped: str | None, n: int,
+                 borrowing: bool, requests: Sequence[TraceRequest]) -> dict[str, Any]:
     llm.check_integrity()
     stats = llm.cluster_stats()
     summary = summarize(records, probe.totals)
@@ -191,5 +240,5 @@ def real_run(args: argparse.Namespace, loaded: Any, n: int, borrowing: bool, req
         "migrated_blocks": stats["migrated_blocks"],
         "all_free_after": all(i["free"] == i["num_blocks"] for i in stats["instances"]),
     })
-    return {"label": label, "instances": n, "mode": "borrowing" if borrowing else "no_borrow",
+    return {"label": probe.run, "instances": n, "mode": "borrowing" if borrowing else "no_borrow",
             "summary": summary, "requests": list(requests)}
