@@ -189,3 +189,19 @@ def test_check_integrity_catches_corruption(corrupt):
     corrupt(m)
     with pytest.raises(AssertionError):
         m.check_integrity()
+
+
+def test_reserved_blocks_are_not_lent_but_stay_allocatable():
+    m = RManager(0, 8, lending_cap=1.0)
+    m.reserve(3)
+    assert m.num_lendable_blocks == 5 and m.heartbeat().lendable == 5
+    refused = m.lend(LendRequest(1, 6))
+    assert refused.granted is None and refused.num_lendable == 5
+    assert m.lend(LendRequest(1, 5)).granted == refs(0, 0, 1, 2, 3, 4)
+    assert m.num_lendable_blocks == 0
+    assert m.allocate(3) == refs(0, 5, 6, 7)  # the reserve is for own requests
+    m.reserve(0)
+    assert m.num_lendable_blocks == 0  # nothing free
+    with pytest.raises(ValueError):
+        m.reserve(-1)
+    m.check_integrity()

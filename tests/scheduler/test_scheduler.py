@@ -130,3 +130,23 @@ def test_waiting_queue_is_in_arrival_order_whatever_the_order_of_adds() -> None:
     assert [r.request_id for r in sched.waiting] == ["r0", "r1", "r2"]
     out, _ = step(sched)
     assert [item.request.request_id for item in out.scheduled] == ["r0", "r1"]  # budget 16: two prompts
+
+
+def test_running_requests_keep_what_they_are_about_to_need_from_lending() -> None:
+    rm = RManager(0, 12, lending_cap=1.0)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=6, max_num_seqs=8), BS, rm)
+    a, b = req("a", 10, max_tokens=2), req("b", 3, max_tokens=20)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)  # a: 6 of 10 prompt tokens in 2 blocks; b waits for the budget
+    # a still needs its prompt's 3rd block and, for its 2 output tokens, nothing more (12 tokens)
+    assert s.blocks_needed_soon() == 1 and rm.num_reserved_blocks == 1
+    assert rm.num_lendable_blocks == 12 - 2 - 1
+    step(s)  # a's prompt done (3 blocks, 11 tokens with its first output); b admitted: 1 block of 3 tokens
+    # a: 12 tokens at most, 3 blocks held -> 0; b: 3 + 1 sampled token -> its next 4 tokens end at 8: 1 more
+    assert s.blocks_needed_soon() == 1
+    assert rm.num_lendable_blocks == 12 - 4 - 1
+    while s.has_unfinished_requests():
+        step(s)
+    assert rm.num_reserved_blocks == 0 and rm.num_lendable_blocks == 12
+    rm.check_integrity()

@@ -201,6 +201,9 @@ class Borrower:
     def release(self, refs: Iterable[BlockRef]) -> None:
         release(self.debtor, self.gmanager, refs, self.send_release, stats=self.stats)
 
+    def reserve(self, num_blocks: int) -> None:
+        self.debtor.reserve(num_blocks)
+
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         """Local blocks first, the rest borrowed; all or nothing (None holds nothing)."""
         local_n = min(num_blocks, self.debtor.num_free_blocks)

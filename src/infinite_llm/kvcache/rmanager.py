@@ -69,6 +69,7 @@ class RManager:
         self._lent_to: dict[int, set[int]] = {}  # debtor_id -> block ids lent to it
         self._debtor_of: dict[int, int] = {}  # lent block id -> debtor_id
         self._borrowed = BorrowedBlocks(instance_id)
+        self._reserve = 0  # free blocks kept for own running requests (``reserve``)
         self._heartbeat_seq = itertools.count(1)
         self._lend_request_seq = itertools.count(1)
 
@@ -118,7 +119,21 @@ class RManager:
             return self._lendable()
 
     def _lendable(self) -> int:
-        return max(0, min(len(self._free_heap), self.max_lent_blocks - len(self._debtor_of)))
+        free = len(self._free_heap) - self._reserve
+        return max(0, min(free, self.max_lent_blocks - len(self._debtor_of)))
+
+    def reserve(self, num_blocks: int) -> None:
+        """Keep ``num_blocks`` free blocks out of lending: what this instance's running requests
+        are about to need (the scheduler says so every step). A block lent away and then missed
+        by an own request costs a preemption here, and the recompute of a whole context; the
+        debtor could have waited. Own allocations may still take every free block."""
+        _check_count(num_blocks)
+        with self._lock:
+            self._reserve = num_blocks
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        return self._reserve
 
     # ---- own requests -------------------------------------------------------------------
 

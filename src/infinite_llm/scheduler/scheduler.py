@@ -54,6 +54,10 @@ class BlockAllocator(Protocol):
 
     def free(self, refs: Iterable[BlockRef]) -> None: ...
 
+    def reserve(self, num_blocks: int) -> None:
+        """How many free rBlocks the running requests are about to need (kept from lending)."""
+        ...
+
 
 def grant_right_of_way(schedulers: Mapping[int, Scheduler]) -> None:
     """Tell every scheduler of a borrowing cluster what the others reported at their last step
@@ -183,7 +187,17 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         self.blocked_seq = min(blocked, default=None)
+        self.allocator.reserve(self.blocks_needed_soon())
         return out
+
+    def blocks_needed_soon(self) -> int:
+        """rBlocks the running requests still need for the rest of their prompts (prefill
+        chunks to come) and their next ``block_size`` output tokens (capped by ``max_tokens``)."""
+        bs, need = self.block_size, 0
+        for r in self.running:
+            target = min(r.num_prompt_tokens + r.max_tokens, max(r.num_tokens, r.num_prompt_tokens) + bs)
+            need += max(0, -(-target // bs) - len(r.block_table))
+        return need
 
     def _younger_elsewhere(self, request: Request) -> bool:
         return self.youngest_elsewhere is not None and self.youngest_elsewhere > request.arrival_seq
