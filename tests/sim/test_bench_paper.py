@@ -92,3 +92,11 @@ def test_interleaved_runs_keep_their_own_clocks():
     clock.resume()
     clock.wait_until(frozen + 5.0)  # an idle wait passes at once
     assert clock() >= frozen + 5.0
+
+
+def test_starvation_names_what_more_memory_would_change():
+    base = {"num_preemptions": 0, "peak_used_fraction": 0.5, "num_refused": 2}
+    assert paper.starvation(base, {"num_refused": 2}) == []  # longer than the whole cluster: both refuse
+    assert paper.starvation(base, {"num_refused": 1}) == ["refused what borrowing served"]
+    full = base | {"num_preemptions": 3, "peak_used_fraction": 0.95, "num_refused": 0}
+    assert paper.starvation(full, {"num_refused": 0}) == ["preempted", "pool full"]

@@ -146,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, runs, samples, elapsed, load_before)
 
 
+def starvation(base: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """Why the baseline run was short of memory (empty: it was not): it preempted, filled a pool
+    to 90 % or more, or refused requests that pooled memory served. A request longer than the
+    whole cluster is refused by both modes; more memory per instance would not change that."""
+    reasons = []
+    if base["num_preemptions"] > 0:
+        reasons.append("preempted")
+    if base["peak_used_fraction"] >= 0.9:
+        reasons.append("pool full")
+    if base["num_refused"] > ours["num_refused"]:
+        reasons.append("refused what borrowing served")
+    return reasons
+
+
 def report(args: argparse.Namespace, runs: list[dict[str, Any]], samples: Samples, elapsed: float,
            load_before: tuple[float, float, float]) -> int:
     costs, fit_report = fit_linear_costs(samples)
@@ -162,12 +176,13 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], samples: Sample
                          "one_more_refused": base["num_refused"] == 1 and ours["num_refused"] == 1})
         for trace in [t for t in dict.fromkeys(r["trace"] for r in runs) if t != "capacity"]:
             b, o = by[(n, trace, "no_borrow")], by[(n, trace, "borrowing")]
-            starved = b["num_preemptions"] > 0 or b["peak_used_fraction"] >= 0.9 or b["num_refused"] > 0
-            comp = {"instances": n, "trace": trace, "baseline_memory_starved": starved,
+            starved_by = starvation(b, o)
+            starved = bool(starved_by)
+            comp = {"instances": n, "trace": trace, "baseline_memory_starved": starved, "starved_by": starved_by,
                     "throughput_ratio": ratio(o["tokens_per_s"], b["tokens_per_s"]),
                     "requests_per_s_ratio": ratio(o["requests_per_s"], b["requests_per_s"])}
             comparisons.append(comp)
-            rows.append({"N": n, "trace": trace, "starved": starved, "tok/s base": b["tokens_per_s"],
+            rows.append({"N": n, "trace": trace, "starved": ", ".join(starved_by) or "no", "tok/s base": b["tokens_per_s"],
                          "tok/s ours": o["tokens_per_s"], "x": comp["throughput_ratio"],
                          "refused b/o": f"{b['num_refused']}/{o['num_refused']}",
                          "preempt b/o": f"{b['num_preemptions']}/{o['num_preemptions']}",
