@@ -35,7 +35,8 @@ def test_prefill_is_chunked_under_the_token_budget() -> None:
     s.add_request(r)
     out, _ = step(s)
     assert [(i.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 6)]
-    assert r.block_table.refs() == [BlockRef(0, 0), BlockRef(0, 1)]  # 6 tokens -> 2 blocks of 4
+    # admitted with the rBlocks of its whole prompt (10 tokens -> 3 blocks of 4), filled chunk by chunk
+    assert r.block_table.refs() == [BlockRef(0, 0), BlockRef(0, 1), BlockRef(0, 2)]
     out, results = step(s)
     assert out.scheduled[0].num_new_tokens == 4 and results[0].new_token_id == 7  # prompt done: sampled
     assert r.num_computed_tokens == 10 and r.output_token_ids == [7]
@@ -138,15 +139,34 @@ def test_running_requests_keep_what_they_are_about_to_need_from_lending() -> Non
     a, b = req("a", 10, max_tokens=2), req("b", 3, max_tokens=20)
     s.add_request(a)
     s.add_request(b)
-    step(s)  # a: 6 of 10 prompt tokens in 2 blocks; b waits for the budget
-    # a still needs its prompt's 3rd block and, for its 2 output tokens, nothing more (12 tokens)
+    step(s)  # a: 6 of 10 prompt tokens, holding its prompt's 3 blocks; b waits for the budget
+    # a's 2 output tokens end at 12 tokens: inside its 3 blocks, nothing more to keep
+    assert s.blocks_needed_soon() == 0 and rm.num_lendable_blocks == 12 - 3
+    step(s)  # a's prompt done (plus 1 output token); b admitted with its 1 block, 2 of 3 tokens in
+    # b's next 4 tokens end at 7: a 2nd block, kept from lending
     assert s.blocks_needed_soon() == 1 and rm.num_reserved_blocks == 1
-    assert rm.num_lendable_blocks == 12 - 2 - 1
-    step(s)  # a's prompt done (3 blocks, 11 tokens with its first output); b admitted: 1 block of 3 tokens
-    # a: 12 tokens at most, 3 blocks held -> 0; b: 3 + 1 sampled token -> its next 4 tokens end at 8: 1 more
-    assert s.blocks_needed_soon() == 1
     assert rm.num_lendable_blocks == 12 - 4 - 1
     while s.has_unfinished_requests():
         step(s)
     assert rm.num_reserved_blocks == 0 and rm.num_lendable_blocks == 12
     rm.check_integrity()
+
+
+def test_a_preempted_request_comes_back_only_when_its_whole_prompt_fits() -> None:
+    # 8 blocks of 4 tokens. a grows to 24 tokens (6 blocks); b's prompt needs 4 blocks. Admitted a
+    # chunk at a time, b would come back after each preemption with one chunk's block and be
+    # preempted again as a grows (each time recomputing); holding its whole prompt, it is
+    # preempted once and waits until a's growth leaves room for all of it.
+    s, rm = make(num_blocks=8, budget=4)
+    a, b = req("a", 12, max_tokens=12), req("b", 16, max_tokens=4)
+    s.add_request(a)
+    step(s)
+    s.add_request(b)
+    steps = 0
+    while s.has_unfinished_requests():
+        step(s)
+        steps += 1
+        assert steps < 100
+        rm.check_integrity()
+    assert a.num_preemptions == 0 and b.num_preemptions <= 1 and s.num_preemptions <= 1
+    assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 4

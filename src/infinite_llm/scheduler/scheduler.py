@@ -1,10 +1,14 @@
 """Continuous batching at iteration level: chunked prefill under a token budget, FCFS, preemption.
 
 Each step: running requests first (decodes and unfinished prefill chunks, in admission order),
-then waiting requests in arrival order while the token budget and rBlocks last. When a running
-request cannot get an rBlock, the most recently admitted request is preempted: its rBlocks are
-freed and it is recomputed from its tokens (prompt + output so far) when memory returns, which
-yields exactly the same continuation.
+then waiting requests in arrival order while the token budget and rBlocks last. A request is
+admitted with the rBlocks of its whole prompt (prompt + output so far, for a preempted one),
+then prefilled a chunk at a time: admitted with one chunk's rBlocks, a preempted request would
+come back as soon as one chunk fits and be preempted again while the older ones grow, each
+time recomputing what it had (vLLM's V0 scheduler also allocates the whole prompt). When a
+running request cannot get an rBlock, the most recently admitted request is preempted: its
+rBlocks are freed and it is recomputed from its tokens when memory returns, which yields
+exactly the same continuation.
 
 Across a borrowing cluster memory is one pool, so the same order must hold cluster-wide, or
 instances starve each other (each preempts its own request, re-admits it into the pool it just
@@ -176,7 +180,7 @@ class Scheduler:
             if self.right_of_way is not None and request.arrival_seq > self.right_of_way:
                 break  # an older request elsewhere waits for memory: it goes first
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._ensure_blocks(request, request.num_computed_tokens + num_new):
+            if not self._ensure_blocks(request, request.num_tokens):  # the whole prompt, not one chunk
                 blocked.append(request.arrival_seq)
                 break  # FCFS: later requests wait behind the head of the queue
             self.waiting.popleft()
@@ -191,8 +195,8 @@ class Scheduler:
         return out
 
     def blocks_needed_soon(self) -> int:
-        """rBlocks the running requests still need for the rest of their prompts (prefill
-        chunks to come) and their next ``block_size`` output tokens (capped by ``max_tokens``)."""
+        """rBlocks the running requests still need for their next ``block_size`` tokens, capped
+        by ``max_tokens`` (their prompts' rBlocks were taken at admission)."""
         bs, need = self.block_size, 0
         for r in self.running:
             target = min(r.num_prompt_tokens + r.max_tokens, max(r.num_tokens, r.num_prompt_tokens) + bs)
