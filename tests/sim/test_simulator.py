@@ -80,6 +80,13 @@ def test_capacity_probe_serves_the_pooled_memory():
         assert ours["all_free_after"]
 
 
+def test_a_request_spread_over_more_pools_than_one_borrow_may_split_is_served():
+    # 12 pools: the longest request borrows from 11 creditors, more than one borrow may split
+    # over (GManagerConfig.max_split_creditors = 8); admitted a chunk at a time, it is served.
+    ours = capacity_probe(small_preset(), 12, True)
+    assert ours["served_tokens"] == 48 * 12 and ours["one_more_refused"] and ours["all_free_after"]
+
+
 def test_paper_sweep_reports_ratios():
     preset = small_preset(traces=("chat", "longtail"), requests_per_instance=6, rate_per_instance=20.0,
                           scale=48 / 117_648, output_scale=0.02)

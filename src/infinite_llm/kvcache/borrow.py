@@ -201,6 +201,10 @@ class Borrower:
     def release(self, refs: Iterable[BlockRef]) -> None:
         release(self.debtor, self.gmanager, refs, self.send_release, stats=self.stats)
 
+    @property
+    def num_blocks(self) -> int:
+        return self.debtor.num_blocks
+
     def reserve(self, num_blocks: int) -> None:
         self.debtor.reserve(num_blocks)
 

@@ -2,8 +2,8 @@
 
 Each step: running requests first (decodes and unfinished prefill chunks, in admission order),
 then waiting requests in arrival order while the token budget and rBlocks last. A request is
-admitted with the rBlocks of its whole prompt (prompt + output so far, for a preempted one),
-then prefilled a chunk at a time: admitted with one chunk's rBlocks, a preempted request would
+admitted with the rBlocks of its whole prompt (prompt + output so far, for a preempted one;
+one longer than the home pool, a chunk at a time), then prefilled a chunk at a time: admitted with one chunk's rBlocks, a preempted request would
 come back as soon as one chunk fits and be preempted again while the older ones grow, each
 time recomputing what it had (vLLM's V0 scheduler also allocates the whole prompt). When a
 running request cannot get an rBlock, the most recently admitted request is preempted: its
@@ -57,6 +57,11 @@ class BlockAllocator(Protocol):
         ...
 
     def free(self, refs: Iterable[BlockRef]) -> None: ...
+
+    @property
+    def num_blocks(self) -> int:
+        """rBlocks of the home pool."""
+        ...
 
     def reserve(self, num_blocks: int) -> None:
         """How many free rBlocks the running requests are about to need (kept from lending)."""
@@ -180,7 +185,7 @@ class Scheduler:
             if self.right_of_way is not None and request.arrival_seq > self.right_of_way:
                 break  # an older request elsewhere waits for memory: it goes first
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._ensure_blocks(request, request.num_tokens):  # the whole prompt, not one chunk
+            if not self._ensure_blocks(request, self._admission_tokens(request, num_new)):
                 blocked.append(request.arrival_seq)
                 break  # FCFS: later requests wait behind the head of the queue
             self.waiting.popleft()
@@ -202,6 +207,14 @@ class Scheduler:
             target = min(r.num_prompt_tokens + r.max_tokens, max(r.num_tokens, r.num_prompt_tokens) + bs)
             need += max(0, -(-target // bs) - len(r.block_table))
         return need
+
+    def _admission_tokens(self, request: Request, num_new: int) -> int:
+        """Tokens whose rBlocks a request needs to be admitted: its whole prompt when that fits
+        the home pool; a longer one (borrowing) goes a chunk at a time, as one all-or-nothing
+        borrow of many pools' memory could wait forever."""
+        if -(-request.num_tokens // self.block_size) <= self.allocator.num_blocks:
+            return request.num_tokens
+        return request.num_computed_tokens + num_new
 
     def _younger_elsewhere(self, request: Request) -> bool:
         return self.youngest_elsewhere is not None and self.youngest_elsewhere > request.arrival_seq
