@@ -138,3 +138,16 @@ def test_merge_into_rows_subset(merge_path: str, rows: int, seed: int) -> None:
     )
     finite = ~torch.isinf(ref_lse)
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-6)
+
+
+def test_bfloat16_states_merge_as_their_float32_values(merge_path: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    outs, lses = _parts(gen, 4, 5, 3, 16, 30.0)
+    half = [o.to(torch.bfloat16) for o in outs]
+    out, lse = merge_attention_states(half, lses)
+    ref_out, ref_lse = _truth([o.float() for o in half], lses)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert (out.double() - ref_out).abs().max() <= 1e-2  # one bfloat16 rounding of the result
+    finite = ~torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite)
+    assert torch.allclose(lse.double()[finite], ref_lse[finite], rtol=1e-6, atol=1e-5)

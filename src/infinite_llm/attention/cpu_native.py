@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -79,6 +80,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ma_decode_shards.restype = ctypes.c_int
     lib.merge_into.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
     lib.merge_into.restype = None
+    addresses = ctypes.POINTER(i64)
+    lib.merge_states.argtypes = [addresses, addresses, i32, i64, i32, i32, p, p]
+    lib.merge_states.restype = None
     lib.self_decode.argtypes = [p, i64, p, i64, p, i64, i32, i64, i32, i32, i32, f32, p, p]
     lib.kv_write.argtypes = [p, p, i64, p, i64, p, i64, p, i64, i32, i32, i32]
     lib.kv_write.restype = ctypes.c_int
@@ -202,6 +206,47 @@ def check_status(status: int, head_dim: int, dtype: torch.dtype) -> None:
         raise MemoryError("native decode attention could not allocate its scratch memory")
     if status != 0:
         raise ValueError(f"native decode attention cannot do head_dim={head_dim} with {dtype}")
+
+
+def merge_states_native(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``merge.merge_attention_states`` of CPU states in one C call (out in float32); None where
+    it does not apply. One call, not a fold of S - 1: after an MA has streamed its KV through
+    the caches, every further torch op of the merge starts cold."""
+    first = outs[0]
+    t, h, d = first.shape
+    if first.dtype not in (torch.float32, torch.bfloat16) or first.device.type != "cpu":
+        return None
+    for o, lse in zip(outs, lses, strict=True):
+        if (
+            o.dtype != first.dtype
+            or o.shape != first.shape
+            or o.device.type != "cpu"
+            or not o.is_contiguous()
+            or lse.dtype != torch.float32
+            or lse.shape != (t, h)
+            or lse.device.type != "cpu"
+            or not lse.is_contiguous()
+        ):
+            return None
+    native = native_library()
+    if native is None:
+        return None
+    out = torch.empty(t, h, d, dtype=torch.float32)
+    lse = torch.empty(t, h, dtype=torch.float32)
+    addresses = ctypes.c_int64 * len(outs)
+    native.lib.merge_states(
+        addresses(*[o.data_ptr() for o in outs]),
+        addresses(*[x.data_ptr() for x in lses]),
+        len(outs),
+        t * h,
+        d,
+        int(first.dtype == torch.bfloat16),
+        out.data_ptr(),
+        lse.data_ptr(),
+    )
+    return out, lse
 
 
 def merge_into_native(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from infinite_llm.attention.cpu_native import merge_into_native
+from infinite_llm.attention.cpu_native import merge_into_native, merge_states_native
 
 
 def merge_attention_states(
@@ -26,15 +26,10 @@ def merge_attention_states(
     if len(outs) == 1:
         return outs[0], lses[0]
     first = outs[0]
-    if first.device.type == "cpu" and all(lse.dtype == torch.float32 for lse in lses):
-        out = first.to(torch.float32, copy=True).contiguous()
-        lse = lses[0].clone().contiguous()
-        # One C loop per state (exact, order-free as the torch path); a dozen small ops otherwise.
-        if all(
-            merge_into_native(out, lse, None, o.contiguous(), part.contiguous())
-            for o, part in zip(outs[1:], lses[1:])
-        ):
-            return out.to(first.dtype), lse
+    if first.device.type == "cpu":  # one C call for all the states; a dozen small ops otherwise
+        merged = merge_states_native(outs, lses)
+        if merged is not None:
+            return merged[0].to(first.dtype), merged[1]
     lse_stack = torch.stack([lse.float() for lse in lses])  # [S, T, H]
     top = _finite(lse_stack.amax(0))
     weights = torch.exp(lse_stack - top)  # [S, T, H]: the largest is exactly 1

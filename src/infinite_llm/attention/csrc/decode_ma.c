@@ -751,6 +751,39 @@ ALWAYS_INLINE float load1(const void *p, int64_t i, int bf16) {
     return ((const float *)p)[i];
 }
 
+/* S partial states of the same rows merged in one pass (merge_attention_states): with
+ * m = max_s lse_s and w_s = exp(lse_s - m), out = sum_s w_s o_s / sum_s w_s and
+ * lse = m + log(sum_s w_s). A state with lse -inf weighs nothing; a row empty in every state
+ * gets zeros and -inf. outs / lses: S addresses of [rows, d] (float32, or bfloat16 when bf16)
+ * and [rows] float32 arrays; out [rows, d] and lse [rows] float32. */
+void merge_states(const int64_t *outs, const int64_t *lses, int num_states, int64_t rows, int d, int bf16,
+                  float *out, float *lse) {
+    for (int64_t r = 0; r < rows; r++) {
+        float top = -INFINITY, total = 0.0f;
+        for (int s = 0; s < num_states; s++) {
+            const float x = ((const float *)lses[s])[r];
+            top = x > top ? x : top;
+        }
+        float *o = out + r * d;
+        memset(o, 0, sizeof(float) * d);
+        if (top == -INFINITY) {
+            lse[r] = -INFINITY;
+            continue;
+        }
+        for (int s = 0; s < num_states; s++) {
+            const float x = ((const float *)lses[s])[r];
+            if (x == -INFINITY) continue;
+            const float w = expf(x - top);
+            const void *p = (const void *)outs[s];
+            total += w;
+            for (int c = 0; c < d; c++) o[c] += load1(p, r * d + c, bf16) * w;
+        }
+        const float inv = 1.0f / total;
+        for (int c = 0; c < d; c++) o[c] *= inv;
+        lse[r] = top + logf(total);
+    }
+}
+
 /* The self part of a pure decode batch: token r sees only itself, so out = v (its KV head's) and
  * lse = scale * q.k. q [T, Hq, D], k, v [T, Hkv, D] with row strides in elements (heads and dims
  * contiguous), all float32 or all bfloat16; out [T, Hq, D] and lse [T, Hq] float32. */
