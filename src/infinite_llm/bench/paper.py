@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-scale", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: real time; cpu: this process's CPU time (robust to other jobs; needs --threads 1)")
+                   help="wall: elapsed time of the run's own steps; cpu: this process's CPU time in them "
+                        "(robust to other jobs; needs --threads 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-timeout", type=float, default=900.0, help="seconds (on --clock) before a run is stopped")
     p.add_argument("--fit-out", type=Path, default=DEFAULT_FIT_PATH, help="where to save the fitted costs")
@@ -117,33 +118,34 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     start = time.perf_counter()
     for n, name, capped in plan:
-        if name == "capacity":  # the longest request each mode accepts, then one token more
-            pairs = []
-            for mode, borrowing in MODES:
-                longest = pool * (n if borrowing and n > 1 else 1)
-                out_len = min(PROBE_OUTPUT_TOKENS, longest - 1)
-                pairs.append(((mode, borrowing), [TraceRequest(0, 0.0, longest - out_len, out_len, "probe"),
-                                                  TraceRequest(1, 0.0, longest - out_len + 1, out_len, "probe")]))
+        if name == "capacity":  # each mode's own longest request: nothing to compare step by step
             trace_name = "capacity"
+            bar.set_postfix_str(f"N={n} {trace_name}")
+            done = [run for mode in MODES
+                    for run in real_runs(args, loaded, n, [mode], capacity_requests(pool, n, mode[1]),
+                                         f"N={n} {trace_name}", samples)]
         else:
             trace = generate_trace(name, args.requests_per_instance * n, args.rate_per_instance * n,
                                    seed=args.seed, scale=args.scale, output_scale=args.output_scale,
                                    max_context=pool if capped else None)
             trace_name = name if capped else f"{name}-uncapped"
-            pairs = [(mode, list(trace.requests)) for mode in MODES]
-        bar.set_postfix_str(f"N={n} {trace_name}")
-        if name == "capacity":  # different requests per mode: nothing to compare step by step
-            done = [run for mode, requests in pairs
-                    for run in real_runs(args, loaded, n, [mode], requests, f"N={n} {trace_name}", samples)]
-        else:
-            done = real_runs(args, loaded, n, MODES, pairs[0][1], f"N={n} {trace_name}", samples)
+            bar.set_postfix_str(f"N={n} {trace_name}")
+            done = real_runs(args, loaded, n, MODES, list(trace.requests), f"N={n} {trace_name}", samples)
         for run in done:
             run["trace"] = trace_name
             runs.append(run)
-        bar.update(2)
+        bar.update(len(done))
     bar.close()
     elapsed = time.perf_counter() - start
     return report(args, runs, samples, elapsed, load_before)
+
+
+def capacity_requests(pool: int, n: int, borrowing: bool) -> list[TraceRequest]:
+    """The longest request a mode accepts on ``n`` instances of ``pool`` tokens, then one token more."""
+    longest = pool * (n if borrowing and n > 1 else 1)
+    out_len = min(PROBE_OUTPUT_TOKENS, longest - 1)
+    return [TraceRequest(0, 0.0, longest - out_len, out_len, "probe"),
+            TraceRequest(1, 0.0, longest - out_len + 1, out_len, "probe")]
 
 
 def starvation(base: dict[str, Any], ours: dict[str, Any]) -> list[str]:

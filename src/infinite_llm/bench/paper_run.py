@@ -1,5 +1,5 @@
-"""Configurations of ``bench paper`` on the real engine: requests driven open loop in real
-time, every instance step timed with its features for the simulator's fit.
+"""Configurations of ``bench paper`` on the real engine: requests driven open loop, every
+instance step timed with its features for the simulator's fit.
 
 The runs compared with each other (ours and ``--no-borrow`` on one trace) go interleaved, one
 engine step each in turn, every run on its own clock that advances only while that run works:

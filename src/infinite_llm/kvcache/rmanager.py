@@ -123,10 +123,8 @@ class RManager:
         return max(0, min(free, self.max_lent_blocks - len(self._debtor_of)))
 
     def reserve(self, num_blocks: int) -> None:
-        """Keep ``num_blocks`` free blocks out of lending: what this instance's running requests
-        are about to need (the scheduler says so every step). A block lent away and then missed
-        by an own request costs a preemption here, and the recompute of a whole context; the
-        debtor could have waited. Own allocations may still take every free block."""
+        """Keep ``num_blocks`` free blocks out of lending: what the own running requests need
+        next (the scheduler says so every step). Own allocations may still take them all."""
         _check_count(num_blocks)
         with self._lock:
             self._reserve = num_blocks
