@@ -200,8 +200,9 @@ class Scheduler:
         return out
 
     def blocks_needed_soon(self) -> int:
-        """rBlocks the running requests still need for their next ``block_size`` tokens, capped
-        by ``max_tokens`` (their prompts' rBlocks were taken at admission)."""
+        """rBlocks the running requests still need for the rest of their prompts (only one longer
+        than the pool has any left: the others took theirs at admission) and their next
+        ``block_size`` tokens, capped by ``max_tokens``."""
         bs, need = self.block_size, 0
         for r in self.running:
             target = min(r.num_prompt_tokens + r.max_tokens, max(r.num_tokens, r.num_prompt_tokens) + bs)
