@@ -129,10 +129,6 @@ class RManager:
         with self._lock:
             self._reserve = num_blocks
 
-    @property
-    def num_reserved_blocks(self) -> int:
-        return self._reserve
-
     # ---- own requests -------------------------------------------------------------------
 
     def can_allocate(self, num_blocks: int) -> bool:
