@@ -139,3 +139,21 @@ def test_build_is_cached() -> None:
     second = build_and_load(cpu_native._SOURCE)
     assert second is not None and second.path == first.path
     assert second.path.stat().st_mtime_ns == stamp
+
+
+@needs_native
+def test_one_batch_over_layers_and_pools() -> None:
+    """A step's batch prepares its native call once and reuses it for every layer: the call
+    follows each layer's tensors, and another dtype or geometry gets a call of its own."""
+    q, k, v, batch = _problem([300, 45], [1, 1], 9, 3, 64, torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    layers = [(k, v), (torch.randn(k.shape, generator=gen), torch.randn(v.shape, generator=gen))]
+    for _ in range(2):  # every layer twice, as over two steps of the same batch
+        for kl, vl in layers:
+            _check(q, kl, vl, batch, impl="auto")
+            _check(q * 0.5, kl, vl, batch, impl="native")
+    _check(q.bfloat16(), k.bfloat16(), v.bfloat16(), batch, impl="native")
+    _check(q[:, :6].contiguous(), k, v, batch, impl="native")  # 6 query heads: group of 2
+    _check(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, batch, impl="native")  # strided
+    with pytest.raises(ValueError, match="rows"):
+        micro_attention(torch.cat([q, q]), k, v, batch, impl="native")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -51,37 +51,15 @@ def native_library() -> NativeLibrary | None:
 def _declare(lib: ctypes.CDLL) -> None:
     """C signatures (pointers travel as integers from ``Tensor.data_ptr()``)."""
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.ma_decode.argtypes = [
-        p,
-        p,
-        p,
-        i64,
-        i64,
-        i32,
-        i32,
-        p,
-        p,
-        p,
-        p,
-        p,
-        i32,
-        i32,
-        i32,
-        i32,
-        f32,
-        i64,
-        i32,
-        p,
-        p,
-    ]
-    lib.ma_decode.restype = ctypes.c_int
+    lib.ma_decode_call.argtypes = [ctypes.POINTER(_DecodeCall)]
+    lib.ma_decode_call.restype = ctypes.c_int
     lib.ma_decode_shards.argtypes = [p, i32, p, p, p, i64, i32, p, p, p, p, p, p, i32, p]
     lib.ma_decode_shards.argtypes += [i32, i32, i32, i32, f32, i64, i32, p, p]
     lib.ma_decode_shards.restype = ctypes.c_int
     lib.merge_into.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
     lib.merge_into.restype = None
     addresses = ctypes.POINTER(i64)
-    lib.merge_states.argtypes = [addresses, addresses, i32, i64, i32, i32, p, p]
+    lib.merge_states.argtypes = [addresses, i32, i64, i32, i32, p, p]
     lib.merge_states.restype = None
     lib.self_decode.argtypes = [p, i64, p, i64, p, i64, i32, i64, i32, i32, i32, f32, p, p]
     lib.kv_write.argtypes = [p, p, i64, p, i64, p, i64, p, i64, i32, i32, i32]
@@ -148,6 +126,74 @@ def _row_limits(batch: MABatch, num_rows: int) -> torch.Tensor:
     return limits
 
 
+_INT_FIELDS_BEFORE_SCALE = """q k v head_stride block_stride kv_bf16 num_requests query_start block_table
+    block_start context_lens row_limit hq hkv d block_size"""
+
+
+class _DecodeCall(ctypes.Structure):
+    """``MADecodeCall`` of the C file: ``ma_decode``'s arguments, all 8 bytes wide."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in _INT_FIELDS_BEFORE_SCALE.split()),
+        ("scale", ctypes.c_double),
+        *((name, ctypes.c_int64) for name in ("chunk_tokens", "num_threads", "out", "lse")),
+    ]
+
+
+class _Prepared:
+    """A decode MA call over one batch, prepared once and reused by every layer of the step:
+    the argument struct with tables, shapes and split filled in (the caller sets the five
+    pointers that change), and the tensors it points into, kept alive with it."""
+
+    __slots__ = ("call", "keep", "run")
+
+    def __init__(self, call: _DecodeCall, keep: tuple, run: Callable[[_DecodeCall], int]) -> None:
+        self.call, self.keep, self.run = call, keep, run
+
+
+def _prepare(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: MABatch,
+    scale: float,
+    causal: bool,
+    num_threads: int,
+) -> _Prepared | None:
+    """The call for this batch and these tensors' geometry; None where the kernel cannot run it."""
+    native = native_library()
+    if native is None or not supports(q, k_cache, v_cache):
+        return None
+    t, hq, d = q.shape
+    hkv = k_cache.shape[0]
+    if t != batch.num_query_rows:
+        raise ValueError(f"q has {t} rows, the batch {batch.num_query_rows}")
+    tables = batch.flat_tables()
+    limits = _row_limits(batch, t) if causal else None
+    chunk, threads = batch.memo(
+        ("split", hkv, num_threads), lambda: _split(batch, hkv, num_threads)
+    )
+    call = _DecodeCall(
+        head_stride=k_cache.stride(0),
+        block_stride=k_cache.stride(1),
+        kv_bf16=int(k_cache.dtype == torch.bfloat16),
+        num_requests=batch.num_requests,
+        query_start=tables.query_start.data_ptr(),
+        block_table=tables.block_table.data_ptr(),
+        block_start=tables.block_start.data_ptr(),
+        context_lens=tables.context_lens.data_ptr(),
+        row_limit=0 if limits is None else limits.data_ptr(),
+        hq=hq,
+        hkv=hkv,
+        d=d,
+        block_size=batch.block_size,
+        scale=scale,
+        chunk_tokens=chunk,
+        num_threads=threads,
+    )
+    return _Prepared(call, (tables, limits), native.lib.ma_decode_call)
+
+
 def micro_attention_native(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -155,48 +201,59 @@ def micro_attention_native(
     batch: MABatch,
     scale: float,
     causal: bool = False,
-    checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``micro_attention_reference``; raises RuntimeError when unavailable.
-    ``checked``: the caller has just seen ``supports`` and ``native_available`` say yes."""
-    native = native_library()
-    if native is None or not (checked or supports(q, k_cache, v_cache)):
+    """Same contract as ``micro_attention_reference``; raises RuntimeError when unavailable."""
+    result = try_micro_attention_native(q, k_cache, v_cache, batch, scale, causal)
+    if result is None:
         raise RuntimeError("native decode attention is not available for these tensors")
+    return result
+
+
+def try_micro_attention_native(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: MABatch,
+    scale: float,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``micro_attention_native``, or None (nothing done) where the kernel cannot run it.
+
+    Every layer of a step calls this with the same batch and tensors of the same geometry: the
+    checks and the argument struct are made once per batch (``MABatch.memo``), and a call
+    converts one ctypes argument. Its fixed cost matters as much as its bandwidth: between two
+    layers the weights stream through the caches, so every Python object and C function the
+    call touches is fetched from memory again (a 16-token MA after a 128 MiB read took 150 us
+    through the checks and 21 ctypes arguments of the earlier code, 40 us of it the C call).
+    """
+    threads = torch.get_num_threads()
+    key = (
+        "native-call",
+        q.shape,
+        q.dtype,
+        k_cache.shape,
+        k_cache.stride(),
+        v_cache.stride(),
+        k_cache.dtype,
+        v_cache.dtype,
+        k_cache.is_cpu,
+        scale,
+        causal,
+        threads,
+    )
+    prepared = batch.memo(key, lambda: _prepare(q, k_cache, v_cache, batch, scale, causal, threads))
+    if prepared is None:
+        return None
+    call = prepared.call
     t, hq, d = q.shape
-    hkv = k_cache.shape[0]
-    if t != batch.num_query_rows:
-        raise ValueError(f"q has {t} rows, the batch {batch.num_query_rows}")
-    tables = batch.flat_tables()
     qf = q if q.dtype == torch.float32 and q.is_contiguous() else q.to(torch.float32).contiguous()
     out = torch.empty(t, hq, d, dtype=torch.float32)
     lse = torch.empty(t, hq, dtype=torch.float32)
-    limits = _row_limits(batch, t) if causal else None
-    num_threads = torch.get_num_threads()
-    chunk, threads = batch.memo(("split", hkv, num_threads), lambda: _split(batch, hkv, num_threads))
-    status = native.lib.ma_decode(
-        qf.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        int(k_cache.dtype == torch.bfloat16),
-        batch.num_requests,
-        tables.query_start.data_ptr(),
-        tables.block_table.data_ptr(),
-        tables.block_start.data_ptr(),
-        tables.context_lens.data_ptr(),
-        None if limits is None else limits.data_ptr(),
-        hq,
-        hkv,
-        d,
-        batch.block_size,
-        scale,
-        chunk,
-        threads,
-        out.data_ptr(),
-        lse.data_ptr(),
-    )
-    check_status(status, d, k_cache.dtype)
+    call.q, call.k, call.v = qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+    call.out, call.lse = out.data_ptr(), lse.data_ptr()
+    status = prepared.run(call)
+    if status:
+        check_status(status, d, k_cache.dtype)
     return (out if q.dtype == torch.float32 else out.to(q.dtype)), lse
 
 
@@ -212,39 +269,36 @@ def merge_states_native(
     outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``merge.merge_attention_states`` of CPU states in one C call (out in float32); None where
-    it does not apply. One call, not a fold of S - 1: after an MA has streamed its KV through
-    the caches, every further torch op of the merge starts cold."""
+    it does not apply. One call, not a fold of S - 1, and as few Python steps as the checks
+    allow: after an MA has streamed its KV through the caches, each of them starts cold."""
     first = outs[0]
-    t, h, d = first.shape
-    if first.dtype not in (torch.float32, torch.bfloat16) or first.device.type != "cpu":
+    shape, dtype = first.shape, first.dtype
+    if (dtype != torch.float32 and dtype != torch.bfloat16) or len(shape) != 3:
         return None
-    for o, lse in zip(outs, lses, strict=True):
-        if (
-            o.dtype != first.dtype
-            or o.shape != first.shape
-            or o.device.type != "cpu"
-            or not o.is_contiguous()
-            or lse.dtype != torch.float32
-            or lse.shape != (t, h)
-            or lse.device.type != "cpu"
-            or not lse.is_contiguous()
+    t, h, d = shape
+    lse_shape = (t, h)
+    n = len(outs)
+    pointers = (ctypes.c_int64 * (2 * n))()
+    for s, (o, lse) in enumerate(zip(outs, lses, strict=True)):
+        if not (
+            o.is_cpu
+            and o.dtype == dtype
+            and o.shape == shape
+            and o.is_contiguous()
+            and lse.is_cpu
+            and lse.dtype == torch.float32
+            and lse.shape == lse_shape
+            and lse.is_contiguous()
         ):
             return None
-    native = native_library()
+        pointers[s], pointers[n + s] = o.data_ptr(), lse.data_ptr()
+    native = _state.get("lib") or native_library()
     if native is None:
         return None
-    out = torch.empty(t, h, d, dtype=torch.float32)
-    lse = torch.empty(t, h, dtype=torch.float32)
-    addresses = ctypes.c_int64 * len(outs)
+    out = torch.empty(shape, dtype=torch.float32)
+    lse = torch.empty(lse_shape, dtype=torch.float32)
     native.lib.merge_states(
-        addresses(*[o.data_ptr() for o in outs]),
-        addresses(*[x.data_ptr() for x in lses]),
-        len(outs),
-        t * h,
-        d,
-        int(first.dtype == torch.bfloat16),
-        out.data_ptr(),
-        lse.data_ptr(),
+        pointers, n, t * h, d, int(dtype == torch.bfloat16), out.data_ptr(), lse.data_ptr()
     )
     return out, lse
 
@@ -330,7 +384,11 @@ def self_decode_native(
 
 
 def kv_write_native(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
 ) -> bool:
     """Store k, v [n, Hkv, D] in one layer's slots (``KVPool.write``) with one C loop; False
     (nothing done) where the tensors do not fit it."""
@@ -363,5 +421,7 @@ def kv_write_native(
         k_cache.element_size(),
     )
     if status != 0:
-        raise IndexError(f"a KV slot is outside the pool's {k_cache.shape[1] * k_cache.shape[2]} slots")
+        raise IndexError(
+            f"a KV slot is outside the pool's {k_cache.shape[1] * k_cache.shape[2]} slots"
+        )
     return True

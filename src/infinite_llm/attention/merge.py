@@ -29,7 +29,8 @@ def merge_attention_states(
     if first.device.type == "cpu":  # one C call for all the states; a dozen small ops otherwise
         merged = merge_states_native(outs, lses)
         if merged is not None:
-            return merged[0].to(first.dtype), merged[1]
+            out, lse = merged
+            return (out if first.dtype == torch.float32 else out.to(first.dtype)), lse
     lse_stack = torch.stack([lse.float() for lse in lses])  # [S, T, H]
     top = _finite(lse_stack.amax(0))
     weights = torch.exp(lse_stack - top)  # [S, T, H]: the largest is exactly 1

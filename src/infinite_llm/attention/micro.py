@@ -54,12 +54,18 @@ def micro_attention(
         raise ValueError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
     on_cpu = q.device.type == "cpu"
     if impl == "auto":
-        if on_cpu and native_usable(q, k_cache, v_cache):
-            return _auto_cpu(q, k_cache, v_cache, batch, scale, causal)
+        if on_cpu:
+            result = _auto_cpu(q, k_cache, v_cache, batch, scale, causal)
+            if result is not None:
+                return result
         impl = "flash" if on_cpu else "reference"
     if impl == "native":
-        if native_usable(q, k_cache, v_cache):
-            return cpu_native.micro_attention_native(q, k_cache, v_cache, batch, scale, causal)
+        if on_cpu:
+            result = cpu_native.try_micro_attention_native(
+                q, k_cache, v_cache, batch, scale, causal
+            )
+            if result is not None:
+                return result
         impl = "flash" if on_cpu else "reference"
         _warn_once(
             f"native attention unavailable for {q.device.type} {k_cache.dtype} D={q.shape[-1]}; using {impl}"
@@ -81,13 +87,13 @@ def _auto_cpu(
     batch: MABatch,
     scale: float,
     causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decode rows by the native kernel, long prefill chunks by flash; None where the native
+    kernel cannot run (the caller uses flash for everything)."""
     few, many = batch.split_by_query_len(NATIVE_MAX_QUERY_LEN)
-    if many is None:
-        return cpu_native.micro_attention_native(
-            q, k_cache, v_cache, batch, scale, causal, checked=True
-        )
-    if few is None:
+    if many is None:  # the usual decode step: one call, checks made once per batch
+        return cpu_native.try_micro_attention_native(q, k_cache, v_cache, batch, scale, causal)
+    if few is None or not native_usable(q, k_cache, v_cache):
         return micro_attention_flash(q, k_cache, v_cache, batch, scale, causal)
     t, hq, d = q.shape
     out = torch.empty(t, hq, d, dtype=q.dtype)

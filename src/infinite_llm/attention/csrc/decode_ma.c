@@ -657,6 +657,29 @@ int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
     return status;
 }
 
+/* ma_decode's arguments in one struct (every field 8 bytes: pointers and integers as int64):
+ * a caller through ctypes converts one argument, not twenty-one, and keeps the fields that do
+ * not change between the layers of a step filled in. */
+typedef struct {
+    int64_t q, k, v, head_stride, block_stride, kv_bf16, num_requests;
+    int64_t query_start, block_table, block_start, context_lens, row_limit;
+    int64_t hq, hkv, d, block_size;
+    double scale;
+    int64_t chunk_tokens, num_threads, out, lse;
+} MADecodeCall;
+
+int ma_decode_call(const MADecodeCall *a) {
+#define PTR(T, x) ((T)(intptr_t)(x))
+    return ma_decode(PTR(const float *, a->q), PTR(const void *, a->k), PTR(const void *, a->v),
+                     a->head_stride, a->block_stride, (int)a->kv_bf16, (int)a->num_requests,
+                     PTR(const int64_t *, a->query_start), PTR(const int32_t *, a->block_table),
+                     PTR(const int64_t *, a->block_start), PTR(const int64_t *, a->context_lens),
+                     PTR(const int64_t *, a->row_limit), (int)a->hq, (int)a->hkv, (int)a->d,
+                     (int)a->block_size, (float)a->scale, a->chunk_tokens, (int)a->num_threads,
+                     PTR(float *, a->out), PTR(float *, a->lse));
+#undef PTR
+}
+
 /* Decode rows whose context is spread over several pools (DistAttention's shards in one
  * process), every shard's MA and the merge in one call. Shard s: layer base pointers k[s],
  * v[s] (head stride head_stride[s] elements; block stride, dtype and shapes shared), requests
@@ -754,10 +777,11 @@ ALWAYS_INLINE float load1(const void *p, int64_t i, int bf16) {
 /* S partial states of the same rows merged in one pass (merge_attention_states): with
  * m = max_s lse_s and w_s = exp(lse_s - m), out = sum_s w_s o_s / sum_s w_s and
  * lse = m + log(sum_s w_s). A state with lse -inf weighs nothing; a row empty in every state
- * gets zeros and -inf. outs / lses: S addresses of [rows, d] (float32, or bfloat16 when bf16)
- * and [rows] float32 arrays; out [rows, d] and lse [rows] float32. */
-void merge_states(const int64_t *outs, const int64_t *lses, int num_states, int64_t rows, int d, int bf16,
-                  float *out, float *lse) {
+ * gets zeros and -inf. states: the S addresses of the outs ([rows, d], float32 or, when bf16,
+ * bfloat16), then the S of the lses ([rows] float32); out [rows, d] and lse [rows] float32. */
+void merge_states(const int64_t *states, int num_states, int64_t rows, int d, int bf16, float *out,
+                  float *lse) {
+    const int64_t *outs = states, *lses = states + num_states; /* S out pointers, then S lse */
     for (int64_t r = 0; r < rows; r++) {
         float top = -INFINITY, total = 0.0f;
         for (int s = 0; s < num_states; s++) {
