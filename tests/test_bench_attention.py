@@ -16,7 +16,19 @@ def test_small_grid() -> None:
     for r in rows:
         assert r["time_ms"] > 0 and r["mono_ms"] > 0 and r["gbps"] > 0
         assert r["max_abs_err"] < 1e-5
+        # the flushes before the timed calls are timed reads: the bandwidth this row is taken against
+        assert r["read_gbps_during"] > 0
+        assert abs(r["pct_of_bw"] - r["gbps"] / r["read_gbps_during"] * 100) < 1e-9
         if r["shards"] > 1 and cpu_native.native_available():
             assert r["fused_ms"] > 0 and r["fused_max_abs_err"] < 1e-5
     table = format_table(report)
     assert len(table.splitlines()) >= 3 + len(rows)
+
+
+def test_without_flush_the_start_bandwidth_is_the_reference() -> None:
+    report = run_attention_bench(
+        contexts=[512], shard_counts=[1], budget_s=0.01, show_progress=False, flush_mib=0
+    )
+    (row,) = report["results"]
+    assert row["read_gbps_during"] is None
+    assert row["pct_of_bw"] == row["pct_of_bw_start"] > 0

@@ -12,7 +12,8 @@ layer's pool. For every context length and shard count S:
 * ``fused``: the same shards in one native call that also merges (``decode_attention_shards``,
   what the in-process transport runs for a decode layer spread over pools);
 * ``overhead`` = split / mono - 1 (``fused_overhead_pct``: fused / mono - 1); ``bandwidth`` = KV bytes read / time, against the machine's
-  read bandwidth measured here (a large torch sum);
+  read bandwidth measured here: the cache flushes before the timed calls are timed reads of
+  128 MiB, taken between that row's calls (a large torch sum at the start of the run as well);
 * ``error``: max abs difference of the split result to a float64 reference (chunked, exact).
 
 ``python -m infinite_llm.bench.attention --json`` prints one JSON object; the table goes to
@@ -71,16 +72,31 @@ def _time_alternating(
     return times
 
 
-def cache_flusher(mib: int) -> Callable[[], object] | None:
+class CacheFlusher:
     """A read of ``mib`` MiB (several times the last-level cache) that evicts the KV a call
     left there: in a decode step the other layers' KV and all the weights pass through the
     caches between two visits of one layer's KV, so every MA reads from memory. Without it a
     call would find part of the previous call's data in the cache, and which call ran before
-    which would decide the comparison. None for 0."""
-    if mib <= 0:
-        return None
-    buffer = torch.ones(mib << 18, dtype=torch.float32)
-    return buffer.sum
+    which would decide the comparison.
+
+    Each read is timed, so the flushes double as samples of the machine's read bandwidth taken
+    between the kernel calls (``samples``, GB/s): on a shared machine the bandwidth moves by
+    a third within minutes, and a figure measured once at the start of a run may belong to
+    another moment than the kernel's."""
+
+    def __init__(self, mib: int) -> None:
+        self.buffer = torch.ones(mib << 18, dtype=torch.float32)
+        self.samples: list[float] = []
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        self.buffer.sum()
+        self.samples.append(self.buffer.nbytes / (time.perf_counter() - start) / 1e9)
+
+
+def cache_flusher(mib: int) -> CacheFlusher | None:
+    """The flusher for ``mib`` MiB; None for 0."""
+    return CacheFlusher(mib) if mib > 0 else None
 
 
 def _reference_f64(
@@ -164,7 +180,7 @@ def bench_context(
     budget_s: float,
     seed: int,
     progress: Callable[[], None],
-    flush: Callable[[], object] | None = None,
+    flush: CacheFlusher | None = None,
 ) -> list[dict]:
     """Every shard count at one context length; one pool for the whole grid row."""
     num_blocks = -(-context // BLOCK_SIZE)
@@ -204,7 +220,9 @@ def bench_context(
         fused = _fused(q, k, v, batches, scale, impl) if num_shards > 1 else None
         if fused is not None:
             fns.append(fused)
+        first_sample = len(flush.samples) if flush is not None else 0
         timed = _time_alternating(fns, budget_s, flush=flush)
+        during = flush.samples[first_sample:] if flush is not None else []
         mono_t, split_t = timed[0], timed[1]
         merge_t = _time_alternating([merge], min(budget_s, 0.05))[0] if num_shards > 1 else [0.0]
         err = mono_err if num_shards == 1 else (split()[0].double() - truth).abs().max().item()
@@ -230,6 +248,7 @@ def bench_context(
                 "fused_max_abs_err": fused_err,
                 "gbps": kv_bytes / split_s / 1e9,
                 "gbps_best": kv_bytes / min(split_t) / 1e9,
+                "read_gbps_during": statistics.median(during) if during else None,
                 "max_abs_err": err,
             }
         )
@@ -276,8 +295,9 @@ def run_attention_bench(
                     lambda: bar.update(),
                     flush,
                 )
-    for row in results:
-        row["pct_of_bw"] = row["gbps"] / read_gbps * 100
+    for row in results:  # against the bandwidth read between this row's calls where there is one
+        row["pct_of_bw_start"] = row["gbps"] / read_gbps * 100
+        row["pct_of_bw"] = row["gbps"] / (row["read_gbps_during"] or read_gbps) * 100
         row["pct_of_bw_best"] = row["gbps_best"] / read_best_gbps * 100
     return {
         "benchmark": "attention",
@@ -300,7 +320,9 @@ def run_attention_bench(
         "machine": {
             "read_gbps": read_gbps,
             "read_best_gbps": read_best_gbps,
-            "read_measure": "torch.sum over 512 MiB float32: median and best of 9",
+            "read_measure": "torch.sum over 512 MiB float32 at the start: median and best of 9; "
+            "per row, read_gbps_during: median of the timed cache flushes (torch.sum over "
+            "--flush-mib MiB) between that row's calls, which pct_of_bw is taken against",
         },
         "results": results,
         "targets": targets(results),
