@@ -21,6 +21,10 @@ def test_small_grid() -> None:
         assert abs(r["pct_of_bw"] - r["gbps"] / r["read_gbps_during"] * 100) < 1e-9
         if r["shards"] > 1 and cpu_native.native_available():
             assert r["fused_ms"] > 0 and r["fused_max_abs_err"] < 1e-5
+        if cpu_native.native_available():  # the plain read of the rBlocks, on each context's first row
+            assert (r["pattern_read_gbps"] is not None) == (r["shards"] == 1)
+            if r["shards"] == 1:
+                assert r["pattern_read_gbps"] > 0 and r["pct_of_pattern_read"] > 0
     table = format_table(report)
     assert len(table.splitlines()) >= 3 + len(rows)
 

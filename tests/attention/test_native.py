@@ -157,3 +157,18 @@ def test_one_batch_over_layers_and_pools() -> None:
     _check(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, batch, impl="native")  # strided
     with pytest.raises(ValueError, match="rows"):
         micro_attention(torch.cat([q, q]), k, v, batch, impl="native")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_read_reads_every_named_block(dtype: torch.dtype) -> None:
+    """bench attention's pattern read: the 32-bit words of the named rBlocks, K and V of every
+    head, summed modulo 2^32 (a block named twice counts twice; others not at all)."""
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(3, 40, 16, 64, generator=gen).to(dtype)
+    v = torch.randn(3, 40, 16, 64, generator=gen).to(dtype)
+    ids = [7, 0, 39, 7, 12]
+    words = [x.contiguous().view(torch.int32).view(3, 40, -1)[:, ids].long().sum() for x in (k, v)]
+    expected = int(sum(words)) % 2**32
+    assert cpu_native.kv_read_native(k, v, torch.tensor(ids, dtype=torch.int32)) == expected
+    assert cpu_native.kv_read_native(k, v, torch.tensor(ids)) is None  # int64 ids: not taken

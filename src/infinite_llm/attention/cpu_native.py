@@ -64,6 +64,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.self_decode.argtypes = [p, i64, p, i64, p, i64, i32, i64, i32, i32, i32, f32, p, p]
     lib.kv_write.argtypes = [p, p, i64, p, i64, p, i64, p, i64, i32, i32, i32]
     lib.kv_write.restype = ctypes.c_int
+    lib.kv_read.argtypes = [p, p, i64, i64, i32, p, i64, i64, i32]
+    lib.kv_read.restype = ctypes.c_int64
     lib.self_decode.restype = None
 
 
@@ -425,3 +427,36 @@ def kv_write_native(
             f"a KV slot is outside the pool's {k_cache.shape[1] * k_cache.shape[2]} slots"
         )
     return True
+
+
+def kv_read_native(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor) -> int | None:
+    """Read every rBlock ``block_ids`` (int32) names, K and V of every KV head, as a decode MA
+    walks them but without its arithmetic (``bench attention``'s access-pattern ceiling);
+    a checksum, or None where the native library or these tensors do not fit."""
+    native = native_library()
+    if (
+        native is None
+        or k_cache.device.type != "cpu"
+        or block_ids.dtype != torch.int32
+        or not block_ids.is_contiguous()
+        or k_cache.stride() != v_cache.stride()
+        or k_cache.shape != v_cache.shape
+        or not k_cache[0, 0].is_contiguous()
+    ):
+        return None
+    hkv, _, block_size, d = k_cache.shape
+    block_bytes = block_size * d * k_cache.element_size()
+    if block_bytes % 32:
+        return None
+    esz = k_cache.element_size()
+    return native.lib.kv_read(
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0) * esz,
+        k_cache.stride(1) * esz,
+        hkv,
+        block_ids.data_ptr(),
+        block_ids.numel(),
+        block_bytes,
+        torch.get_num_threads(),
+    )

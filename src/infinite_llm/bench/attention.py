@@ -14,6 +14,8 @@ layer's pool. For every context length and shard count S:
 * ``overhead`` = split / mono - 1 (``fused_overhead_pct``: fused / mono - 1); ``bandwidth`` = KV bytes read / time, against the machine's
   read bandwidth measured here: the cache flushes before the timed calls are timed reads of
   128 MiB, taken between that row's calls (a large torch sum at the start of the run as well);
+* ``pattern read`` (each context's first row): the same rBlocks read by a C loop that only sums
+  them (``kv_read``), as an MA walks them: what this access pattern can draw from memory here;
 * ``error``: max abs difference of the split result to a float64 reference (chunked, exact).
 
 ``python -m infinite_llm.bench.attention --json`` prints one JSON object; the table goes to
@@ -204,6 +206,11 @@ def bench_context(
         return micro_attention(q, k, v, mono_batch, scale, impl=impl)
 
     mono_err = (mono()[0].double() - truth).abs().max().item()
+    read_ids = torch.tensor([b for blocks in block_ids for b in blocks], dtype=torch.int32)
+
+    def pattern_read() -> int | None:  # the same rBlocks read without the arithmetic
+        return cpu_native.kv_read_native(k, v, read_ids)
+
     rows = []
     for num_shards in shard_counts:
         batches = _shards(block_ids, contexts, num_shards)
@@ -220,6 +227,9 @@ def bench_context(
         fused = _fused(q, k, v, batches, scale, impl) if num_shards > 1 else None
         if fused is not None:
             fns.append(fused)
+        read_pattern = not rows and pattern_read() is not None  # once per context, its first row
+        if read_pattern:
+            fns.append(pattern_read)
         first_sample = len(flush.samples) if flush is not None else 0
         timed = _time_alternating(fns, budget_s, flush=flush)
         during = flush.samples[first_sample:] if flush is not None else []
@@ -228,6 +238,7 @@ def bench_context(
         err = mono_err if num_shards == 1 else (split()[0].double() - truth).abs().max().item()
         split_s, mono_s = statistics.median(split_t), statistics.median(mono_t)
         fused_s = statistics.median(timed[2]) if fused is not None else None
+        read_s = statistics.median(timed[-1]) if read_pattern else None
         fused_err = (fused()[0].double() - truth).abs().max().item() if fused is not None else None
         rows.append(
             {
@@ -249,6 +260,7 @@ def bench_context(
                 "gbps": kv_bytes / split_s / 1e9,
                 "gbps_best": kv_bytes / min(split_t) / 1e9,
                 "read_gbps_during": statistics.median(during) if during else None,
+                "pattern_read_gbps": None if read_s is None else kv_bytes / read_s / 1e9,
                 "max_abs_err": err,
             }
         )
@@ -299,6 +311,8 @@ def run_attention_bench(
         row["pct_of_bw_start"] = row["gbps"] / read_gbps * 100
         row["pct_of_bw"] = row["gbps"] / (row["read_gbps_during"] or read_gbps) * 100
         row["pct_of_bw_best"] = row["gbps_best"] / read_best_gbps * 100
+        pattern = row["pattern_read_gbps"]
+        row["pct_of_pattern_read"] = row["gbps"] / pattern * 100 if pattern else None
     return {
         "benchmark": "attention",
         "config": {

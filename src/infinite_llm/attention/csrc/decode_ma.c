@@ -846,3 +846,32 @@ int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *s
         }
     return 0;
 }
+
+/* The reads of a decode MA without its arithmetic: every rBlock of blocks[0..n) of every KV
+ * head, K and V (block_bytes each, a multiple of 32), walked as an MA walks them (a head's
+ * blocks in table order, the next block's lines prefetched), on num_threads threads. What
+ * bench attention sets an MA's bandwidth against besides a streaming read: scattered 4 KB
+ * blocks cannot be read as fast as one long array. Returns the sum of the 32-bit words read,
+ * modulo 2^32 (so that no read can be optimised away, and a test can check what was read). */
+int64_t kv_read(const void *k, const void *v, int64_t head_stride_bytes, int64_t block_stride_bytes,
+                int hkv, const int32_t *blocks, int64_t n, int64_t block_bytes, int num_threads) {
+    uint32_t total = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(+ : total)
+    for (int64_t w = 0; w < hkv * n; w++) {
+        const int64_t h = w / n, i = w % n;
+        const char *kb = (const char *)k + h * head_stride_bytes + blocks[i] * block_stride_bytes;
+        const char *vb = (const char *)v + h * head_stride_bytes + blocks[i] * block_stride_bytes;
+        if (i + 1 < n) {
+            const int64_t ahead = h * head_stride_bytes + blocks[i + 1] * block_stride_bytes;
+            for (int64_t b = 0; b < block_bytes; b += 64) {
+                __builtin_prefetch((const char *)k + ahead + b, 0, PREFETCH_LOCALITY);
+                __builtin_prefetch((const char *)v + ahead + b, 0, PREFETCH_LOCALITY);
+            }
+        }
+        v8u acc = {0};
+        for (int64_t b = 0; b < block_bytes; b += 32)
+            acc += *(const v8u *)(kb + b) + *(const v8u *)(vb + b);
+        for (int j = 0; j < 8; j++) total += acc[j];
+    }
+    return total;
+}
