@@ -6,11 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinite_llm.model import native_norm
 from infinite_llm.model.config import ModelArchConfig
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, then cast back (the same arithmetic as transformers)."""
+    """RMSNorm computed in float32, then cast back (the same arithmetic as transformers).
+
+    float32 rows on CPU go through one C call (``native_norm``), torch elsewhere."""
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -19,12 +22,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
+            out = native_norm.rms_norm(x, self.weight, self.eps) if x.is_cpu else None
             # One fused kernel; bitwise equal to the formula below in float32.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return out if out is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         input_dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(input_dtype)
+
+    def add_forward(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, its norm). On CPU in float32, one C call that adds in place:
+        ``residual`` must be the caller's own (a decoder layer's running hidden state)."""
+        if residual.is_cpu and residual.dtype == torch.float32:
+            out = native_norm.add_rms_norm(residual, delta, self.weight, self.eps)
+            if out is not None:
+                return residual, out
+        residual = residual + delta
+        return residual, self(residual)
 
 
 def _rope_inv_freq(arch: ModelArchConfig) -> tuple[torch.Tensor, float]:

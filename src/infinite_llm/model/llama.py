@@ -58,19 +58,27 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn: AttentionBackend,
-    ) -> torch.Tensor:
-        # x: [T, hidden]
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, hidden], the previous layer's MLP output still to be added to ``residual``
+        (the running hidden state), or the embeddings when ``residual`` is None. Returns this
+        layer's MLP output and the residual, which it updates in place: each add is fused
+        with the norm after it (``RMSNorm.add_forward``), as vLLM does."""
         t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_forward(residual, x)
+        qkv = self.qkv_proj(h)
         # q and k heads rotate together: one set of kernels for both.
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         o = attn(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
-        x = x + self.o_proj(o.reshape(t, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        residual, h = self.post_attention_layernorm.add_forward(residual, self.o_proj(o.reshape(t, self.q_size)))
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -124,10 +132,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         cos, sin = self.rotary(positions, self.dtype)
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None  # the embedding output is ours to update
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x, residual = layer(x, cos, sin, attn, residual)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm.add_forward(residual, x)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
