@@ -50,14 +50,20 @@ def _rates(b: int, prompt_len: int, max_tokens: int, t_prefill: float, t_total: 
     }
 
 
-def bench_ours(args: argparse.Namespace, prompts: list[list[int]], bar: tqdm) -> tuple[dict[int, Any], Any]:
-    from infinite_llm import LLM, SamplingParams
+def make_ours(args: argparse.Namespace) -> Any:
+    """Our engine, with a pool for the largest batch's whole contexts (nothing preempted)."""
+    from infinite_llm import LLM
 
     max_batch = max(args.batch_sizes)
     blocks = max_batch * (-(-(args.prompt_len + args.max_tokens) // args.block_size)) + 16
-    llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size, kv_blocks_per_instance=blocks,
-              max_num_seqs=max(max_batch, 1), max_num_batched_tokens=args.max_num_batched_tokens,
-              attention_impl=args.attention_impl, progress=False)
+    return LLM(args.model, dtype=args.dtype, block_size=args.block_size, kv_blocks_per_instance=blocks,
+               max_num_seqs=max(max_batch, 1), max_num_batched_tokens=args.max_num_batched_tokens,
+               attention_impl=args.attention_impl, progress=False)
+
+
+def bench_ours(args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar: tqdm) -> dict[int, Any]:
+    from infinite_llm import SamplingParams
+
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -70,7 +76,7 @@ def bench_ours(args: argparse.Namespace, prompts: list[list[int]], bar: tqdm) ->
                       "token_ids": [o.outputs[0].token_ids for o in outs]}
         bar.update(1)
     llm.check_integrity()
-    return results, llm
+    return results
 
 
 @torch.inference_mode()
@@ -114,16 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from infinite_llm.model.loader import load_model
-
     steps = len(args.batch_sizes) * (1 + (not args.no_hf) + len(args.peer))
     bar = tqdm(total=steps, desc="bench engine", unit="run")
     bandwidth = measure_read_bandwidth()
-    loaded = load_model(args.model, args.dtype, progress=False)
-    prompts = make_prompts(max(args.batch_sizes), args.prompt_len, loaded.arch.vocab_size)
-    weight_bytes = loaded.model.weight_bytes()
-    del loaded
-    ours, llm = bench_ours(args, prompts, bar)
+    llm = make_ours(args)  # the model is loaded once: the peak RSS is the engine's own
+    prompts = make_prompts(max(args.batch_sizes), args.prompt_len, llm.engine.arch.vocab_size)
+    weight_bytes = llm.engine.loaded.model.weight_bytes()
+    ours = bench_ours(args, llm, prompts, bar)
     rss_ours = peak_rss_bytes()
     kv_bytes = sum(inst.pool.nbytes for inst in llm.engine.cluster.instances.values())
     model_dir = llm.engine.loaded.model_dir
