@@ -15,14 +15,13 @@ chunks it is a GEMM and wins; ``micro.py`` picks between the two.
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.attention.native_build import NativeLibrary, build_and_load
+from infinite_llm.attention.native_build import NativeLibrary, load_once
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_ma.c"
 TILE = 16  # keys per tile in the kernel: chunk lengths are multiples of it
@@ -32,20 +31,12 @@ SERIAL_WORK = 1024  # key-rows x kv heads below which one thread beats waking th
 # split of 4 x 1,024-token decodes, 3,072 per shard, ran 1.30x the local step at 4096, 1.14x at 1024)
 MAX_HEAD_DIM = 256
 
-_lock = threading.Lock()
 _state: dict[str, NativeLibrary | None] = {}
 
 
 def native_library() -> NativeLibrary | None:
     """The compiled kernels, built on first use; None when they cannot be had (logged once)."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                native = build_and_load(_SOURCE)
-                if native is not None:
-                    _declare(native.lib)
-                _state["lib"] = native
-    return _state["lib"]
+    return load_once(_state, _SOURCE, _declare)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

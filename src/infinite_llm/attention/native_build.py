@@ -25,6 +25,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +167,22 @@ def build_and_load(source: Path) -> NativeLibrary | None:
         "could not build native kernel %s; using torch kernels. %s", source.name, " | ".join(errors)
     )
     return None
+
+
+_load_lock = threading.Lock()
+
+
+def load_once(
+    state: dict[str, NativeLibrary | None], source: Path, declare: Callable[[ctypes.CDLL], None]
+) -> NativeLibrary | None:
+    """``build_and_load(source)`` once per process, its C signatures set by ``declare``: the
+    first caller builds (the others wait), every later one gets the same answer, None
+    included. ``state`` is the caller's cache (key ``"lib"``; tests may set it)."""
+    if "lib" not in state:
+        with _load_lock:
+            if "lib" not in state:
+                native = build_and_load(source)
+                if native is not None:
+                    declare(native.lib)
+                state["lib"] = native
+    return state["lib"]

@@ -9,31 +9,26 @@ through. ``None`` answers mean "not done here": the caller computes it with torc
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
 
-from infinite_llm.attention.native_build import NativeLibrary, build_and_load
+from infinite_llm.attention.native_build import NativeLibrary, load_once
 
 _SOURCE = Path(__file__).parent / "csrc" / "norm.c"
-_lock = threading.Lock()
 _state: dict[str, NativeLibrary | None] = {}
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.rms_norm.argtypes = [p, i64, i64, p, f32, p]
+    lib.rms_norm.restype = None
+    lib.add_rms_norm.argtypes = [p, p, i64, i64, p, f32, p]
+    lib.add_rms_norm.restype = None
+
+
 def native_library() -> NativeLibrary | None:
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                native = build_and_load(_SOURCE)
-                if native is not None:
-                    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                    native.lib.rms_norm.argtypes = [p, i64, i64, p, f32, p]
-                    native.lib.rms_norm.restype = None
-                    native.lib.add_rms_norm.argtypes = [p, p, i64, i64, p, f32, p]
-                    native.lib.add_rms_norm.restype = None
-                _state["lib"] = native
-    return _state["lib"]
+    return load_once(_state, _SOURCE, _declare)
 
 
 def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
