@@ -9,7 +9,7 @@ import pytest
 import torch
 from attn_helpers import assert_close, place, randn, write_tokens
 
-from infinite_llm.attention import cpu_native, micro
+from infinite_llm.attention import cpu_native, micro, native_ops
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.micro import micro_attention
 from infinite_llm.attention.native_build import build_and_load, kernel_cache_dir
@@ -170,5 +170,5 @@ def test_kv_read_reads_every_named_block(dtype: torch.dtype) -> None:
     ids = [7, 0, 39, 7, 12]
     words = [x.contiguous().view(torch.int32).view(3, 40, -1)[:, ids].long().sum() for x in (k, v)]
     expected = int(sum(words)) % 2**32
-    assert cpu_native.kv_read_native(k, v, torch.tensor(ids, dtype=torch.int32)) == expected
-    assert cpu_native.kv_read_native(k, v, torch.tensor(ids)) is None  # int64 ids: not taken
+    assert native_ops.kv_read_native(k, v, torch.tensor(ids, dtype=torch.int32)) == expected
+    assert native_ops.kv_read_native(k, v, torch.tensor(ids)) is None  # int64 ids: not taken

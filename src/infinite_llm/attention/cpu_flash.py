@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.attention.cpu_native import self_decode_native
+from infinite_llm.attention.native_ops import self_decode_native
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

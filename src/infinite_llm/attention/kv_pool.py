@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from infinite_llm.attention.cpu_native import kv_write_native
+from infinite_llm.attention.native_ops import kv_write_native
 
 
 class KVPool:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from infinite_llm.attention.cpu_native import merge_into_native, merge_states_native
+from infinite_llm.attention.native_ops import merge_into_native, merge_states_native
 
 
 def merge_attention_states(

@@ -29,76 +29,28 @@ import json
 import random
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from infinite_llm.attention import cpu_native, native_shards
+from infinite_llm.attention import cpu_native, native_ops, native_shards
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.kv_pool import empty_kv
 from infinite_llm.attention.merge import merge_attention_states
 from infinite_llm.attention.micro import IMPLS, micro_attention
 from infinite_llm.bench.attention_report import format_table, targets, write_plot
-from infinite_llm.bench.common import read_bandwidth_samples
+from infinite_llm.bench.common import (
+    CacheFlusher,
+    cache_flusher,
+    read_bandwidth_samples,
+    time_alternating,
+)
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_FLUSH_MIB = 128  # several times a last-level cache (32 MiB on the development machine)
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072, 262144, 524288)
-
-
-def _time_alternating(
-    fns: Sequence[Callable[[], object]],
-    budget_s: float,
-    min_repeats: int = 5,
-    flush: Callable[[], object] | None = None,
-) -> list[list[float]]:
-    """Seconds per call of each of ``fns``, called in turn (after a warm-up of each) so that
-    whatever else runs on the machine meanwhile weighs on all alike. ``flush`` runs before
-    every timed call, outside the timing."""
-    times: list[list[float]] = [[] for _ in fns]
-    for fn in fns:
-        fn()
-    t_start = time.perf_counter()
-    while len(times[0]) < min_repeats or (
-        time.perf_counter() - t_start < budget_s and len(times[0]) < 200
-    ):
-        for fn, out in zip(fns, times):
-            if flush is not None:
-                flush()
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return times
-
-
-class CacheFlusher:
-    """A read of ``mib`` MiB (several times the last-level cache) that evicts the KV a call
-    left there: in a decode step the other layers' KV and all the weights pass through the
-    caches between two visits of one layer's KV, so every MA reads from memory. Without it a
-    call would find part of the previous call's data in the cache, and which call ran before
-    which would decide the comparison.
-
-    Each read is timed, so the flushes double as samples of the machine's read bandwidth taken
-    between the kernel calls (``samples``, GB/s): on a shared machine the bandwidth moves by
-    a third within minutes, and a figure measured once at the start of a run may belong to
-    another moment than the kernel's."""
-
-    def __init__(self, mib: int) -> None:
-        self.buffer = torch.ones(mib << 18, dtype=torch.float32)
-        self.samples: list[float] = []
-
-    def __call__(self) -> None:
-        start = time.perf_counter()
-        self.buffer.sum()
-        self.samples.append(self.buffer.nbytes / (time.perf_counter() - start) / 1e9)
-
-
-def cache_flusher(mib: int) -> CacheFlusher | None:
-    """The flusher for ``mib`` MiB; None for 0."""
-    return CacheFlusher(mib) if mib > 0 else None
 
 
 def _reference_f64(
@@ -209,7 +161,7 @@ def bench_context(
     read_ids = torch.tensor([b for blocks in block_ids for b in blocks], dtype=torch.int32)
 
     def pattern_read() -> int | None:  # the same rBlocks read without the arithmetic
-        return cpu_native.kv_read_native(k, v, read_ids)
+        return native_ops.kv_read_native(k, v, read_ids)
 
     rows = []
     for num_shards in shard_counts:
@@ -231,10 +183,10 @@ def bench_context(
         if read_pattern:
             fns.append(pattern_read)
         first_sample = len(flush.samples) if flush is not None else 0
-        timed = _time_alternating(fns, budget_s, flush=flush)
+        timed = time_alternating(fns, budget_s, flush=flush)
         during = flush.samples[first_sample:] if flush is not None else []
         mono_t, split_t = timed[0], timed[1]
-        merge_t = _time_alternating([merge], min(budget_s, 0.05))[0] if num_shards > 1 else [0.0]
+        merge_t = time_alternating([merge], min(budget_s, 0.05))[0] if num_shards > 1 else [0.0]
         err = mono_err if num_shards == 1 else (split()[0].double() - truth).abs().max().item()
         split_s, mono_s = statistics.median(split_t), statistics.median(mono_t)
         fused_s = statistics.median(timed[2]) if fused is not None else None

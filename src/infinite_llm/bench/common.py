@@ -1,4 +1,4 @@
-"""Helpers every benchmark shares: memory bandwidth, peak RSS, tables, JSON output."""
+"""Helpers every benchmark shares: memory bandwidth, timing, peak RSS, tables, JSON output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,58 @@ def read_bandwidth_samples(num_bytes: int = 1 << 30, repeats: int = 5) -> list[f
 def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-``repeats`` read bandwidth in GB/s."""
     return max(read_bandwidth_samples(num_bytes, repeats))
+
+
+def time_alternating(
+    fns: Sequence[Callable[[], object]],
+    budget_s: float,
+    min_repeats: int = 5,
+    flush: Callable[[], object] | None = None,
+) -> list[list[float]]:
+    """Seconds per call of each of ``fns``, called in turn (after a warm-up of each) so that
+    whatever else runs on the machine meanwhile weighs on all alike. ``flush`` runs before
+    every timed call, outside the timing."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    t_start = time.perf_counter()
+    while len(times[0]) < min_repeats or (
+        time.perf_counter() - t_start < budget_s and len(times[0]) < 200
+    ):
+        for fn, out in zip(fns, times):
+            if flush is not None:
+                flush()
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return times
+
+
+class CacheFlusher:
+    """A read of ``mib`` MiB (several times the last-level cache) that evicts the KV a call
+    left there: in a decode step the other layers' KV and all the weights pass through the
+    caches between two visits of one layer's KV, so every MA reads from memory. Without it a
+    call would find part of the previous call's data in the cache, and which call ran before
+    which would decide the comparison.
+
+    Each read is timed, so the flushes double as samples of the machine's read bandwidth taken
+    between the kernel calls (``samples``, GB/s): on a shared machine the bandwidth moves by
+    a third within minutes, and a figure measured once at the start of a run may belong to
+    another moment than the kernel's."""
+
+    def __init__(self, mib: int) -> None:
+        self.buffer = torch.ones(mib << 18, dtype=torch.float32)
+        self.samples: list[float] = []
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        self.buffer.sum()
+        self.samples.append(self.buffer.nbytes / (time.perf_counter() - start) / 1e9)
+
+
+def cache_flusher(mib: int) -> CacheFlusher | None:
+    """The flusher for ``mib`` MiB; None for 0."""
+    return CacheFlusher(mib) if mib > 0 else None
 
 
 def peak_rss_bytes() -> int:

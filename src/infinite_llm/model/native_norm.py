@@ -44,7 +44,7 @@ def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """rmsnorm(x) * weight for x [T, H] float32 on CPU; None where it does not apply."""
-    native = _state.get("lib") or native_library()
+    native = native_library()
     if native is None or not _fits(x, weight):
         return None
     out = torch.empty_like(x)
@@ -57,7 +57,7 @@ def add_rms_norm(
 ) -> torch.Tensor | None:
     """``residual += delta`` in place, then rmsnorm(residual) * weight; None (nothing done)
     where it does not apply."""
-    native = _state.get("lib") or native_library()
+    native = native_library()
     if (
         native is None
         or not _fits(residual, weight)
