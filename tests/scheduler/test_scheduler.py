@@ -170,3 +170,26 @@ def test_a_preempted_request_comes_back_only_when_its_whole_prompt_fits() -> Non
         rm.check_integrity()
     assert a.num_preemptions == 0 and b.num_preemptions <= 1 and s.num_preemptions <= 1
     assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 4
+
+
+def test_pending_tokens_count_prefill_left_and_output_left() -> None:
+    """The router's load signal through a chunked prefill, decodes and a preemption."""
+    s, rm = make(num_blocks=4, budget=6)
+    a, b = req("a", 8, max_tokens=6), req("b", 8, max_tokens=6)  # 2 full blocks each
+    s.add_request(a)
+    s.add_request(b)
+    assert (a.num_pending_tokens, s.num_pending_tokens) == (8 + 6, 28)
+    step(s)  # a: 6 of its 8 prompt tokens (the budget)
+    assert a.num_pending_tokens == 2 + 6
+    step(s)  # a: its last 2, then samples; b: 4 of 8
+    assert a.num_pending_tokens == 1 + 5  # the sampled token is not computed yet
+    assert b.num_pending_tokens == 4 + 6
+    assert rm.num_free_blocks == 0
+    out, _ = step(s)  # a's decode needs a 3rd block: b is preempted, its 4 tokens to compute again
+    assert out.preempted == [b] and b.num_computed_tokens == 0
+    assert b.num_pending_tokens == 8 + 6 and a.num_pending_tokens == 1 + 4
+    assert s.num_pending_tokens == 14 + 5
+    while s.has_unfinished_requests():
+        step(s)
+    assert s.num_pending_tokens == 0 and a.num_pending_tokens == b.num_pending_tokens == 0
+    rm.check_integrity()

@@ -121,8 +121,8 @@ class InProcessCluster(Cluster):
         return events
 
     def _route(self, request: Request) -> int:
-        num_requests = {i: inst.num_requests for i, inst in self.instances.items()}
-        return self.router.pick(sorted(self.instances), self.gmanager.free_blocks(), num_requests, request.num_tokens)
+        pending = {i: inst.scheduler.num_pending_tokens for i, inst in self.instances.items()}
+        return self.router.pick(sorted(self.instances), self.gmanager.free_blocks(), pending, request.num_tokens)
 
     # -- heartbeats, defragmentation, failures ----------------------------------------------
     def send_heartbeats(self, force: bool = False) -> None:

@@ -87,6 +87,13 @@ class _Record:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_preemptions: int = 0
 
+    @property
+    def pending_tokens(self) -> int:
+        """The router's load signal as the driver sees it: the whole prompt until the first token
+        comes back (prefill progress stays in the actor), then the output still to generate."""
+        prompt = 0 if self.output_token_ids else self.request.num_prompt_tokens
+        return prompt + max(0, self.request.max_tokens - len(self.output_token_ids))
+
     def rebuild(self) -> Request:
         return dataclasses.replace(self.request, output_token_ids=list(self.output_token_ids),
                                    num_preemptions=self.num_preemptions, block_table=BlockTable(),
@@ -220,10 +227,10 @@ class RayCluster(Cluster):
 
     def _route(self, num_tokens: int) -> int:
         free = ray.get(self._gmanager.free_blocks.remote())
-        num_requests = dict.fromkeys(self._actors, 0)
+        pending = dict.fromkeys(self._actors, 0)
         for record in self._records.values():
-            num_requests[record.home] = num_requests.get(record.home, 0) + 1
-        return self.router.pick(sorted(self._actors), free, num_requests, num_tokens)
+            pending[record.home] = pending.get(record.home, 0) + record.pending_tokens
+        return self.router.pick(sorted(self._actors), free, pending, num_tokens)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []

@@ -71,6 +71,17 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    @property
+    def num_pending_tokens(self) -> int:
+        """Work left, in tokens: those still to prefill (all of them again after a preemption)
+        plus the output tokens still to generate (``max_tokens`` bounds them; with ``ignore_eos``
+        it is exact); 0 once finished. The router's load signal."""
+        if self.status.finished:
+            return 0
+        return max(0, self.num_tokens - self.num_computed_tokens) + max(
+            0, self.max_tokens - self.num_output_tokens
+        )
+
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the whole list."""
         p = len(self.prompt_token_ids)

@@ -148,6 +148,11 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to prefill or generate over every unfinished request here."""
+        return sum(r.num_pending_tokens for r in self.requests.values())
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 

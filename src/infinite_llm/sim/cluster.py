@@ -122,8 +122,8 @@ class SimCluster:
 
     # -- requests ---------------------------------------------------------------------------
     def route(self, num_tokens: int) -> int:
-        num_requests = {i: inst.num_requests for i, inst in self.instances.items()}
-        return self.router.pick(sorted(self.instances), self.gmanager.free_blocks(), num_requests, num_tokens)
+        pending = {i: inst.scheduler.num_pending_tokens for i, inst in self.instances.items()}
+        return self.router.pick(sorted(self.instances), self.gmanager.free_blocks(), pending, num_tokens)
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
