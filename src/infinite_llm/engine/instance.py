@@ -74,10 +74,6 @@ class Instance:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    @property
-    def num_requests(self) -> int:
-        return self.scheduler.num_running + self.scheduler.num_waiting
-
     # -- creditor side ----------------------------------------------------------------------
     def lend(self, request: LendRequest) -> LendReply:
         return self.rmanager.lend(request)

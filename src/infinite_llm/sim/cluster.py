@@ -81,10 +81,6 @@ class SimInstance:
         self.rmanager = rmanager
         self.scheduler = scheduler
 
-    @property
-    def num_requests(self) -> int:
-        return self.scheduler.num_running + self.scheduler.num_waiting
-
 
 class SimCluster:
     def __init__(self, config: SimClusterConfig, clock: Callable[[], float]) -> None:
