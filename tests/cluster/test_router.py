@@ -44,3 +44,18 @@ def test_routed_requests_count_against_free_memory_until_a_heartbeat() -> None:
     assert router.pick([0, 1], free, {0: 0, 1: 100}, num_tokens=8 * 16) == 1
     router.on_heartbeat(0)
     assert router.pick([0, 1], free, {0: 0, 1: 500}, num_tokens=8 * 16) == 0
+
+
+def test_ray_driver_counts_the_prompt_until_the_first_token_then_the_output_left() -> None:
+    """On Ray the driver routes from its records: prefill progress stays in the actor."""
+    from infinite_llm.cluster.ray_cluster import _Record
+    from infinite_llm.sampling_params import SamplingParams
+    from infinite_llm.scheduler.request import Request
+
+    request = Request("r", list(range(100)), SamplingParams(max_tokens=20), max_tokens=20)
+    record = _Record(request, home=0)
+    assert record.pending_tokens == 100 + 20
+    record.output_token_ids += [5, 6, 7]
+    assert record.pending_tokens == 17
+    record.output_token_ids += [1] * 17
+    assert record.pending_tokens == 0
