@@ -25,6 +25,18 @@ def read_bandwidth_samples(num_bytes: int = 1 << 30, repeats: int = 5) -> list[f
     return samples
 
 
+def tensor_read_samples(t: torch.Tensor, repeats: int = 5) -> list[float]:
+    """GB/s of ``repeats`` sums over a tensor already in memory (no allocation, so no page
+    faults and no growth of the peak RSS a benchmark reports); only meaningful where the tensor
+    is several times the last-level cache."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        t.sum()
+        samples.append(t.nbytes / (time.perf_counter() - start) / 1e9)
+    return samples
+
+
 def measure_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best-of-``repeats`` read bandwidth in GB/s."""
     return max(read_bandwidth_samples(num_bytes, repeats))
