@@ -16,13 +16,7 @@ import torch
 def read_bandwidth_samples(num_bytes: int = 1 << 30, repeats: int = 5) -> list[float]:
     """GB/s of each of ``repeats`` multithreaded sums over a buffer far beyond the caches."""
     x = torch.ones(num_bytes // 4, dtype=torch.float32)  # written once: no page faults in the timing
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        samples.append(num_bytes / (time.perf_counter() - start) / 1e9)
-    del x
-    return samples
+    return tensor_read_samples(x, repeats)
 
 
 def tensor_read_samples(t: torch.Tensor, repeats: int = 5) -> list[float]:
@@ -84,9 +78,7 @@ class CacheFlusher:
         self.samples: list[float] = []
 
     def __call__(self) -> None:
-        start = time.perf_counter()
-        self.buffer.sum()
-        self.samples.append(self.buffer.nbytes / (time.perf_counter() - start) / 1e9)
+        self.samples += tensor_read_samples(self.buffer, 1)
 
 
 def cache_flusher(mib: int) -> CacheFlusher | None:
