@@ -9,7 +9,6 @@ import torch
 
 from conftest import hf_greedy_with, loaded_model
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.model.layers import PackedLinear
 from infinite_llm.model.registry import resolve_model
 
 pytestmark = pytest.mark.slow
@@ -41,7 +40,7 @@ def test_weights_equal_transformers_gguf_loader(reference) -> None:
     ref_sd = ref.state_dict()
     layer = 7
     proj = model.layers[layer].qkv_proj
-    qkv = proj.dense_weight() if isinstance(proj, PackedLinear) else proj.weight
+    qkv = proj.dense_weight() if hasattr(proj, "dense_weight") else proj.weight
     expect = torch.cat([ref_sd[f"model.layers.{layer}.self_attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(qkv, expect)
     assert torch.equal(ours["embed_tokens.weight"], ref_sd["model.embed_tokens.weight"])

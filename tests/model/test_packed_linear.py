@@ -1,4 +1,5 @@
-"""oneDNN pre-packed linears: the same weights, float32-rounding-close outputs, any batch size."""
+"""oneDNN pre-packed linears (the fallback of ``NativeLinear``): the same weights,
+float32-rounding-close outputs, any batch size; a loaded model's packed linears."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from conftest import loaded_model
 from infinite_llm.model.layers import PackedLinear, can_prepack
+from infinite_llm.model.llama import PACKED_LINEARS
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.zeros(1)), reason="no oneDNN on this build")
 
@@ -27,7 +29,7 @@ def test_packed_linear_matches_linear(bias: bool) -> None:
 
 def test_loaded_model_is_packed_and_counts_the_weights_a_step_reads() -> None:
     model = loaded_model("tiny").model
-    assert model.lm_head is not None and isinstance(model.layers[0].gate_up_proj, PackedLinear)
+    assert model.lm_head is not None and isinstance(model.layers[0].gate_up_proj, PACKED_LINEARS)
     arch = model.arch
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from infinite_llm.model import native_linear
 from infinite_llm.model.config import ModelArchConfig
 from infinite_llm.model.layers import (
     PackedLinear,
@@ -22,6 +23,9 @@ from infinite_llm.model.layers import (
     apply_rotary,
     can_prepack,
 )
+from infinite_llm.model.native_linear import NativeLinear
+
+PACKED_LINEARS = (NativeLinear, PackedLinear)
 
 
 class AttentionBackend(Protocol):
@@ -100,19 +104,26 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head_weight = nn.Parameter(
                 torch.empty(arch.vocab_size, arch.hidden_size, **kw), requires_grad=False
             )
-        self.lm_head: PackedLinear | None = None  # set by prepack()
+        self.lm_head: NativeLinear | PackedLinear | None = None  # set by prepack()
         self.requires_grad_(False)
 
     def prepack(self) -> bool:
-        """Replace every linear (and the LM head) by a ``PackedLinear`` when the weights allow it
-        (CPU, float32); call once, after ``load_weights``. Returns whether it packed."""
-        if self.lm_head is not None or not can_prepack(self.lm_head_weight):
+        """Replace every linear (and the LM head) by a packed one when the weights allow it
+        (CPU, float32): ``NativeLinear`` (the C kernel) where it builds, else oneDNN's
+        ``PackedLinear``. Call once, after ``load_weights``. Returns whether it packed."""
+        if self.lm_head is not None:
+            return False
+        if native_linear.supports(self.lm_head_weight):
+            packed: type[NativeLinear] | type[PackedLinear] = NativeLinear
+        elif can_prepack(self.lm_head_weight):
+            packed = PackedLinear
+        else:
             return False
         for layer in self.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 linear = getattr(layer, name)
-                setattr(layer, name, PackedLinear(linear.weight, linear.bias))
-        self.lm_head = PackedLinear(self.lm_head_weight, None)
+                setattr(layer, name, packed(linear.weight, linear.bias))
+        self.lm_head = packed(self.lm_head_weight, None)
         if not self.arch.tie_word_embeddings:
             del self.lm_head_weight  # the packed copy replaces it (a tied one is the embedding)
         return True
@@ -122,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
         (the embedding is only gathered, a row per token)."""
         embedding = self.embed_tokens.weight
         n = sum(p.numel() * p.element_size() for p in self.parameters() if p is not embedding)
-        n += sum(m.weight_nbytes for m in self.modules() if isinstance(m, PackedLinear))
+        n += sum(m.weight_nbytes for m in self.modules() if isinstance(m, PACKED_LINEARS))
         if self.lm_head is None and self.arch.tie_word_embeddings:
             n += self.lm_head_weight.numel() * self.lm_head_weight.element_size()
         return n
