@@ -123,6 +123,9 @@ _INT_FIELDS_BEFORE_SCALE = """q k v head_stride block_stride kv_bf16 num_request
     block_start context_lens row_limit hq hkv d block_size"""
 
 
+_WRITE_FIELDS = "write_slots write_n write_k write_k_row write_v write_v_row"
+
+
 class _DecodeCall(ctypes.Structure):
     """``MADecodeCall`` of the C file: ``ma_decode``'s arguments, all 8 bytes wide."""
 
@@ -130,6 +133,7 @@ class _DecodeCall(ctypes.Structure):
         *((name, ctypes.c_int64) for name in _INT_FIELDS_BEFORE_SCALE.split()),
         ("scale", ctypes.c_double),
         *((name, ctypes.c_int64) for name in ("chunk_tokens", "num_threads", "out", "lse")),
+        *((name, ctypes.c_int64) for name in _WRITE_FIELDS.split()),
     ]
 
 
@@ -209,8 +213,12 @@ def try_micro_attention_native(
     batch: MABatch,
     scale: float,
     causal: bool = False,
+    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``micro_attention_native``, or None (nothing done) where the kernel cannot run it.
+
+    ``store``: (slots [n] int64, k, v [n, Hkv, D]) new tokens to write into the caches first,
+    in the same C call (None, with nothing written, where they do not fit it).
 
     Every layer of a step calls this with the same batch and tensors of the same geometry: the
     checks and the argument struct are made once per batch (``MABatch.memo``), and a call
@@ -244,14 +252,47 @@ def try_micro_attention_native(
     lse = torch.empty(t, hq, dtype=torch.float32)
     call.q, call.k, call.v = qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
     call.out, call.lse = out.data_ptr(), lse.data_ptr()
+    if store is None:
+        call.write_n = 0
+    elif not _set_store(call, k_cache, store):
+        return None
     status = prepared.run(call)
     if status:
         check_status(status, d, k_cache.dtype)
     return (out if q.dtype == torch.float32 else out.to(q.dtype)), lse
 
 
+def _set_store(
+    call: _DecodeCall, k_cache: torch.Tensor, store: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> bool:
+    """The store's fields of ``call``; False where these tensors do not fit ``kv_write``."""
+    slots, k, v = store
+    d, dtype = call.d, k_cache.dtype
+    if not (
+        slots.dtype == torch.int64
+        and slots.is_contiguous()
+        and k.dtype == dtype
+        and v.dtype == dtype
+        and k.is_cpu
+        and v.is_cpu
+        and k.shape[0] == v.shape[0] == slots.shape[0]
+        and k.shape[1] == v.shape[1] == call.hkv
+        and k.stride(2) == 1
+        and k.stride(1) == d
+        and v.stride(2) == 1
+        and v.stride(1) == d
+    ):
+        return False
+    call.write_slots, call.write_n = slots.data_ptr(), slots.shape[0]
+    call.write_k, call.write_k_row = k.data_ptr(), k.stride(0)
+    call.write_v, call.write_v_row = v.data_ptr(), v.stride(0)
+    return True
+
+
 def check_status(status: int, head_dim: int, dtype: torch.dtype) -> None:
     """The kernels' return codes as exceptions."""
+    if status == -3:
+        raise IndexError("a KV slot is outside the pool")
     if status == -1:
         raise MemoryError("native decode attention could not allocate its scratch memory")
     if status != 0:

@@ -280,13 +280,16 @@ class LocalExecutor:
         self, layer_idx: int, work: Mapping[int, ShardWork]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._write(layer_idx, work)  # first: a decode token's MA reads its own K,V
         for inst, w in work.items():
+            pool = self.pools[inst]
+            # The store first: a decode token's MA reads its own K,V (one native call does both).
+            store = None if w.write_slots is None else (w.write_slots, w.k, w.v)
             if w.batch is not None and w.q is not None:
-                pool = self.pools[inst]
                 results[inst] = micro_attention(
-                    w.q, pool.k[layer_idx], pool.v[layer_idx], w.batch, impl=self.impl
+                    w.q, pool.k[layer_idx], pool.v[layer_idx], w.batch, impl=self.impl, store=store
                 )
+            elif store is not None:
+                pool.write(layer_idx, *store)
         return results
 
 

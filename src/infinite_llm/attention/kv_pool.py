@@ -51,11 +51,7 @@ class KVPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens: slots [n] int64; k, v [n, Hkv, D]."""
-        if kv_write_native(self.k[layer], self.v[layer], slots, k, v):  # CPU: one C loop
-            return
-        h, d = self.num_kv_heads, self.head_dim
-        self.k[layer].view(h, -1, d).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
-        self.v[layer].view(h, -1, d).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
+        write_layer(self.k[layer], self.v[layer], slots, k, v)
 
     def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of whole rBlocks (every layer): for migration. -> k, v [L, Hkv, n, bs, D]."""
@@ -66,6 +62,18 @@ class KVPool:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
         self.k.index_copy_(2, index, k.to(self.k.device, self.dtype))
         self.v.index_copy_(2, index, v.to(self.v.device, self.dtype))
+
+
+def write_layer(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store new tokens in one layer of a pool ([Hkv, num_blocks, block_size, D]): slots [n]
+    int64; k, v [n, Hkv, D]. One C loop on CPU, ``index_copy_`` elsewhere."""
+    if kv_write_native(k_cache, v_cache, slots, k, v):
+        return
+    h, d = k_cache.shape[0], k_cache.shape[-1]
+    k_cache.view(h, -1, d).index_copy_(1, slots, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(h, -1, d).index_copy_(1, slots, v.transpose(0, 1).to(v_cache.dtype))
 
 
 HUGE_PAGE = 2 << 20

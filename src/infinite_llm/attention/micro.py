@@ -20,6 +20,7 @@ import torch
 from infinite_llm.attention import cpu_native
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.cpu_flash import micro_attention_flash
+from infinite_llm.attention.kv_pool import write_layer
 from infinite_llm.attention.reference import micro_attention_reference
 
 logger = logging.getLogger(__name__)
@@ -42,17 +43,32 @@ def micro_attention(
     scale: float | None = None,
     causal: bool = False,
     impl: str = "auto",
+    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the rBlocks named in ``batch``; returns (out [T, Hq, D], lse [T, Hq] f32).
 
     q: [T, Hq, D]; k_cache, v_cache: one layer of a pool, [Hkv, num_blocks, block_size, D].
     ``impl``: one of ``IMPLS`` (see the module docstring).
+    ``store``: (slots [n] int64, k, v [n, Hkv, D]) new tokens written into the caches before
+    the MA reads them (DistAttention's order); a decode batch on the native kernel does both in
+    one call.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose from {', '.join(IMPLS)}")
     on_cpu = q.device.type == "cpu"
+    if store is not None:
+        if on_cpu and (
+            impl == "native"
+            or (impl == "auto" and batch.split_by_query_len(NATIVE_MAX_QUERY_LEN)[1] is None)
+        ):
+            result = cpu_native.try_micro_attention_native(
+                q, k_cache, v_cache, batch, scale, causal, store
+            )
+            if result is not None:
+                return result
+        write_layer(k_cache, v_cache, *store)
     if impl == "auto":
         if on_cpu:
             result = _auto_cpu(q, k_cache, v_cache, batch, scale, causal)

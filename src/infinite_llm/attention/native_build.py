@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -131,7 +132,7 @@ def build_and_load(source: Path) -> NativeLibrary | None:
             "no C compiler (%s) found; native attention disabled, using torch kernels", cc
         )
         return None
-    text = source.read_bytes()
+    text = _source_text(source)
     version = _compiler_version(cc)
     errors: list[str] = []
     for flags, link, openmp in _attempts(cc):
@@ -167,6 +168,21 @@ def build_and_load(source: Path) -> NativeLibrary | None:
         "could not build native kernel %s; using torch kernels. %s", source.name, " | ".join(errors)
     )
     return None
+
+
+_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _source_text(source: Path, seen: frozenset[Path] = frozenset()) -> bytes:
+    """The source and, after it, every local header it includes (``#include "..."``, relative
+    to the including file, recursively): what the cached library's name must change with."""
+    text = source.read_bytes()
+    parts = [text]
+    for name in _INCLUDE.findall(text):
+        header = (source.parent / name.decode()).resolve()
+        if header.exists() and header not in seen:
+            parts.append(_source_text(header, seen | {source.resolve(), header}))
+    return b"\0".join(parts)
 
 
 _load_lock = threading.Lock()

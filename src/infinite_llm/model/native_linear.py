@@ -38,12 +38,19 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[n, k] -> [ceil(n / 16), k, 16]: panel p holds output columns 16p..16p+15, k-major."""
+    """[n, k] -> [ceil(n / 16), k, 16]: panel p holds output columns 16p..16p+15, k-major.
+
+    Copied straight into the result (no padded or transposed intermediate): loading keeps at
+    most one extra copy of one matrix, the LM head's 113 MB on SmolLM2, not three."""
     n, k = weight.shape
-    panels = -(-n // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
-    padded[:n] = weight
-    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+    full, rest = divmod(n, PANEL)
+    out = torch.empty(full + (rest > 0), k, PANEL, dtype=torch.float32)
+    if full:
+        out[:full].copy_(weight[: full * PANEL].view(full, PANEL, k).transpose(1, 2))
+    if rest:
+        out[full].zero_()
+        out[full, :, :rest].copy_(weight[full * PANEL :].t())
+    return out
 
 
 class NativeLinear(nn.Module):

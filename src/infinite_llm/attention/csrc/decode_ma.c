@@ -25,6 +25,7 @@
  * compiler; AVX gets a faster horizontal reduction); OpenMP for threads, linked against the
  * libgomp torch already loaded.
  */
+#include "ma_call.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -657,19 +658,17 @@ int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
     return status;
 }
 
-/* ma_decode's arguments in one struct (every field 8 bytes: pointers and integers as int64):
- * a caller through ctypes converts one argument, not twenty-one, and keeps the fields that do
- * not change between the layers of a step filled in. */
-typedef struct {
-    int64_t q, k, v, head_stride, block_stride, kv_bf16, num_requests;
-    int64_t query_start, block_table, block_start, context_lens, row_limit;
-    int64_t hq, hkv, d, block_size;
-    double scale;
-    int64_t chunk_tokens, num_threads, out, lse;
-} MADecodeCall;
+int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *slots, int64_t n,
+             const void *k, int64_t k_row, const void *v, int64_t v_row, int hkv, int d, int esz);
 
 int ma_decode_call(const MADecodeCall *a) {
 #define PTR(T, x) ((T)(intptr_t)(x))
+    if (a->write_n > 0 &&
+        kv_write(PTR(void *, a->k), PTR(void *, a->v), a->head_stride,
+                 PTR(const int64_t *, a->write_slots), a->write_n, PTR(const void *, a->write_k),
+                 a->write_k_row, PTR(const void *, a->write_v), a->write_v_row, (int)a->hkv,
+                 (int)a->d, a->kv_bf16 ? 2 : 4))
+        return -3;
     return ma_decode(PTR(const float *, a->q), PTR(const void *, a->k), PTR(const void *, a->v),
                      a->head_stride, a->block_stride, (int)a->kv_bf16, (int)a->num_requests,
                      PTR(const int64_t *, a->query_start), PTR(const int32_t *, a->block_table),
