@@ -142,6 +142,24 @@ def test_build_is_cached() -> None:
 
 
 @needs_native
+def test_a_changed_local_header_rebuilds(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached library is named by the source and the local headers it includes."""
+    monkeypatch.setenv("INFINITE_LLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "sub").mkdir()
+    header = tmp_path / "sub" / "value.h"
+    source = tmp_path / "probe.c"
+    source.write_text('#include "sub/value.h"\nint probe(void) { return VALUE; }\n')
+    libs = []
+    for value in (1, 2):
+        header.write_text(f"#define VALUE {value}\n")
+        native = build_and_load(source)
+        assert native is not None
+        assert native.lib.probe() == value
+        libs.append(native.path)
+    assert libs[0] != libs[1]
+
+
+@needs_native
 def test_one_batch_over_layers_and_pools() -> None:
     """A step's batch prepares its native call once and reuses it for every layer: the call
     follows each layer's tensors, and another dtype or geometry gets a call of its own."""

@@ -137,7 +137,7 @@ class _DecodeCall(ctypes.Structure):
     ]
 
 
-class _Prepared:
+class Prepared:
     """A decode MA call over one batch, prepared once and reused by every layer of the step:
     the argument struct with tables, shapes and split filled in (the caller sets the five
     pointers that change), and the tensors it points into, kept alive with it."""
@@ -156,7 +156,7 @@ def _prepare(
     scale: float,
     causal: bool,
     num_threads: int,
-) -> _Prepared | None:
+) -> Prepared | None:
     """The call for this batch and these tensors' geometry; None where the kernel cannot run it."""
     native = native_library()
     if native is None or not supports(q, k_cache, v_cache):
@@ -188,7 +188,16 @@ def _prepare(
         chunk_tokens=chunk,
         num_threads=threads,
     )
-    return _Prepared(call, (tables, limits), native.lib.ma_decode_call)
+    return Prepared(call, (tables, limits), native.lib.ma_decode_call)
+
+
+def prepare_decode_call(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: MABatch, scale: float
+) -> Prepared | None:
+    """A (non-causal) decode MA call over ``batch`` for a caller that fills the per-layer
+    pointers itself (``model/native_decoder``); q only lends its shape and dtype. None where the
+    kernel cannot run it."""
+    return _prepare(q, k_cache, v_cache, batch, scale, False, torch.get_num_threads())
 
 
 def micro_attention_native(

@@ -177,6 +177,17 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)
 
 
+@dataclass(frozen=True)
+class LocalDecode:
+    """A decode step whose rows all attend only to rBlocks of one pool in this process: what a
+    fused native decoder (``model/native_decoder``) needs to store K,V and run every layer's
+    MA itself, in DistAttention's order (store, then MA)."""
+
+    pool: KVPool
+    prepared: cpu_native.Prepared  # the MA call over the step's batch; layer pointers unset
+    slots: torch.Tensor  # [T] int64: row i's new K,V slot in the pool
+
+
 class DistAttention:
     """The attention backend the model calls: self part + one MA per instance, merged exactly."""
 
@@ -184,6 +195,25 @@ class DistAttention:
         self.executor = executor
         self.plan = plan
         self.scale = scale
+
+    def local_decode(self, num_rows: int, num_heads: int, head_dim: int) -> LocalDecode | None:
+        """This step as one pool's decode (every row a decode token, its whole context and its
+        new K,V in one pool of this process, float32, the native kernel), or None."""
+        plan = self.plan
+        if plan.prefill_query_lens or len(plan.shards) != 1 or plan.num_tokens != num_rows:
+            return None
+        ((inst, shard),) = plan.shards.items()
+        write = plan.writes.get(inst)
+        if write is None or len(plan.writes) != 1 or shard.rows is not None or write.rows is not None:
+            return None
+        local_pool = getattr(self.executor, "local_pool", None)
+        pool = None if local_pool is None else local_pool(inst)
+        if pool is None or pool.dtype != torch.float32:
+            return None
+        return plan.memo(
+            ("local-decode", inst),
+            lambda: _local_decode(pool, shard.batch, write.slots, num_heads, head_dim, self.scale),
+        )
 
     def __call__(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -233,6 +263,14 @@ class DistAttention:
         return acc.to(q.dtype)
 
 
+def _local_decode(
+    pool: KVPool, batch: MABatch, slots: torch.Tensor, num_heads: int, head_dim: int, scale: float
+) -> LocalDecode | None:
+    q_like = torch.empty(batch.num_query_rows, num_heads, head_dim)
+    prepared = cpu_native.prepare_decode_call(q_like, pool.k[0], pool.v[0], batch, scale)
+    return None if prepared is None else LocalDecode(pool, prepared, slots)
+
+
 class LocalExecutor:
     """All pools in this process: direct writes and MA calls (the in-process transport).
 
@@ -269,6 +307,12 @@ class LocalExecutor:
         self.num_fused_calls += 1
         out, _ = native_shards.decode_attention_shards(q, caches, tables, plan.block_size, scale)
         return out
+
+    def local_pool(self, instance_id: int) -> KVPool | None:
+        """The pool whose MAs run here on the native kernel, for a fused decoder; else None."""
+        if self.impl not in ("auto", "native"):
+            return None
+        return self.pools.get(instance_id)
 
     def _write(self, layer_idx: int, work: Mapping[int, ShardWork]) -> None:
         for inst, w in work.items():

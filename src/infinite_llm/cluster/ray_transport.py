@@ -172,6 +172,10 @@ class RayTransport:
         return out
 
     # -- MAExecutor ---------------------------------------------------------------------------
+    def local_pool(self, instance_id: int) -> KVPool | None:
+        """This actor's own pool (``LocalExecutor.local_pool``); a peer's is not here."""
+        return self._local.local_pool(instance_id) if instance_id == self.instance_id else None
+
     def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         start = time.perf_counter()
         calls: dict[int, Any] = {}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from infinite_llm.attention.dist import DistPlan, LocalExecutor, ShardWork
+from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ class InProcessTransport:
     def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         self.num_shard_calls += max(0, len(work) - 1)
         return self._executor.run(layer_idx, work)
+
+    def local_pool(self, instance_id: int) -> KVPool | None:
+        """Every pool is in this process (``LocalExecutor.local_pool``)."""
+        return self._executor.local_pool(instance_id)
 
     def run_decode(
         self,

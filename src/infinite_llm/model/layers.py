@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinite_llm.model import native_norm
+from infinite_llm.model import native_decoder, native_norm
 from infinite_llm.model.config import ModelArchConfig
 
 
@@ -84,9 +84,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     """x: [T, heads, head_dim]; rotate-half convention (HF layout, not interleaved).
 
     HF: x*cos + cat(-x2, x1)*sin. Here cat(x2, x1) is a roll and the sign sits in ``signed_sin``:
-    the same products, so the same bits.
+    the same products, so the same bits. float32 on CPU: one C loop that rotates ``x`` in place
+    and returns it (the same arithmetic, no fused multiply-add); a new tensor otherwise.
     """
+    if native_decoder.rope_(x, cos, signed_sin):
+        return x
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim (one C loop for float32 CPU
+    rows; torch elsewhere)."""
+    out = native_decoder.silu_mul(gate_up) if gate_up.dim() == 2 else None
+    if out is not None:
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def can_prepack(weight: torch.Tensor) -> bool:

@@ -22,7 +22,9 @@ from infinite_llm.model.layers import (
     RotaryEmbedding,
     apply_rotary,
     can_prepack,
+    silu_mul,
 )
+from infinite_llm.model.native_decoder import NativeDecoder
 from infinite_llm.model.native_linear import NativeLinear
 
 PACKED_LINEARS = (NativeLinear, PackedLinear)
@@ -81,8 +83,7 @@ class DecoderLayer(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         o = attn(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
         residual, h = self.post_attention_layernorm.add_forward(residual, self.o_proj(o.reshape(t, self.q_size)))
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up), residual
+        return self.down_proj(silu_mul(self.gate_up_proj(h))), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -105,6 +106,8 @@ class LlamaForCausalLM(nn.Module):
                 torch.empty(arch.vocab_size, arch.hidden_size, **kw), requires_grad=False
             )
         self.lm_head: NativeLinear | PackedLinear | None = None  # set by prepack()
+        # Decode steps in one C call where the weights and the step allow (set by prepack()).
+        self.native_decoder: NativeDecoder | None = None
         self.requires_grad_(False)
 
     def prepack(self) -> bool:
@@ -124,6 +127,7 @@ class LlamaForCausalLM(nn.Module):
                 linear = getattr(layer, name)
                 setattr(layer, name, packed(linear.weight, linear.bias))
         self.lm_head = packed(self.lm_head_weight, None)
+        self.native_decoder = NativeDecoder.build(self)
         if not self.arch.tie_word_embeddings:
             del self.lm_head_weight  # the packed copy replaces it (a tied one is the embedding)
         return True
@@ -144,6 +148,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         cos, sin = self.rotary(positions, self.dtype)
         x, residual = self.embed_tokens(input_ids), None  # the embedding output is ours to update
+        if self.native_decoder is not None:
+            hidden = self.native_decoder(x, cos, sin, attn)
+            if hidden is not None:
+                return hidden
         for layer in self.layers:
             x, residual = layer(x, cos, sin, attn, residual)
         if residual is None:  # no layers

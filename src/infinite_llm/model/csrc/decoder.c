@@ -1,0 +1,143 @@
+/* A decode step of a Llama-family decoder in one call: every layer, for float32 rows on CPU
+ * whose KV all lives in one local pool.
+ *
+ * Why: at batch 1 a step's arithmetic is small next to its weights, and the weights stream
+ * through the caches between two layers, so each torch op and ctypes call of a layer starts
+ * cold (tens of microseconds each; about 8 of a 27 ms step on SmolLM2 were spent outside the
+ * linears). Here a layer is one C loop over the same kernels the torch path calls: the packed
+ * linear (model/csrc/linear.c), the norms (norm.c), rope and silu*mul (below, which the torch
+ * path calls too) and the decode MA with its KV store (attention/csrc/decode_ma.c). Those
+ * come in as function pointers, so each stays in its own library; the results are the torch
+ * path's, bit for bit (tests/model/test_native_decoder.py).
+ *
+ * Layer l, rows t (one decode token each), the residual stream updated in place:
+ *     h = rmsnorm(res += mlp)   (layer 0: h = rmsnorm(res), res = the embeddings)
+ *     qkv = h Wqkv^T (+ b); rope(q, k); store k, v in the pool; attn = MA(q)
+ *     h = rmsnorm(res += attn Wo^T);  mlp = (silu(g) * u) Wdown^T  with [g | u] = h Wgu^T
+ * and at the end out = rmsnorm(res += mlp) with the final norm.
+ *
+ * Built at first use by infinite_llm/attention/native_build.py, driven through ctypes by
+ * infinite_llm/model/native_decoder.py. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../attention/csrc/ma_call.h"
+
+typedef void (*LinearFn)(const float *x, int64_t m, int64_t k, int64_t ldx, const float *wp,
+                         const float *bias, int64_t n, float *y, int64_t ldy, int num_threads);
+typedef void (*NormFn)(const float *x, int64_t rows, int64_t n, const float *w, float eps,
+                       float *out);
+typedef void (*AddNormFn)(float *residual, const float *delta, int64_t rows, int64_t n,
+                          const float *w, float eps, float *out);
+typedef int (*MAFn)(const MADecodeCall *call);
+
+/* Rotary embedding, rotate-half convention, in place: x holds t rows (row stride ld floats) of
+ * `heads` heads of d floats; cos and signed_sin are [t][d] (the sine's first half negated).
+ * Per element x*cos + roll(x, d/2)*sin, each product rounded, then their sum: torch's three
+ * ops, so no fused multiply-add may be formed here. */
+__attribute__((optimize("fp-contract=off"))) void rope_f32(float *x, int64_t t, int64_t heads,
+                                                            int64_t d, int64_t ld,
+                                                            const float *cos,
+                                                            const float *signed_sin) {
+    const int64_t half = d / 2;
+    float row[512];
+    if (d > 512) return;
+    for (int64_t i = 0; i < t; i++) {
+        const float *c = cos + i * d, *s = signed_sin + i * d;
+        for (int64_t h = 0; h < heads; h++) {
+            float *r = x + i * ld + h * d;
+            memcpy(row, r, sizeof(float) * (size_t)d);
+            for (int64_t e = 0; e < d; e++) {
+                const float a = row[e] * c[e];
+                const float b = row[e < half ? e + half : e - half] * s[e];
+                r[e] = a + b;
+            }
+        }
+    }
+}
+
+/* out[i][j] = silu(gu[i][j]) * gu[i][n + j] for t rows of gu = [gate | up] (2n floats each). */
+void silu_mul_f32(const float *gu, int64_t t, int64_t n, float *out) {
+    for (int64_t i = 0; i < t; i++) {
+        const float *g = gu + i * 2 * n, *u = g + n;
+        float *o = out + i * n;
+        for (int64_t j = 0; j < n; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
+typedef struct { /* one layer's weights: packed linears (linear.c's panels), norm weights */
+    int64_t qkv, qkv_bias, o, gate_up, down, input_norm, post_norm;
+} LayerWeights;
+
+typedef struct { /* every field 8 bytes, mirrored by native_decoder._Step */
+    int64_t num_layers, t, hidden, num_heads, num_kv_heads, head_dim, intermediate, num_threads;
+    double eps;
+    int64_t layers, final_norm;            /* LayerWeights[num_layers]; final norm weight */
+    int64_t linear, norm, add_norm, ma;    /* the kernels */
+    int64_t ma_call;                       /* MADecodeCall prepared for this step's batch */
+    int64_t k_base, v_base, layer_stride;  /* the pool: layer l at base + l * layer_stride bytes */
+    int64_t slots;                         /* [t] int64: where each row's new K,V go */
+    int64_t cos, sin;                      /* [t][head_dim] */
+    int64_t x, out;                        /* embeddings [t][hidden] (updated in place); result */
+} DecodeStep;
+
+#define P(T, x) ((T)(intptr_t)(x))
+
+/* Returns 0, -1 when scratch memory could not be had, else the MA's error code. */
+int decode_layers(const DecodeStep *s) {
+    const int64_t t = s->t, H = s->hidden, D = s->head_dim, I = s->intermediate;
+    const int64_t Q = s->num_heads * D, KV = s->num_kv_heads * D, QKV = Q + 2 * KV;
+    const int threads = (int)s->num_threads;
+    const float eps = (float)s->eps;
+    LinearFn linear = P(LinearFn, s->linear);
+    NormFn norm = P(NormFn, s->norm);
+    AddNormFn add_norm = P(AddNormFn, s->add_norm);
+    MAFn ma = P(MAFn, s->ma);
+    const LayerWeights *layers = P(const LayerWeights *, s->layers);
+    MADecodeCall *call = P(MADecodeCall *, s->ma_call);
+    float *res = P(float *, s->x);
+    const size_t floats = (size_t)t * (H + QKV + Q + Q + s->num_heads + H + 2 * I + I + H);
+    float *scratch = malloc(sizeof(float) * (floats ? floats : 1));
+    if (!scratch) return -1;
+    float *h = scratch, *qkv = h + t * H, *q = qkv + t * QKV, *attn = q + t * Q;
+    float *lse = attn + t * Q, *o = lse + t * s->num_heads, *gu = o + t * H, *act = gu + t * 2 * I;
+    float *mlp = act + t * I;
+    call->write_slots = s->slots;
+    call->write_n = t;
+    call->write_k_row = QKV;
+    call->write_v_row = QKV;
+    call->out = (int64_t)(intptr_t)attn;
+    call->lse = (int64_t)(intptr_t)lse;
+    call->q = (int64_t)(intptr_t)(t == 1 ? qkv : q);
+    call->write_k = (int64_t)(intptr_t)(qkv + Q);
+    call->write_v = (int64_t)(intptr_t)(qkv + Q + KV);
+    int status = 0;
+    for (int64_t l = 0; l < s->num_layers && !status; l++) {
+        const LayerWeights *L = layers + l;
+        if (l == 0)
+            norm(res, t, H, P(const float *, L->input_norm), eps, h);
+        else
+            add_norm(res, mlp, t, H, P(const float *, L->input_norm), eps, h);
+        linear(h, t, H, H, P(const float *, L->qkv), P(const float *, L->qkv_bias), QKV, qkv, QKV,
+               threads);
+        rope_f32(qkv, t, s->num_heads + s->num_kv_heads, D, QKV, P(const float *, s->cos),
+                 P(const float *, s->sin));
+        if (t > 1)
+            for (int64_t i = 0; i < t; i++) memcpy(q + i * Q, qkv + i * QKV, sizeof(float) * Q);
+        call->k = s->k_base + l * s->layer_stride;
+        call->v = s->v_base + l * s->layer_stride;
+        status = ma(call);
+        if (status) break;
+        linear(attn, t, Q, Q, P(const float *, L->o), 0, H, o, H, threads);
+        add_norm(res, o, t, H, P(const float *, L->post_norm), eps, h);
+        linear(h, t, H, H, P(const float *, L->gate_up), 0, 2 * I, gu, 2 * I, threads);
+        silu_mul_f32(gu, t, I, act);
+        linear(act, t, I, I, P(const float *, L->down), 0, H, mlp, H, threads);
+    }
+    if (!status) add_norm(res, mlp, t, H, P(const float *, s->final_norm), eps, P(float *, s->out));
+    call->write_n = 0;
+    free(scratch);
+    return status;
+}

@@ -1,0 +1,199 @@
+"""``NativeDecoder``: a whole decode step of the model in one C call (``csrc/decoder.c``).
+
+Where it runs: float32 on CPU, every linear a ``NativeLinear``, and an attention backend that
+offers ``local_decode`` (``DistAttention`` when every row of the step is a decode token whose
+KV all lives in one pool of this process). Everywhere else the model runs layer by layer in
+torch, with the same kernels: the rope and silu*mul below are what the torch path calls too,
+so either path gives the same bits.
+
+Measured on SmolLM2 at batch 1: the torch path spent about 8 ms of a 27 ms step outside the
+linears (each op and ctypes call starting cold after the weights streamed through the caches).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from infinite_llm.attention import cpu_native
+from infinite_llm.attention.native_build import NativeLibrary, load_once
+from infinite_llm.model import native_linear, native_norm
+from infinite_llm.model.native_linear import NativeLinear
+
+if TYPE_CHECKING:
+    from infinite_llm.model.llama import LlamaForCausalLM
+
+_SOURCE = Path(__file__).parent / "csrc" / "decoder.c"
+_state: dict[str, NativeLibrary | None] = {}
+MAX_HEAD_DIM = 512  # rope_f32's row buffer
+
+
+class _LayerWeights(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ["qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_norm"]]
+
+
+_STEP_INTS = "num_layers t hidden num_heads num_kv_heads head_dim intermediate num_threads"
+_STEP_PTRS = """layers final_norm linear norm add_norm ma ma_call k_base v_base layer_stride slots
+    cos sin x out"""
+
+
+class _Step(ctypes.Structure):
+    """``DecodeStep`` of the C file, field for field."""
+
+    _fields_ = [
+        *((n, ctypes.c_int64) for n in _STEP_INTS.split()),
+        ("eps", ctypes.c_double),
+        *((n, ctypes.c_int64) for n in _STEP_PTRS.split()),
+    ]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.decode_layers.argtypes = [ctypes.POINTER(_Step)]
+    lib.decode_layers.restype = ctypes.c_int
+    lib.rope_f32.argtypes = [p, i64, i64, i64, i64, p, p]
+    lib.rope_f32.restype = None
+    lib.silu_mul_f32.argtypes = [p, i64, i64, p]
+    lib.silu_mul_f32.restype = None
+
+
+def native_library() -> NativeLibrary | None:
+    return load_once(_state, _SOURCE, _declare)
+
+
+def rope_(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool:
+    """``layers.apply_rotary`` in place on qk [T, heads, D] (rows may be strided, heads packed):
+    float32 on CPU, cos and signed_sin [T, 1, D] contiguous; False (nothing done) elsewhere."""
+    native = native_library()
+    if native is None or qk.dtype != torch.float32 or not qk.is_cpu:
+        return False
+    t, heads, d = qk.shape
+    if (
+        d > MAX_HEAD_DIM
+        or d % 2
+        or qk.stride(2) != 1
+        or qk.stride(1) != d
+        or cos.dtype != torch.float32
+        or signed_sin.dtype != torch.float32
+        or cos.shape != (t, 1, d)
+        or signed_sin.shape != (t, 1, d)
+        or not (cos.is_contiguous() and signed_sin.is_contiguous())
+    ):
+        return False
+    native.lib.rope_f32(qk.data_ptr(), t, heads, d, qk.stride(0), cos.data_ptr(), signed_sin.data_ptr())
+    return True
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate_up = [gate | up] rows [T, 2n] float32 contiguous on CPU; None
+    where it does not apply."""
+    native = native_library()
+    if native is None or gate_up.dtype != torch.float32 or not gate_up.is_cpu or not gate_up.is_contiguous():
+        return None
+    t, n2 = gate_up.shape
+    out = torch.empty(t, n2 // 2, dtype=torch.float32)
+    native.lib.silu_mul_f32(gate_up.data_ptr(), t, n2 // 2, out.data_ptr())
+    return out
+
+
+def _address(fn: Any) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+class NativeDecoder:
+    """The model's decode steps in one C call each; ``build`` answers None where it cannot."""
+
+    def __init__(self, model: LlamaForCausalLM, libs: tuple[NativeLibrary, ...]) -> None:
+        decoder, linear, norm, attention = libs
+        arch = model.arch
+        self._run = decoder.lib.decode_layers
+        self._layers = (_LayerWeights * arch.num_layers)()
+        for i, layer in enumerate(model.layers):
+            bias = layer.qkv_proj.bias
+            self._layers[i] = _LayerWeights(
+                qkv=layer.qkv_proj.panels.data_ptr(),
+                qkv_bias=0 if bias is None else bias.data_ptr(),
+                o=layer.o_proj.panels.data_ptr(),
+                gate_up=layer.gate_up_proj.panels.data_ptr(),
+                down=layer.down_proj.panels.data_ptr(),
+                input_norm=layer.input_layernorm.weight.data_ptr(),
+                post_norm=layer.post_attention_layernorm.weight.data_ptr(),
+            )
+        self._model = model  # the weights the addresses point into live as long as the model
+        self._constants = {
+            "num_layers": arch.num_layers,
+            "hidden": arch.hidden_size,
+            "num_heads": arch.num_heads,
+            "num_kv_heads": arch.num_kv_heads,
+            "head_dim": arch.head_dim,
+            "intermediate": arch.intermediate_size,
+            "eps": arch.rms_norm_eps,
+            "layers": ctypes.addressof(self._layers),
+            "final_norm": model.norm.weight.data_ptr(),
+            "linear": _address(linear.lib.linear_f32),
+            "norm": _address(norm.lib.rms_norm),
+            "add_norm": _address(norm.lib.add_rms_norm),
+            "ma": _address(attention.lib.ma_decode_call),
+        }
+        self.num_steps = 0  # decode steps run here (tests and curious users)
+
+    @classmethod
+    def build(cls, model: LlamaForCausalLM) -> NativeDecoder | None:
+        arch = model.arch
+        if model.dtype != torch.float32 or model.device.type != "cpu" or arch.num_layers == 0:
+            return None
+        if arch.head_dim > MAX_HEAD_DIM or arch.head_dim % 2:
+            return None
+        linears = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        if not all(isinstance(getattr(layer, n), NativeLinear) for layer in model.layers for n in linears):
+            return None
+        if any(getattr(layer, n).bias is not None for layer in model.layers for n in linears[1:]):
+            return None
+        libs = (
+            native_library(),
+            native_linear.native_library(),
+            native_norm.native_library(),
+            cpu_native.native_library(),
+        )
+        if any(lib is None for lib in libs):
+            return None
+        return cls(model, libs)  # type: ignore[arg-type]
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: object
+    ) -> torch.Tensor | None:
+        """Every layer and the final norm over embeddings x [T, hidden] (updated in place: the
+        residual stream) -> final hidden [T, hidden]; None (nothing done) where the backend has
+        no local decode for this step."""
+        local_decode = getattr(attn, "local_decode", None)
+        if local_decode is None:
+            return None
+        arch = self._model.arch
+        t = x.shape[0]
+        local = local_decode(t, arch.num_heads, arch.head_dim)
+        if local is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+            return None
+        pool = local.pool
+        out = torch.empty_like(x)
+        step = _Step(
+            t=t,
+            num_threads=torch.get_num_threads(),
+            ma_call=ctypes.addressof(local.prepared.call),
+            k_base=pool.k.data_ptr(),
+            v_base=pool.v.data_ptr(),
+            layer_stride=pool.k.stride(0) * pool.k.element_size(),
+            slots=local.slots.data_ptr(),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+            x=x.data_ptr(),
+            out=out.data_ptr(),
+            **self._constants,
+        )
+        status = self._run(step)
+        if status:
+            cpu_native.check_status(status, arch.head_dim, pool.dtype)
+        self.num_steps += 1
+        return out
