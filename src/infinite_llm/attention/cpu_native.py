@@ -44,9 +44,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     lib.ma_decode_call.argtypes = [ctypes.POINTER(_DecodeCall)]
     lib.ma_decode_call.restype = ctypes.c_int
-    lib.ma_decode_shards.argtypes = [p, i32, p, p, p, i64, i32, p, p, p, p, p, p, i32, p]
-    lib.ma_decode_shards.argtypes += [i32, i32, i32, i32, f32, i64, i32, p, p]
-    lib.ma_decode_shards.restype = ctypes.c_int
+    lib.ma_shards_call.argtypes = [ctypes.c_void_p]  # the address of a native_shards.ShardsCall
+    lib.ma_shards_call.restype = ctypes.c_int
     lib.merge_into.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
     lib.merge_into.restype = None
     addresses = ctypes.POINTER(i64)

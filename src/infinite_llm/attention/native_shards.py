@@ -61,6 +61,61 @@ class ShardTables:
         )
 
 
+_INTS_BEFORE_SCALE = """q num_shards k v head_stride block_stride kv_bf16 req_start group q_first
+    block_table block_start context_lens num_groups group_rows hq hkv d block_size"""
+
+
+class ShardsCall(ctypes.Structure):
+    """``MAShardsCall`` of ``csrc/ma_call.h``: ``ma_decode_shards``' arguments, 8 bytes each."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in _INTS_BEFORE_SCALE.split()),
+        ("scale", ctypes.c_double),
+        *((name, ctypes.c_int64) for name in ("chunk_tokens", "num_threads", "out", "lse")),
+    ]
+
+
+class PreparedShards:
+    """A shards call for one step: the struct with tables, shapes and split filled in, and the
+    per-shard pointer arrays it points to (``k``, ``v``: the caller fills a layer's pointers)."""
+
+    __slots__ = ("call", "k", "strides", "tables", "v")
+
+    def __init__(self, tables: ShardTables, caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 hq: int, block_size: int, scale: float) -> None:
+        n = len(caches)
+        k0 = caches[0][0]
+        hkv, d = k0.shape[0], k0.shape[-1]
+        self.tables = tables
+        self.k = (ctypes.c_int64 * n)(*(k.data_ptr() for k, _ in caches))
+        self.v = (ctypes.c_int64 * n)(*(v.data_ptr() for _, v in caches))
+        self.strides = (ctypes.c_int64 * n)(*(k.stride(0) for k, _ in caches))
+        chunk, threads = split_contexts([c for c in tables.contexts if c], hkv, torch.get_num_threads())
+        self.call = ShardsCall(
+            num_shards=n,
+            k=ctypes.addressof(self.k),
+            v=ctypes.addressof(self.v),
+            head_stride=ctypes.addressof(self.strides),
+            block_stride=k0.stride(1),
+            kv_bf16=int(k0.dtype == torch.bfloat16),
+            req_start=tables.req_start.data_ptr(),
+            group=tables.group.data_ptr(),
+            q_first=tables.q_first.data_ptr(),
+            block_table=tables.block_table.data_ptr(),
+            block_start=tables.block_start.data_ptr(),
+            context_lens=tables.context_lens.data_ptr(),
+            num_groups=len(tables.group_rows),
+            group_rows=tables.group_rows.data_ptr(),
+            hq=hq,
+            hkv=hkv,
+            d=d,
+            block_size=block_size,
+            scale=scale,
+            chunk_tokens=chunk,
+            num_threads=threads,
+        )
+
+
 def decode_attention_shards(
     q: torch.Tensor,
     caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -75,42 +130,12 @@ def decode_attention_shards(
     if native is None:
         raise RuntimeError("native decode attention is not available")
     t, hq, d = q.shape
-    k0 = caches[0][0]
-    hkv = k0.shape[0]
     qf = q if q.dtype == torch.float32 and q.is_contiguous() else q.to(torch.float32).contiguous()
     out = torch.empty(t, hq, d, dtype=torch.float32)
     lse = torch.empty(t, hq, dtype=torch.float32)
-    num_threads = torch.get_num_threads()
-    chunk, threads = split_contexts([c for c in tables.contexts if c], hkv, num_threads)
-    n = len(caches)
-    k_ptrs = (ctypes.c_int64 * n)(*(k.data_ptr() for k, _ in caches))
-    v_ptrs = (ctypes.c_int64 * n)(*(v.data_ptr() for _, v in caches))
-    strides = (ctypes.c_int64 * n)(*(k.stride(0) for k, _ in caches))
-    status = native.lib.ma_decode_shards(
-        qf.data_ptr(),
-        n,
-        k_ptrs,
-        v_ptrs,
-        strides,
-        k0.stride(1),
-        int(k0.dtype == torch.bfloat16),
-        tables.req_start.data_ptr(),
-        tables.group.data_ptr(),
-        tables.q_first.data_ptr(),
-        tables.block_table.data_ptr(),
-        tables.block_start.data_ptr(),
-        tables.context_lens.data_ptr(),
-        len(tables.group_rows),
-        tables.group_rows.data_ptr(),
-        hq,
-        hkv,
-        d,
-        block_size,
-        scale,
-        chunk,
-        threads,
-        out.data_ptr(),
-        lse.data_ptr(),
-    )
-    check_status(status, d, k0.dtype)
+    prepared = PreparedShards(tables, caches, hq, block_size, scale)
+    call = prepared.call
+    call.q, call.out, call.lse = qf.data_ptr(), out.data_ptr(), lse.data_ptr()
+    status = native.lib.ma_shards_call(ctypes.addressof(call))
+    check_status(status, d, caches[0][0].dtype)
     return out, lse

@@ -658,9 +658,6 @@ int ma_decode(const float *q, const void *k, const void *v, int64_t head_stride,
     return status;
 }
 
-int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *slots, int64_t n,
-             const void *k, int64_t k_row, const void *v, int64_t v_row, int hkv, int d, int esz);
-
 int ma_decode_call(const MADecodeCall *a) {
 #define PTR(T, x) ((T)(intptr_t)(x))
     if (a->write_n > 0 &&
@@ -728,6 +725,20 @@ int ma_decode_shards(const float *q, int num_shards, const int64_t *k, const int
     free(member);
     free(fill);
     return status;
+}
+
+int ma_shards_call(const MAShardsCall *a) {
+#define PTR(T, x) ((T)(intptr_t)(x))
+    return ma_decode_shards(
+        PTR(const float *, a->q), (int)a->num_shards, PTR(const int64_t *, a->k),
+        PTR(const int64_t *, a->v), PTR(const int64_t *, a->head_stride), a->block_stride,
+        (int)a->kv_bf16, PTR(const int64_t *, a->req_start), PTR(const int64_t *, a->group),
+        PTR(const int64_t *, a->q_first), PTR(const int32_t *, a->block_table),
+        PTR(const int64_t *, a->block_start), PTR(const int64_t *, a->context_lens),
+        (int)a->num_groups, PTR(const int64_t *, a->group_rows), (int)a->hq, (int)a->hkv,
+        (int)a->d, (int)a->block_size, (float)a->scale, a->chunk_tokens, (int)a->num_threads,
+        PTR(float *, a->out), PTR(float *, a->lse));
+#undef PTR
 }
 
 /* In place: merge the partial state (part_out, part_lse) of rows `rows` (NULL: rows 0..n-1) into

@@ -22,4 +22,22 @@ typedef struct {
 } MADecodeCall;
 
 int ma_decode_call(const MADecodeCall *a);
+
+/* ma_decode_shards' arguments in one struct: k, v and head_stride point to num_shards int64
+ * each (every shard's layer base pointer; head strides in elements). Mirrored by
+ * native_shards._ShardsCall; model/csrc/decoder.c sets the layer pointers per layer. */
+typedef struct {
+    int64_t q, num_shards, k, v, head_stride, block_stride, kv_bf16;
+    int64_t req_start, group, q_first, block_table, block_start, context_lens, num_groups;
+    int64_t group_rows, hq, hkv, d, block_size;
+    double scale;
+    int64_t chunk_tokens, num_threads, out, lse;
+} MAShardsCall;
+
+int ma_shards_call(const MAShardsCall *a);
+
+/* Store n new tokens' K,V (rows of Hkv x D, row strides in elements) in one layer of a pool
+ * at slots[0..n); -1 (nothing written) when a slot is out of range. */
+int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *slots, int64_t n,
+             const void *k, int64_t k_row, const void *v, int64_t v_row, int hkv, int d, int esz);
 #endif
