@@ -51,26 +51,38 @@ def _layer_by_layer(model):
 
 
 @needs_native
-def test_decode_steps_are_the_layer_by_layer_path_bit_for_bit() -> None:
+@pytest.mark.parametrize("num_pools", [1, 3])  # all local; borrowed rBlocks on other pools
+def test_decode_steps_are_the_layer_by_layer_path_bit_for_bit(num_pools: int) -> None:
     model = loaded_model("tiny").model
     assert model.native_decoder is not None
     prompts = [5, 17, 33]
-    blocks = random.Random(0).sample(range(40), 40)
-    refs = [[BlockRef(0, blocks.pop()) for _ in range(-(-(n + 4) // BS))] for n in prompts]
-    fused, plain = _pool(model), _pool(model)
+    rng = random.Random(num_pools)
+    free = {p: rng.sample(range(40), 40) for p in range(num_pools)}
+    refs = []
+    for n in prompts:  # each rBlock on a random pool, at a random block id
+        owners = [rng.randrange(num_pools) for _ in range(-(-(n + 4) // BS))]
+        refs.append([BlockRef(p, free[p].pop()) for p in owners])
+    fused = {p: _pool(model) for p in range(num_pools)}
+    plain = {p: _pool(model) for p in range(num_pools)}
     with _layer_by_layer(model):  # prefill: the same path for both
-        _step(model, LocalExecutor({0: fused}), refs, [0, 0, 0], prompts, seed=1)
-    plain.k.copy_(fused.k)
-    plain.v.copy_(fused.v)
+        _step(model, LocalExecutor(fused), refs, [0, 0, 0], prompts, seed=1)
+    for p in range(num_pools):
+        plain[p].k.copy_(fused[p].k)
+        plain[p].v.copy_(fused[p].v)
     done = list(prompts)
     for s in range(4):  # decode steps crossing a block boundary (17 + 4 > 2 blocks of 8)
         before = model.native_decoder.num_steps
-        got = _step(model, LocalExecutor({0: fused}), refs, done, [1, 1, 1], seed=10 + s)
+        executor = LocalExecutor(fused)
+        got = _step(model, executor, refs, done, [1, 1, 1], seed=10 + s)
         assert model.native_decoder.num_steps == before + 1
+        baseline = LocalExecutor(plain)
         with _layer_by_layer(model):
-            want = _step(model, LocalExecutor({0: plain}), refs, done, [1, 1, 1], seed=10 + s)
+            want = _step(model, baseline, refs, done, [1, 1, 1], seed=10 + s)
         assert torch.equal(got, want)
-        assert torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)
+        for p in range(num_pools):
+            assert torch.equal(fused[p].k, plain[p].k) and torch.equal(fused[p].v, plain[p].v)
+        # the fused calls it stands for are counted as the layer path counts them
+        assert executor.num_fused_calls == baseline.num_fused_calls
         done = [d + 1 for d in done]
 
 
@@ -88,7 +100,13 @@ def test_steps_it_leaves_to_the_layer_by_layer_path() -> None:
 
     assert not taken(LocalExecutor(pools), refs[:1], [0], [9])  # a prefill chunk
     assert taken(LocalExecutor(pools), refs[:1], [9], [1])
-    assert not taken(LocalExecutor(pools), refs[1:], [9], [1])  # context on two pools
+    assert taken(LocalExecutor(pools), refs[1:], [9], [1])  # context on two pools
+
+    class OnlyZeroHere(LocalExecutor):  # as a Ray actor: instance 1's pool is another process's
+        def local_pool(self, instance_id: int):
+            return super().local_pool(instance_id) if instance_id == 0 else None
+
+    assert not taken(OnlyZeroHere(pools), refs[1:], [9], [1])
     assert not taken(LocalExecutor(pools, impl="flash"), refs[:1], [10], [1])  # another kernel
     bf16 = {0: _pool(model, torch.bfloat16)}
     assert not taken(LocalExecutor(bf16), refs[:1], [10], [1])  # a bfloat16 pool

@@ -17,6 +17,7 @@ local is one kernel call per layer, with nothing to merge.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -179,13 +180,21 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LocalDecode:
-    """A decode step whose rows all attend only to rBlocks of one pool in this process: what a
-    fused native decoder (``model/native_decoder``) needs to store K,V and run every layer's
-    MA itself, in DistAttention's order (store, then MA)."""
+    """A decode step whose rows attend only to rBlocks in pools of this process (one or
+    several): what a fused native decoder (``model/native_decoder``) needs to store the new K,V
+    and run every layer's attention itself, in DistAttention's order (store, then MA).
 
-    pool: KVPool
-    prepared: cpu_native.Prepared  # the MA call over the step's batch; layer pointers unset
-    slots: torch.Tensor  # [T] int64: row i's new K,V slot in the pool
+    ``kind`` 0: ``call`` is a ``cpu_native`` decode call over ``pools[0]``; 1: a
+    ``native_shards.ShardsCall`` over every pool, merging in the kernel. The layer pointers are
+    the decoder's to set. ``done(num_layers)``: the executor's accounting, once a step ran."""
+
+    pools: tuple[KVPool, ...]
+    kind: int
+    call: ctypes.Structure
+    keep: object  # what the call points into
+    write_pool: torch.Tensor  # [T] int64: index into pools of row i's new K,V
+    slots: torch.Tensor  # [T] int64: its slot there
+    done: Callable[[int], None]
 
 
 class DistAttention:
@@ -197,22 +206,21 @@ class DistAttention:
         self.scale = scale
 
     def local_decode(self, num_rows: int, num_heads: int, head_dim: int) -> LocalDecode | None:
-        """This step as one pool's decode (every row a decode token, its whole context and its
-        new K,V in one pool of this process, float32, the native kernel), or None."""
+        """This step as decode over pools of this process (every row a decode token, its context
+        and new K,V in float32 pools the executor holds and runs natively), or None."""
         plan = self.plan
-        if plan.prefill_query_lens or len(plan.shards) != 1 or plan.num_tokens != num_rows:
-            return None
-        ((inst, shard),) = plan.shards.items()
-        write = plan.writes.get(inst)
-        if write is None or len(plan.writes) != 1 or shard.rows is not None or write.rows is not None:
+        if plan.prefill_query_lens or plan.num_tokens != num_rows or not plan.shards:
             return None
         local_pool = getattr(self.executor, "local_pool", None)
-        pool = None if local_pool is None else local_pool(inst)
-        if pool is None or pool.dtype != torch.float32:
+        if local_pool is None or not set(plan.writes) <= set(plan.shards):
+            return None
+        insts = tuple(plan.shards)
+        pools = tuple(local_pool(i) for i in insts)
+        if any(p is None or p.dtype != torch.float32 for p in pools):
             return None
         return plan.memo(
-            ("local-decode", inst),
-            lambda: _local_decode(pool, shard.batch, write.slots, num_heads, head_dim, self.scale),
+            ("local-decode", insts),
+            lambda: _local_decode(self.executor, plan, insts, pools, num_heads, head_dim, self.scale),  # type: ignore[arg-type]
         )
 
     def __call__(
@@ -264,11 +272,45 @@ class DistAttention:
 
 
 def _local_decode(
-    pool: KVPool, batch: MABatch, slots: torch.Tensor, num_heads: int, head_dim: int, scale: float
+    executor: object,
+    plan: DistPlan,
+    insts: tuple[int, ...],
+    pools: tuple[KVPool, ...],
+    num_heads: int,
+    head_dim: int,
+    scale: float,
 ) -> LocalDecode | None:
-    q_like = torch.empty(batch.num_query_rows, num_heads, head_dim)
-    prepared = cpu_native.prepare_decode_call(q_like, pool.k[0], pool.v[0], batch, scale)
-    return None if prepared is None else LocalDecode(pool, prepared, slots)
+    t = plan.num_tokens
+    write_pool = torch.full((t,), -1, dtype=torch.int64)
+    slots = torch.zeros(t, dtype=torch.int64)
+    for inst, write in plan.writes.items():
+        rows = slice(None) if write.rows is None else write.rows
+        write_pool[rows] = insts.index(inst)
+        slots[rows] = write.slots
+    if bool((write_pool < 0).any()):
+        return None  # a row without a new K,V: not a decode step the kernel knows
+    q_like = torch.empty(t, num_heads, head_dim)
+    caches = [(p.k[0], p.v[0]) for p in pools]
+    if len(pools) == 1:
+        if plan.shards[insts[0]].rows is not None:
+            return None
+        prepared = cpu_native.prepare_decode_call(q_like, *caches[0], plan.shards[insts[0]].batch, scale)
+        if prepared is None:
+            return None
+        call, keep, kind = prepared.call, prepared, 0
+    else:
+        tables = _shard_tables(plan, list(insts), q_like, caches)
+        if tables is None:
+            return None
+        shards = native_shards.PreparedShards(tables, caches, num_heads, plan.block_size, scale)
+        call, keep, kind = shards.call, shards, 1
+    count = getattr(executor, "count_fused_decode", None)
+
+    def done(num_layers: int) -> None:
+        if count is not None:
+            count(len(insts), num_layers)
+
+    return LocalDecode(pools, kind, call, keep, write_pool, slots, done)
 
 
 class LocalExecutor:
@@ -313,6 +355,11 @@ class LocalExecutor:
         if self.impl not in ("auto", "native"):
             return None
         return self.pools.get(instance_id)
+
+    def count_fused_decode(self, num_pools: int, num_layers: int) -> None:
+        """A fused decoder ran a step over ``num_pools`` pools: the fused calls it stands for."""
+        if num_pools > 1:
+            self.num_fused_calls += num_layers
 
     def _write(self, layer_idx: int, work: Mapping[int, ShardWork]) -> None:
         for inst, w in work.items():

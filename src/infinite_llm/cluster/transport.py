@@ -54,6 +54,12 @@ class InProcessTransport:
         """Every pool is in this process (``LocalExecutor.local_pool``)."""
         return self._executor.local_pool(instance_id)
 
+    def count_fused_decode(self, num_pools: int, num_layers: int) -> None:
+        """A fused decoder ran a step over ``num_pools`` pools: counted as the shard calls of
+        ``run_decode`` it stands for, one per other pool and layer."""
+        self._executor.count_fused_decode(num_pools, num_layers)
+        self.num_shard_calls += max(0, num_pools - 1) * num_layers
+
     def run_decode(
         self,
         layer_idx: int,

@@ -2,7 +2,8 @@
 
 Where it runs: float32 on CPU, every linear a ``NativeLinear``, and an attention backend that
 offers ``local_decode`` (``DistAttention`` when every row of the step is a decode token whose
-KV all lives in one pool of this process). Everywhere else the model runs layer by layer in
+KV lives in pools of this process: one pool, or several merged in the kernel as
+``LocalExecutor.run_decode`` does). Everywhere else the model runs layer by layer in
 torch, with the same kernels: the rope and silu*mul below are what the torch path calls too,
 so either path gives the same bits.
 
@@ -36,8 +37,8 @@ class _LayerWeights(ctypes.Structure):
 
 
 _STEP_INTS = "num_layers t hidden num_heads num_kv_heads head_dim intermediate num_threads"
-_STEP_PTRS = """layers final_norm linear norm add_norm ma ma_call k_base v_base layer_stride slots
-    cos sin x out"""
+_STEP_PTRS = """layers final_norm linear norm add_norm ma kv_write ma_kind ma_call num_pools k_bases
+    v_bases layer_strides head_strides layer_k layer_v write_pool slots cos sin x out"""
 
 
 class _Step(ctypes.Structure):
@@ -136,8 +137,9 @@ class NativeDecoder:
             "linear": _address(linear.lib.linear_f32),
             "norm": _address(norm.lib.rms_norm),
             "add_norm": _address(norm.lib.add_rms_norm),
-            "ma": _address(attention.lib.ma_decode_call),
+            "kv_write": _address(attention.lib.kv_write),
         }
+        self._ma = (_address(attention.lib.ma_decode_call), _address(attention.lib.ma_shards_call))
         self.num_steps = 0  # decode steps run here (tests and curious users)
 
     @classmethod
@@ -176,15 +178,30 @@ class NativeDecoder:
         local = local_decode(t, arch.num_heads, arch.head_dim)
         if local is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
             return None
-        pool = local.pool
+        pools = local.pools
+        n = len(pools)
+        arrays = (ctypes.c_int64 * (6 * n))(
+            *(p.k.data_ptr() for p in pools),
+            *(p.v.data_ptr() for p in pools),
+            *(p.k.stride(0) * p.k.element_size() for p in pools),
+            *(p.k.stride(1) for p in pools),
+        )
+        base, size = ctypes.addressof(arrays), ctypes.sizeof(ctypes.c_int64) * n
         out = torch.empty_like(x)
         step = _Step(
             t=t,
             num_threads=torch.get_num_threads(),
-            ma_call=ctypes.addressof(local.prepared.call),
-            k_base=pool.k.data_ptr(),
-            v_base=pool.v.data_ptr(),
-            layer_stride=pool.k.stride(0) * pool.k.element_size(),
+            ma=self._ma[local.kind],
+            ma_kind=local.kind,
+            ma_call=ctypes.addressof(local.call),
+            num_pools=n,
+            k_bases=base,
+            v_bases=base + size,
+            layer_strides=base + 2 * size,
+            head_strides=base + 3 * size,
+            layer_k=base + 4 * size,  # the last two n-blocks: filled per layer by the kernel
+            layer_v=base + 5 * size,
+            write_pool=local.write_pool.data_ptr(),
             slots=local.slots.data_ptr(),
             cos=cos.data_ptr(),
             sin=sin.data_ptr(),
@@ -194,6 +211,7 @@ class NativeDecoder:
         )
         status = self._run(step)
         if status:
-            cpu_native.check_status(status, arch.head_dim, pool.dtype)
+            cpu_native.check_status(status, arch.head_dim, torch.float32)
+        local.done(arch.num_layers)
         self.num_steps += 1
         return out

@@ -31,7 +31,10 @@ typedef void (*NormFn)(const float *x, int64_t rows, int64_t n, const float *w, 
                        float *out);
 typedef void (*AddNormFn)(float *residual, const float *delta, int64_t rows, int64_t n,
                           const float *w, float eps, float *out);
-typedef int (*MAFn)(const MADecodeCall *call);
+typedef int (*MAFn)(const void *call); /* ma_decode_call or ma_shards_call */
+typedef int (*KVWriteFn)(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *slots,
+                         int64_t n, const void *k, int64_t k_row, const void *v, int64_t v_row,
+                         int hkv, int d, int esz);
 
 /* Rotary embedding, rotate-half convention, in place: x holds t rows (row stride ld floats) of
  * `heads` heads of d floats; cos and signed_sin are [t][d] (the sine's first half negated).
@@ -113,18 +116,22 @@ typedef struct { /* one layer's weights: packed linears (linear.c's panels), nor
 typedef struct { /* every field 8 bytes, mirrored by native_decoder._Step */
     int64_t num_layers, t, hidden, num_heads, num_kv_heads, head_dim, intermediate, num_threads;
     double eps;
-    int64_t layers, final_norm;            /* LayerWeights[num_layers]; final norm weight */
-    int64_t linear, norm, add_norm, ma;    /* the kernels */
-    int64_t ma_call;                       /* MADecodeCall prepared for this step's batch */
-    int64_t k_base, v_base, layer_stride;  /* the pool: layer l at base + l * layer_stride bytes */
-    int64_t slots;                         /* [t] int64: where each row's new K,V go */
-    int64_t cos, sin;                      /* [t][head_dim] */
-    int64_t x, out;                        /* embeddings [t][hidden] (updated in place); result */
+    int64_t layers, final_norm;                   /* LayerWeights[num_layers]; final norm */
+    int64_t linear, norm, add_norm, ma, kv_write; /* the kernels */
+    int64_t ma_kind, ma_call; /* 0: an MADecodeCall over one pool; 1: an MAShardsCall */
+    /* the step's pools, int64[num_pools] each: layer 0's K and V addresses, bytes from one layer
+     * to the next, elements from one KV head to the next */
+    int64_t num_pools, k_bases, v_bases, layer_strides, head_strides;
+    int64_t layer_k, layer_v;  /* int64[num_pools], filled per layer (what an MAShardsCall reads) */
+    int64_t write_pool, slots; /* int64[t]: the pool (index) and slot of row i's new K,V */
+    int64_t cos, sin;          /* [t][head_dim] */
+    int64_t x, out;            /* embeddings [t][hidden] (updated in place); result */
 } DecodeStep;
 
 #define P(T, x) ((T)(intptr_t)(x))
 
-/* Returns 0, -1 when scratch memory could not be had, else the MA's error code. */
+/* Returns 0; -1 when scratch memory could not be had; -3 for a slot outside its pool; -2 for
+ * an unknown ma_kind; else the MA's error code. */
 int decode_layers(const DecodeStep *s) {
     const int64_t t = s->t, H = s->hidden, D = s->head_dim, I = s->intermediate;
     const int64_t Q = s->num_heads * D, KV = s->num_kv_heads * D, QKV = Q + 2 * KV;
@@ -134,8 +141,18 @@ int decode_layers(const DecodeStep *s) {
     NormFn norm = P(NormFn, s->norm);
     AddNormFn add_norm = P(AddNormFn, s->add_norm);
     MAFn ma = P(MAFn, s->ma);
+    KVWriteFn kv_write = P(KVWriteFn, s->kv_write);
     const LayerWeights *layers = P(const LayerWeights *, s->layers);
-    MADecodeCall *call = P(MADecodeCall *, s->ma_call);
+    const int64_t *k_bases = P(const int64_t *, s->k_bases);
+    const int64_t *v_bases = P(const int64_t *, s->v_bases);
+    const int64_t *layer_strides = P(const int64_t *, s->layer_strides);
+    const int64_t *head_strides = P(const int64_t *, s->head_strides);
+    const int64_t *write_pool = P(const int64_t *, s->write_pool);
+    const int64_t *slots = P(const int64_t *, s->slots);
+    int64_t *layer_k = P(int64_t *, s->layer_k), *layer_v = P(int64_t *, s->layer_v);
+    MADecodeCall *one = s->ma_kind == 0 ? P(MADecodeCall *, s->ma_call) : NULL;
+    MAShardsCall *many = s->ma_kind == 1 ? P(MAShardsCall *, s->ma_call) : NULL;
+    if (!one && !many) return -2;
     float *res = P(float *, s->x);
     const size_t floats = (size_t)t * (H + QKV + Q + Q + s->num_heads + H + 2 * I + I + H);
     float *scratch = malloc(sizeof(float) * (floats ? floats : 1));
@@ -143,15 +160,19 @@ int decode_layers(const DecodeStep *s) {
     float *h = scratch, *qkv = h + t * H, *q = qkv + t * QKV, *attn = q + t * Q;
     float *lse = attn + t * Q, *o = lse + t * s->num_heads, *gu = o + t * H, *act = gu + t * 2 * I;
     float *mlp = act + t * I;
-    call->write_slots = s->slots;
-    call->write_n = t;
-    call->write_k_row = QKV;
-    call->write_v_row = QKV;
-    call->out = (int64_t)(intptr_t)attn;
-    call->lse = (int64_t)(intptr_t)lse;
-    call->q = (int64_t)(intptr_t)(t == 1 ? qkv : q);
-    call->write_k = (int64_t)(intptr_t)(qkv + Q);
-    call->write_v = (int64_t)(intptr_t)(qkv + Q + KV);
+    const int64_t q_addr = (int64_t)(intptr_t)(t == 1 ? qkv : q);
+    if (one) {
+        one->q = q_addr;
+        one->out = (int64_t)(intptr_t)attn;
+        one->lse = (int64_t)(intptr_t)lse;
+        one->write_n = 0; /* stored below, pool by pool */
+    } else {
+        many->q = q_addr;
+        many->out = (int64_t)(intptr_t)attn;
+        many->lse = (int64_t)(intptr_t)lse;
+        many->k = s->layer_k;
+        many->v = s->layer_v;
+    }
     int status = 0;
     for (int64_t l = 0; l < s->num_layers && !status; l++) {
         const LayerWeights *L = layers + l;
@@ -165,9 +186,23 @@ int decode_layers(const DecodeStep *s) {
                  P(const float *, s->sin));
         if (t > 1)
             for (int64_t i = 0; i < t; i++) memcpy(q + i * Q, qkv + i * QKV, sizeof(float) * Q);
-        call->k = s->k_base + l * s->layer_stride;
-        call->v = s->v_base + l * s->layer_stride;
-        status = ma(call);
+        for (int64_t p = 0; p < s->num_pools; p++) {
+            layer_k[p] = k_bases[p] + l * layer_strides[p];
+            layer_v[p] = v_bases[p] + l * layer_strides[p];
+        }
+        for (int64_t i = 0; i < t && !status; i++) { /* store first: a row's MA reads it */
+            const int64_t p = write_pool[i];
+            const float *row = qkv + i * QKV;
+            if (kv_write(P(void *, layer_k[p]), P(void *, layer_v[p]), head_strides[p], slots + i,
+                         1, row + Q, QKV, row + Q + KV, QKV, (int)s->num_kv_heads, (int)D, 4))
+                status = -3;
+        }
+        if (status) break;
+        if (one) {
+            one->k = layer_k[0];
+            one->v = layer_v[0];
+        }
+        status = one ? ma(one) : ma(many);
         if (status) break;
         linear(attn, t, Q, Q, P(const float *, L->o), 0, H, o, H, threads);
         add_norm(res, o, t, H, P(const float *, L->post_norm), eps, h);
@@ -176,7 +211,6 @@ int decode_layers(const DecodeStep *s) {
         linear(act, t, I, I, P(const float *, L->down), 0, H, mlp, H, threads);
     }
     if (!status) add_norm(res, mlp, t, H, P(const float *, s->final_norm), eps, P(float *, s->out));
-    call->write_n = 0;
     free(scratch);
     return status;
 }
