@@ -33,3 +33,21 @@ def test_bound_uses_the_bandwidth_read_around_the_batch1_run(capsys, monkeypatch
     assert around is not None and around > 0
     assert result["bound_bandwidth_gb_s"] == around
     assert result["batch1_decode_limit_tok_s"] == around * 1e9 / result["weight_bytes"]
+
+
+def test_decode_is_timed_over_the_second_half_of_the_tokens():
+    """Chunked prefill overlaps the first decode steps with later prefill chunks: the decode
+    rate comes from the generates of 32 and 64 tokens, not from 1 and 64."""
+    r = engine._rates(4, 10, 64, t_prefill=2.0, t_half=5.0, t_total=7.0)
+    assert r["prefill_tok_s"] == 4 * 10 / 2.0
+    assert r["decode_tok_s"] == 4 * 32 / 2.0
+    assert r["decode_step_ms"] == 2.0 / 32 * 1e3
+
+
+def test_too_few_tokens_to_time_decode_is_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        engine.main(["--model", "tiny", "--max-tokens", "1", "--no-hf"])
+    assert "at least 2" in capsys.readouterr().err
+

@@ -1,9 +1,13 @@
 """``infinite-llm bench engine``: prefill and decode throughput, ours vs transformers (and vLLM).
 
 Workload (the same prompts for every engine, in one run): random 512-token prompts, 64 new
-tokens, ignore_eos, greedy, at batch 1, 8 and 32. Method, identical for each engine:
-prefill time = wall time of a generate with max_tokens=1; total = with max_tokens=64;
-prefill tok/s = B*prompt_len / prefill; decode tok/s = B*(64-1) / (total - prefill).
+tokens, ignore_eos, greedy, at batch 1, 8 and 32. Method, identical for each engine: three
+generates of the batch, with max_tokens 1, 32 and 64 (wall times t1, t32, t64);
+prefill tok/s = B*prompt_len / t1; decode tok/s = B*(64-32) / (t64 - t32), the last 32 tokens
+of every request. Not B*63 / (t64 - t1): engines with chunked prefill (ours, vLLM) start
+decoding the first requests while later ones still prefill, so that difference leaves out
+decode steps that ran inside the prefill phase (at batch 32 it read ours at 599 tok/s when a
+steady decode step took 125 ms, 256 tok/s); transformers prefills the whole batch at once.
 The batch-1 decode bound is measured bandwidth / weight bytes read per step. The bandwidth is
 read at the start (a 1 GiB sum) and again just before and after each of our batch sizes (sums
 over the model's own embedding table, no allocation): on a shared machine it moves by a third
@@ -46,14 +50,18 @@ def _timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def _rates(b: int, prompt_len: int, max_tokens: int, t_prefill: float, t_total: float) -> dict[str, float]:
-    decode_time = max(t_total - t_prefill, 1e-9)
+def _rates(b: int, prompt_len: int, max_tokens: int, t_prefill: float, t_half: float, t_total: float) -> dict[str, float]:
+    """Throughputs from the wall times of generates with 1, ``max_tokens // 2`` and
+    ``max_tokens`` new tokens (see the module docstring)."""
+    steps = max_tokens - max_tokens // 2
+    decode_time = max(t_total - t_half, 1e-9)
     return {
         "prefill_s": t_prefill,
+        "half_s": t_half,
         "total_s": t_total,
         "prefill_tok_s": b * prompt_len / t_prefill,
-        "decode_tok_s": b * (max_tokens - 1) / decode_time,
-        "decode_step_ms": decode_time / (max_tokens - 1) * 1e3,
+        "decode_tok_s": b * steps / decode_time,
+        "decode_step_ms": decode_time / steps * 1e3,
     }
 
 
@@ -72,6 +80,7 @@ def bench_ours(args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar
     from infinite_llm import SamplingParams
 
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    half = SamplingParams(temperature=0.0, max_tokens=args.max_tokens // 2, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     probe = llm.engine.loaded.model.embed_tokens.weight
@@ -80,10 +89,11 @@ def bench_ours(args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar
         batch = prompts[:b]
         around = tensor_read_samples(probe) if probe.nbytes >= MIN_PROBE_BYTES else []
         t_prefill, _ = _timed(lambda batch=batch: llm.generate(batch, one, use_tqdm=False))
+        t_half, _ = _timed(lambda batch=batch: llm.generate(batch, half, use_tqdm=False))
         t_total, outs = _timed(lambda batch=batch: llm.generate(batch, full, use_tqdm=False))
         if around:
             around += tensor_read_samples(probe)
-        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_total),
+        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_half, t_total),
                       "read_gbps_around": statistics.median(around) if around else None,
                       "token_ids": [o.outputs[0].token_ids for o in outs]}
         bar.update(1)
@@ -108,8 +118,9 @@ def bench_hf(args: argparse.Namespace, model_dir: str, prompts: list[list[int]],
     for b in args.batch_sizes:
         batch = prompts[:b]
         t_prefill, _ = _timed(lambda batch=batch: generate(batch, 1))
+        t_half, _ = _timed(lambda batch=batch: generate(batch, args.max_tokens // 2))
         t_total, out = _timed(lambda batch=batch: generate(batch, args.max_tokens))
-        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_total),
+        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_half, t_total),
                       "token_ids": out[:, args.prompt_len:].tolist()}
         bar.update(1)
     return results
@@ -131,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run this engine on the same workload (needs `make bench-peers`)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.max_tokens < 2:
+        parser.error("--max-tokens must be at least 2: decode is timed over the second half of the tokens")
 
     steps = len(args.batch_sizes) * (1 + (not args.no_hf) + len(args.peer))
     bar = tqdm(total=steps, desc="bench engine", unit="run")
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         engines[peer] = {
             r["batch_size"]: {**_rates(r["batch_size"], args.prompt_len, args.max_tokens, r["t_prefill_s"],
-                                       r["t_total_s"]), "token_ids": r["token_ids"]}
+                                       r["t_half_s"], r["t_total_s"]), "token_ids": r["token_ids"]}
             for r in report["results"]
         }
         peer_reports[peer] = {k: v for k, v in report.items() if k != "results"}

@@ -146,24 +146,29 @@ def generate(llm: Any, batch: list[list[int]], max_tokens: int) -> tuple[float, 
 
 
 def measure(llm: Any, batch: list[list[int]], max_tokens: int, repeats: int) -> dict[str, Any]:
-    """Prefill and decode throughput of one batch (median over ``repeats``)."""
-    prefill_times, total_times = [], []
+    """Prefill and decode throughput of one batch (median over ``repeats``): generates of 1,
+    max_tokens // 2 and max_tokens new tokens; decode from the difference of the last two (the
+    caller's method, ``bench/engine.py``)."""
+    prefill_times, half_times, total_times = [], [], []
     token_ids: list[list[int]] = []
     for _ in range(repeats):
         prefill_times.append(generate(llm, batch, 1)[0])
+        half_times.append(generate(llm, batch, max_tokens // 2)[0])
         t_total, token_ids = generate(llm, batch, max_tokens)
         total_times.append(t_total)
     t_prefill, t_total = statistics.median(prefill_times), statistics.median(total_times)
+    t_half = statistics.median(half_times)
     num_prompt_tokens = sum(len(p) for p in batch)
-    num_decode_tokens = len(batch) * (max_tokens - 1)
+    num_decode_tokens = len(batch) * (max_tokens - max_tokens // 2)
     return {
         "batch_size": len(batch),
         "num_prompt_tokens": num_prompt_tokens,
         "max_tokens": max_tokens,
         "t_prefill_s": t_prefill,
+        "t_half_s": t_half,
         "t_total_s": t_total,
         "prefill_tok_s": num_prompt_tokens / t_prefill,
-        "decode_tok_s": num_decode_tokens / (t_total - t_prefill) if t_total > t_prefill else None,
+        "decode_tok_s": num_decode_tokens / (t_total - t_half) if t_total > t_half else None,
         "token_ids": token_ids,
     }
 
