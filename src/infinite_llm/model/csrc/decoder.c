@@ -1,12 +1,13 @@
 /* A decode step of a Llama-family decoder in one call: every layer, for float32 rows on CPU
- * whose KV all lives in one local pool.
+ * whose KV lives in pools of this process (one pool, or several merged in the MA kernel).
  *
  * Why: at batch 1 a step's arithmetic is small next to its weights, and the weights stream
  * through the caches between two layers, so each torch op and ctypes call of a layer starts
  * cold (tens of microseconds each; about 8 of a 27 ms step on SmolLM2 were spent outside the
  * linears). Here a layer is one C loop over the same kernels the torch path calls: the packed
  * linear (model/csrc/linear.c), the norms (norm.c), rope and silu*mul (below, which the torch
- * path calls too) and the decode MA with its KV store (attention/csrc/decode_ma.c). Those
+ * path calls too), the KV store and the decode MA over one pool or several
+ * (attention/csrc/decode_ma.c: kv_write, ma_decode_call, ma_shards_call). Those
  * come in as function pointers, so each stays in its own library; the results are the torch
  * path's, bit for bit (tests/model/test_native_decoder.py).
  *
@@ -32,9 +33,7 @@ typedef void (*NormFn)(const float *x, int64_t rows, int64_t n, const float *w, 
 typedef void (*AddNormFn)(float *residual, const float *delta, int64_t rows, int64_t n,
                           const float *w, float eps, float *out);
 typedef int (*MAFn)(const void *call); /* ma_decode_call or ma_shards_call */
-typedef int (*KVWriteFn)(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *slots,
-                         int64_t n, const void *k, int64_t k_row, const void *v, int64_t v_row,
-                         int hkv, int d, int esz);
+typedef __typeof__(kv_write) *KVWriteFn; /* declared in ma_call.h */
 
 /* Rotary embedding, rotate-half convention, in place: x holds t rows (row stride ld floats) of
  * `heads` heads of d floats; cos and signed_sin are [t][d] (the sine's first half negated).
@@ -45,7 +44,7 @@ __attribute__((optimize("fp-contract=off"))) void rope_f32(float *x, int64_t t, 
                                                             const float *cos,
                                                             const float *signed_sin) {
     const int64_t half = d / 2;
-    float row[512];
+    float row[512]; /* native_decoder.MAX_HEAD_DIM: the Python side never calls past it */
     if (d > 512) return;
     for (int64_t i = 0; i < t; i++) {
         const float *c = cos + i * d, *s = signed_sin + i * d;
