@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from infinite_llm.bench import engine
 
 
@@ -35,18 +37,37 @@ def test_bound_uses_the_bandwidth_read_around_the_batch1_run(capsys, monkeypatch
     assert result["batch1_decode_limit_tok_s"] == around * 1e9 / result["weight_bytes"]
 
 
-def test_decode_is_timed_over_the_second_half_of_the_tokens():
-    """Chunked prefill overlaps the first decode steps with later prefill chunks: the decode
-    rate comes from the generates of 32 and 64 tokens, not from 1 and 64."""
-    r = engine._rates(4, 10, 64, t_prefill=2.0, t_half=5.0, t_total=7.0)
-    assert r["prefill_tok_s"] == 4 * 10 / 2.0
-    assert r["decode_tok_s"] == 4 * 32 / 2.0
-    assert r["decode_step_ms"] == 2.0 / 32 * 1e3
+def test_decode_rate_counts_only_full_batch_steps_after_the_last_first_token():
+    """Chunked prefill: requests 0-1 start at step 0, requests 2-3 at step 1 (while 0-1 decode),
+    the batch decodes whole from step 2, and requests finish one by one at the end."""
+    steps = [(1.0, 2, 2), (2.5, 4, 2), (2.7, 4, 0), (3.0, 4, 0), (3.2, 4, 0), (3.3, 2, 0)]
+    r = engine.decode_rate(steps, 4)
+    assert r["decode_steps"] == 3  # steps 2, 3 and 4; step 1 holds prefill chunks, step 5 is partial
+    assert r["decode_tok_s"] == pytest.approx(4 * 3 / (3.2 - 2.5))
+    assert r["decode_step_ms"] == pytest.approx((3.2 - 2.5) / 3 * 1e3)
+    assert r["decode_step_ms_median"] == pytest.approx(0.2 * 1e3)
+
+
+def test_decode_rate_without_a_full_batch_step_is_none():
+    # batch 4, two tokens each, the last two requests start after the first two are done
+    steps = [(1.0, 2, 2), (1.5, 2, 0), (2.0, 2, 2), (2.4, 2, 0)]
+    assert engine.decode_rate(steps, 4) == {
+        "decode_tok_s": None, "decode_step_ms": None, "decode_step_ms_median": None, "decode_steps": 0}
+
+
+def test_every_engine_reports_its_steps(capsys):
+    """ours and transformers each time 1 prefill step and max_tokens - 1 full-batch decode steps
+    (no chunking at this size)."""
+    argv = ["--model", "tiny", "--batch-sizes", "2", "--prompt-len", "8", "--max-tokens", "5", "--json"]
+    assert engine.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    for name in ("infinite-llm", "transformers"):
+        r = result["engines"][name]["2"]
+        assert r["decode_steps"] == 4, name
+        assert r["decode_tok_s"] == pytest.approx(2 / (r["decode_step_ms"] / 1e3))
 
 
 def test_too_few_tokens_to_time_decode_is_refused(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         engine.main(["--model", "tiny", "--max-tokens", "1", "--no-hf"])
     assert "at least 2" in capsys.readouterr().err

@@ -1,13 +1,20 @@
 """``infinite-llm bench engine``: prefill and decode throughput, ours vs transformers (and vLLM).
 
 Workload (the same prompts for every engine, in one run): random 512-token prompts, 64 new
-tokens, ignore_eos, greedy, at batch 1, 8 and 32. Method, identical for each engine: three
-generates of the batch, with max_tokens 1, 32 and 64 (wall times t1, t32, t64);
-prefill tok/s = B*prompt_len / t1; decode tok/s = B*(64-32) / (t64 - t32), the last 32 tokens
-of every request. Not B*63 / (t64 - t1): engines with chunked prefill (ours, vLLM) start
-decoding the first requests while later ones still prefill, so that difference leaves out
-decode steps that ran inside the prefill phase (at batch 32 it read ours at 599 tok/s when a
-steady decode step took 125 ms, 256 tok/s); transformers prefills the whole batch at once.
+tokens, ignore_eos, greedy, at batch 1, 8 and 32. Method, identical for each engine:
+
+* prefill tok/s = B*prompt_len / t1, t1 the wall time of a generate with max_tokens 1;
+* decode: one run of the batch to 64 tokens, timed step by step (ours and vLLM: their engine's
+  ``step()`` loop, each step's outputs counted; transformers: a logits processor stamps every
+  step of ``generate``). A *full-batch decode step* comes after the last request's first token
+  and gives all B requests a token; decode tok/s = B * (number of those steps) / (their time),
+  each step's time being the interval since the previous step's outputs.
+
+Why not the difference of two generates' wall times (t64 - t32, as this bench did before): each
+includes the whole prefill (at batch 32, 16K prompt tokens, 25-30 s here), whose run-to-run
+noise (+-2 s) swamps the 32 decode steps (3 s); two runs of the same code read 1219 and 212
+tok/s. Nor B*63 / (t64 - t1): engines with chunked prefill (ours, vLLM) decode the first
+requests while later ones still prefill, so that difference leaves those decode steps out.
 The batch-1 decode bound is measured bandwidth / weight bytes read per step. The bandwidth is
 read at the start (a 1 GiB sum) and again just before and after each of our batch sizes (sums
 over the model's own embedding table, no allocation): on a shared machine it moves by a third
@@ -50,19 +57,72 @@ def _timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def _rates(b: int, prompt_len: int, max_tokens: int, t_prefill: float, t_half: float, t_total: float) -> dict[str, float]:
-    """Throughputs from the wall times of generates with 1, ``max_tokens // 2`` and
-    ``max_tokens`` new tokens (see the module docstring)."""
-    steps = max_tokens - max_tokens // 2
-    decode_time = max(t_total - t_half, 1e-9)
+# One step of a timed run: (seconds since the run started, requests that got a token in it,
+# of which first tokens).
+Step = tuple[float, int, int]
+
+
+def decode_rate(steps: list[Step], batch: int) -> dict[str, Any]:
+    """Decode throughput from a run's steps (see the module docstring): the full-batch decode
+    steps are those after the last first token in which all ``batch`` requests got a token."""
+    starts = [i for i, (_, _, first) in enumerate(steps) if first]
+    begin = starts[-1] + 1 if starts else 1
+    times = [steps[i][0] - steps[i - 1][0] for i in range(begin, len(steps)) if steps[i][1] == batch]
+    if not times:
+        return {"decode_tok_s": None, "decode_step_ms": None, "decode_step_ms_median": None, "decode_steps": 0}
+    return {
+        "decode_tok_s": batch * len(times) / sum(times),
+        "decode_step_ms": sum(times) / len(times) * 1e3,
+        "decode_step_ms_median": statistics.median(times) * 1e3,
+        "decode_steps": len(times),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _rates(b: int, prompt_len: int, t_prefill: float, t_total: float, steps: list[Step]) -> dict[str, Any]:
     return {
         "prefill_s": t_prefill,
-        "half_s": t_half,
         "total_s": t_total,
         "prefill_tok_s": b * prompt_len / t_prefill,
-        "decode_tok_s": b * steps / decode_time,
-        "decode_step_ms": decode_time / steps * 1e3,
+        **decode_rate(steps, b),
     }
+
+
+class _StepCounter:
+    """Turns each step's outputs (cumulative token ids per request) into a ``Step``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.lengths: dict[str, int] = {}
+        self.steps: list[Step] = []
+
+    def record(self, outputs: list[Any]) -> None:
+        t = time.perf_counter() - self.start
+        new = first = 0
+        for out in outputs:
+            n, before = len(out.outputs[0].token_ids), self.lengths.get(out.request_id, 0)
+            if n > before:
+                new, first = new + 1, first + (before == 0)
+            self.lengths[out.request_id] = n
+        self.steps.append((t, new, first))
+
+
+def _stepped_ours(llm: Any, batch: list[list[int]], params: Any) -> tuple[float, list[Step], list[list[int]]]:
+    """Our engine's step loop over ``batch`` (what ``LLM.generate`` runs), each step timed."""
+    engine = llm.engine
+    requests = [engine.make_request(p, params) for p in batch]
+    for request in requests:
+        engine.add_request(request)
+    counter, finished = _StepCounter(), {}
+    while len(finished) < len(requests):
+        outputs = engine.step()
+        counter.record(outputs)
+        finished |= {o.request_id: o for o in outputs if o.finished}
+    total = time.perf_counter() - counter.start
+    return total, counter.steps, [list(finished[r.request_id].outputs[0].token_ids) for r in requests]
 
 
 def make_ours(args: argparse.Namespace) -> Any:
@@ -80,7 +140,6 @@ def bench_ours(args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar
     from infinite_llm import SamplingParams
 
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    half = SamplingParams(temperature=0.0, max_tokens=args.max_tokens // 2, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     probe = llm.engine.loaded.model.embed_tokens.weight
@@ -89,13 +148,12 @@ def bench_ours(args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar
         batch = prompts[:b]
         around = tensor_read_samples(probe) if probe.nbytes >= MIN_PROBE_BYTES else []
         t_prefill, _ = _timed(lambda batch=batch: llm.generate(batch, one, use_tqdm=False))
-        t_half, _ = _timed(lambda batch=batch: llm.generate(batch, half, use_tqdm=False))
-        t_total, outs = _timed(lambda batch=batch: llm.generate(batch, full, use_tqdm=False))
+        t_total, steps, token_ids = _stepped_ours(llm, batch, full)
         if around:
             around += tensor_read_samples(probe)
-        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_half, t_total),
+        results[b] = {**_rates(b, args.prompt_len, t_prefill, t_total, steps),
                       "read_gbps_around": statistics.median(around) if around else None,
-                      "token_ids": [o.outputs[0].token_ids for o in outs]}
+                      "token_ids": token_ids}
         bar.update(1)
     llm.check_integrity()
     return results
@@ -108,19 +166,27 @@ def bench_hf(args: argparse.Namespace, model_dir: str, prompts: list[list[int]],
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
-    def generate(batch: list[list[int]], n: int) -> torch.Tensor:
+    class StepStamps:  # a logits processor: called once per generation step, after its forward
+        def __init__(self, batch: int) -> None:
+            self.batch, self.start, self.steps = batch, time.perf_counter(), []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.steps.append((time.perf_counter() - self.start, self.batch, self.batch if not self.steps else 0))
+            return scores
+
+    def generate(batch: list[list[int]], n: int, stamps: StepStamps | None = None) -> torch.Tensor:
         ids = torch.tensor(batch)
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0, logits_processor=[stamps] if stamps else None)
 
     generate(prompts[:1], 4)
     results = {}
     for b in args.batch_sizes:
         batch = prompts[:b]
         t_prefill, _ = _timed(lambda batch=batch: generate(batch, 1))
-        t_half, _ = _timed(lambda batch=batch: generate(batch, args.max_tokens // 2))
-        t_total, out = _timed(lambda batch=batch: generate(batch, args.max_tokens))
-        results[b] = {**_rates(b, args.prompt_len, args.max_tokens, t_prefill, t_half, t_total),
+        stamps = StepStamps(b)
+        t_total, out = _timed(lambda batch=batch, stamps=stamps: generate(batch, args.max_tokens, stamps))
+        results[b] = {**_rates(b, args.prompt_len, t_prefill, t_total, stamps.steps),
                       "token_ids": out[:, args.prompt_len:].tolist()}
         bar.update(1)
     return results
@@ -143,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
-        parser.error("--max-tokens must be at least 2: decode is timed over the second half of the tokens")
+        parser.error("--max-tokens must be at least 2: decode is timed over the steps after the first token")
 
     steps = len(args.batch_sizes) * (1 + (not args.no_hf) + len(args.peer))
     bar = tqdm(total=steps, desc="bench engine", unit="run")
@@ -173,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             extra_args=["--dtype", args.dtype, "--max-num-batched-tokens", str(args.max_num_batched_tokens)],
         )
         engines[peer] = {
-            r["batch_size"]: {**_rates(r["batch_size"], args.prompt_len, args.max_tokens, r["t_prefill_s"],
-                                       r["t_half_s"], r["t_total_s"]), "token_ids": r["token_ids"]}
+            r["batch_size"]: {**_rates(r["batch_size"], args.prompt_len, r["t_prefill_s"], r["t_total_s"],
+                                       [tuple(step) for step in r["steps"]]), "token_ids": r["token_ids"]}
             for r in report["results"]
         }
         peer_reports[peer] = {k: v for k, v in report.items() if k != "results"}
@@ -192,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"engine": name, "batch": b, "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
                    "decode_step_ms": r["decode_step_ms"]}
             if name != "infinite-llm":
-                row["ours_decode_x"] = ours[b]["decode_tok_s"] / r["decode_tok_s"]
+                row["ours_decode_x"] = _ratio(ours[b]["decode_tok_s"], r["decode_tok_s"])
                 row["ours_prefill_x"] = ours[b]["prefill_tok_s"] / r["prefill_tok_s"]
                 row["same_tokens"] = sum(a == c for a, c in zip(ours[b]["token_ids"], r["token_ids"])) / b
             rows.append(row)
@@ -210,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes": weight_bytes,
         "batch1_decode_limit_tok_s": limit_tok_s,
         "batch1_decode_limit_tok_s_start": bandwidth * 1e9 / weight_bytes,
-        "batch1_decode_fraction_of_limit": ours[first]["decode_tok_s"] / limit_tok_s if first == 1 else None,
+        "batch1_decode_fraction_of_limit": _ratio(ours[first]["decode_tok_s"], limit_tok_s) if first == 1 else None,
         "peak_rss_bytes_ours": rss_ours,
         "kv_pool_bytes_ours": kv_bytes,
         "engines": figures,

@@ -103,7 +103,7 @@ def run_vllm_offline(
     extra_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run ``vllm_offline.py`` on ``prompts`` (token ids; batch B takes the first B) and return
-    its JSON report. ``extra_args`` go to the script as is (``--repeats 3``, ``--compile``)."""
+    its JSON report. ``extra_args`` go to the script as is (``--compile``)."""
     python = _require_python()
     with tempfile.TemporaryDirectory(prefix="vllm-peer-") as tmp:
         prompts_file = os.path.join(tmp, "prompts.json")

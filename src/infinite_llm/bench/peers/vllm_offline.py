@@ -7,8 +7,10 @@ stdout, every log line (vLLM's and its engine process's included) to stderr.
 Methodology, shared with ``infinite-llm bench engine``, for each batch size B:
   * one warm-up ``generate`` (largest batch, 2 tokens) before any measurement;
   * t_prefill = wall time of ``generate`` over the B prompts with max_tokens=1;
-  * t_total   = wall time of ``generate`` over the same prompts with max_tokens=N;
-  * prefill tok/s = B * prompt_len / t_prefill; decode tok/s = B * (N - 1) / (t_total - t_prefill).
+  * one run of the same prompts to max_tokens=N through the engine's ``step()`` loop (what
+    ``generate`` runs), every step timed: ``steps`` = [seconds since the run started, requests
+    that got a token in it, of which first tokens] per step, from which the caller takes the
+    decode rate (its full-batch decode steps: ``bench/engine.py``'s ``decode_rate``).
 Greedy (temperature 0), ``ignore_eos``, no detokenization, prefix caching off (otherwise the
 second run over the same prompts, and every batch after the first, would skip its prefill).
 
@@ -23,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import threading
 import time
@@ -85,7 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompts-file", help="JSON list of token-id lists (overrides --prompt-len)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per batch; median is kept")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=4.0)
@@ -145,30 +145,50 @@ def generate(llm: Any, batch: list[list[int]], max_tokens: int) -> tuple[float, 
     return elapsed, [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def measure(llm: Any, batch: list[list[int]], max_tokens: int, repeats: int) -> dict[str, Any]:
-    """Prefill and decode throughput of one batch (median over ``repeats``): generates of 1,
-    max_tokens // 2 and max_tokens new tokens; decode from the difference of the last two (the
-    caller's method, ``bench/engine.py``)."""
-    prefill_times, half_times, total_times = [], [], []
-    token_ids: list[list[int]] = []
-    for _ in range(repeats):
-        prefill_times.append(generate(llm, batch, 1)[0])
-        half_times.append(generate(llm, batch, max_tokens // 2)[0])
-        t_total, token_ids = generate(llm, batch, max_tokens)
-        total_times.append(t_total)
-    t_prefill, t_total = statistics.median(prefill_times), statistics.median(total_times)
-    t_half = statistics.median(half_times)
+def stepped(llm: Any, batch: list[list[int]], max_tokens: int) -> tuple[float, list[list[float]], list[list[int]]]:
+    """One greedy run over ``batch`` through ``llm_engine.step()``: wall time, the steps (see the
+    module docstring) and the token ids produced."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False
+    )
+    engine = llm.llm_engine
+    ids = [f"stepped-{time.monotonic_ns()}-{i}" for i in range(len(batch))]
+    for request_id, prompt in zip(ids, batch):
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+    lengths: dict[str, int] = {}
+    steps: list[list[float]] = []
+    tokens: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        t = time.perf_counter() - start
+        new = first = 0
+        for out in outputs:
+            n, before = len(out.outputs[0].token_ids), lengths.get(out.request_id, 0)
+            if n > before:
+                new, first = new + 1, first + (before == 0)
+            lengths[out.request_id] = n
+            tokens[out.request_id] = list(out.outputs[0].token_ids)
+        steps.append([t, new, first])
+    return time.perf_counter() - start, steps, [tokens[i] for i in ids]
+
+
+def measure(llm: Any, batch: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """Prefill time of one batch (a generate of 1 token) and one stepped run of ``max_tokens``."""
+    t_prefill = generate(llm, batch, 1)[0]
+    t_total, steps, token_ids = stepped(llm, batch, max_tokens)
     num_prompt_tokens = sum(len(p) for p in batch)
-    num_decode_tokens = len(batch) * (max_tokens - max_tokens // 2)
     return {
         "batch_size": len(batch),
         "num_prompt_tokens": num_prompt_tokens,
         "max_tokens": max_tokens,
         "t_prefill_s": t_prefill,
-        "t_half_s": t_half,
         "t_total_s": t_total,
         "prefill_tok_s": num_prompt_tokens / t_prefill,
-        "decode_tok_s": num_decode_tokens / (t_total - t_half) if t_total > t_half else None,
+        "steps": steps,
         "token_ids": token_ids,
     }
 
@@ -188,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warmup_s, _ = generate(llm, prompts, 2)
     results = []
     for batch_size in args.batch_sizes:
-        result = measure(llm, prompts[:batch_size], args.max_tokens, args.repeats)
+        result = measure(llm, prompts[:batch_size], args.max_tokens)
         results.append(result)
         print(
             f"vllm_offline: B={batch_size} prefill {result['prefill_tok_s']:.0f} tok/s "
@@ -215,7 +235,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "seed": args.seed,
         "prompts": args.prompts_file or f"seeded-uniform, prompt_len={args.prompt_len}",
-        "repeats": args.repeats,
         "load_s": load_s,
         "warmup_s": warmup_s,
         "results": results,
