@@ -36,3 +36,17 @@ def test_without_flush_the_start_bandwidth_is_the_reference() -> None:
     (row,) = report["results"]
     assert row["read_gbps_during"] is None
     assert row["pct_of_bw"] == row["pct_of_bw_start"] > 0
+
+
+def test_block_size_is_a_parameter() -> None:
+    """128-token rBlocks (vLLM's CPU default), a context that ends inside a block: still exact."""
+    report = run_attention_bench(
+        contexts=[1000], shard_counts=[1, 3], budget_s=0.01, show_progress=False, flush_mib=0,
+        block_size=128,
+    )
+    assert report["config"]["block_size"] == 128
+    for r in report["results"]:
+        assert r["max_abs_err"] < 1e-5
+        if r["shards"] > 1 and cpu_native.native_available():
+            assert r["fused_max_abs_err"] < 1e-5
+    assert "block_size=128" in format_table(report)

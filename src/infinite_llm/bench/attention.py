@@ -1,7 +1,7 @@
 """Micro-benchmark of DistAttention's kernels: decode MA split over shards vs one monolithic MA.
 
 Workload (SmolLM2-135M's attention shapes): ``--batch`` requests (default 1) each decoding one
-token, Hq=9 query heads over Hkv=3 KV heads (GQA group 3), head_dim 64, block_size 16, one
+token, Hq=9 query heads over Hkv=3 KV heads (GQA group 3), head_dim 64, block_size 16 (``--block-size``), one
 layer's pool. For every context length and shard count S:
 
 * ``mono``: the kernel over the whole context in one MA call;
@@ -47,7 +47,8 @@ from infinite_llm.bench.common import (
     time_alternating,
 )
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64
+DEFAULT_BLOCK_SIZE = 16  # the engine's default rBlock size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_FLUSH_MIB = 128  # several times a last-level cache (32 MiB on the development machine)
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072, 262144, 524288)
@@ -63,7 +64,7 @@ def _reference_f64(
 ) -> torch.Tensor:
     """Exact decode attention in float64, streaming the context a few rBlocks at a time (the
     whole context is never copied: peak memory stays near one chunk)."""
-    group = NUM_HEADS // NUM_KV_HEADS
+    group, block_size = NUM_HEADS // NUM_KV_HEADS, k.shape[2]
     outs = []
     for i in range(batch.num_requests):
         qi = q[batch.query_start[i] : batch.query_start[i + 1]].double()  # [L, Hq, D]
@@ -74,7 +75,7 @@ def _reference_f64(
         blocks, ctx = batch.block_ids[i], batch.context_lens[i]
         for b0 in range(0, len(blocks), chunk_blocks):
             ids = torch.tensor(blocks[b0 : b0 + chunk_blocks])
-            valid = min(ctx - b0 * BLOCK_SIZE, len(ids) * BLOCK_SIZE)
+            valid = min(ctx - b0 * block_size, len(ids) * block_size)
             kc = k.index_select(1, ids).reshape(NUM_KV_HEADS, -1, HEAD_DIM)[:, :valid].double()
             vc = v.index_select(1, ids).reshape(NUM_KV_HEADS, -1, HEAD_DIM)[:, :valid].double()
             scores = torch.einsum("lhgd,hsd->lhgs", qg, kc) * scale
@@ -107,10 +108,10 @@ def _fused(
     if tables is None:
         return None
     caches = [(k, v)] * len(batches)
-    return lambda: native_shards.decode_attention_shards(q, caches, tables, BLOCK_SIZE, scale)
+    return lambda: native_shards.decode_attention_shards(q, caches, tables, k.shape[2], scale)
 
 
-def _shards(block_ids: list[list[int]], contexts: list[int], num_shards: int) -> list[MABatch]:
+def _shards(block_ids: list[list[int]], contexts: list[int], num_shards: int, block_size: int) -> list[MABatch]:
     """Each request's blocks cut into ``num_shards`` contiguous runs (the last may hold fewer)."""
     batches = []
     for s in range(num_shards):
@@ -119,8 +120,8 @@ def _shards(block_ids: list[list[int]], contexts: list[int], num_shards: int) ->
             per = -(-len(blocks) // num_shards)
             mine = blocks[s * per : (s + 1) * per]
             ids.append(mine)
-            lens.append(max(0, min(ctx, (s + 1) * per * BLOCK_SIZE) - s * per * BLOCK_SIZE))
-        batches.append(MABatch([1] * len(ids), ids, lens, BLOCK_SIZE))
+            lens.append(max(0, min(ctx, (s + 1) * per * block_size) - s * per * block_size))
+        batches.append(MABatch([1] * len(ids), ids, lens, block_size))
     return batches
 
 
@@ -135,11 +136,12 @@ def bench_context(
     seed: int,
     progress: Callable[[], None],
     flush: CacheFlusher | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> list[dict]:
     """Every shard count at one context length; one pool for the whole grid row."""
-    num_blocks = -(-context // BLOCK_SIZE)
+    num_blocks = -(-context // block_size)
     gen = torch.Generator().manual_seed(seed)
-    shape = (NUM_KV_HEADS, num_blocks * batch_size, BLOCK_SIZE, HEAD_DIM)
+    shape = (NUM_KV_HEADS, num_blocks * batch_size, block_size, HEAD_DIM)
     k, v = empty_kv(shape, dtype), empty_kv(shape, dtype)  # as the engine's pools
     k.copy_(torch.randn(shape, generator=gen, dtype=torch.float32))
     v.copy_(torch.randn(shape, generator=gen, dtype=torch.float32))
@@ -150,7 +152,7 @@ def bench_context(
     contexts = [context] * batch_size
     q = (torch.randn(batch_size, NUM_HEADS, HEAD_DIM, generator=gen) * 2).to(dtype)
     scale = HEAD_DIM**-0.5
-    mono_batch = MABatch([1] * batch_size, block_ids, contexts, BLOCK_SIZE)
+    mono_batch = MABatch([1] * batch_size, block_ids, contexts, block_size)
     truth = _reference_f64(q, k, v, mono_batch, scale)
     kv_bytes = batch_size * context * NUM_KV_HEADS * HEAD_DIM * 2 * k.element_size()
 
@@ -165,7 +167,7 @@ def bench_context(
 
     rows = []
     for num_shards in shard_counts:
-        batches = _shards(block_ids, contexts, num_shards)
+        batches = _shards(block_ids, contexts, num_shards, block_size)
         parts = [micro_attention(q, k, v, b, scale, impl=impl) for b in batches]
 
         def split(batches: list[MABatch] = batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +233,7 @@ def run_attention_bench(
     seed: int = 0,
     show_progress: bool = True,
     flush_mib: int = DEFAULT_FLUSH_MIB,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> dict:
     """The whole grid; returns one JSON-ready dict."""
     from tqdm import tqdm
@@ -258,6 +261,7 @@ def run_attention_bench(
                     seed,
                     lambda: bar.update(),
                     flush,
+                    block_size,
                 )
     for row in results:  # against the bandwidth read between this row's calls where there is one
         row["pct_of_bw_start"] = row["gbps"] / read_gbps * 100
@@ -271,7 +275,7 @@ def run_attention_bench(
             "num_heads": NUM_HEADS,
             "num_kv_heads": NUM_KV_HEADS,
             "head_dim": HEAD_DIM,
-            "block_size": BLOCK_SIZE,
+            "block_size": block_size,
             "batch_size": batch_size,
             "query_tokens_per_request": 1,
             "dtype": dtype,
@@ -306,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, default=1, help="requests decoding together")
+    parser.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+        help="tokens per rBlock (the engine's default 16; vLLM's CPU backend defaults to 128)",
+    )
     parser.add_argument(
         "--layout", default="shuffled", choices=["shuffled", "contiguous"], help="rBlock placement"
     )
@@ -345,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seed,
             show_progress=not args.no_progress,
             flush_mib=args.flush_mib,
+            block_size=args.block_size,
         )
     print(json.dumps(report) if args.json else format_table(report))
     if args.out is not None:
