@@ -14,11 +14,17 @@
 #include <math.h>
 #include <stdint.h>
 
+/* The sum of squares in eight double chains (c mod 8), added pairwise at the end: one chain
+ * waited on the add's latency every element (about 36 us a norm at batch 32, 2.2 ms a step). */
 static void norm_row(const float *x, const float *w, int64_t n, float eps, float *out) {
-    double sq = 0.0;
-    for (int64_t c = 0; c < n; c++) sq += (double)x[c] * x[c];
+    double s[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int j = 0; j < 8; j++) s[j] += (double)x[c + j] * x[c + j];
+    for (int j = 0; c < n; c++, j++) s[j] += (double)x[c] * x[c];
+    const double sq = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
     const float r = 1.0f / sqrtf((float)(sq / (double)n) + eps);
-    for (int64_t c = 0; c < n; c++) out[c] = w[c] * (x[c] * r);
+    for (int64_t e = 0; e < n; e++) out[e] = w[e] * (x[e] * r);
 }
 
 /* out[i] = rmsnorm(x[i]) * w for rows of n floats (contiguous rows). */
