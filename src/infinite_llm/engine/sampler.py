@@ -58,7 +58,8 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledTok
     token_ids = [0] * len(requests)
     greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
     if greedy_rows:
-        picks = logits[greedy_rows].argmax(dim=-1).tolist()
+        every = len(greedy_rows) == len(requests)  # no copy of the logits when all rows are greedy
+        picks = (logits if every else logits[greedy_rows]).argmax(dim=-1).tolist()
         for row, token in zip(greedy_rows, picks):
             token_ids[row] = token
     for i, request in enumerate(requests):
