@@ -72,3 +72,24 @@ def test_too_few_tokens_to_time_decode_is_refused(capsys):
         engine.main(["--model", "tiny", "--max-tokens", "1", "--no-hf"])
     assert "at least 2" in capsys.readouterr().err
 
+
+
+def test_an_interrupted_timed_run_leaves_nothing_behind():
+    from infinite_llm import LLM, SamplingParams
+
+    llm = LLM("tiny", progress=False)
+    step, calls = llm.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    llm.engine.step = failing_step
+    with pytest.raises(KeyboardInterrupt):
+        engine._stepped_ours(llm, [[5, 6, 7], [8, 9]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    llm.engine.step = step
+    assert not llm.engine.has_unfinished_requests()
+    llm.check_integrity()
+    assert llm.engine.cluster.stats()["instances"][0]["used"] == 0  # every rBlock back in the pool

@@ -117,10 +117,15 @@ def _stepped_ours(llm: Any, batch: list[list[int]], params: Any) -> tuple[float,
     for request in requests:
         engine.add_request(request)
     counter, finished = _StepCounter(), {}
-    while len(finished) < len(requests):
-        outputs = engine.step()
-        counter.record(outputs)
-        finished |= {o.request_id: o for o in outputs if o.finished}
+    try:
+        while len(finished) < len(requests):
+            outputs = engine.step()
+            counter.record(outputs)
+            finished |= {o.request_id: o for o in outputs if o.finished}
+    finally:  # interrupted: free what is left, as LLM.generate does
+        for request in requests:
+            if request.request_id not in finished:
+                engine.abort_request(request.request_id)
     total = time.perf_counter() - counter.start
     return total, counter.steps, [list(finished[r.request_id].outputs[0].token_ids) for r in requests]
 
