@@ -193,3 +193,33 @@ def test_pending_tokens_count_prefill_left_and_output_left() -> None:
         step(s)
     assert s.num_pending_tokens == 0 and a.num_pending_tokens == b.num_pending_tokens == 0
     rm.check_integrity()
+
+
+def test_an_admission_that_must_borrow_leaves_room_for_the_running_requests_next_blocks() -> None:
+    """Instance 0 holds 4 rBlocks, its peer lends 1. a (3 rBlocks) runs and is about to take a
+    4th; b's prompt needs 2, 1 of them borrowed. Admitted on the peer's only lendable rBlock, b
+    would be preempted by a's growth at the next step and its prefill recomputed; it waits for
+    a instead, and no request is preempted."""
+    from infinite_llm.kvcache import Borrower, GManager, GManagerConfig
+
+    home, peer = RManager(0, 4, lending_cap=0.0), RManager(1, 2, lending_cap=0.5)
+    gm = GManager(GManagerConfig(resort_every_heartbeats=1, resort_interval_s=0.0, heartbeat_timeout_s=1e9))
+    borrower = Borrower(home, gm, lambda c, r: peer.lend(r), lambda c, r: peer.reclaim(r))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8), BS, borrower)
+    a, b = req("a", 12, max_tokens=8), req("b", 8, max_tokens=2)
+    s.add_request(a)
+    s.add_request(b)
+    steps = 0
+    while s.has_unfinished_requests():
+        for m in (home, peer):
+            gm.on_heartbeat(m.heartbeat())
+        out, _ = step(s)
+        if steps == 0:
+            assert [item.request for item in out.scheduled] == [a]  # b waits: no room for a's 4th block
+        steps += 1
+        assert steps < 100
+        home.check_integrity()
+        peer.check_integrity()
+    assert s.num_preemptions == 0 and b.num_preemptions == 0
+    assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 2
+    assert home.num_free_blocks == 4 and peer.lent_counts().get(0, 0) == 0  # everything given back

@@ -205,6 +205,10 @@ class Borrower:
     def num_blocks(self) -> int:
         return self.debtor.num_blocks
 
+    @property
+    def num_free_blocks(self) -> int:
+        return self.debtor.num_free_blocks
+
     def reserve(self, num_blocks: int) -> None:
         self.debtor.reserve(num_blocks)
 

@@ -63,6 +63,11 @@ class BlockAllocator(Protocol):
         """rBlocks of the home pool."""
         ...
 
+    @property
+    def num_free_blocks(self) -> int:
+        """Free rBlocks of the home pool."""
+        ...
+
     def reserve(self, num_blocks: int) -> None:
         """How many free rBlocks the running requests are about to need (kept from lending)."""
         ...
@@ -190,7 +195,7 @@ class Scheduler:
             if self.right_of_way is not None and request.arrival_seq > self.right_of_way:
                 break  # an older request elsewhere waits for memory: it goes first
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._ensure_blocks(request, self._admission_tokens(request, num_new)):
+            if not self._admit_blocks(request, self._admission_tokens(request, num_new)):
                 blocked.append(request.arrival_seq)
                 break  # FCFS: later requests wait behind the head of the queue
             self.waiting.popleft()
@@ -213,6 +218,26 @@ class Scheduler:
             target = min(r.num_prompt_tokens + r.max_tokens, max(r.num_tokens, r.num_prompt_tokens) + bs)
             need += max(0, -(-target // bs) - len(r.block_table))
         return need
+
+    def _admit_blocks(self, request: Request, num_tokens: int) -> bool:
+        """``_ensure_blocks`` for an admission. One that must borrow (the home pool has fewer
+        free rBlocks than it needs) is admitted only while the cluster also has room for what
+        the running requests here take next (``blocks_needed_soon``): admitted on the last
+        lendable rBlocks, it is the youngest here and the first preempted when they grow, its
+        prefill recomputed, and a preempted request came straight back on a few borrowed rBlocks
+        to be preempted again (bench paper, N=2 docs: 7 preemptions with borrowing, 2 without).
+        The room is probed by allocating it too and giving it back at once."""
+        need = -(-num_tokens // self.block_size) - len(request.block_table)
+        if need <= self.allocator.num_free_blocks:
+            return self._ensure_blocks(request, num_tokens)
+        spare = self.blocks_needed_soon()
+        refs = self.allocator.allocate(need + spare)
+        if refs is None:
+            return False
+        if spare:
+            self.allocator.free(refs[need:])  # local rBlocks come first: the spare are borrowed ones
+        request.block_table.append(refs[:need])
+        return True
 
     def _admission_tokens(self, request: Request, num_new: int) -> int:
         """Tokens whose rBlocks a request needs to be admitted: its whole prompt when that fits
