@@ -171,7 +171,8 @@ def stepped(llm: Any, batch: list[list[int]], max_tokens: int) -> tuple[float, l
             if n > before:
                 new, first = new + 1, first + (before == 0)
             lengths[out.request_id] = n
-            tokens[out.request_id] = list(out.outputs[0].token_ids)
+            if out.finished:  # cumulative outputs: copy the ids once, not at every step
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
         steps.append([t, new, first])
     return time.perf_counter() - start, steps, [tokens[i] for i in ids]
 
