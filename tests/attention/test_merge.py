@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infinite_llm.attention import cpu_native
-from infinite_llm.attention.merge import merge_attention_states, merge_into
+from infinite_llm.attention.merge import merge_attention_states, merge_attention_states_, merge_into
 
 INF = float("inf")
 
@@ -65,13 +65,22 @@ def test_merge_is_exact_and_order_free(
     tol = 1e-5  # whatever the spread: only differences of lse reach the exponentials
     order = list(range(num_parts))
     random.Random(seed).shuffle(order)
-    for perm in (list(range(num_parts)), order):
+    for perm in (order, list(range(num_parts))):
         out, lse = merge_attention_states([outs[j] for j in perm], [lses[j] for j in perm])
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
         assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
         assert (out.double() - ref_out).abs().max() <= tol
         finite = ~torch.isinf(ref_lse)
         assert torch.allclose(lse.double()[finite], ref_lse[finite], rtol=1e-6, atol=1e-5)
+    # into the first state's own tensors: the same numbers, the other states untouched
+    first_out, first_lse = outs[0].clone(), lses[0].clone()
+    others = [(o.clone(), x.clone()) for o, x in zip(outs[1:], lses[1:])]
+    got_out, got_lse = merge_attention_states_(
+        [first_out, *(o for o, _ in others)], [first_lse, *(x for _, x in others)]
+    )
+    assert got_out is first_out and got_lse is first_lse
+    assert torch.equal(got_out, out) and torch.equal(got_lse, lse)  # out: the last perm's
+    assert all(torch.equal(o, a) and torch.equal(x, b) for (o, x), a, b in zip(others, outs[1:], lses[1:]))
     # pairwise in place (what DistAttention does), same answer
     out, lse = outs[0].clone(), lses[0].clone()
     for o, x in zip(outs[1:], lses[1:]):
@@ -93,6 +102,9 @@ def test_empty_shard_is_a_no_op(merge_path: str) -> None:
         [empty_out, empty_out], [empty_lse, empty_lse]
     )
     assert torch.equal(all_empty_out, empty_out) and torch.equal(all_empty_lse, empty_lse)
+    first_out, first_lse = empty_out.clone(), empty_lse.clone()
+    got_out, got_lse = merge_attention_states_([first_out, out], [first_lse, lse])
+    assert torch.equal(got_out, out) and torch.equal(got_lse, lse)
     run_out, run_lse = out.clone(), lse.clone()
     merge_into(run_out, run_lse, None, empty_out, empty_lse)
     assert torch.equal(run_out, out) and torch.equal(run_lse, lse)
@@ -151,3 +163,16 @@ def test_bfloat16_states_merge_as_their_float32_values(merge_path: str) -> None:
     finite = ~torch.isinf(ref_lse)
     assert torch.equal(torch.isinf(lse), ~finite)
     assert torch.allclose(lse.double()[finite], ref_lse[finite], rtol=1e-6, atol=1e-5)
+
+
+def test_in_place_merge_of_bfloat16_states(merge_path: str) -> None:
+    """The native in-place merge takes float32 states only; bfloat16 ones merge in float32 and
+    are rounded once into the first state, as the out-of-place merge rounds its result."""
+    gen = torch.Generator().manual_seed(2)
+    outs, lses = _parts(gen, 3, 4, 3, 16, 20.0)
+    outs = [o.to(torch.bfloat16) for o in outs]
+    want_out, want_lse = merge_attention_states(outs, lses)
+    first_out, first_lse = outs[0].clone(), lses[0].clone()
+    got_out, got_lse = merge_attention_states_([first_out, *outs[1:]], [first_lse, *lses[1:]])
+    assert got_out is first_out and got_out.dtype == torch.bfloat16
+    assert torch.equal(got_out, want_out) and torch.equal(got_lse, want_lse)

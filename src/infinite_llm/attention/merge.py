@@ -42,6 +42,28 @@ def merge_attention_states(
     return out.to(outs[0].dtype), top + torch.log(total)
 
 
+def merge_attention_states_(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_attention_states`` into the first state's own tensors (``outs[0]``, ``lses[0]``,
+    returned): for partial states the caller owns and drops after the merge (the MAs' results),
+    it saves the two allocations of a new state, which after the MAs have streamed their KV
+    through the caches cost more than the merge's arithmetic."""
+    if len(outs) != len(lses) or not outs:
+        raise ValueError("need one lse per partial output, and at least one of each")
+    first, first_lse = outs[0], lses[0]
+    if len(outs) == 1:
+        return first, first_lse
+    if first.device.type == "cpu":
+        merged = merge_states_native(outs, lses, in_place=True)
+        if merged is not None:
+            return merged
+    out, lse = merge_attention_states(outs, lses)
+    first.copy_(out)
+    first_lse.copy_(lse)
+    return first, first_lse
+
+
 def merge_into(
     out: torch.Tensor,
     lse: torch.Tensor,

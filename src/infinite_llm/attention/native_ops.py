@@ -12,20 +12,24 @@ from collections.abc import Sequence
 
 import torch
 
-from infinite_llm.attention.cpu_native import native_library
+from infinite_llm.attention.cpu_native import MAX_HEAD_DIM, native_library
 
 
 def merge_states_native(
-    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``merge.merge_attention_states`` of CPU states in one C call (out in float32); None where
-    it does not apply. One call, not a fold of S - 1, and as few Python steps as the checks
-    allow: after an MA has streamed its KV through the caches, each of them starts cold."""
-    first = outs[0]
+    it does not apply. ``in_place``: the result goes into the first state's own tensors (which
+    must be float32) instead of new ones. One call, not a fold of S - 1, and as few Python steps
+    as the checks allow: after an MA has streamed its KV through the caches, each of them
+    starts cold (two allocations were 48 of a cold merge's ~200 us)."""
+    first, first_lse = outs[0], lses[0]
     shape, dtype = first.shape, first.dtype
     if (dtype != torch.float32 and dtype != torch.bfloat16) or len(shape) != 3:
         return None
     t, h, d = shape
+    if d > MAX_HEAD_DIM or (in_place and dtype != torch.float32):
+        return None
     lse_shape = (t, h)
     n = len(outs)
     pointers = (ctypes.c_int64 * (2 * n))()
@@ -45,8 +49,11 @@ def merge_states_native(
     native = native_library()
     if native is None:
         return None
-    out = torch.empty(shape, dtype=torch.float32)
-    lse = torch.empty(lse_shape, dtype=torch.float32)
+    if in_place:
+        out, lse = first, first_lse
+    else:
+        out = torch.empty(shape, dtype=torch.float32)
+        lse = torch.empty(lse_shape, dtype=torch.float32)
     native.lib.merge_states(
         pointers, n, t * h, d, int(dtype == torch.bfloat16), out.data_ptr(), lse.data_ptr()
     )

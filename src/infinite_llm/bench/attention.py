@@ -37,7 +37,7 @@ import torch
 from infinite_llm.attention import cpu_native, native_ops, native_shards
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.kv_pool import empty_kv
-from infinite_llm.attention.merge import merge_attention_states
+from infinite_llm.attention.merge import merge_attention_states_
 from infinite_llm.attention.micro import IMPLS, micro_attention
 from infinite_llm.bench.attention_report import format_table, targets, write_plot
 from infinite_llm.bench.common import (
@@ -172,10 +172,15 @@ def bench_context(
 
         def split(batches: list[MABatch] = batches) -> tuple[torch.Tensor, torch.Tensor]:
             states = [micro_attention(q, k, v, b, scale, impl=impl) for b in batches]
-            return merge_attention_states([o for o, _ in states], [lse for _, lse in states])
+            return merge_attention_states_([o for o, _ in states], [lse for _, lse in states])
 
-        def merge(parts: list = parts) -> tuple[torch.Tensor, torch.Tensor]:
-            return merge_attention_states([o for o, _ in parts], [lse for _, lse in parts])
+        # The merge alone, as split runs it (in place), into a copy of the first state: every
+        # call merges the previous result again (other values, the same work).
+        outs = [parts[0][0].clone()] + [o for o, _ in parts[1:]]
+        lses = [parts[0][1].clone()] + [lse for _, lse in parts[1:]]
+
+        def merge(outs: list = outs, lses: list = lses) -> tuple[torch.Tensor, torch.Tensor]:
+            return merge_attention_states_(outs, lses)
 
         fns: list[Callable[[], object]] = [mono, split if num_shards > 1 else mono]
         fused = _fused(q, k, v, batches, scale, impl) if num_shards > 1 else None

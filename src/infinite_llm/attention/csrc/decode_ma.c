@@ -792,6 +792,7 @@ ALWAYS_INLINE float load1(const void *p, int64_t i, int bf16) {
 void merge_states(const int64_t *states, int num_states, int64_t rows, int d, int bf16, float *out,
                   float *lse) {
     const int64_t *outs = states, *lses = states + num_states; /* S out pointers, then S lse */
+    float acc[MAX_D];
     for (int64_t r = 0; r < rows; r++) {
         float top = -INFINITY, total = 0.0f;
         for (int s = 0; s < num_states; s++) {
@@ -799,21 +800,24 @@ void merge_states(const int64_t *states, int num_states, int64_t rows, int d, in
             top = x > top ? x : top;
         }
         float *o = out + r * d;
-        memset(o, 0, sizeof(float) * d);
         if (top == -INFINITY) {
+            memset(o, 0, sizeof(float) * d);
             lse[r] = -INFINITY;
             continue;
         }
+        /* Every input of the row is read before the row is written: out and lse may be the
+         * first state's own (merge_attention_states_ merges in place). */
+        memset(acc, 0, sizeof(float) * d);
         for (int s = 0; s < num_states; s++) {
             const float x = ((const float *)lses[s])[r];
             if (x == -INFINITY) continue;
             const float w = expf(x - top);
             const void *p = (const void *)outs[s];
             total += w;
-            for (int c = 0; c < d; c++) o[c] += load1(p, r * d + c, bf16) * w;
+            for (int c = 0; c < d; c++) acc[c] += load1(p, r * d + c, bf16) * w;
         }
         const float inv = 1.0f / total;
-        for (int c = 0; c < d; c++) o[c] *= inv;
+        for (int c = 0; c < d; c++) o[c] = acc[c] * inv;
         lse[r] = top + logf(total);
     }
 }
