@@ -1,4 +1,4 @@
-"""The router: least pending work among instances with room, most free memory otherwise."""
+"""The router: least pending work first; among equally loaded instances, room, then free memory."""
 
 from __future__ import annotations
 
@@ -30,20 +30,34 @@ def test_balances_tokens_not_request_counts() -> None:
     assert router.pick(sorted(free), free, pending, num_tokens=100) == 1
 
 
-def test_a_request_no_one_holds_goes_where_most_memory_is_free() -> None:
+def test_load_comes_before_room() -> None:
+    """A long request goes to the least loaded instance even where it must wait for room (or
+    borrow): instance 1 has room now but a backlog; instance 0 drains first."""
+    router = Router(block_size=16)
+    free = {0: 10, 1: 400, 2: 30}
+    assert router.pick([0, 1, 2], free, {0: 50, 1: 9000, 2: 60}, num_tokens=100 * 16) == 0
+
+
+def test_among_equally_loaded_room_then_most_free_memory() -> None:
     router = Router(block_size=16)
     free = {0: 10, 1: 40, 2: 30}
-    assert router.pick([0, 1, 2], free, {0: 0, 1: 900, 2: 0}, num_tokens=50 * 16) == 1
+    pending = {0: 0, 1: 0, 2: 0}
+    assert router.pick([0, 1, 2], free, pending, num_tokens=35 * 16) == 1  # only 1 holds it
+    router.on_heartbeat(1)
+    assert router.pick([0, 1, 2], free, pending, num_tokens=50 * 16) == 1  # none: most free
+    assert router.pick([0, 2], free, pending, num_tokens=5 * 16) == 2  # both hold it: most free
 
 
 def test_routed_requests_count_against_free_memory_until_a_heartbeat() -> None:
     router = Router(block_size=16)
     free = {0: 10, 1: 10}
-    assert router.pick([0, 1], free, {0: 0, 1: 100}, num_tokens=8 * 16) == 0
+    pending = {0: 0, 1: 0}
+    assert router.pick([0, 1], free, pending, num_tokens=8 * 16) == 0
     # Instance 0 was promised 8 blocks: only instance 1 still holds another 8-block request.
-    assert router.pick([0, 1], free, {0: 0, 1: 100}, num_tokens=8 * 16) == 1
+    assert router.pick([0, 1], free, pending, num_tokens=8 * 16) == 1
     router.on_heartbeat(0)
-    assert router.pick([0, 1], free, {0: 0, 1: 500}, num_tokens=8 * 16) == 0
+    router.on_heartbeat(1)
+    assert router.pick([0, 1], free, pending, num_tokens=8 * 16) == 0
 
 
 def test_ray_driver_counts_the_prompt_until_the_first_token_then_the_output_left() -> None:
