@@ -28,7 +28,9 @@ def hf_model(model_dir: str, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
 
-def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
+def hf_greedy(
+    model_dir: str, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32
+) -> list[int]:
     """Greedy continuation by transformers (KV-cached), never stopping early on EOS."""
     return hf_greedy_with(hf_model(model_dir, dtype), prompt, max_new_tokens)
 

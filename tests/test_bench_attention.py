@@ -12,7 +12,12 @@ def test_small_grid() -> None:
         contexts=[1024, 2000], shard_counts=[1, 4], budget_s=0.01, show_progress=False
     )
     rows = report["results"]
-    assert [(r["context"], r["shards"]) for r in rows] == [(1024, 1), (1024, 4), (2000, 1), (2000, 4)]
+    assert [(r["context"], r["shards"]) for r in rows] == [
+        (1024, 1),
+        (1024, 4),
+        (2000, 1),
+        (2000, 4),
+    ]
     for r in rows:
         assert r["time_ms"] > 0 and r["mono_ms"] > 0 and r["gbps"] > 0
         assert r["max_abs_err"] < 1e-5
@@ -21,7 +26,9 @@ def test_small_grid() -> None:
         assert abs(r["pct_of_bw"] - r["gbps"] / r["read_gbps_during"] * 100) < 1e-9
         if r["shards"] > 1 and cpu_native.native_available():
             assert r["fused_ms"] > 0 and r["fused_max_abs_err"] < 1e-5
-        if cpu_native.native_available():  # the plain read of the rBlocks, on each context's first row
+        if (
+            cpu_native.native_available()
+        ):  # the plain read of the rBlocks, on each context's first row
             assert (r["pattern_read_gbps"] is not None) == (r["shards"] == 1)
             if r["shards"] == 1:
                 assert r["pattern_read_gbps"] > 0 and r["pct_of_pattern_read"] > 0
@@ -41,7 +48,11 @@ def test_without_flush_the_start_bandwidth_is_the_reference() -> None:
 def test_block_size_is_a_parameter() -> None:
     """128-token rBlocks (vLLM's CPU default), a context that ends inside a block: still exact."""
     report = run_attention_bench(
-        contexts=[1000], shard_counts=[1, 3], budget_s=0.01, show_progress=False, flush_mib=0,
+        contexts=[1000],
+        shard_counts=[1, 3],
+        budget_s=0.01,
+        show_progress=False,
+        flush_mib=0,
         block_size=128,
     )
     assert report["config"]["block_size"] == 128

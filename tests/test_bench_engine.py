@@ -10,7 +10,18 @@ from infinite_llm.bench import engine
 
 
 def test_bench_engine_tiny_smoke(capsys):
-    argv = ["--model", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "24", "--max-tokens", "6", "--json"]
+    argv = [
+        "--model",
+        "tiny",
+        "--batch-sizes",
+        "1",
+        "3",
+        "--prompt-len",
+        "24",
+        "--max-tokens",
+        "6",
+        "--json",
+    ]
     assert engine.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["read_bandwidth_gb_s"] > 0
@@ -25,10 +36,20 @@ def test_bench_engine_tiny_smoke(capsys):
         assert hf[b]["same_tokens"] == 1.0  # greedy on the same weights: token for token
 
 
-
 def test_bound_uses_the_bandwidth_read_around_the_batch1_run(capsys, monkeypatch):
     monkeypatch.setattr(engine, "MIN_PROBE_BYTES", 0)  # let the tiny embedding serve as the probe
-    argv = ["--model", "tiny", "--batch-sizes", "1", "--prompt-len", "8", "--max-tokens", "3", "--no-hf", "--json"]
+    argv = [
+        "--model",
+        "tiny",
+        "--batch-sizes",
+        "1",
+        "--prompt-len",
+        "8",
+        "--max-tokens",
+        "3",
+        "--no-hf",
+        "--json",
+    ]
     assert engine.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     around = result["read_bandwidth_gb_s_around_batch1"]
@@ -42,7 +63,9 @@ def test_decode_rate_counts_only_full_batch_steps_after_the_last_first_token():
     the batch decodes whole from step 2, and requests finish one by one at the end."""
     steps = [(1.0, 2, 2), (2.5, 4, 2), (2.7, 4, 0), (3.0, 4, 0), (3.2, 4, 0), (3.3, 2, 0)]
     r = engine.decode_rate(steps, 4)
-    assert r["decode_steps"] == 3  # steps 2, 3 and 4; step 1 holds prefill chunks, step 5 is partial
+    assert (
+        r["decode_steps"] == 3
+    )  # steps 2, 3 and 4; step 1 holds prefill chunks, step 5 is partial
     assert r["decode_tok_s"] == pytest.approx(4 * 3 / (3.2 - 2.5))
     assert r["decode_step_ms"] == pytest.approx((3.2 - 2.5) / 3 * 1e3)
     assert r["decode_step_ms_median"] == pytest.approx(0.2 * 1e3)
@@ -52,13 +75,27 @@ def test_decode_rate_without_a_full_batch_step_is_none():
     # batch 4, two tokens each, the last two requests start after the first two are done
     steps = [(1.0, 2, 2), (1.5, 2, 0), (2.0, 2, 2), (2.4, 2, 0)]
     assert engine.decode_rate(steps, 4) == {
-        "decode_tok_s": None, "decode_step_ms": None, "decode_step_ms_median": None, "decode_steps": 0}
+        "decode_tok_s": None,
+        "decode_step_ms": None,
+        "decode_step_ms_median": None,
+        "decode_steps": 0,
+    }
 
 
 def test_every_engine_reports_its_steps(capsys):
     """ours and transformers each time 1 prefill step and max_tokens - 1 full-batch decode steps
     (no chunking at this size)."""
-    argv = ["--model", "tiny", "--batch-sizes", "2", "--prompt-len", "8", "--max-tokens", "5", "--json"]
+    argv = [
+        "--model",
+        "tiny",
+        "--batch-sizes",
+        "2",
+        "--prompt-len",
+        "8",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]
     assert engine.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     for name in ("infinite-llm", "transformers"):
@@ -71,7 +108,6 @@ def test_too_few_tokens_to_time_decode_is_refused(capsys):
     with pytest.raises(SystemExit):
         engine.main(["--model", "tiny", "--max-tokens", "1", "--no-hf"])
     assert "at least 2" in capsys.readouterr().err
-
 
 
 def test_an_interrupted_timed_run_leaves_nothing_behind():
@@ -88,7 +124,9 @@ def test_an_interrupted_timed_run_leaves_nothing_behind():
 
     llm.engine.step = failing_step
     with pytest.raises(KeyboardInterrupt):
-        engine._stepped_ours(llm, [[5, 6, 7], [8, 9]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        engine._stepped_ours(
+            llm, [[5, 6, 7], [8, 9]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        )
     llm.engine.step = step
     assert not llm.engine.has_unfinished_requests()
     llm.check_integrity()

@@ -12,8 +12,14 @@ from infinite_llm.model.registry import ModelNotFoundError
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("tiny", loaded_model=loaded_model("tiny"), kv_blocks_per_instance=32, block_size=8,
-               max_model_len=200, progress=False)
+    return LLM(
+        "tiny",
+        loaded_model=loaded_model("tiny"),
+        kv_blocks_per_instance=32,
+        block_size=8,
+        max_model_len=200,
+        progress=False,
+    )
 
 
 def assert_clean(llm: LLM) -> None:
@@ -27,7 +33,9 @@ def test_generate_accepts_text_token_ids_and_lists(llm: LLM) -> None:
     one = llm.generate("hello", params, use_tqdm=False)
     ids = llm.generate([104, 101, 108, 108, 111], params, use_tqdm=False)
     both = llm.generate(["hello", [104, 101, 108, 108, 111]], params, use_tqdm=False)
-    assert one[0].outputs[0].token_ids == ids[0].outputs[0].token_ids == both[1].outputs[0].token_ids
+    assert (
+        one[0].outputs[0].token_ids == ids[0].outputs[0].token_ids == both[1].outputs[0].token_ids
+    )
     assert one[0].prompt == "hello" and one[0].prompt_token_ids == [104, 101, 108, 108, 111]
     assert one[0].finished and one[0].outputs[0].finish_reason == "length"
     assert one[0].outputs[0].text == llm.get_tokenizer().decode(one[0].outputs[0].token_ids)
@@ -45,10 +53,16 @@ def test_chat_uses_the_model_template(llm: LLM) -> None:
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
-    [("", "prompt is empty"), ([], "prompt is empty"), ([1, 2, 99999], "out of range"),
-     ("x" * 250, "max_model_len is 200")],
+    [
+        ("", "prompt is empty"),
+        ([], "prompt is empty"),
+        ([1, 2, 99999], "out of range"),
+        ("x" * 250, "max_model_len is 200"),
+    ],
 )
-def test_bad_prompts_are_refused_before_anything_is_allocated(llm: LLM, prompt, message: str) -> None:
+def test_bad_prompts_are_refused_before_anything_is_allocated(
+    llm: LLM, prompt, message: str
+) -> None:
     good = "fine prompt"
     with pytest.raises(ValueError, match=message):
         llm.generate([good, prompt], SamplingParams(max_tokens=3), use_tqdm=False)
@@ -57,11 +71,20 @@ def test_bad_prompts_are_refused_before_anything_is_allocated(llm: LLM, prompt, 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"temperature": -1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-     ({"top_k": -5}, "top_k"), ({"min_p": 2.0}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
-     ({"n": 2}, "n must be 1"), ({"stop": [""]}, "stop strings"), ({"logprobs": 100}, "logprobs"),
-     ({"temperature": float("nan")}, "temperature"), ({"seed": 1.5}, "seed"),
-     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens")],
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2}, "n must be 1"),
+        ({"stop": [""]}, "stop strings"),
+        ({"logprobs": 100}, "logprobs"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"seed": 1.5}, "seed"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ],
 )
 def test_invalid_sampling_values_name_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -69,7 +92,9 @@ def test_invalid_sampling_values_name_the_field(kwargs: dict, message: str) -> N
 
 
 def test_max_tokens_is_capped_by_max_model_len(llm: LLM) -> None:
-    out = llm.generate([[5] * 190], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        [[5] * 190], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False
+    )
     assert len(out[0].outputs[0].token_ids) == 10 and out[0].outputs[0].finish_reason == "length"
     assert_clean(llm)
 

@@ -16,8 +16,10 @@ pytestmark = pytest.mark.slow
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
-    [{"role": "system", "content": "You answer in one sentence."},
-     {"role": "user", "content": "Why is the sky blue?"}],
+    [
+        {"role": "system", "content": "You answer in one sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
 ]
 
 
@@ -50,7 +52,9 @@ def test_weights_equal_transformers_gguf_loader(reference) -> None:
 @torch.inference_mode()
 def test_chat_greedy_32_tokens_match_transformers(reference) -> None:
     tok, ref = reference
-    llm = LLM("smollm2", loaded_model=loaded_model("smollm2"), kv_blocks_per_instance=256, progress=False)
+    llm = LLM(
+        "smollm2", loaded_model=loaded_model("smollm2"), kv_blocks_per_instance=256, progress=False
+    )
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outs = llm.chat(CHATS, params, use_tqdm=False)
     for chat, out in zip(CHATS, outs):

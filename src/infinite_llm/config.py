@@ -19,7 +19,9 @@ class CacheConfig:
     # Largest share of an instance's pool lent to others at once. 1.0: lend any free rBlock, so one
     # request can grow into the whole cluster; lower it to keep room for the instance's own requests.
     lending_cap: float = 1.0
-    enable_borrowing: bool = True  # False: the vLLM-style baseline (a request lives on one instance)
+    enable_borrowing: bool = (
+        True  # False: the vLLM-style baseline (a request lives on one instance)
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

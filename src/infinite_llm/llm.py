@@ -1,9 +1,9 @@
 """``LLM``: the offline Python API, in vLLM's shape.
 
-    from infinite_llm import LLM, SamplingParams
-    llm = LLM(model="smollm2")
-    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
-    print(out[0].outputs[0].text)
+from infinite_llm import LLM, SamplingParams
+llm = LLM(model="smollm2")
+out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
+print(out[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -65,12 +65,16 @@ class LLM:
                 lending_cap=lending_cap,
                 enable_borrowing=enable_borrowing,
             ),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs
+            ),
         )
         self.engine = LLMEngine(config, loaded_model, progress=progress)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, loaded_model: LoadedModel | None = None, progress: bool = True) -> LLM:
+    def from_config(
+        cls, config: EngineConfig, loaded_model: LoadedModel | None = None, progress: bool = True
+    ) -> LLM:
         llm = cls.__new__(cls)
         llm.engine = LLMEngine(config, loaded_model, progress=progress)
         return llm
@@ -104,7 +108,9 @@ class LLM:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
-            self.engine.tokenizer.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt)
+            self.engine.tokenizer.apply_chat_template(
+                list(conv), add_generation_prompt=add_generation_prompt
+            )
             for conv in conversations  # type: ignore[arg-type]
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
@@ -139,7 +145,9 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
 
-    def _run(self, requests: list[Request], texts: list[str | None], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, requests: list[Request], texts: list[str | None], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.engine
         added: list[str] = []
         finished: dict[str, RequestOutput] = {}
@@ -147,7 +155,9 @@ class LLM:
             for request, text in zip(requests, texts):
                 engine.add_request(request, text)
                 added.append(request.request_id)
-            with tqdm(total=len(requests), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            with tqdm(
+                total=len(requests), desc="generating", unit="req", disable=not use_tqdm
+            ) as bar:
                 while len(finished) < len(requests):
                     for output in engine.step():
                         if output.finished:

@@ -22,9 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = True
+    ) -> None:
         self.config = config
-        self.loaded = loaded or load_model(config.model, config.dtype, config.device, progress=progress)
+        self.loaded = loaded or load_model(
+            config.model, config.dtype, config.device, progress=progress
+        )
         self.tokenizer = self.loaded.tokenizer
         self.arch = self.loaded.arch
         self.cluster = create_cluster(config, self.loaded)
@@ -35,13 +39,24 @@ class LLMEngine:
     def _resolve_max_model_len(self) -> int:
         capacity = self.cluster.max_request_tokens
         wanted = self.config.max_model_len or self.arch.max_position_embeddings
-        if self.config.max_model_len and self.config.max_model_len > self.arch.max_position_embeddings:
-            logger.warning("max_model_len %d is past the %d positions %s was trained on",
-                           self.config.max_model_len, self.arch.max_position_embeddings, self.loaded.source.name)
+        if (
+            self.config.max_model_len
+            and self.config.max_model_len > self.arch.max_position_embeddings
+        ):
+            logger.warning(
+                "max_model_len %d is past the %d positions %s was trained on",
+                self.config.max_model_len,
+                self.arch.max_position_embeddings,
+                self.loaded.source.name,
+            )
         if wanted > capacity:
             if self.config.max_model_len:
-                logger.warning("max_model_len %d exceeds the KV capacity of %d tokens; using %d",
-                               wanted, capacity, capacity)
+                logger.warning(
+                    "max_model_len %d exceeds the KV capacity of %d tokens; using %d",
+                    wanted,
+                    capacity,
+                    capacity,
+                )
             return capacity
         return wanted
 
@@ -66,7 +81,9 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         bad = [t for t in token_ids if not 0 <= t < self.arch.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.arch.vocab_size}): {bad[:5]}")
+            raise ValueError(
+                f"prompt token ids out of range [0, {self.arch.vocab_size}): {bad[:5]}"
+            )
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(token_ids)} tokens, but this engine's max_model_len is {self.max_model_len} "
@@ -84,12 +101,15 @@ class LLMEngine:
             eos_token_id=self.tokenizer.eos_token_id,
         )
 
-    def add_request(self, request: Request, prompt_text: str | None = None, home: int | None = None) -> None:
+    def add_request(
+        self, request: Request, prompt_text: str | None = None, home: int | None = None
+    ) -> None:
         """Queue a request made by ``make_request`` (its id must be new); ``home`` pins its instance."""
         if request.request_id in self.output_processor.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self.output_processor.add_request(request.request_id, prompt_text, list(request.prompt_token_ids),
-                                          request.sampling_params)
+        self.output_processor.add_request(
+            request.request_id, prompt_text, list(request.prompt_token_ids), request.sampling_params
+        )
         self.cluster.add_request(request, home)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -51,25 +51,51 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
-        check(isinstance(self.n, int) and self.n == 1, f"n must be 1 (got {self.n!r}); parallel sampling is not supported")
-        check(_is_number(self.temperature) and self.temperature >= 0.0,
-              f"temperature must be >= 0, got {self.temperature!r}")
-        check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= -1,
-              f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
-        check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p!r}")
-        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
-              f"seed must be an integer, got {self.seed!r}")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-              f"max_tokens must be at least 1, got {self.max_tokens!r}")
-        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-              f"min_tokens must be >= 0, got {self.min_tokens!r}")
-        check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids or []),
-              "stop_token_ids must be non-negative integers")
-        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
-              f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
+        check(
+            isinstance(self.n, int) and self.n == 1,
+            f"n must be 1 (got {self.n!r}); parallel sampling is not supported",
+        )
+        check(
+            _is_number(self.temperature) and self.temperature >= 0.0,
+            f"temperature must be >= 0, got {self.temperature!r}",
+        )
+        check(
+            _is_number(self.top_p) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        check(
+            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= -1,
+            f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}",
+        )
+        check(
+            _is_number(self.min_p) and 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p!r}",
+        )
+        check(
+            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+            f"seed must be an integer, got {self.seed!r}",
+        )
+        check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            f"max_tokens must be at least 1, got {self.max_tokens!r}",
+        )
+        check(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            f"min_tokens must be >= 0, got {self.min_tokens!r}",
+        )
+        check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+        )
+        check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids or []),
+            "stop_token_ids must be non-negative integers",
+        )
+        check(
+            self.logprobs is None
+            or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
+            f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -105,7 +105,9 @@ def test_decode_over_pools_in_one_native_call(
     hq, hkv = layout
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    placement = place(rng, num_pools, [c // bs + 1 for c in contexts], bs, hkv, d, dtype, num_layers=2)
+    placement = place(
+        rng, num_pools, [c // bs + 1 for c in contexts], bs, hkv, d, dtype, num_layers=2
+    )
     full_k = [randn(gen, c + 1, hkv, d, dtype=dtype) for c in contexts]
     full_v = [randn(gen, c + 1, hkv, d, dtype=dtype) for c in contexts]
     for i, c in enumerate(contexts):

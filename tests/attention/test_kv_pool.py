@@ -9,7 +9,9 @@ from infinite_llm.attention import cpu_native
 from infinite_llm.attention.kv_pool import KVPool
 
 
-def _torch_write(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _torch_write(
+    pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     h, d = pool.num_kv_heads, pool.head_dim
     pool.k[layer].view(h, -1, d).index_copy_(1, slots, k.transpose(0, 1).to(pool.dtype))
     pool.v[layer].view(h, -1, d).index_copy_(1, slots, v.transpose(0, 1).to(pool.dtype))

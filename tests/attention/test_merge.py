@@ -80,7 +80,9 @@ def test_merge_is_exact_and_order_free(
     )
     assert got_out is first_out and got_lse is first_lse
     assert torch.equal(got_out, out) and torch.equal(got_lse, lse)  # out: the last perm's
-    assert all(torch.equal(o, a) and torch.equal(x, b) for (o, x), a, b in zip(others, outs[1:], lses[1:]))
+    assert all(
+        torch.equal(o, a) and torch.equal(x, b) for (o, x), a, b in zip(others, outs[1:], lses[1:])
+    )
     # pairwise in place (what DistAttention does), same answer
     out, lse = outs[0].clone(), lses[0].clone()
     for o, x in zip(outs[1:], lses[1:]):

@@ -47,6 +47,7 @@ def test_store_then_attend_equals_write_then_attend(
     slots = torch.tensor([b[(c - 1) // BS] * BS + (c - 1) % BS for b, c in zip(blocks, contexts)])
     slots = slots[: len(query_lens)]
     if impl == "native" or (impl == "auto" and max(query_lens) == 1):
+
         def no_separate_store(*args: object) -> None:
             raise AssertionError("the native call should have stored the K,V itself")
 
@@ -81,5 +82,7 @@ def test_out_of_range_slot_in_the_fused_call_writes_nothing() -> None:
     q = torch.randn(2, HQ, D)
     k = torch.ones(2, HKV, D)
     with pytest.raises(IndexError, match="outside the pool"):
-        micro_attention(q, pool.k[0], pool.v[0], batch, impl="native", store=(torch.tensor([20, 12 * BS]), k, k))
+        micro_attention(
+            q, pool.k[0], pool.v[0], batch, impl="native", store=(torch.tensor([20, 12 * BS]), k, k)
+        )
     assert torch.equal(pool.k, before_k) and torch.equal(pool.v, before_v)

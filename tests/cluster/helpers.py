@@ -13,20 +13,42 @@ from infinite_llm.scheduler.scheduler import SchedulerConfig
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-def make_engine(num_instances: int, num_blocks: int, block_size: int = 8, borrowing: bool = True,
-                budget: int = 64, lending_cap: float = 1.0, backend: str = "inprocess",
-                model: str = "tiny", **kwargs) -> LLMEngine:
+def make_engine(
+    num_instances: int,
+    num_blocks: int,
+    block_size: int = 8,
+    borrowing: bool = True,
+    budget: int = 64,
+    lending_cap: float = 1.0,
+    backend: str = "inprocess",
+    model: str = "tiny",
+    **kwargs,
+) -> LLMEngine:
     config = EngineConfig(
-        model=model, num_instances=num_instances, backend=backend,
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_borrowing=borrowing,
-                          lending_cap=lending_cap),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=64), **kwargs,
+        model=model,
+        num_instances=num_instances,
+        backend=backend,
+        cache=CacheConfig(
+            block_size=block_size,
+            num_blocks=num_blocks,
+            enable_borrowing=borrowing,
+            lending_cap=lending_cap,
+        ),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=64),
+        **kwargs,
     )
     return LLMEngine(config, loaded_model(model), progress=False)
 
 
-def run(engine: LLMEngine, prompts, params=GREEDY, homes=None, check_every_step: bool = True,
-        timeout_s: float = 300.0, on_step=None) -> list[list[int]]:
+def run(
+    engine: LLMEngine,
+    prompts,
+    params=GREEDY,
+    homes=None,
+    check_every_step: bool = True,
+    timeout_s: float = 300.0,
+    on_step=None,
+) -> list[list[int]]:
     """Generate to completion; returns token ids per prompt."""
     ids = []
     for i, prompt in enumerate(prompts):

@@ -21,8 +21,12 @@ def test_context_three_times_one_pool_is_exact() -> None:
     engine = make_engine(num_instances=4, num_blocks=16, block_size=8, budget=48)
     prompts = random_prompts(1, (360, 360), 256, seed=20)
     seen_remote = []
-    got = run(engine, prompts, homes=[0],
-              on_step=lambda e, s: seen_remote.append(e.cluster.stats()["instances"][0]["borrowed"]))
+    got = run(
+        engine,
+        prompts,
+        homes=[0],
+        on_step=lambda e, s: seen_remote.append(e.cluster.stats()["instances"][0]["borrowed"]),
+    )
     assert max(seen_remote) >= 32, "the request should hold most of its rBlocks on creditors"
     assert got == expected(prompts)
     assert_all_free(engine)
@@ -41,8 +45,13 @@ def test_mutual_borrowing_finishes() -> None:
     # Each instance homes a request bigger than its own pool: A borrows from B and B from A.
     engine = make_engine(num_instances=2, num_blocks=24, block_size=8, budget=32)
     prompts = random_prompts(2, (150, 150), 256, seed=21)
-    got = run(engine, prompts, params=SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
-              homes=[0, 1], timeout_s=120)
+    got = run(
+        engine,
+        prompts,
+        params=SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+        homes=[0, 1],
+        timeout_s=120,
+    )
     assert got == expected(prompts, 40)
     assert_all_free(engine)
 
@@ -81,8 +90,13 @@ def test_creditor_failure_mid_generation_keeps_output() -> None:
         if lenders and step > 20:
             killed.append(e.cluster.fail_instance(lenders[0]))
 
-    got = run(engine, prompts, params=SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-              homes=[0, 0], on_step=kill_creditor)
+    got = run(
+        engine,
+        prompts,
+        params=SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+        homes=[0, 0],
+        on_step=kill_creditor,
+    )
     assert killed and killed[0], "a creditor holding rBlocks should have died mid-generation"
     assert got == expected(prompts, 30)
     assert_all_free(engine)
@@ -110,7 +124,8 @@ def test_defragmentation_of_a_debt_cycle_keeps_decoding_exact() -> None:
     cluster.defrag_interval_steps = 10**9  # only when this test says so
     real_recommend = cluster.gmanager.recommend
     cluster.gmanager.recommend = lambda d, n: Recommendation(  # the next instance first
-        d, n, ((d + 1) % 3, *[c for c in real_recommend(d, n).creditor_ids if c != (d + 1) % 3]))
+        d, n, ((d + 1) % 3, *[c for c in real_recommend(d, n).creditor_ids if c != (d + 1) % 3])
+    )
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     filler = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     # r0 (home 0) starts beside a filler and borrows from 1; r1 (home 1) then outgrows pool 1 and
@@ -134,7 +149,11 @@ def test_defragmentation_of_a_debt_cycle_keeps_decoding_exact() -> None:
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
         engine.check_integrity()
-        edges = {(x["debtor"], x["creditor"]): x["blocks"] for x in cluster.stats()["ledger"] if x["blocks"]}
+        edges = {
+            (x["debtor"], x["creditor"]): x["blocks"]
+            for x in cluster.stats()["ledger"]
+            if x["blocks"]
+        }
         if "r1" in later and (0, 1) in edges:
             add(*later.pop("r1"))
         elif "r2" in later and ids[3] in done and (1, 2) in edges:
@@ -161,9 +180,15 @@ def test_randomized_workload_with_aborts_never_leaks() -> None:
     for step in range(160):
         if step < 120 and rng.random() < 0.3:
             n = rng.randint(1, 60)
-            request = engine.make_request([rng.randrange(3, 256) for _ in range(n)],
-                                          SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=step,
-                                                         max_tokens=rng.randint(1, 40), ignore_eos=True))
+            request = engine.make_request(
+                [rng.randrange(3, 256) for _ in range(n)],
+                SamplingParams(
+                    temperature=rng.choice([0.0, 1.0]),
+                    seed=step,
+                    max_tokens=rng.randint(1, 40),
+                    ignore_eos=True,
+                ),
+            )
             engine.add_request(request)
             live.append(request.request_id)
         if live and rng.random() < 0.1:

@@ -52,8 +52,12 @@ def test_context_three_times_one_pool_is_exact(ray_engine) -> None:
     engine = ray_engine(num_instances=3, num_blocks=12, block_size=8, budget=48)
     prompts = random_prompts(1, (260, 260), 256, seed=20)
     seen_remote = []
-    got = run(engine, prompts, homes=[0],
-              on_step=lambda e, s: seen_remote.append(e.cluster.stats()["instances"][0]["borrowed"]))
+    got = run(
+        engine,
+        prompts,
+        homes=[0],
+        on_step=lambda e, s: seen_remote.append(e.cluster.stats()["instances"][0]["borrowed"]),
+    )
     assert max(seen_remote) >= 24, "the request should hold most of its rBlocks on creditors"
     assert got == expected(prompts)
     stats = engine.cluster.stats()
@@ -98,13 +102,19 @@ def test_mutual_borrowing_finishes_within_a_bound(ray_engine) -> None:
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
         engine.check_integrity()
-        edges = {(x["debtor"], x["creditor"]) for x in engine.cluster.stats()["ledger"] if x["blocks"]}
+        edges = {
+            (x["debtor"], x["creditor"]) for x in engine.cluster.stats()["ledger"] if x["blocks"]
+        }
         if 2 not in ids and ids[0] in done and (0, 1) in edges:
             add(2, 1, long)
         both_ways += {(0, 1), (1, 0)} <= edges
         if len(done) == 3:
             break
-    assert len(done) == 3 and time.monotonic() - start < 60, (ids, list(done), engine.cluster.stats())
+    assert len(done) == 3 and time.monotonic() - start < 60, (
+        ids,
+        list(done),
+        engine.cluster.stats(),
+    )
     assert both_ways > 0, "both actors should have been creditor and debtor at once"
     assert [done[ids[1]], done[ids[2]]] == expected([prompts[1], prompts[2]], 40)
     assert_all_free(engine)
@@ -123,8 +133,13 @@ def test_creditor_killed_mid_generation_keeps_output(ray_engine) -> None:
             e.cluster.kill_instance(lenders[0])  # a crash: nobody is told, the next step finds out
             killed.append(lenders[0])
 
-    got = run(engine, prompts, params=SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-              homes=[0, 0], on_step=kill_creditor)
+    got = run(
+        engine,
+        prompts,
+        params=SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+        homes=[0, 0],
+        on_step=kill_creditor,
+    )
     assert killed, "a creditor holding rBlocks should have died mid-generation"
     stats = engine.cluster.stats()
     assert stats["failed_instances"] == 1
@@ -183,13 +198,25 @@ def test_defragmentation_brings_borrowed_blocks_home_live(ray_engine) -> None:
     cluster = engine.cluster
     cluster.defrag_interval_steps = 4
     prompts = random_prompts(2, (100, 100), 256, seed=28)
-    params = [SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+    ]
     borrowed = []
-    got = run(engine, prompts, params=params, homes=[0, 0],
-              on_step=lambda e, s: borrowed.append(e.cluster.stats()["instances"][0]["borrowed"]))
+    got = run(
+        engine,
+        prompts,
+        params=params,
+        homes=[0, 0],
+        on_step=lambda e, s: borrowed.append(e.cluster.stats()["instances"][0]["borrowed"]),
+    )
     stats = cluster.stats()
-    summary = (borrowed, stats["migrated_blocks"], stats["defrag_runs"], stats["instances"][0]["preemptions"])
+    summary = (
+        borrowed,
+        stats["migrated_blocks"],
+        stats["defrag_runs"],
+        stats["instances"][0]["preemptions"],
+    )
     assert max(borrowed) > 0 and stats["migrated_blocks"] > 0 and stats["defrag_runs"] > 0, summary
     assert any(b < a for a, b in itertools.pairwise(borrowed)), summary  # blocks came home mid-run
     assert got[1] == expected(prompts[1:], 60)[0]

@@ -17,7 +17,7 @@ def test_multibyte_characters_are_never_split() -> None:
     for token in ids:
         before = detok.text
         detok.add_token(token)
-        deltas.append(detok.text[len(before):])
+        deltas.append(detok.text[len(before) :])
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
     assert sum(1 for d in deltas if d) == len(text)  # one delta per character, never half of one
@@ -39,7 +39,9 @@ def test_stop_string_split_across_tokens_is_held_back() -> None:
     detok = IncrementalDetokenizer(tok, [65], SamplingParams(stop=["STOP"]))
     for token in tok.encode("abcST", add_special_tokens=False):
         detok.add_token(token)
-    assert detok.stop_string is None and detok.stable_length(finished=False) == 2  # "ST" might start "STOP"
+    assert (
+        detok.stop_string is None and detok.stable_length(finished=False) == 2
+    )  # "ST" might start "STOP"
     for token in tok.encode("OPxyz", add_special_tokens=False):
         detok.add_token(token)
     assert detok.stop_string == "STOP" and detok.text == "abc"

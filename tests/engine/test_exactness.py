@@ -38,13 +38,17 @@ def test_batch_of_mixed_lengths() -> None:
 
 def test_chunked_prefill_under_small_token_budget() -> None:
     prompts = random_prompts(5, (40, 120), 256, seed=2)
-    _, got = run("tiny", prompts, block_size=4, kv_blocks_per_instance=512, max_num_batched_tokens=7)
+    _, got = run(
+        "tiny", prompts, block_size=4, kv_blocks_per_instance=512, max_num_batched_tokens=7
+    )
     assert got == expected("tiny", prompts)
 
 
 def test_preemption_and_resume_give_identical_tokens() -> None:
     prompts = random_prompts(6, (20, 40), 256, seed=3)
-    llm, got = run("tiny", prompts, block_size=4, kv_blocks_per_instance=40, max_num_batched_tokens=32)
+    llm, got = run(
+        "tiny", prompts, block_size=4, kv_blocks_per_instance=40, max_num_batched_tokens=32
+    )
     assert llm.cluster_stats()["instances"][0]["preemptions"] > 0, "the pool was meant to run out"
     assert got == expected("tiny", prompts)
 
@@ -66,7 +70,9 @@ def test_block_sizes(block_size: int) -> None:
 
 def test_reference_attention_kernel_matches_too() -> None:
     prompts = random_prompts(3, (10, 50), 256, seed=6)
-    _, got = run("tiny", prompts, block_size=8, kv_blocks_per_instance=64, attention_impl="reference")
+    _, got = run(
+        "tiny", prompts, block_size=8, kv_blocks_per_instance=64, attention_impl="reference"
+    )
     assert got == expected("tiny", prompts)
 
 

@@ -26,15 +26,25 @@ def test_seed_reproducible_regardless_of_batch() -> None:
     params = SamplingParams(temperature=1.0, seed=1234, max_tokens=20, ignore_eos=True)
     engine = llm()
     alone = tokens(engine, prompts[:1], params)[0]
-    batched = tokens(engine, prompts, [params] + [SamplingParams(temperature=0.8, max_tokens=20)] * 3)[0]
+    batched = tokens(
+        engine, prompts, [params] + [SamplingParams(temperature=0.8, max_tokens=20)] * 3
+    )[0]
     assert alone == batched
-    other_seed = tokens(engine, prompts[:1], SamplingParams(temperature=1.0, seed=99, max_tokens=20, ignore_eos=True))
-    assert other_seed[0] != alone  # 20 tokens from a 320-way distribution: a collision is implausible
+    other_seed = tokens(
+        engine,
+        prompts[:1],
+        SamplingParams(temperature=1.0, seed=99, max_tokens=20, ignore_eos=True),
+    )
+    assert (
+        other_seed[0] != alone
+    )  # 20 tokens from a 320-way distribution: a collision is implausible
 
 
 def test_seeded_sampling_survives_preemption() -> None:
     prompts = random_prompts(6, (20, 40), 256, seed=11)
-    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=24, ignore_eos=True) for i in range(6)]
+    params = [
+        SamplingParams(temperature=1.0, seed=i, max_tokens=24, ignore_eos=True) for i in range(6)
+    ]
     roomy = tokens(llm(block_size=4, kv_blocks_per_instance=400), prompts, params)
     tight_engine = llm(block_size=4, kv_blocks_per_instance=40, max_num_batched_tokens=32)
     tight = tokens(tight_engine, prompts, params)
@@ -66,8 +76,11 @@ def test_filter_keeps_exactly_the_expected_tokens() -> None:
 
 def test_logprobs_of_greedy_tokens() -> None:
     prompts = random_prompts(2, (5, 20), 256, seed=13)
-    outs = llm().generate(prompts, SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True),
-                          use_tqdm=False)
+    outs = llm().generate(
+        prompts,
+        SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True),
+        use_tqdm=False,
+    )
     for out in outs:
         comp = out.outputs[0]
         assert comp.logprobs is not None and len(comp.logprobs) == 8
@@ -82,16 +95,33 @@ def test_logprobs_of_greedy_tokens() -> None:
 def test_stop_string_cuts_text_and_finishes() -> None:
     engine = llm()
     prompt = random_prompts(1, (10, 10), 256, seed=14)[0]
-    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    free = engine.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )
     text = free[0].outputs[0].text
-    stop = next(text[i : i + 2] for i in range(5, len(text) - 2) if text[i : i + 2].isprintable() and
-                text.find(text[i : i + 2]) == i)
-    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0]
+    stop = next(
+        text[i : i + 2]
+        for i in range(5, len(text) - 2)
+        if text[i : i + 2].isprintable() and text.find(text[i : i + 2]) == i
+    )
+    out = engine.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[: text.find(stop)]
-    kept = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=40, stop=stop, ignore_eos=True,
-                                                    include_stop_str_in_output=True), use_tqdm=False)
+    kept = engine.generate(
+        [prompt],
+        SamplingParams(
+            temperature=0,
+            max_tokens=40,
+            stop=stop,
+            ignore_eos=True,
+            include_stop_str_in_output=True,
+        ),
+        use_tqdm=False,
+    )
     assert kept[0].outputs[0].text == text[: text.find(stop) + len(stop)]
     engine.check_integrity()
 
@@ -99,14 +129,28 @@ def test_stop_string_cuts_text_and_finishes() -> None:
 def test_stop_token_ids_and_min_tokens() -> None:
     engine = llm()
     prompt = random_prompts(1, (10, 10), 256, seed=15)[0]
-    free = tokens(engine, [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    free = tokens(engine, [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[
+        0
+    ]
     stop_at = free[5]
     first = free.index(stop_at)
-    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_at]),
-                          use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    out = engine.generate(
+        [prompt],
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_at]),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert (
+        out.token_ids == free[: first + 1]
+        and out.finish_reason == "stop"
+        and out.stop_reason == stop_at
+    )
     # min_tokens: the stop token is masked until enough output exists, so it cannot end the request early.
-    late = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_at],
-                                                    min_tokens=first + 3), use_tqdm=False)[0].outputs[0]
+    late = engine.generate(
+        [prompt],
+        SamplingParams(
+            temperature=0, max_tokens=20, stop_token_ids=[stop_at], min_tokens=first + 3
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert len(late.token_ids) >= first + 3
     assert stop_at not in late.token_ids[: first + 2]

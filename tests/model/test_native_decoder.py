@@ -126,7 +126,9 @@ def test_rope_and_silu_mul_match_torch() -> None:
     assert torch.equal(qkv[:, heads * d :], tail)  # the rest of the row untouched
     gate_up = torch.randn(t, 2 * 96, generator=gen) * 4
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(native_decoder.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        native_decoder.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=2e-6
+    )
 
 
 @needs_native
@@ -135,7 +137,9 @@ def test_engine_decodes_natively_and_matches_transformers() -> None:
     llm = LLM("tiny", loaded_model=loaded, progress=False, block_size=8, kv_blocks_per_instance=128)
     prompts = random_prompts(4, (3, 40), 256, seed=7)
     before = loaded.model.native_decoder.num_steps
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+    )
     assert loaded.model.native_decoder.num_steps - before >= 19  # every decode-only step
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(loaded.model_dir, prompt, 20)

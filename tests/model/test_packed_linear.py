@@ -34,6 +34,8 @@ def test_loaded_model_is_packed_and_counts_the_weights_a_step_reads() -> None:
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     per_layer = h * (q + 2 * kv) + q * h + h * 2 * i + i * h + 2 * h  # linears + two norms
-    expected = 4 * (arch.num_layers * per_layer + h + arch.vocab_size * h)  # + final norm, LM head once
+    expected = 4 * (
+        arch.num_layers * per_layer + h + arch.vocab_size * h
+    )  # + final norm, LM head once
     assert model.weight_bytes() == expected
     assert not model.prepack()  # once only

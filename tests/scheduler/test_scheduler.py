@@ -15,12 +15,19 @@ BS = 4
 
 def make(num_blocks: int = 12, budget: int = 16, max_seqs: int = 8) -> tuple[Scheduler, RManager]:
     rm = RManager(0, num_blocks, lending_cap=0.0)
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), BS, rm), rm
+    return Scheduler(
+        SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), BS, rm
+    ), rm
 
 
 def req(rid: str, prompt_len: int, max_tokens: int = 8) -> Request:
-    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(temperature=0, max_tokens=max_tokens),
-                   max_tokens=max_tokens, eos_token_id=None)
+    return Request(
+        rid,
+        list(range(1, prompt_len + 1)),
+        SamplingParams(temperature=0, max_tokens=max_tokens),
+        max_tokens=max_tokens,
+        eos_token_id=None,
+    )
 
 
 def step(s: Scheduler, token: int = 7):
@@ -38,7 +45,9 @@ def test_prefill_is_chunked_under_the_token_budget() -> None:
     # admitted with the rBlocks of its whole prompt (10 tokens -> 3 blocks of 4), filled chunk by chunk
     assert r.block_table.refs() == [BlockRef(0, 0), BlockRef(0, 1), BlockRef(0, 2)]
     out, results = step(s)
-    assert out.scheduled[0].num_new_tokens == 4 and results[0].new_token_id == 7  # prompt done: sampled
+    assert (
+        out.scheduled[0].num_new_tokens == 4 and results[0].new_token_id == 7
+    )  # prompt done: sampled
     assert r.num_computed_tokens == 10 and r.output_token_ids == [7]
     assert r.block_table.refs() == [BlockRef(0, 0), BlockRef(0, 1), BlockRef(0, 2)]
     out, _ = step(s)
@@ -111,7 +120,9 @@ def test_max_num_seqs_caps_running_requests() -> None:
 @pytest.mark.parametrize("stop", ["eos", "stop_token", "length"])
 def test_token_level_stops(stop: str) -> None:
     s, rm = make()
-    params = SamplingParams(temperature=0, max_tokens=3, stop_token_ids=[9] if stop == "stop_token" else None)
+    params = SamplingParams(
+        temperature=0, max_tokens=3, stop_token_ids=[9] if stop == "stop_token" else None
+    )
     r = Request("a", [1, 2], params, max_tokens=3, eos_token_id=5)
     s.add_request(r)
     token = {"eos": 5, "stop_token": 9, "length": 4}[stop]
@@ -130,7 +141,10 @@ def test_waiting_queue_is_in_arrival_order_whatever_the_order_of_adds() -> None:
         sched.add_request(request)
     assert [r.request_id for r in sched.waiting] == ["r0", "r1", "r2"]
     out, _ = step(sched)
-    assert [item.request.request_id for item in out.scheduled] == ["r0", "r1"]  # budget 16: two prompts
+    assert [item.request.request_id for item in out.scheduled] == [
+        "r0",
+        "r1",
+    ]  # budget 16: two prompts
 
 
 def test_running_requests_keep_what_they_are_about_to_need_from_lending() -> None:
@@ -203,7 +217,9 @@ def test_an_admission_that_must_borrow_leaves_room_for_the_running_requests_next
     from infinite_llm.kvcache import Borrower, GManager, GManagerConfig
 
     home, peer = RManager(0, 4, lending_cap=0.0), RManager(1, 2, lending_cap=0.5)
-    gm = GManager(GManagerConfig(resort_every_heartbeats=1, resort_interval_s=0.0, heartbeat_timeout_s=1e9))
+    gm = GManager(
+        GManagerConfig(resort_every_heartbeats=1, resort_interval_s=0.0, heartbeat_timeout_s=1e9)
+    )
     borrower = Borrower(home, gm, lambda c, r: peer.lend(r), lambda c, r: peer.reclaim(r))
     s = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8), BS, borrower)
     a, b = req("a", 12, max_tokens=8), req("b", 8, max_tokens=2)
@@ -215,7 +231,9 @@ def test_an_admission_that_must_borrow_leaves_room_for_the_running_requests_next
             gm.on_heartbeat(m.heartbeat())
         out, _ = step(s)
         if steps == 0:
-            assert [item.request for item in out.scheduled] == [a]  # b waits: no room for a's 4th block
+            assert [item.request for item in out.scheduled] == [
+                a
+            ]  # b waits: no room for a's 4th block
         steps += 1
         assert steps < 100
         home.check_integrity()

@@ -8,16 +8,27 @@ from infinite_llm.sim.costs import FEATURES, LinearCosts
 from infinite_llm.sim.trace import TraceRequest
 
 
-def small_config(num_instances: int = 3, num_blocks: int = 12, borrowing: bool = True, **kwargs) -> SimClusterConfig:
+def small_config(
+    num_instances: int = 3, num_blocks: int = 12, borrowing: bool = True, **kwargs
+) -> SimClusterConfig:
     return SimClusterConfig(
-        num_instances=num_instances, num_blocks_per_instance=num_blocks, block_size=4, enable_borrowing=borrowing,
-        scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8), **kwargs,
+        num_instances=num_instances,
+        num_blocks_per_instance=num_blocks,
+        block_size=4,
+        enable_borrowing=borrowing,
+        scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8),
+        **kwargs,
     )
 
 
 def unit_costs() -> LinearCosts:
     """10 ms a step, 1 ms a new token, 1 us a cached token read, 0.5 ms a remote MA call."""
-    coef = dict.fromkeys(FEATURES, 0.0) | {"step": 0.01, "new_tokens": 1e-3, "ctx_tokens": 1e-6, "remote_calls": 5e-4}
+    coef = dict.fromkeys(FEATURES, 0.0) | {
+        "step": 0.01,
+        "new_tokens": 1e-3,
+        "ctx_tokens": 1e-6,
+        "remote_calls": 5e-4,
+    }
     return LinearCosts(tuple(coef[f] for f in FEATURES), cluster_step_s=1e-4, migrate_block_s=1e-4)
 
 

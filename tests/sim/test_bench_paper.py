@@ -13,9 +13,28 @@ from infinite_llm.cli.main import main as cli_main
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper")
-    argv = ["--model", "tiny", "--instances", "2", "3", "--kv-blocks", "8", "--block-size", "8",
-            "--requests-per-instance", "3", "--rate-per-instance", "100", "--output-scale", "0.05",
-            "--fit-out", str(out / "fit.json"), "--out", str(out), "--json"]
+    argv = [
+        "--model",
+        "tiny",
+        "--instances",
+        "2",
+        "3",
+        "--kv-blocks",
+        "8",
+        "--block-size",
+        "8",
+        "--requests-per-instance",
+        "3",
+        "--rate-per-instance",
+        "100",
+        "--output-scale",
+        "0.05",
+        "--fit-out",
+        str(out / "fit.json"),
+        "--out",
+        str(out),
+        "--json",
+    ]
     return out, argv
 
 
@@ -23,7 +42,10 @@ def test_bench_paper_tiny_smoke(bench_run, capsys):
     out, argv = bench_run
     assert paper.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [c["ratio"] for c in result["capacity"]] == [2.0, 3.0]  # pooled memory, proven by serving it
+    assert [c["ratio"] for c in result["capacity"]] == [
+        2.0,
+        3.0,
+    ]  # pooled memory, proven by serving it
     assert all(c["one_more_refused"] for c in result["capacity"])
     traces = {c["trace"] for c in result["comparisons"]}
     assert traces == {"chat", "docs", "longtail", "longtail-uncapped"}
@@ -44,18 +66,51 @@ def test_simulate_on_the_fitted_costs(bench_run, capsys):
     out, _ = bench_run
     if not (out / "fit.json").is_file():
         pytest.skip("needs the bench run")
-    assert cli_main(["simulate", "--preset", "cpu-fitted", "--fit", str(out / "fit.json"), "--instances", "2",
-                     "--json"]) == 0
+    assert (
+        cli_main(
+            [
+                "simulate",
+                "--preset",
+                "cpu-fitted",
+                "--fit",
+                str(out / "fit.json"),
+                "--instances",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["preset"] == "cpu-fitted" and result["rows"][0]["max_context_ratio"] == 2.0
 
 
 def test_simulate_cli_a100(tmp_path, capsys):
-    assert cli_main(["simulate", "--preset", "a100-llama2-7b", "--instances", "2", "--trace", "chat",
-                     "--requests-per-instance", "4", "--json", "--out", str(tmp_path)]) == 0
+    assert (
+        cli_main(
+            [
+                "simulate",
+                "--preset",
+                "a100-llama2-7b",
+                "--instances",
+                "2",
+                "--trace",
+                "chat",
+                "--requests-per-instance",
+                "4",
+                "--json",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     row = result["rows"][0]
-    assert row["capacity"]["borrowing"]["served_tokens"] == 2 * row["capacity"]["no_borrow"]["served_tokens"]
+    assert (
+        row["capacity"]["borrowing"]["served_tokens"]
+        == 2 * row["capacity"]["no_borrow"]["served_tokens"]
+    )
     assert (tmp_path / "simulate-a100-llama2-7b.png").is_file()
 
 
@@ -78,7 +133,10 @@ def test_interleaved_runs_keep_their_own_clocks():
         return f"run {i}", clocks[i]()
 
     results = interleave([driver(0, 3, 0.02), driver(1, 6, 0.01)], clocks)
-    assert [r[0] for r in results] == ["run 0", "run 1"]  # in the drivers' order, not the finishing order
+    assert [r[0] for r in results] == [
+        "run 0",
+        "run 1",
+    ]  # in the drivers' order, not the finishing order
     for (_, elapsed), work in zip(results, worked, strict=True):
         # each clock saw its own work (and its turn's bookkeeping), not the other run's
         assert work <= elapsed < work + 0.015
@@ -96,7 +154,9 @@ def test_interleaved_runs_keep_their_own_clocks():
 
 def test_starvation_names_what_more_memory_would_change():
     base = {"num_preemptions": 0, "peak_used_fraction": 0.5, "num_refused": 2}
-    assert paper.starvation(base, {"num_refused": 2}) == []  # longer than the whole cluster: both refuse
+    assert (
+        paper.starvation(base, {"num_refused": 2}) == []
+    )  # longer than the whole cluster: both refuse
     assert paper.starvation(base, {"num_refused": 1}) == ["refused what borrowing served"]
     full = base | {"num_preemptions": 3, "peak_used_fraction": 0.95, "num_refused": 0}
     assert paper.starvation(full, {"num_refused": 0}) == ["preempted", "pool full"]

@@ -37,7 +37,9 @@ def test_decode_step_reads_weights_and_kv():
 def test_remote_shards_run_in_parallel_and_cost_their_creditors():
     costs = roofline()
     local = StepWork(0, 1, 1, 1, 1, (ShardLoad(0, 1, 200_000, 200_000, 1),))
-    split = StepWork(0, 1, 1, 1, 1, (ShardLoad(0, 1, 100_000, 100_000, 1), ShardLoad(1, 1, 100_000, 100_000, 0)))
+    split = StepWork(
+        0, 1, 1, 1, 1, (ShardLoad(0, 1, 100_000, 100_000, 1), ShardLoad(1, 1, 100_000, 100_000, 0))
+    )
     a, b = costs.step(local), costs.step(split)
     assert b.seconds < a.seconds  # half the KV read on another device at the same time
     assert set(b.creditor_seconds) == {1}
@@ -45,7 +47,10 @@ def test_remote_shards_run_in_parallel_and_cost_their_creditors():
     tiny = StepWork(0, 1, 1, 1, 1, (ShardLoad(0, 1, 16, 16, 1), ShardLoad(1, 1, 16, 16, 0)))
     alone = StepWork(0, 1, 1, 1, 1, (ShardLoad(0, 1, 32, 32, 1),))
     # a small remote shard costs at least a round trip per layer
-    assert costs.step(tiny).seconds - costs.step(alone).seconds > 0.9 * 32 * costs.spec.network.round_trip_s
+    assert (
+        costs.step(tiny).seconds - costs.step(alone).seconds
+        > 0.9 * 32 * costs.spec.network.round_trip_s
+    )
 
 
 def test_prefill_is_compute_bound():
@@ -77,9 +82,15 @@ def test_fit_linear_costs_from_samples():
     for _ in range(200):
         new, seqs = rng.randint(1, 128), rng.randint(1, 8)
         shards = [ShardLoad(0, seqs, rng.randint(0, 4000), rng.randint(0, 200_000), 0)]
-        shards += [ShardLoad(i, 1, 64, 64, 0) for i in range(1, rng.randint(1, 3))]  # 0 to 2 remote calls
+        shards += [
+            ShardLoad(i, 1, 64, 64, 0) for i in range(1, rng.randint(1, 3))
+        ]  # 0 to 2 remote calls
         work = StepWork(0, seqs, new, seqs, new * 3, tuple(shards))
-        steps.append(StepSample("r", tuple(features(work)), truth.step(work).seconds * rng.uniform(0.98, 1.02)))
+        steps.append(
+            StepSample(
+                "r", tuple(features(work)), truth.step(work).seconds * rng.uniform(0.98, 1.02)
+            )
+        )
     costs, report = fit_linear_costs(Samples(steps, [OverheadSample("r", 0.001)], []))
     assert report["r2"] > 0.99
     assert costs.as_dict()["step"] == pytest.approx(0.07, rel=0.05)

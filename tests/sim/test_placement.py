@@ -33,7 +33,9 @@ def test_step_work_matches_brute_force_through_borrowing_preemption_and_defrag()
     cluster = SimCluster(small_config(num_instances=3, num_blocks=10), clock=lambda: 0.0)
     sizes = [(30, 12), (7, 20), (45, 9), (3, 30), (19, 19), (60, 6), (11, 3)]
     for i, (p, o) in enumerate(sizes):
-        cluster.add_request(Request(str(i), range(p), PARAMS, o), home=i % 2)  # instance 2 only lends
+        cluster.add_request(
+            Request(str(i), range(p), PARAMS, o), home=i % 2
+        )  # instance 2 only lends
     bs = cluster.block_size
     finished, steps, moved = set(), 0, 0
     while cluster.has_unfinished_requests():
@@ -49,7 +51,9 @@ def test_step_work_matches_brute_force_through_borrowing_preemption_and_defrag()
             ctx, pairs, writes = brute_force(out, i, bs)
             assert {s.instance_id: s.ctx_tokens for s in fast.shards if s.ctx_tokens} == dict(ctx)
             assert {s.instance_id: s.pairs for s in fast.shards if s.pairs} == dict(pairs)
-            assert {s.instance_id: s.num_writes for s in fast.shards if s.num_writes} == dict(writes)
+            assert {s.instance_id: s.num_writes for s in fast.shards if s.num_writes} == dict(
+                writes
+            )
             assert fast.num_new_tokens == sum(s.num_new_tokens for s in out.scheduled)
             sampled = {s.request.request_id: 0 for s in out.scheduled if s.samples}
             for res in inst.scheduler.update_from_output(out, sampled):

@@ -27,7 +27,9 @@ def random_requests(n: int, max_len: int, seed: int, rate: float = 50.0) -> list
 
 
 def outcome(result):
-    return [(r.home, r.refused, r.first_token_s, r.finish_s, r.num_preemptions) for r in result.records]
+    return [
+        (r.home, r.refused, r.first_token_s, r.finish_s, r.num_preemptions) for r in result.records
+    ]
 
 
 @pytest.mark.parametrize("execution", ["parallel", "serial"])
@@ -53,7 +55,10 @@ def test_borrowing_never_loses_a_request(execution, seed):
     assert summary["num_refused"] == summary["num_unfinished"] == 0
     assert result.all_free_after
     assert summary["borrows"] > 0 and summary["kv_locality"] < 1.0
-    assert all(r.first_token_s is not None and r.finish_s >= r.first_token_s >= r.arrival_s for r in result.records)
+    assert all(
+        r.first_token_s is not None and r.finish_s >= r.first_token_s >= r.arrival_s
+        for r in result.records
+    )
 
 
 def test_baseline_refuses_what_one_instance_cannot_hold_ours_serves_pooled():
@@ -68,7 +73,15 @@ def test_baseline_refuses_what_one_instance_cannot_hold_ours_serves_pooled():
 
 
 def small_preset(**workload) -> Preset:
-    return Preset("small", "test", "parallel", small_config(), (2, 3), Workload(**workload), linear=unit_costs())
+    return Preset(
+        "small",
+        "test",
+        "parallel",
+        small_config(),
+        (2, 3),
+        Workload(**workload),
+        linear=unit_costs(),
+    )
 
 
 def test_capacity_probe_serves_the_pooled_memory():
@@ -88,8 +101,13 @@ def test_a_request_spread_over_more_pools_than_one_borrow_may_split_is_served():
 
 
 def test_paper_sweep_reports_ratios():
-    preset = small_preset(traces=("chat", "longtail"), requests_per_instance=6, rate_per_instance=20.0,
-                          scale=48 / 117_648, output_scale=0.02)
+    preset = small_preset(
+        traces=("chat", "longtail"),
+        requests_per_instance=6,
+        rate_per_instance=20.0,
+        scale=48 / 117_648,
+        output_scale=0.02,
+    )
     result = paper_sweep(preset, seeds=(0, 1), uncapped=("longtail",))
     assert [row["instances"] for row in result["rows"]] == [2, 3]
     for row in result["rows"]:
@@ -97,10 +115,17 @@ def test_paper_sweep_reports_ratios():
         assert set(row["throughput_ratio"]) == {"chat", "longtail", "longtail-uncapped"}
         for comp in row["traces"].values():
             assert len(comp["per_seed"]) == 2
-            assert comp["throughput_ratio_min"] <= comp["throughput_ratio"] <= comp["throughput_ratio_max"]
+            assert (
+                comp["throughput_ratio_min"]
+                <= comp["throughput_ratio"]
+                <= comp["throughput_ratio_max"]
+            )
             for seed_comp in comp["per_seed"]:
                 for run in seed_comp["runs"].values():
-                    assert run["num_completed"] + run["num_refused"] + run["num_unfinished"] == run["num_requests"]
+                    assert (
+                        run["num_completed"] + run["num_refused"] + run["num_unfinished"]
+                        == run["num_requests"]
+                    )
                     if not run["livelock"]:
                         assert run["num_unfinished"] == 0 and run["all_free_after"]
 
@@ -153,14 +178,26 @@ def test_outgrown_pools_never_livelock(execution, seed):
     assert result.all_free_after
 
 
-@pytest.mark.parametrize(("n", "blocks", "cap", "borrow"), [(1, 10, 1.0, True), (3, 12, 1.0, True), (4, 7, 0.5, True),
-                                                           (4, 7, 0.29, True), (5, 9, 1.0, False)])
+@pytest.mark.parametrize(
+    ("n", "blocks", "cap", "borrow"),
+    [
+        (1, 10, 1.0, True),
+        (3, 12, 1.0, True),
+        (4, 7, 0.5, True),
+        (4, 7, 0.29, True),
+        (5, 9, 1.0, False),
+    ],
+)
 def test_capacity_rule_is_the_engines(n, blocks, cap, borrow):
     from infinite_llm.cluster.base import max_request_blocks
 
-    config = dataclasses.replace(small_config(num_instances=n, num_blocks=blocks, borrowing=borrow), lending_cap=cap)
+    config = dataclasses.replace(
+        small_config(num_instances=n, num_blocks=blocks, borrowing=borrow), lending_cap=cap
+    )
     borrowing = borrow and n > 1
-    expected = max_request_blocks(blocks, n, cap if borrowing else 0.0, borrowing) * config.block_size
+    expected = (
+        max_request_blocks(blocks, n, cap if borrowing else 0.0, borrowing) * config.block_size
+    )
     assert config.max_request_tokens == expected
 
 
@@ -169,4 +206,9 @@ def test_sim_imports_without_torch():
     import sys
 
     code = "import sys, infinite_llm.sim, infinite_llm.sim.sweep, infinite_llm.sim.validate; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )

@@ -27,7 +27,9 @@ _SOURCE = Path(__file__).parent / "csrc" / "decode_ma.c"
 TILE = 16  # keys per tile in the kernel: chunk lengths are multiples of it
 MIN_CHUNK_TOKENS = 512  # shorter split-K chunks cost more in merging than they gain in balance
 ITEMS_PER_THREAD = 4  # split-K until every thread has about this many items
-SERIAL_WORK = 1024  # key-rows x kv heads below which one thread beats waking the others (measured: a 4-way
+SERIAL_WORK = (
+    1024  # key-rows x kv heads below which one thread beats waking the others (measured: a 4-way
+)
 # split of 4 x 1,024-token decodes, 3,072 per shard, ran 1.30x the local step at 4096, 1.14x at 1024)
 MAX_HEAD_DIM = 256
 

@@ -138,7 +138,12 @@ class DistPlan:
             for i, _, _ in reqs:
                 rows.extend(range(starts[i], starts[i + 1]))
             self.shards[inst] = _Shard(self._index(rows, device), batch, [i for i, _, _ in reqs])
-        prefill_rows = [r for i, n in enumerate(self.query_lens) if n > 1 for r in range(starts[i], starts[i + 1])]
+        prefill_rows = [
+            r
+            for i, n in enumerate(self.query_lens)
+            if n > 1
+            for r in range(starts[i], starts[i + 1])
+        ]
         self.prefill_rows = self._index(prefill_rows, device) if prefill_rows else None
         self.query_start = starts
         self.block_size = block_size
@@ -201,7 +206,9 @@ class DistAttention:
             return None
         return plan.memo(
             ("local-decode", insts),
-            lambda: build_local_decode(self.executor, plan, insts, pools, num_heads, head_dim, self.scale),  # type: ignore[arg-type]
+            lambda: build_local_decode(
+                self.executor, plan, insts, pools, num_heads, head_dim, self.scale
+            ),  # type: ignore[arg-type]
         )
 
     def __call__(
@@ -223,7 +230,7 @@ class DistAttention:
             w.q, w.batch = _take(q, shard.rows), shard.batch
         results = self.executor.run(layer_idx, work)
         if not plan.prefill_query_lens and len(results) == 1:
-            (inst, (out, _)), = results.items()
+            ((inst, (out, _)),) = results.items()
             if plan.shards[inst].rows is None:
                 return out.to(q.dtype)  # every row's whole context on one instance: done
         # Merged in float32, rounded to the model's dtype once.
@@ -242,8 +249,12 @@ class DistAttention:
             if plan.prefill_rows is not None:
                 rows = plan.prefill_rows
                 part_out, part_lse = causal_self_attention(
-                    q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
-                    plan.prefill_query_lens, self.scale, torch.float32,
+                    q.index_select(0, rows),
+                    k.index_select(0, rows),
+                    v.index_select(0, rows),
+                    plan.prefill_query_lens,
+                    self.scale,
+                    torch.float32,
                 )
                 acc.index_copy_(0, rows, part_out)
                 lse.index_copy_(0, rows, part_lse)
@@ -281,7 +292,9 @@ class LocalExecutor:
         if any(i not in self.pools for i in insts):
             return None
         caches = [(self.pools[i].k[layer_idx], self.pools[i].v[layer_idx]) for i in insts]
-        tables = plan.memo(("native-shards", tuple(insts)), lambda: shard_tables(plan, insts, q, caches))
+        tables = plan.memo(
+            ("native-shards", tuple(insts)), lambda: shard_tables(plan, insts, q, caches)
+        )
         if tables is None:
             return None
         self._write(layer_idx, writes)

@@ -33,7 +33,9 @@ class KVPool:
         device: torch.device | str = "cpu",
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"a KV pool needs blocks (got num_blocks={num_blocks}, block_size={block_size})")
+            raise ValueError(
+                f"a KV pool needs blocks (got num_blocks={num_blocks}, block_size={block_size})"
+            )
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
@@ -42,8 +44,17 @@ class KVPool:
         self.v = empty_kv(shape, dtype, device)
 
     @staticmethod
-    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            2
+            * num_layers
+            * num_kv_heads
+            * block_size
+            * head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +76,11 @@ class KVPool:
 
 
 def write_layer(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
 ) -> None:
     """Store new tokens in one layer of a pool ([Hkv, num_blocks, block_size, D]): slots [n]
     int64; k, v [n, Hkv, D]. One C loop on CPU, ``index_copy_`` elsewhere."""
@@ -80,7 +95,9 @@ HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
-def empty_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+def empty_kv(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """``torch.empty`` for KV memory; on Linux CPU its pages are advised as transparent huge
     pages (``madvise(MADV_HUGEPAGE)``, before anything touches them). rBlocks sit anywhere in
     a pool, so an MA touches a new 4 KB page every rBlock of a head; 2 MB pages keep those
@@ -94,7 +111,12 @@ def empty_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | 
 
 
 def _hugepages_wanted() -> bool:
-    return os.environ.get("INFINITE_LLM_HUGEPAGES", "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get("INFINITE_LLM_HUGEPAGES", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 @functools.cache

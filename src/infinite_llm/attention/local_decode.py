@@ -63,7 +63,9 @@ def build_local_decode(
     if len(pools) == 1:
         if plan.shards[insts[0]].rows is not None:
             return None
-        prepared = cpu_native.prepare_decode_call(q_like, *caches[0], plan.shards[insts[0]].batch, scale)
+        prepared = cpu_native.prepare_decode_call(
+            q_like, *caches[0], plan.shards[insts[0]].batch, scale
+        )
         if prepared is None:
             return None
         call, keep, kind = prepared.call, prepared, 0
@@ -83,7 +85,10 @@ def build_local_decode(
 
 
 def shard_tables(
-    plan: DistPlan, insts: list[int], q: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]]
+    plan: DistPlan,
+    insts: list[int],
+    q: torch.Tensor,
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> native_shards.ShardTables | None:
     """The plan's shards as the native kernel reads them; None where it cannot take them (no
     kernel, another dtype or layout, pools that differ)."""

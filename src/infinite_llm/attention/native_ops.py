@@ -184,7 +184,9 @@ def kv_write_native(
     return True
 
 
-def kv_read_native(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor) -> int | None:
+def kv_read_native(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+) -> int | None:
     """Read every rBlock ``block_ids`` (int32) names, K and V of every KV head, as a decode MA
     walks them but without its arithmetic (``bench attention``'s access-pattern ceiling);
     a checksum, or None where the native library or these tensors do not fit."""

@@ -81,8 +81,14 @@ class PreparedShards:
 
     __slots__ = ("call", "k", "strides", "tables", "v")
 
-    def __init__(self, tables: ShardTables, caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 hq: int, block_size: int, scale: float) -> None:
+    def __init__(
+        self,
+        tables: ShardTables,
+        caches: list[tuple[torch.Tensor, torch.Tensor]],
+        hq: int,
+        block_size: int,
+        scale: float,
+    ) -> None:
         n = len(caches)
         k0 = caches[0][0]
         hkv, d = k0.shape[0], k0.shape[-1]
@@ -90,7 +96,9 @@ class PreparedShards:
         self.k = (ctypes.c_int64 * n)(*(k.data_ptr() for k, _ in caches))
         self.v = (ctypes.c_int64 * n)(*(v.data_ptr() for _, v in caches))
         self.strides = (ctypes.c_int64 * n)(*(k.stride(0) for k, _ in caches))
-        chunk, threads = split_contexts([c for c in tables.contexts if c], hkv, torch.get_num_threads())
+        chunk, threads = split_contexts(
+            [c for c in tables.contexts if c], hkv, torch.get_num_threads()
+        )
         self.call = ShardsCall(
             num_shards=n,
             k=ctypes.addressof(self.k),

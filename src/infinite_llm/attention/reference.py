@@ -41,7 +41,9 @@ def micro_attention_reference(
         row_lse = torch.logsumexp(scores, dim=-1)  # [Hq, L]
         visible = ~torch.isinf(row_lse)
         probs = torch.where(
-            visible[..., None], torch.exp(scores - row_lse.nan_to_num(0.0, neginf=0.0)[..., None]), 0.0
+            visible[..., None],
+            torch.exp(scores - row_lse.nan_to_num(0.0, neginf=0.0)[..., None]),
+            0.0,
         )
         out[r0:r1] = torch.einsum("hls,hsd->lhd", probs, v)
         lse[r0:r1] = row_lse.transpose(0, 1)

@@ -104,14 +104,18 @@ def _fused(
     ):
         return None
     n = batches[0].num_requests
-    tables = native_shards.ShardTables.build([(b, list(range(n))) for b in batches], list(range(n + 1)))
+    tables = native_shards.ShardTables.build(
+        [(b, list(range(n))) for b in batches], list(range(n + 1))
+    )
     if tables is None:
         return None
     caches = [(k, v)] * len(batches)
     return lambda: native_shards.decode_attention_shards(q, caches, tables, k.shape[2], scale)
 
 
-def _shards(block_ids: list[list[int]], contexts: list[int], num_shards: int, block_size: int) -> list[MABatch]:
+def _shards(
+    block_ids: list[list[int]], contexts: list[int], num_shards: int, block_size: int
+) -> list[MABatch]:
     """Each request's blocks cut into ``num_shards`` contiguous runs (the last may hold fewer)."""
     batches = []
     for s in range(num_shards):
@@ -316,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, default=1, help="requests decoding together")
     parser.add_argument(
-        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
         help="tokens per rBlock (the engine's default 16; vLLM's CPU backend defaults to 128)",
     )
     parser.add_argument(

@@ -21,7 +21,9 @@ def targets(results: list[dict]) -> dict:
             "mono_pct_of_bw_at_128k": mono[0]["pct_of_bw"] if mono else None,
             "mono_best_pct_of_best_bw_at_128k": mono[0]["pct_of_bw_best"] if mono else None,
             # not a target: the share of what a plain read of the same rBlocks draws
-            "mono_pct_of_pattern_read_at_128k": mono[0].get("pct_of_pattern_read") if mono else None,
+            "mono_pct_of_pattern_read_at_128k": mono[0].get("pct_of_pattern_read")
+            if mono
+            else None,
             "split4_max_overhead_min_pct_ge_32k": max(
                 (r["overhead_min_pct"] for r in split), default=None
             ),
@@ -111,7 +113,9 @@ def write_plot(report: dict, out_dir: Path) -> Path | None:
             ax_bw.plot(ctx, [r["gbps"] for r in rows], marker="o", label=label)
             if shards > 1:
                 ax_over.plot(ctx, [r["overhead_pct"] for r in rows], marker="o", label=label)
-    ax_bw.axhline(report["machine"]["read_gbps"], color="k", linestyle="--", label="machine read, start")
+    ax_bw.axhline(
+        report["machine"]["read_gbps"], color="k", linestyle="--", label="machine read, start"
+    )
     by_ctx: dict[int, float] = {}  # per context, its first row's (each row has its own)
     for r in report["results"]:
         if r.get("read_gbps_during"):

@@ -22,10 +22,17 @@ from infinite_llm.bench.common import emit, format_table, machine_info
 def serve_longest(args: argparse.Namespace, borrowing: bool, loaded: Any) -> dict[str, Any]:
     from infinite_llm import LLM, SamplingParams
 
-    llm = LLM(args.model, loaded_model=loaded, num_instances=args.instances, block_size=args.block_size,
-              kv_blocks_per_instance=args.kv_blocks, enable_borrowing=borrowing,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              progress=False)
+    llm = LLM(
+        args.model,
+        loaded_model=loaded,
+        num_instances=args.instances,
+        block_size=args.block_size,
+        kv_blocks_per_instance=args.kv_blocks,
+        enable_borrowing=borrowing,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        progress=False,
+    )
     engine = llm.engine
     longest = engine.max_model_len
     rng = random.Random(args.seed)
@@ -56,15 +63,24 @@ def serve_longest(args: argparse.Namespace, borrowing: bool, loaded: Any) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infinite-llm bench capacity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny (fast, default) or smollm2 (real compute)")
+    parser = argparse.ArgumentParser(
+        prog="infinite-llm bench capacity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", default="tiny", help="tiny (fast, default) or smollm2 (real compute)"
+    )
     parser.add_argument("--instances", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--kv-blocks", type=int, default=64, help="rBlocks per instance")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--output-tokens", type=int, default=8)
-    parser.add_argument("--max-model-len", type=int, default=1 << 22,
-                        help="raise the model's own limit so the pools are what binds")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=1 << 22,
+        help="raise the model's own limit so the pools are what binds",
+    )
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
@@ -87,17 +103,41 @@ def main(argv: list[str] | None = None) -> int:
         ours = serve_longest(args, True, loaded)
         bar.update(1)
         ratio = ours["served_tokens"] / base["served_tokens"]
-        runs.append({"instances": n, "no_borrow": base, "borrowing": ours, "context_ratio": ratio,
-                     "ratio_over_instances": ratio / n})
-        rows.append({"instances": n, "pool_tokens": base["pool_tokens_per_instance"],
-                     "no_borrow_tokens": base["served_tokens"], "borrowing_tokens": ours["served_tokens"],
-                     "ratio": ratio, "ratio/N": ratio / n,
-                     "refused_past": base["one_more_refused"] and ours["one_more_refused"],
-                     "s_borrowing": ours["seconds"]})
+        runs.append(
+            {
+                "instances": n,
+                "no_borrow": base,
+                "borrowing": ours,
+                "context_ratio": ratio,
+                "ratio_over_instances": ratio / n,
+            }
+        )
+        rows.append(
+            {
+                "instances": n,
+                "pool_tokens": base["pool_tokens_per_instance"],
+                "no_borrow_tokens": base["served_tokens"],
+                "borrowing_tokens": ours["served_tokens"],
+                "ratio": ratio,
+                "ratio/N": ratio / n,
+                "refused_past": base["one_more_refused"] and ours["one_more_refused"],
+                "s_borrowing": ours["seconds"],
+            }
+        )
     bar.close()
-    result = {"bench": "capacity", "model": args.model, "block_size": args.block_size,
-              "kv_blocks_per_instance": args.kv_blocks, "machine": machine_info(), "runs": runs}
-    emit(result, format_table(rows, list(rows[0]), "bench capacity: longest context served"), args.json)
+    result = {
+        "bench": "capacity",
+        "model": args.model,
+        "block_size": args.block_size,
+        "kv_blocks_per_instance": args.kv_blocks,
+        "machine": machine_info(),
+        "runs": runs,
+    }
+    emit(
+        result,
+        format_table(rows, list(rows[0]), "bench capacity: longest context served"),
+        args.json,
+    )
     return 0
 
 

@@ -15,7 +15,9 @@ import torch
 
 def read_bandwidth_samples(num_bytes: int = 1 << 30, repeats: int = 5) -> list[float]:
     """GB/s of each of ``repeats`` multithreaded sums over a buffer far beyond the caches."""
-    x = torch.ones(num_bytes // 4, dtype=torch.float32)  # written once: no page faults in the timing
+    x = torch.ones(
+        num_bytes // 4, dtype=torch.float32
+    )  # written once: no page faults in the timing
     return tensor_read_samples(x, repeats)
 
 
@@ -108,7 +110,11 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: 
         return "" if v is None else str(v)
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)] if cells else [len(c) for c in columns]
+    widths = (
+        [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+        if cells
+        else [len(c) for c in columns]
+    )
     lines = [title] if title else []
     lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     lines.append("  ".join("-" * w for w in widths))

@@ -53,7 +53,9 @@ class _CountingExecutor:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def run(
+        self, layer_idx: int, work: Mapping[int, ShardWork]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         results = self.inner.run(layer_idx, work)
         for inst, w in work.items():
             if inst != HOME:
@@ -63,8 +65,14 @@ class _CountingExecutor:
                 self.bytes_received += _nbytes(out, lse)
         return results
 
-    def run_decode(self, layer_idx: int, writes: Mapping[int, ShardWork], q: torch.Tensor,
-                   plan: DistPlan, scale: float) -> torch.Tensor | None:
+    def run_decode(
+        self,
+        layer_idx: int,
+        writes: Mapping[int, ShardWork],
+        q: torch.Tensor,
+        plan: DistPlan,
+        scale: float,
+    ) -> torch.Tensor | None:
         """The fused in-process decode layer: counted as the shard traffic it stands for (each
         creditor's query rows and new K,V out; a float32 (out, lse) per row back)."""
         out = self.inner.run_decode(layer_idx, writes, q, plan, scale)
@@ -81,13 +89,19 @@ class _CountingExecutor:
         return out
 
 
-def _engine(args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int,
-            num_blocks: int) -> LLMEngine:
+def _engine(
+    args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int, num_blocks: int
+) -> LLMEngine:
     config = EngineConfig(
-        model=args.model, dtype=args.dtype, num_instances=num_instances, backend=backend,
+        model=args.model,
+        dtype=args.dtype,
+        num_instances=num_instances,
+        backend=backend,
         attention_impl=args.attention_impl,
         cache=CacheConfig(block_size=args.block_size, num_blocks=num_blocks, lending_cap=1.0),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.batch * args.context, max_num_seqs=args.batch),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.batch * args.context, max_num_seqs=args.batch
+        ),
     )
     engine = LLMEngine(config, loaded, progress=False)
     engine.cluster.defrag_interval_steps = 10**9  # type: ignore[attr-defined]
@@ -104,10 +118,16 @@ def _ms(values: list[float], q: float = 50) -> float | None:
 class _Run:
     """One configuration: an engine whose batch, all homed on instance 0, is spread over N pools."""
 
-    def __init__(self, args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int
+    ) -> None:
         blocks_per_request = -(-(args.context + args.warmup + args.steps + 2) // args.block_size)
         self.num_blocks = math.ceil(args.batch * blocks_per_request / num_instances)
-        self.backend, self.num_instances, self.num_layers = backend, num_instances, loaded.arch.num_layers
+        self.backend, self.num_instances, self.num_layers = (
+            backend,
+            num_instances,
+            loaded.arch.num_layers,
+        )
         self.engine = _engine(args, loaded, backend, num_instances, self.num_blocks)
         self.cluster: Any = self.engine.cluster
         self.counter = None
@@ -161,19 +181,28 @@ class _Run:
             "step_ms_max": max(self.times) * 1e3,
             "bytes_out_per_step": (sent1 - sent0) / steps,
             "bytes_back_per_step": (recv1 - recv0) / steps,
-            "remote_ma_per_step": (after["remote_ma_calls"] - self.before["remote_ma_calls"]) / steps,
+            "remote_ma_per_step": (after["remote_ma_calls"] - self.before["remote_ma_calls"])
+            / steps,
             "blocks_per_instance": [i["used"] + i["lent"] for i in self.before["instances"]],
             "preemptions": sum(i["preemptions"] for i in after["instances"]),
             "false_replies": after["false_replies"],
             "tokens": list(self.tokens.values()),
         }
         if self.backend == "ray":
-            row.update(_ray_figures(self.cluster, self.num_layers, steps, row["bytes_out_per_step"]))
+            row.update(
+                _ray_figures(self.cluster, self.num_layers, steps, row["bytes_out_per_step"])
+            )
         return row
 
 
-def measure(args: argparse.Namespace, loaded: LoadedModel, backend: str, instances: list[int],
-            prompts: list[list[int]], bar: tqdm) -> list[dict[str, Any]]:
+def measure(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    backend: str,
+    instances: list[int],
+    prompts: list[list[int]],
+    bar: tqdm,
+) -> list[dict[str, Any]]:
     """These instance counts of one backend at once, their timed steps interleaved (round robin,
     rotating who goes first) so that a noisy machine slows them all alike."""
     runs: list[_Run] = []
@@ -182,7 +211,9 @@ def measure(args: argparse.Namespace, loaded: LoadedModel, backend: str, instanc
             runs.append(_Run(args, loaded, backend, n))
             bar.update(1)
         for run in runs:
-            run.start(prompts, args.warmup + args.steps + 2)  # one step after the timed ones ends it
+            run.start(
+                prompts, args.warmup + args.steps + 2
+            )  # one step after the timed ones ends it
             for _ in range(args.warmup):
                 run.step()
             run.mark()
@@ -199,7 +230,9 @@ def measure(args: argparse.Namespace, loaded: LoadedModel, backend: str, instanc
             run.engine.shutdown()
 
 
-def _ray_figures(cluster: Any, num_layers: int, steps: int, bytes_out_per_step: float) -> dict[str, Any]:
+def _ray_figures(
+    cluster: Any, num_layers: int, steps: int, bytes_out_per_step: float
+) -> dict[str, Any]:
     """Per-layer figures of the measured steps (the last ones each actor recorded)."""
     snaps = cluster.snapshots()
     calls = steps * num_layers
@@ -218,26 +251,42 @@ def _ray_figures(cluster: Any, num_layers: int, steps: int, bytes_out_per_step: 
         num_creditors = len(snaps) - 1
         payload = int(bytes_out_per_step / max(1, num_layers * num_creditors))
         probe = cluster.probe(num_calls=200, payload_bytes=payload)
-        figures.update({"noop_call_ms": probe["noop_s"] * 1e3, "payload_call_ms": probe["payload_s"] * 1e3,
-                        "layer_payload_bytes": payload})
+        figures.update(
+            {
+                "noop_call_ms": probe["noop_s"] * 1e3,
+                "payload_call_ms": probe["payload_s"] * 1e3,
+                "layer_payload_bytes": payload,
+            }
+        )
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infinite-llm bench distributed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="infinite-llm bench distributed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--backends", nargs="+", default=["inprocess", "ray"], choices=["inprocess", "ray"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["inprocess", "ray"], choices=["inprocess", "ray"]
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed (the median is reported)")
+    parser.add_argument(
+        "--steps", type=int, default=16, help="decode steps timed (the median is reported)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="decode steps before timing")
     parser.add_argument("--attention-impl", default="auto")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of this process (Ray actors use at most as many each)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of this process (Ray actors use at most as many each)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -248,12 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     vocab = loaded.arch.vocab_size
     prompts = [[rng.randrange(3, vocab) for _ in range(args.context)] for _ in range(args.batch)]
-    bar = tqdm(total=3 * len(args.backends) * len(args.instances), desc="bench distributed", unit="stage")
+    bar = tqdm(
+        total=3 * len(args.backends) * len(args.instances), desc="bench distributed", unit="stage"
+    )
     rows = []
     for backend in args.backends:
         # In-process configurations are timed together; Ray ones one cluster at a time (idle
         # actors of other clusters would load the machine: heartbeats, the object store).
-        groups = [[n] for n in sorted(args.instances)] if backend == "ray" else [sorted(args.instances)]
+        groups = (
+            [[n] for n in sorted(args.instances)] if backend == "ray" else [sorted(args.instances)]
+        )
         for group in groups:
             rows += measure(args, loaded, backend, group, prompts, bar)
     bar.close()
@@ -263,28 +316,60 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         own = local.get(r["backend"])
         r["vs_local_x"] = r["step_ms"] / own["step_ms"] if own else None
-        r["vs_inprocess_local_x"] = r["step_ms"] / reference["step_ms"] if reference["instances"] == 1 else None
+        r["vs_inprocess_local_x"] = (
+            r["step_ms"] / reference["step_ms"] if reference["instances"] == 1 else None
+        )
         r["same_tokens"] = r["tokens"] == reference["tokens"]
     results = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
     result = {
         "bench": "distributed",
         "model": args.model,
         "dtype": args.dtype,
-        "workload": {"batch": args.batch, "context": args.context, "block_size": args.block_size,
-                     "steps": args.steps, "warmup": args.warmup},
+        "workload": {
+            "batch": args.batch,
+            "context": args.context,
+            "block_size": args.block_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
         "machine": machine_info(),  # threads: this process's torch threads
         "target_inprocess_vs_local_x": 1.15,
         "results": results,
     }
-    columns = ["backend", "instances", "step_ms", "step_ms_min", "step_ms_max", "vs_local_x", "vs_inprocess_local_x",
-               "remote_ma_per_step", "bytes_out_per_step", "bytes_back_per_step", "same_tokens"]
-    table = format_table(results, columns, f"bench distributed ({args.model}, batch {args.batch}, "
-                                           f"context {args.context}, median of {args.steps} decode steps)")
+    columns = [
+        "backend",
+        "instances",
+        "step_ms",
+        "step_ms_min",
+        "step_ms_max",
+        "vs_local_x",
+        "vs_inprocess_local_x",
+        "remote_ma_per_step",
+        "bytes_out_per_step",
+        "bytes_back_per_step",
+        "same_tokens",
+    ]
+    table = format_table(
+        results,
+        columns,
+        f"bench distributed ({args.model}, batch {args.batch}, "
+        f"context {args.context}, median of {args.steps} decode steps)",
+    )
     ray_rows = [r for r in results if r["backend"] == "ray" and r["instances"] > 1]
     if ray_rows:
-        table += "\n\n" + format_table(ray_rows, ["instances", "layer_round_trip_ms", "layer_remote_wait_ms",
-                                                  "creditor_ma_ms", "noop_call_ms", "payload_call_ms",
-                                                  "layer_payload_bytes"], "ray: per layer, one creditor call")
+        table += "\n\n" + format_table(
+            ray_rows,
+            [
+                "instances",
+                "layer_round_trip_ms",
+                "layer_remote_wait_ms",
+                "creditor_ma_ms",
+                "noop_call_ms",
+                "payload_call_ms",
+                "layer_payload_bytes",
+            ],
+            "ray: per layer, one creditor call",
+        )
     emit(result, table, args.json)
     return 0
 

@@ -67,9 +67,16 @@ def decode_rate(steps: list[Step], batch: int) -> dict[str, Any]:
     steps are those after the last first token in which all ``batch`` requests got a token."""
     starts = [i for i, (_, _, first) in enumerate(steps) if first]
     begin = starts[-1] + 1 if starts else 1
-    times = [steps[i][0] - steps[i - 1][0] for i in range(begin, len(steps)) if steps[i][1] == batch]
+    times = [
+        steps[i][0] - steps[i - 1][0] for i in range(begin, len(steps)) if steps[i][1] == batch
+    ]
     if not times:
-        return {"decode_tok_s": None, "decode_step_ms": None, "decode_step_ms_median": None, "decode_steps": 0}
+        return {
+            "decode_tok_s": None,
+            "decode_step_ms": None,
+            "decode_step_ms_median": None,
+            "decode_steps": 0,
+        }
     return {
         "decode_tok_s": batch * len(times) / sum(times),
         "decode_step_ms": sum(times) / len(times) * 1e3,
@@ -82,7 +89,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _rates(b: int, prompt_len: int, t_prefill: float, t_total: float, steps: list[Step]) -> dict[str, Any]:
+def _rates(
+    b: int, prompt_len: int, t_prefill: float, t_total: float, steps: list[Step]
+) -> dict[str, Any]:
     return {
         "prefill_s": t_prefill,
         "total_s": t_total,
@@ -110,7 +119,9 @@ class _StepCounter:
         self.steps.append((t, new, first))
 
 
-def _stepped_ours(llm: Any, batch: list[list[int]], params: Any) -> tuple[float, list[Step], list[list[int]]]:
+def _stepped_ours(
+    llm: Any, batch: list[list[int]], params: Any
+) -> tuple[float, list[Step], list[list[int]]]:
     """Our engine's step loop over ``batch`` (what ``LLM.generate`` runs), each step timed."""
     engine = llm.engine
     requests = [engine.make_request(p, params) for p in batch]
@@ -127,7 +138,11 @@ def _stepped_ours(llm: Any, batch: list[list[int]], params: Any) -> tuple[float,
             if request.request_id not in finished:
                 engine.abort_request(request.request_id)
     total = time.perf_counter() - counter.start
-    return total, counter.steps, [list(finished[r.request_id].outputs[0].token_ids) for r in requests]
+    return (
+        total,
+        counter.steps,
+        [list(finished[r.request_id].outputs[0].token_ids) for r in requests],
+    )
 
 
 def make_ours(args: argparse.Namespace) -> Any:
@@ -136,17 +151,28 @@ def make_ours(args: argparse.Namespace) -> Any:
 
     max_batch = max(args.batch_sizes)
     blocks = max_batch * (-(-(args.prompt_len + args.max_tokens) // args.block_size)) + 16
-    return LLM(args.model, dtype=args.dtype, block_size=args.block_size, kv_blocks_per_instance=blocks,
-               max_num_seqs=max(max_batch, 1), max_num_batched_tokens=args.max_num_batched_tokens,
-               attention_impl=args.attention_impl, progress=False)
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_blocks_per_instance=blocks,
+        max_num_seqs=max(max_batch, 1),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_impl=args.attention_impl,
+        progress=False,
+    )
 
 
-def bench_ours(args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar: tqdm) -> dict[int, Any]:
+def bench_ours(
+    args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar: tqdm
+) -> dict[int, Any]:
     from infinite_llm import SamplingParams
 
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate(
+        prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False
+    )
     probe = llm.engine.loaded.model.embed_tokens.weight
     results = {}
     for b in args.batch_sizes:
@@ -156,16 +182,20 @@ def bench_ours(args: argparse.Namespace, llm: Any, prompts: list[list[int]], bar
         t_total, steps, token_ids = _stepped_ours(llm, batch, full)
         if around:
             around += tensor_read_samples(probe)
-        results[b] = {**_rates(b, args.prompt_len, t_prefill, t_total, steps),
-                      "read_gbps_around": statistics.median(around) if around else None,
-                      "token_ids": token_ids}
+        results[b] = {
+            **_rates(b, args.prompt_len, t_prefill, t_total, steps),
+            "read_gbps_around": statistics.median(around) if around else None,
+            "token_ids": token_ids,
+        }
         bar.update(1)
     llm.check_integrity()
     return results
 
 
 @torch.inference_mode()
-def bench_hf(args: argparse.Namespace, model_dir: str, prompts: list[list[int]], bar: tqdm) -> dict[int, Any]:
+def bench_hf(
+    args: argparse.Namespace, model_dir: str, prompts: list[list[int]], bar: tqdm
+) -> dict[int, Any]:
     from transformers import AutoModelForCausalLM
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -176,13 +206,22 @@ def bench_hf(args: argparse.Namespace, model_dir: str, prompts: list[list[int]],
             self.batch, self.start, self.steps = batch, time.perf_counter(), []
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            self.steps.append((time.perf_counter() - self.start, self.batch, self.batch if not self.steps else 0))
+            self.steps.append(
+                (time.perf_counter() - self.start, self.batch, self.batch if not self.steps else 0)
+            )
             return scores
 
     def generate(batch: list[list[int]], n: int, stamps: StepStamps | None = None) -> torch.Tensor:
         ids = torch.tensor(batch)
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0, logits_processor=[stamps] if stamps else None)
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=[stamps] if stamps else None,
+        )
 
     generate(prompts[:1], 4)
     results = {}
@@ -190,16 +229,23 @@ def bench_hf(args: argparse.Namespace, model_dir: str, prompts: list[list[int]],
         batch = prompts[:b]
         t_prefill, _ = _timed(lambda batch=batch: generate(batch, 1))
         stamps = StepStamps(b)
-        t_total, out = _timed(lambda batch=batch, stamps=stamps: generate(batch, args.max_tokens, stamps))
-        results[b] = {**_rates(b, args.prompt_len, t_prefill, t_total, stamps.steps),
-                      "token_ids": out[:, args.prompt_len:].tolist()}
+        t_total, out = _timed(
+            lambda batch=batch, stamps=stamps: generate(batch, args.max_tokens, stamps)
+        )
+        results[b] = {
+            **_rates(b, args.prompt_len, t_prefill, t_total, stamps.steps),
+            "token_ids": out[:, args.prompt_len :].tolist(),
+        }
         bar.update(1)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infinite-llm bench engine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="infinite-llm bench engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -209,12 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--attention-impl", default="auto")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    parser.add_argument("--peer", action="append", default=[], choices=["vllm"],
-                        help="also run this engine on the same workload (needs `make bench-peers`)")
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        choices=["vllm"],
+        help="also run this engine on the same workload (needs `make bench-peers`)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
-        parser.error("--max-tokens must be at least 2: decode is timed over the steps after the first token")
+        parser.error(
+            "--max-tokens must be at least 2: decode is timed over the steps after the first token"
+        )
 
     steps = len(args.batch_sizes) * (1 + (not args.no_hf) + len(args.peer))
     bar = tqdm(total=steps, desc="bench engine", unit="run")
@@ -234,18 +287,37 @@ def main(argv: list[str] | None = None) -> int:
     for peer in args.peer:
         from infinite_llm.bench.peers.vllm import run_vllm_offline
 
-        export_dir = os.path.join(tempfile.gettempdir(), f"infinite-llm-export-{args.model}-{args.dtype}")
+        export_dir = os.path.join(
+            tempfile.gettempdir(), f"infinite-llm-export-{args.model}-{args.dtype}"
+        )
         if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
             from infinite_llm.model.export import export_hf
 
             export_hf(args.model, export_dir, args.dtype)
         report = run_vllm_offline(
-            export_dir, prompts, args.batch_sizes, args.max_tokens, timeout=3600,
-            extra_args=["--dtype", args.dtype, "--max-num-batched-tokens", str(args.max_num_batched_tokens)],
+            export_dir,
+            prompts,
+            args.batch_sizes,
+            args.max_tokens,
+            timeout=3600,
+            extra_args=[
+                "--dtype",
+                args.dtype,
+                "--max-num-batched-tokens",
+                str(args.max_num_batched_tokens),
+            ],
         )
         engines[peer] = {
-            r["batch_size"]: {**_rates(r["batch_size"], args.prompt_len, r["t_prefill_s"], r["t_total_s"],
-                                       [tuple(step) for step in r["steps"]]), "token_ids": r["token_ids"]}
+            r["batch_size"]: {
+                **_rates(
+                    r["batch_size"],
+                    args.prompt_len,
+                    r["t_prefill_s"],
+                    r["t_total_s"],
+                    [tuple(step) for step in r["steps"]],
+                ),
+                "token_ids": r["token_ids"],
+            }
             for r in report["results"]
         }
         peer_reports[peer] = {k: v for k, v in report.items() if k != "results"}
@@ -260,20 +332,32 @@ def main(argv: list[str] | None = None) -> int:
     rows, figures = [], {}
     for name, res in engines.items():
         for b, r in res.items():
-            row = {"engine": name, "batch": b, "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
-                   "decode_step_ms": r["decode_step_ms"]}
+            row = {
+                "engine": name,
+                "batch": b,
+                "prefill_tok_s": r["prefill_tok_s"],
+                "decode_tok_s": r["decode_tok_s"],
+                "decode_step_ms": r["decode_step_ms"],
+            }
             if name != "infinite-llm":
                 row["ours_decode_x"] = _ratio(ours[b]["decode_tok_s"], r["decode_tok_s"])
                 row["ours_prefill_x"] = ours[b]["prefill_tok_s"] / r["prefill_tok_s"]
-                row["same_tokens"] = sum(a == c for a, c in zip(ours[b]["token_ids"], r["token_ids"])) / b
+                row["same_tokens"] = (
+                    sum(a == c for a, c in zip(ours[b]["token_ids"], r["token_ids"])) / b
+                )
             rows.append(row)
             figures.setdefault(name, {})[b] = {k: v for k, v in r.items() if k != "token_ids"} | {
-                k: row[k] for k in ("ours_decode_x", "ours_prefill_x", "same_tokens") if k in row}
+                k: row[k] for k in ("ours_decode_x", "ours_prefill_x", "same_tokens") if k in row
+            }
     result = {
         "bench": "engine",
         "model": args.model,
         "dtype": args.dtype,
-        "workload": {"prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "batch_sizes": args.batch_sizes},
+        "workload": {
+            "prompt_len": args.prompt_len,
+            "max_tokens": args.max_tokens,
+            "batch_sizes": args.batch_sizes,
+        },
         "machine": machine_info(),
         "read_bandwidth_gb_s": bandwidth,
         "read_bandwidth_gb_s_around_batch1": around_batch1,
@@ -281,17 +365,33 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes": weight_bytes,
         "batch1_decode_limit_tok_s": limit_tok_s,
         "batch1_decode_limit_tok_s_start": bandwidth * 1e9 / weight_bytes,
-        "batch1_decode_fraction_of_limit": _ratio(ours[first]["decode_tok_s"], limit_tok_s) if first == 1 else None,
+        "batch1_decode_fraction_of_limit": _ratio(ours[first]["decode_tok_s"], limit_tok_s)
+        if first == 1
+        else None,
         "peak_rss_bytes_ours": rss_ours,
         "kv_pool_bytes_ours": kv_bytes,
         "engines": figures,
         "peers": peer_reports,
     }
-    table = format_table(rows, ["engine", "batch", "prefill_tok_s", "decode_tok_s", "decode_step_ms",
-                                "ours_decode_x", "ours_prefill_x", "same_tokens"], "bench engine")
-    table += (f"\nread bandwidth {bandwidth:.1f} GB/s at the start, {bound_gbps:.1f} for the bound; "
-              f"weights {weight_bytes / 1e6:.0f} MB -> batch-1 decode bound "
-              f"{limit_tok_s:.1f} tok/s; ours peak RSS {rss_ours / 1e9:.2f} GB (KV pool {kv_bytes / 1e9:.2f} GB reserved)")
+    table = format_table(
+        rows,
+        [
+            "engine",
+            "batch",
+            "prefill_tok_s",
+            "decode_tok_s",
+            "decode_step_ms",
+            "ours_decode_x",
+            "ours_prefill_x",
+            "same_tokens",
+        ],
+        "bench engine",
+    )
+    table += (
+        f"\nread bandwidth {bandwidth:.1f} GB/s at the start, {bound_gbps:.1f} for the bound; "
+        f"weights {weight_bytes / 1e6:.0f} MB -> batch-1 decode bound "
+        f"{limit_tok_s:.1f} tok/s; ours peak RSS {rss_ours / 1e9:.2f} GB (KV pool {kv_bytes / 1e9:.2f} GB reserved)"
+    )
     emit(result, table, args.json)
     return 0
 

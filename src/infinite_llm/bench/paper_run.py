@@ -106,7 +106,9 @@ class StepProbe:
                 self.totals.add(self._work, dt)
                 self._inside += dt + self._feature_s
                 rm = inst.rmanager
-                self.peak_used_fraction = max(self.peak_used_fraction, 1 - rm.num_free_blocks / rm.num_blocks)
+                self.peak_used_fraction = max(
+                    self.peak_used_fraction, 1 - rm.num_free_blocks / rm.num_blocks
+                )
             return events
 
         inst.step, inst.runner.execute = probed_step, probed_execute
@@ -128,8 +130,9 @@ def livelock_threshold(num_instances: int) -> int:
 Driven = tuple[list[RequestRecord], str | None]
 
 
-def drive(engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed: int,
-          timeout_s: float) -> Generator[None, None, Driven]:
+def drive(
+    engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed: int, timeout_s: float
+) -> Generator[None, None, Driven]:
     """Open loop on the probe's clock: add each request once its arrival time has passed, else
     step; yields after every engine step (``interleave`` runs several of these in turn).
 
@@ -142,7 +145,10 @@ def drive(engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed:
     for r in requests:  # made before the clock starts
         rng = random.Random(seed * 1_000_003 + r.index)
         prompts[r.index] = [rng.randrange(3, vocab - 1) for _ in range(r.prompt_len)]
-    records = {r.index: RequestRecord(r.index, r.kind, r.arrival_s, r.prompt_len, r.output_len) for r in requests}
+    records = {
+        r.index: RequestRecord(r.index, r.kind, r.arrival_s, r.prompt_len, r.output_len)
+        for r in requests
+    }
     pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.index)))
     clock = probe.clock
     instances = list(engine.cluster.instances.values())
@@ -187,7 +193,9 @@ def drive(engine: Any, requests: Sequence[TraceRequest], probe: StepProbe, seed:
     return [records[i] for i in sorted(records)], stopped
 
 
-def interleave(drivers: Sequence[Generator[None, None, Driven]], clocks: Sequence[BenchClock]) -> list[Driven]:
+def interleave(
+    drivers: Sequence[Generator[None, None, Driven]], clocks: Sequence[BenchClock]
+) -> list[Driven]:
     """Run the drivers one engine step each in turn, each clock running only during its own
     driver's turn, until all have finished; their results in order."""
     results: list[Driven | None] = [None] * len(drivers)
@@ -207,38 +215,80 @@ def interleave(drivers: Sequence[Generator[None, None, Driven]], clocks: Sequenc
     return [r for r in results if r is not None]
 
 
-def real_runs(args: argparse.Namespace, loaded: Any, n: int, modes: Sequence[tuple[str, bool]],
-              requests: Sequence[TraceRequest], label: str, samples: Samples) -> list[dict[str, Any]]:
+def real_runs(
+    args: argparse.Namespace,
+    loaded: Any,
+    n: int,
+    modes: Sequence[tuple[str, bool]],
+    requests: Sequence[TraceRequest],
+    label: str,
+    samples: Samples,
+) -> list[dict[str, Any]]:
     """The same requests on ``n`` fresh instances once per ``(mode, borrowing)``, interleaved."""
     from infinite_llm import LLM
 
     llms, probes = [], []
     for mode, borrowing in modes:
-        llm = LLM(args.model, loaded_model=loaded, num_instances=n, block_size=args.block_size,
-                  kv_blocks_per_instance=args.kv_blocks, enable_borrowing=borrowing,
-                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                  max_model_len=1 << 22, seed=args.seed, progress=False)
+        llm = LLM(
+            args.model,
+            loaded_model=loaded,
+            num_instances=n,
+            block_size=args.block_size,
+            kv_blocks_per_instance=args.kv_blocks,
+            enable_borrowing=borrowing,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=1 << 22,
+            seed=args.seed,
+            progress=False,
+        )
         llms.append(llm)
-        probes.append(StepProbe(llm.engine.cluster, f"{label} {mode}", samples, BenchClock(args.clock)))
-    driven = interleave([drive(llm.engine, requests, probe, args.seed, args.run_timeout)
-                         for llm, probe in zip(llms, probes, strict=True)], [p.clock for p in probes])
-    return [run_document(llm, probe, records, stopped, n, borrowing, requests)
-            for llm, probe, (records, stopped), (_, borrowing) in zip(llms, probes, driven, modes, strict=True)]
+        probes.append(
+            StepProbe(llm.engine.cluster, f"{label} {mode}", samples, BenchClock(args.clock))
+        )
+    driven = interleave(
+        [
+            drive(llm.engine, requests, probe, args.seed, args.run_timeout)
+            for llm, probe in zip(llms, probes, strict=True)
+        ],
+        [p.clock for p in probes],
+    )
+    return [
+        run_document(llm, probe, records, stopped, n, borrowing, requests)
+        for llm, probe, (records, stopped), (_, borrowing) in zip(
+            llms, probes, driven, modes, strict=True
+        )
+    ]
 
 
-def run_document(llm: Any, probe: StepProbe, records: list[RequestRecord], stopped: str | None, n: int,
-                 borrowing: bool, requests: Sequence[TraceRequest]) -> dict[str, Any]:
+def run_document(
+    llm: Any,
+    probe: StepProbe,
+    records: list[RequestRecord],
+    stopped: str | None,
+    n: int,
+    borrowing: bool,
+    requests: Sequence[TraceRequest],
+) -> dict[str, Any]:
     llm.check_integrity()
     stats = llm.cluster_stats()
     summary = summarize(records, probe.totals)
-    summary.update({
-        "stopped": stopped,
-        "max_model_len": llm.engine.max_model_len,
-        "peak_used_fraction": probe.peak_used_fraction,
-        "block_locality_at_end": stats["locality"]["overall"],
-        "borrows": stats["borrows"], "blocks_borrowed": stats["blocks_borrowed"],
-        "migrated_blocks": stats["migrated_blocks"],
-        "all_free_after": all(i["free"] == i["num_blocks"] for i in stats["instances"]),
-    })
-    return {"label": probe.run, "instances": n, "mode": "borrowing" if borrowing else "no_borrow",
-            "summary": summary, "requests": list(requests)}
+    summary.update(
+        {
+            "stopped": stopped,
+            "max_model_len": llm.engine.max_model_len,
+            "peak_used_fraction": probe.peak_used_fraction,
+            "block_locality_at_end": stats["locality"]["overall"],
+            "borrows": stats["borrows"],
+            "blocks_borrowed": stats["blocks_borrowed"],
+            "migrated_blocks": stats["migrated_blocks"],
+            "all_free_after": all(i["free"] == i["num_blocks"] for i in stats["instances"]),
+        }
+    )
+    return {
+        "label": probe.run,
+        "instances": n,
+        "mode": "borrowing" if borrowing else "no_borrow",
+        "summary": summary,
+        "requests": list(requests),
+    }

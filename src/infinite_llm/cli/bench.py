@@ -19,7 +19,9 @@ BENCHES = {
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help=f"benchmarks: {', '.join(BENCHES)}", add_help=False)
     p.add_argument("name", choices=sorted(BENCHES))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of that benchmark (see --help)")
+    p.add_argument(
+        "args", nargs=argparse.REMAINDER, help="arguments of that benchmark (see --help)"
+    )
     p.set_defaults(func=run)
 
 

@@ -22,26 +22,49 @@ def parse_bytes(text: str) -> int:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="embedded name (smollm2), a .gguf file, a Hugging Face directory, or tiny[:preset]")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="embedded name (smollm2), a .gguf file, a Hugging Face directory, or tiny[:preset]",
+    )
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    g.add_argument("--num-instances", type=int, default=1, help="instances, each with its own KV pool")
+    g.add_argument(
+        "--num-instances", type=int, default=1, help="instances, each with its own KV pool"
+    )
     g.add_argument("--backend", default="inprocess", choices=BACKENDS)
-    g.add_argument("--ray-address", default=None,
-                   help="with --backend ray: join this Ray cluster (default: start a local one)")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --backend ray: join this Ray cluster (default: start a local one)",
+    )
     g.add_argument("--block-size", type=int, default=16, help="tokens per rBlock")
     g.add_argument("--kv-blocks", type=int, default=None, help="rBlocks per instance")
-    g.add_argument("--kv-memory", type=parse_bytes, default=None, help="KV memory per instance (e.g. 2G)")
-    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument(
+        "--kv-memory", type=parse_bytes, default=None, help="KV memory per instance (e.g. 2G)"
+    )
+    g.add_argument(
+        "--max-model-len", type=int, default=None, help="longest prompt + output, in tokens"
+    )
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step"
+    )
     g.add_argument("--max-num-seqs", type=int, default=128, help="running requests per instance")
-    g.add_argument("--no-borrow", action="store_true",
-                   help="baseline: a request's KV stays on its home instance (no lending or borrowing)")
-    g.add_argument("--lending-cap", type=float, default=1.0,
-                   help="largest share of a pool lent to other instances at once (1.0: any free rBlock)")
+    g.add_argument(
+        "--no-borrow",
+        action="store_true",
+        help="baseline: a request's KV stays on its home instance (no lending or borrowing)",
+    )
+    g.add_argument(
+        "--lending-cap",
+        type=float,
+        default=1.0,
+        help="largest share of a pool lent to other instances at once (1.0: any free rBlock)",
+    )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--attention-impl", default="auto", help="auto, flash, reference (or native when built)")
+    g.add_argument(
+        "--attention-impl", default="auto", help="auto, flash, reference (or native when built)"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

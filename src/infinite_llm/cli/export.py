@@ -6,7 +6,9 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-hf", help="write a model (e.g. smollm2) as config.json + safetensors + tokenizer")
+    p = sub.add_parser(
+        "export-hf", help="write a model (e.g. smollm2) as config.json + safetensors + tokenizer"
+    )
     p.add_argument("model", help="embedded name, .gguf file or tiny[:preset]")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -42,18 +42,26 @@ def resolve_num_blocks(config: EngineConfig, arch: ModelArchConfig) -> int:
     if cache.num_blocks is not None:
         return cache.num_blocks
     per_block = KVPool.bytes_per_block(
-        arch.num_layers, arch.num_kv_heads, arch.head_dim, cache.block_size, parse_dtype(config.dtype)
+        arch.num_layers,
+        arch.num_kv_heads,
+        arch.head_dim,
+        cache.block_size,
+        parse_dtype(config.dtype),
     )
     memory = cache.memory_bytes
     if memory is None:
-        memory = min(DEFAULT_KV_MEMORY, int(available_memory() * DEFAULT_KV_FRACTION) // config.num_instances)
+        memory = min(
+            DEFAULT_KV_MEMORY, int(available_memory() * DEFAULT_KV_FRACTION) // config.num_instances
+        )
     num_blocks = memory // per_block
     if num_blocks < 1:
         raise ValueError(f"KV memory of {memory} bytes holds no rBlock ({per_block} bytes each)")
     return num_blocks
 
 
-def max_request_blocks(num_blocks: int, num_instances: int, lending_cap: float, borrowing: bool) -> int:
+def max_request_blocks(
+    num_blocks: int, num_instances: int, lending_cap: float, borrowing: bool
+) -> int:
     """The most rBlocks one request can ever hold: its home pool plus what the others may lend."""
     if not borrowing:
         return num_blocks

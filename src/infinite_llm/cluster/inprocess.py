@@ -53,20 +53,37 @@ class InProcessCluster(Cluster):
         # A failed borrow refreshes the gManager's view once a step (direct heartbeats, cheap here).
         self._views = RefreshOnEmpty(self.gmanager, lambda: self.send_heartbeats(force=True))
         for i in range(config.num_instances):
-            pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, self.num_blocks_per_instance,
-                          self.block_size, dtype, device)
+            pool = KVPool(
+                arch.num_layers,
+                arch.num_kv_heads,
+                arch.head_dim,
+                self.num_blocks_per_instance,
+                self.block_size,
+                dtype,
+                device,
+            )
             rmanager = RManager(i, self.num_blocks_per_instance, lending_cap=lending_cap)
             allocator = (
-                Borrower(rmanager, self._views, self.transport.lend, self.transport.release, stats=self.borrow_stats)
-                if self.borrowing else rmanager
+                Borrower(
+                    rmanager,
+                    self._views,
+                    self.transport.lend,
+                    self.transport.release,
+                    stats=self.borrow_stats,
+                )
+                if self.borrowing
+                else rmanager
             )
             scheduler = Scheduler(config.scheduler, self.block_size, allocator)
-            runner = ModelRunner(loaded.model, self.block_size, self.transport, seed=config.seed + i)
+            runner = ModelRunner(
+                loaded.model, self.block_size, self.transport, seed=config.seed + i
+            )
             instance = Instance(i, runner, pool, rmanager, scheduler, config.attention_impl)
             self.instances[i] = instance
             self.transport.attach(instance)
-        self._max_blocks = max_request_blocks(self.num_blocks_per_instance, config.num_instances, lending_cap,
-                                              self.borrowing)
+        self._max_blocks = max_request_blocks(
+            self.num_blocks_per_instance, config.num_instances, lending_cap, self.borrowing
+        )
         self._home: dict[str, int] = {}
         self._last_heartbeat = float("-inf")
         self._num_steps = 0
@@ -122,7 +139,9 @@ class InProcessCluster(Cluster):
 
     def _route(self, request: Request) -> int:
         pending = {i: inst.scheduler.num_pending_tokens for i, inst in self.instances.items()}
-        return self.router.pick(sorted(self.instances), self.gmanager.free_blocks(), pending, request.num_tokens)
+        return self.router.pick(
+            sorted(self.instances), self.gmanager.free_blocks(), pending, request.num_tokens
+        )
 
     # -- heartbeats, defragmentation, failures ----------------------------------------------
     def send_heartbeats(self, force: bool = False) -> None:
@@ -160,10 +179,15 @@ class InProcessCluster(Cluster):
             for dst in {r.new.instance_id for r in moves}:
                 index = [j for j, r in enumerate(moves) if r.new.instance_id == dst]
                 sel = torch.tensor(index, dtype=torch.long)
-                self.instances[dst].write_blocks([moves[j].new.block_id for j in index],
-                                                 k.index_select(2, sel), v.index_select(2, sel))
+                self.instances[dst].write_blocks(
+                    [moves[j].new.block_id for j in index],
+                    k.index_select(2, sel),
+                    v.index_select(2, sel),
+                )
         moved = sum(inst.relocate(relocations) for inst in self.instances.values())
-        assert moved == len(relocations), f"moved {moved} block-table entries for {len(relocations)} rBlocks"
+        assert moved == len(relocations), (
+            f"moved {moved} block-table entries for {len(relocations)} rBlocks"
+        )
         self.num_migrated_blocks += moved
         self.num_defrag_runs += 1
         self.send_heartbeats(force=True)
@@ -197,7 +221,8 @@ class InProcessCluster(Cluster):
     def stats(self) -> dict[str, Any]:
         tables = {
             rid: (req.home_instance_id, req.block_table)
-            for inst in self.instances.values() for rid, req in inst.scheduler.requests.items()
+            for inst in self.instances.values()
+            for rid, req in inst.scheduler.requests.items()
         }
         loc = locality(tables)
         borrow = self.borrow_stats
@@ -205,7 +230,8 @@ class InProcessCluster(Cluster):
         g = self.gmanager.stats()
         return {
             "instances": [
-                pool_counts(inst.rmanager) | {
+                pool_counts(inst.rmanager)
+                | {
                     "running": inst.scheduler.num_running,
                     "waiting": inst.scheduler.num_waiting,
                     "preemptions": inst.scheduler.num_preemptions,
@@ -213,9 +239,16 @@ class InProcessCluster(Cluster):
                 }
                 for _, inst in sorted(self.instances.items())
             ],
-            "ledger": [{"debtor": d, "creditor": c, "blocks": n} for (d, c), n in sorted(self.gmanager.edges().items())],
-            "locality": {"mean": loc.mean, "overall": loc.overall, "num_local": loc.num_local_blocks,
-                         "num_blocks": loc.num_blocks},
+            "ledger": [
+                {"debtor": d, "creditor": c, "blocks": n}
+                for (d, c), n in sorted(self.gmanager.edges().items())
+            ],
+            "locality": {
+                "mean": loc.mean,
+                "overall": loc.overall,
+                "num_local": loc.num_local_blocks,
+                "num_blocks": loc.num_blocks,
+            },
             "borrowing": self.borrowing,
             "block_size": self.block_size,
             "false_replies": borrow.num_false_replies,
@@ -236,5 +269,13 @@ class InProcessCluster(Cluster):
         for inst in self.instances.values():
             inst.rmanager.check_integrity()
         self.gmanager.check_integrity()
-        check_cluster([pool_state(inst.rmanager, ((rid, r.block_table) for rid, r in inst.scheduler.requests.items()))
-                       for inst in self.instances.values()], self.gmanager.edges())
+        check_cluster(
+            [
+                pool_state(
+                    inst.rmanager,
+                    ((rid, r.block_table) for rid, r in inst.scheduler.requests.items()),
+                )
+                for inst in self.instances.values()
+            ],
+            self.gmanager.edges(),
+        )

@@ -62,7 +62,15 @@ from infinite_llm.scheduler.scheduler import Scheduler
 
 # The RManager calls a remote defragmentation executor may make (see ``RemoteRManager``).
 RMANAGER_CALLS = frozenset(
-    {"allocate", "reclaim", "repossess", "record_returned", "lent_refs", "borrowed_refs", "has_borrowed"}
+    {
+        "allocate",
+        "reclaim",
+        "repossess",
+        "record_returned",
+        "lent_refs",
+        "borrowed_refs",
+        "has_borrowed",
+    }
 )
 
 
@@ -95,7 +103,9 @@ def load_weights(config: EngineConfig) -> LlamaForCausalLM:
     model_dir = model_dir_for(resolve_model(config.model), progress=False)
     dtype, device = parse_dtype(config.dtype), torch.device(config.device)
     net = LlamaForCausalLM(read_hf_arch(model_dir), dtype, device)
-    net.load_weights((name, t.to(device=device, dtype=dtype)) for name, t in iter_safetensors(model_dir, False))
+    net.load_weights(
+        (name, t.to(device=device, dtype=dtype)) for name, t in iter_safetensors(model_dir, False)
+    )
     net.eval()
     net.prepack()
     return net
@@ -112,20 +122,37 @@ class InstanceActor:
         model = load_weights(config)
         arch = model.arch
         block_size = config.cache.block_size
-        pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, spec.num_blocks, block_size,
-                      parse_dtype(config.dtype), torch.device(config.device))
+        pool = KVPool(
+            arch.num_layers,
+            arch.num_kv_heads,
+            arch.head_dim,
+            spec.num_blocks,
+            block_size,
+            parse_dtype(config.dtype),
+            torch.device(config.device),
+        )
         rmanager = RManager(instance_id, spec.num_blocks, lending_cap=spec.lending_cap)
         self.transport = RayTransport(instance_id, pool, config.attention_impl)
-        self.gmanager = RemoteGManager(refresh=self.transport.peer_heartbeats,
-                                       refresh_interval_s=spec.heartbeat_interval_s)
+        self.gmanager = RemoteGManager(
+            refresh=self.transport.peer_heartbeats, refresh_interval_s=spec.heartbeat_interval_s
+        )
         self.borrow_stats = BorrowStats(latency=SampleRecorder())
         allocator = (
-            Borrower(rmanager, self.gmanager, self.transport.lend, self.transport.release, stats=self.borrow_stats)
-            if spec.borrowing else rmanager
+            Borrower(
+                rmanager,
+                self.gmanager,
+                self.transport.lend,
+                self.transport.release,
+                stats=self.borrow_stats,
+            )
+            if spec.borrowing
+            else rmanager
         )
         scheduler = Scheduler(config.scheduler, block_size, allocator)
         runner = ModelRunner(model, block_size, self.transport, seed=config.seed + instance_id)
-        self.instance = Instance(instance_id, runner, pool, rmanager, scheduler, config.attention_impl)
+        self.instance = Instance(
+            instance_id, runner, pool, rmanager, scheduler, config.attention_impl
+        )
         self.instance_id = instance_id
         self.shard_serve = SampleRecorder()
         self.receiver = ShardReceiver(block_size)
@@ -138,7 +165,9 @@ class InstanceActor:
         self.transport.set_peers(peers)
         self.gmanager.handle = gmanager
         if self._heartbeats is None:
-            self._heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+            self._heartbeats = threading.Thread(
+                target=self._heartbeat_loop, name="heartbeat", daemon=True
+            )
             self._heartbeats.start()
         return self.instance.heartbeat()
 
@@ -170,7 +199,9 @@ class InstanceActor:
         with self._lock:
             self.instance.finish_request(request_id, status)
 
-    def step(self, right_of_way: int | None = None, youngest_elsewhere: int | None = None) -> StepReply:
+    def step(
+        self, right_of_way: int | None = None, youngest_elsewhere: int | None = None
+    ) -> StepReply:
         """One step; a step that met a dead creditor is abandoned whole (retried next time).
         The arguments are what the other instances reported at their last step."""
         with self._lock:
@@ -282,7 +313,8 @@ class InstanceActor:
                 block_tables={rid: req.block_table.refs() for rid, req in sched.requests.items()},
                 borrow=borrow,
                 borrow_latency_s=latency.values(),
-                transport=self.transport.counters() | {"view_refreshes": self.gmanager.num_refreshes},
+                transport=self.transport.counters()
+                | {"view_refreshes": self.gmanager.num_refreshes},
                 layer_round_trip_s=self.transport.layer_round_trip.values(),
                 layer_remote_wait_s=self.transport.layer_remote_wait.values(),
                 shard_serve_s=self.shard_serve.values(),
@@ -316,6 +348,8 @@ class GManagerActor(GManager):
             return None
         if dead & (hb.lent_to.keys() | hb.borrowed_from.keys()):
             hb = dataclasses.replace(
-                hb, lent_to={i: n for i, n in hb.lent_to.items() if i not in dead},
-                borrowed_from={i: n for i, n in hb.borrowed_from.items() if i not in dead})
+                hb,
+                lent_to={i: n for i, n in hb.lent_to.items() if i not in dead},
+                borrowed_from={i: n for i, n in hb.borrowed_from.items() if i not in dead},
+            )
         return hb

@@ -68,13 +68,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join ``address`` or start a local Ray cluster; False (nothing done) if Ray is up already."""
     if ray.is_initialized():
         return False
-    quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                             "ignore_reinit_error": True}
+    quiet: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "ignore_reinit_error": True,
+    }
     if address is not None:
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **quiet, _system_config={
-            "max_direct_call_object_size": INLINE_BYTES, "task_rpc_inlined_bytes_limit": 4 * INLINE_BYTES})
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            **quiet,
+            _system_config={
+                "max_direct_call_object_size": INLINE_BYTES,
+                "task_rpc_inlined_bytes_limit": 4 * INLINE_BYTES,
+            },
+        )
     return True
 
 
@@ -95,9 +104,15 @@ class _Record:
         return prompt + max(0, self.request.max_tokens - len(self.output_token_ids))
 
     def rebuild(self) -> Request:
-        return dataclasses.replace(self.request, output_token_ids=list(self.output_token_ids),
-                                   num_preemptions=self.num_preemptions, block_table=BlockTable(),
-                                   num_computed_tokens=0, status=RequestStatus.WAITING, generator=None)
+        return dataclasses.replace(
+            self.request,
+            output_token_ids=list(self.output_token_ids),
+            num_preemptions=self.num_preemptions,
+            block_table=BlockTable(),
+            num_computed_tokens=0,
+            status=RequestStatus.WAITING,
+            generator=None,
+        )
 
 
 class RayCluster(Cluster):
@@ -108,8 +123,9 @@ class RayCluster(Cluster):
         self.num_blocks_per_instance = resolve_num_blocks(config, loaded.arch)
         self.borrowing = cache.enable_borrowing and config.num_instances > 1
         lending_cap = cache.lending_cap if self.borrowing else 0.0
-        self._max_blocks = max_request_blocks(self.num_blocks_per_instance, config.num_instances, lending_cap,
-                                              self.borrowing)
+        self._max_blocks = max_request_blocks(
+            self.num_blocks_per_instance, config.num_instances, lending_cap, self.borrowing
+        )
         cpus = os.cpu_count() or 1
         self._started_ray = init_ray(config.ray_address, max(cpus, config.num_instances + 1))
         local = config.ray_address is None
@@ -117,10 +133,15 @@ class RayCluster(Cluster):
         # This machine's cores shared by its actors, at most as many threads each as the driver
         # uses (what an in-process cluster would use for all of its instances).
         threads = max(1, min(torch.get_num_threads(), cpus // config.num_instances)) if local else 1
-        spec = InstanceSpec(config, self.num_blocks_per_instance, lending_cap, self.borrowing, threads)
+        spec = InstanceSpec(
+            config, self.num_blocks_per_instance, lending_cap, self.borrowing, threads
+        )
         actor_class = ray.remote(InstanceActor).options(
-            max_concurrency=self.max_concurrency, num_cpus=0 if local else 1, max_restarts=0,
-            scheduling_strategy="SPREAD")
+            max_concurrency=self.max_concurrency,
+            num_cpus=0 if local else 1,
+            max_restarts=0,
+            scheduling_strategy="SPREAD",
+        )
         self._actors: dict[int, Any] = {}
         self._gmanager: Any = None
         try:
@@ -134,7 +155,9 @@ class RayCluster(Cluster):
         self._records: dict[str, _Record] = {}
         self._pending: list[Any] = []  # control calls sent since the last step
         self._num_steps = 0
-        self._order: dict[int, tuple[int | None, int | None]] = {}  # last (blocked, youngest) per instance
+        self._order: dict[
+            int, tuple[int | None, int | None]
+        ] = {}  # last (blocked, youngest) per instance
         self.num_migrated_blocks = 0
         self.num_defrag_runs = 0
         self.num_failed_instances = 0
@@ -143,8 +166,16 @@ class RayCluster(Cluster):
         self.send_heartbeats()
 
     def _new_gmanager(self) -> Any:
-        forgotten = frozenset(range(self.config.num_instances)) - set(self._actors) if self._actors else frozenset()
-        return ray.remote(GManagerActor).options(max_concurrency=8, num_cpus=0, max_restarts=0).remote(forgotten)
+        forgotten = (
+            frozenset(range(self.config.num_instances)) - set(self._actors)
+            if self._actors
+            else frozenset()
+        )
+        return (
+            ray.remote(GManagerActor)
+            .options(max_concurrency=8, num_cpus=0, max_restarts=0)
+            .remote(forgotten)
+        )
 
     # -- contract ---------------------------------------------------------------------------
     @property
@@ -160,9 +191,12 @@ class RayCluster(Cluster):
             home = self._route(request.num_tokens)
         elif home not in self._actors:
             raise ValueError(f"no live instance {home}")
-        copy = dataclasses.replace(request, block_table=BlockTable(), output_token_ids=list(request.output_token_ids))
-        self._records[request.request_id] = _Record(copy, home, list(request.output_token_ids),
-                                                    request.num_preemptions)
+        copy = dataclasses.replace(
+            request, block_table=BlockTable(), output_token_ids=list(request.output_token_ids)
+        )
+        self._records[request.request_id] = _Record(
+            copy, home, list(request.output_token_ids), request.num_preemptions
+        )
         self._pending.append(self._actors[home].add_request.remote(request))
         return home
 
@@ -176,14 +210,20 @@ class RayCluster(Cluster):
         record = self._records.pop(request_id, None)
         if record is not None and record.home in self._actors:
             self._flush()  # it may not have reached its home yet
-            self._pending.append(getattr(self._actors[record.home], method).remote(request_id, *args))
+            self._pending.append(
+                getattr(self._actors[record.home], method).remote(request_id, *args)
+            )
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._records)
 
     def step(self) -> list[StepEvent]:
         self._flush()
-        order = cluster_order({i: self._order.get(i, (None, None)) for i in self._actors}) if self.borrowing else {}
+        order = (
+            cluster_order({i: self._order.get(i, (None, None)) for i in self._actors})
+            if self.borrowing
+            else {}
+        )
         refs = {i: a.step.remote(*order.get(i, (None, None))) for i, a in self._actors.items()}
         events: list[StepEvent] = []
         dead: set[int] = set()
@@ -199,7 +239,11 @@ class RayCluster(Cluster):
             self._order[i] = (reply.blocked_seq, reply.youngest_seq)
             suspects.update(reply.unreachable)
             gmanager_down |= reply.gmanager_unreachable
-        dead |= {i for i in suspects - dead if i in self._actors and not self._alive(self._actors[i], "ping")}
+        dead |= {
+            i
+            for i in suspects - dead
+            if i in self._actors and not self._alive(self._actors[i], "ping")
+        }
         self._track(events)
         if dead >= set(self._actors):
             raise RuntimeError(f"every instance actor died ({sorted(dead)})")
@@ -235,7 +279,9 @@ class RayCluster(Cluster):
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         for ref in pending:
-            with contextlib.suppress(RayActorError):  # a dead home: the next step re-homes its requests
+            with contextlib.suppress(
+                RayActorError
+            ):  # a dead home: the next step re-homes its requests
                 ray.get(ref)
 
     def _alive(self, actor: Any, method: str) -> bool:
@@ -245,7 +291,9 @@ class RayCluster(Cluster):
         except RayActorError:
             return False
         except GetTimeoutError:
-            logger.warning("an actor did not answer a ping within %.0fs; taken as alive", PING_TIMEOUT_S)
+            logger.warning(
+                "an actor did not answer a ping within %.0fs; taken as alive", PING_TIMEOUT_S
+            )
         return True
 
     def _gather(self, method: str, *args: Any) -> dict[int, Any]:
@@ -275,7 +323,9 @@ class RayCluster(Cluster):
     def defragment(self, with_repatriation: bool = True) -> int:
         """Run the gManager's plan now, between steps; returns how many rBlocks moved."""
         self.send_heartbeats()
-        plan = ray.get(self._gmanager.plan_defragmentation.remote(with_repatriation=with_repatriation))
+        plan = ray.get(
+            self._gmanager.plan_defragmentation.remote(with_repatriation=with_repatriation)
+        )
         if plan.is_empty:
             return 0
         managers = {i: RemoteRManager(a) for i, a in self._actors.items()}
@@ -289,17 +339,28 @@ class RayCluster(Cluster):
         # One cycle swap's moves form a ring: read every source before writing any target.
         sources = sorted({r.old.instance_id for r in relocations})
         moves = {s: [r for r in relocations if r.old.instance_id == s] for s in sources}
-        data = ray.get([self._actors[s].read_blocks.remote([r.old.block_id for r in moves[s]]) for s in sources])
+        data = ray.get(
+            [
+                self._actors[s].read_blocks.remote([r.old.block_id for r in moves[s]])
+                for s in sources
+            ]
+        )
         writes = []
         for src, (k, v) in zip(sources, data):
             for dst in sorted({r.new.instance_id for r in moves[src]}):
                 index = [j for j, r in enumerate(moves[src]) if r.new.instance_id == dst]
-                writes.append(self._actors[dst].write_blocks.remote(
-                    [moves[src][j].new.block_id for j in index], (k[0][:, :, index], k[1]),
-                    (v[0][:, :, index], v[1])))
+                writes.append(
+                    self._actors[dst].write_blocks.remote(
+                        [moves[src][j].new.block_id for j in index],
+                        (k[0][:, :, index], k[1]),
+                        (v[0][:, :, index], v[1]),
+                    )
+                )
         ray.get(writes)
         moved = sum(self._gather("relocate", relocations).values())
-        assert moved == len(relocations), f"moved {moved} block-table entries for {len(relocations)} rBlocks"
+        assert moved == len(relocations), (
+            f"moved {moved} block-table entries for {len(relocations)} rBlocks"
+        )
         self.num_migrated_blocks += moved
         self.num_defrag_runs += 1
         self.send_heartbeats()
@@ -316,12 +377,18 @@ class RayCluster(Cluster):
         ray.kill(actor, no_restart=True)
         self.num_failed_instances += 1
         ray.get(self._gmanager.forget_instance.remote(instance_id))
-        affected = [rid for lost in self._gather("drop_instance", instance_id).values() for rid in lost]
-        orphans = sorted((r for r in self._records.values() if r.home == instance_id),
-                         key=lambda r: r.request.arrival_time)
+        affected = [
+            rid for lost in self._gather("drop_instance", instance_id).values() for rid in lost
+        ]
+        orphans = sorted(
+            (r for r in self._records.values() if r.home == instance_id),
+            key=lambda r: r.request.arrival_time,
+        )
         self.send_heartbeats()
         for record in orphans:
-            record.home = self._route(record.request.num_prompt_tokens + len(record.output_token_ids))
+            record.home = self._route(
+                record.request.num_prompt_tokens + len(record.output_token_ids)
+            )
             self._pending.append(self._actors[record.home].adopt_request.remote(record.rebuild()))
             affected.append(record.request.request_id)
         self._flush()
@@ -353,11 +420,13 @@ class RayCluster(Cluster):
         edges = ray.get(self._gmanager.edges.remote())
         g = ray.get(self._gmanager.stats.remote())
         out = merged_stats(self.snapshots(), edges, g.num_queries, self.borrowing, self.block_size)
-        out.update({
-            "migrated_blocks": self.num_migrated_blocks,
-            "defrag_runs": self.num_defrag_runs,
-            "failed_instances": self.num_failed_instances,
-        })
+        out.update(
+            {
+                "migrated_blocks": self.num_migrated_blocks,
+                "defrag_runs": self.num_defrag_runs,
+                "failed_instances": self.num_failed_instances,
+            }
+        )
         out["ray"]["gmanager_restarts"] = self.num_gmanager_restarts
         out["ray"]["max_concurrency"] = self.max_concurrency
         return out

@@ -44,7 +44,10 @@ def _p(values: list[float], q: float) -> float:
 
 
 def merged_stats(
-    snaps: Sequence[InstanceSnapshot], edges: Mapping[Edge, int], gmanager_queries: int, borrowing: bool,
+    snaps: Sequence[InstanceSnapshot],
+    edges: Mapping[Edge, int],
+    gmanager_queries: int,
+    borrowing: bool,
     block_size: int,
 ) -> dict[str, Any]:
     """The keys of ``InProcessCluster.stats()`` (less the driver's own counters) plus ``ray``."""
@@ -74,9 +77,15 @@ def merged_stats(
             }
             for s in snaps
         ],
-        "ledger": [{"debtor": d, "creditor": c, "blocks": n} for (d, c), n in sorted(edges.items())],
-        "locality": {"mean": loc.mean, "overall": loc.overall, "num_local": loc.num_local_blocks,
-                     "num_blocks": loc.num_blocks},
+        "ledger": [
+            {"debtor": d, "creditor": c, "blocks": n} for (d, c), n in sorted(edges.items())
+        ],
+        "locality": {
+            "mean": loc.mean,
+            "overall": loc.overall,
+            "num_local": loc.num_local_blocks,
+            "num_blocks": loc.num_blocks,
+        },
         "borrowing": borrowing,
         "block_size": block_size,
         "false_replies": total("num_false_replies"),

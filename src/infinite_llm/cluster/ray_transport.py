@@ -70,7 +70,9 @@ def packed_nbytes(*items: Packed | None) -> int:
     return sum(p[0].nbytes for p in items if p is not None)
 
 
-BatchSpec = tuple[list[int], list[list[int]], list[int]]  # MABatch: query_lens, block_ids, context_lens
+BatchSpec = tuple[
+    list[int], list[list[int]], list[int]
+]  # MABatch: query_lens, block_ids, context_lens
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,13 @@ class ShardReceiver:
             spec = message.batch
             batch = None if spec is None else MABatch(spec[0], spec[1], spec[2], self.block_size)
             self._batches[message.debtor_id] = batch
-        return ShardWork(unpack(message.write_slots), unpack(message.k), unpack(message.v), unpack(message.q),
-                         batch)
+        return ShardWork(
+            unpack(message.write_slots),
+            unpack(message.k),
+            unpack(message.v),
+            unpack(message.q),
+            batch,
+        )
 
     def forget(self, debtor_id: int) -> None:
         self._batches.pop(debtor_id, None)
@@ -176,7 +183,9 @@ class RayTransport:
         """This actor's own pool (``LocalExecutor.local_pool``); a peer's is not here."""
         return self._local.local_pool(instance_id) if instance_id == self.instance_id else None
 
-    def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def run(
+        self, layer_idx: int, work: Mapping[int, ShardWork]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         start = time.perf_counter()
         calls: dict[int, Any] = {}
         missing: list[int] = []
@@ -223,10 +232,21 @@ class RayTransport:
         # A step's plan hands every layer the same MABatch object: its block lists cross once.
         batch = work.batch
         same = creditor_id in self._sent_batch and self._sent_batch[creditor_id] is batch
-        spec = None if same or batch is None else (batch.query_lens, batch.block_ids, batch.context_lens)
+        spec = (
+            None
+            if same or batch is None
+            else (batch.query_lens, batch.block_ids, batch.context_lens)
+        )
         self._sent_batch[creditor_id] = batch
-        return ShardMessage(self.instance_id, pack(work.q), pack(work.write_slots), pack(work.k), pack(work.v),
-                            spec, same)
+        return ShardMessage(
+            self.instance_id,
+            pack(work.q),
+            pack(work.write_slots),
+            pack(work.k),
+            pack(work.v),
+            spec,
+            same,
+        )
 
     # -- borrowing ----------------------------------------------------------------------------
     def lend(self, creditor_id: int, request: LendRequest) -> LendReply:
@@ -238,8 +258,12 @@ class RayTransport:
             except RayActorError:
                 with self._lock:
                     self.unreachable.add(creditor_id)
-        return LendReply(creditor_id=creditor_id, debtor_id=request.debtor_id,
-                         request_id=request.request_id, granted=None)
+        return LendReply(
+            creditor_id=creditor_id,
+            debtor_id=request.debtor_id,
+            request_id=request.request_id,
+            granted=None,
+        )
 
     def release(self, creditor_id: int, release: Release) -> None:
         peer = self._peers.get(creditor_id)
@@ -265,8 +289,11 @@ class RayTransport:
 
     def counters(self) -> dict[str, Any]:
         with self._lock:
-            return {"shard_calls": self.num_shard_calls, "bytes_sent": self.bytes_sent,
-                    "bytes_received": self.bytes_received}
+            return {
+                "shard_calls": self.num_shard_calls,
+                "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received,
+            }
 
 
 class RemoteGManager:
@@ -279,8 +306,12 @@ class RemoteGManager:
     that under-estimate alone would refuse a borrow (and preempt a request) that fits.
     """
 
-    def __init__(self, handle: Any = None, refresh: Callable[[], list[Heartbeat]] | None = None,
-                 refresh_interval_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        handle: Any = None,
+        refresh: Callable[[], list[Heartbeat]] | None = None,
+        refresh_interval_s: float = 0.02,
+    ) -> None:
         self.handle = handle
         self.unreachable = False  # a call failed since the last step reply
         self.refresh = refresh
@@ -304,14 +335,21 @@ class RemoteGManager:
         if rec is None:
             return Recommendation(debtor_id, num_blocks)
         now = time.monotonic()
-        if rec.is_empty and self.refresh is not None and now - self._refreshed_at >= self.refresh_interval_s:
+        if (
+            rec.is_empty
+            and self.refresh is not None
+            and now - self._refreshed_at >= self.refresh_interval_s
+        ):
             self._refreshed_at = now
             self.num_refreshes += 1
             heartbeats = self.refresh()
             handle = self.handle
             if handle is not None:
                 try:
-                    ray.get([handle.on_heartbeat.remote(hb) for hb in heartbeats] + [handle.resort.remote()])
+                    ray.get(
+                        [handle.on_heartbeat.remote(hb) for hb in heartbeats]
+                        + [handle.resort.remote()]
+                    )
                 except RayActorError:
                     self.unreachable = True
             rec = self._call("recommend", debtor_id, num_blocks) or rec

@@ -28,13 +28,20 @@ class Router:
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self._routed_blocks: dict[int, int] = {}  # blocks promised since the instance's last heartbeat
+        self._routed_blocks: dict[
+            int, int
+        ] = {}  # blocks promised since the instance's last heartbeat
 
     def on_heartbeat(self, instance_id: int) -> None:
         self._routed_blocks.pop(instance_id, None)
 
-    def pick(self, instance_ids: Sequence[int], free_blocks: dict[int, int], pending_tokens: dict[int, int],
-             num_tokens: int) -> int:
+    def pick(
+        self,
+        instance_ids: Sequence[int],
+        free_blocks: dict[int, int],
+        pending_tokens: dict[int, int],
+        num_tokens: int,
+    ) -> int:
         """``pending_tokens``: per instance, tokens still to prefill or generate there
         (``Scheduler.num_pending_tokens``); ``num_tokens``: the new request's context."""
         if not instance_ids:

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 
 class Transport(Protocol):
-    def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def run(
+        self, layer_idx: int, work: Mapping[int, ShardWork]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Every instance's share of one layer (the ``MAExecutor`` contract)."""
         ...
 
@@ -46,7 +48,9 @@ class InProcessTransport:
         self.instances.pop(instance_id, None)
         self._executor.pools = {i: inst.pool for i, inst in self.instances.items()}
 
-    def run(self, layer_idx: int, work: Mapping[int, ShardWork]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def run(
+        self, layer_idx: int, work: Mapping[int, ShardWork]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         self.num_shard_calls += max(0, len(work) - 1)
         return self._executor.run(layer_idx, work)
 
@@ -78,8 +82,12 @@ class InProcessTransport:
     def lend(self, creditor_id: int, request: LendRequest) -> LendReply:
         creditor = self.instances.get(creditor_id)
         if creditor is None:
-            return LendReply(creditor_id=creditor_id, debtor_id=request.debtor_id,
-                             request_id=request.request_id, granted=None)
+            return LendReply(
+                creditor_id=creditor_id,
+                debtor_id=request.debtor_id,
+                request_id=request.request_id,
+                granted=None,
+            )
         return creditor.lend(request)
 
     def release(self, creditor_id: int, release: Release) -> None:

@@ -59,7 +59,9 @@ class Instance:
         if out.is_empty:
             return []
         sampled = self.runner.execute(out)
-        results = self.scheduler.update_from_output(out, {rid: s.token_id for rid, s in sampled.items()})
+        results = self.scheduler.update_from_output(
+            out, {rid: s.token_id for rid, s in sampled.items()}
+        )
         return [
             StepEvent(
                 r.request.request_id,
@@ -81,7 +83,9 @@ class Instance:
     def reclaim(self, release: Release) -> None:
         self.rmanager.reclaim(release)
 
-    def run_shard(self, layer_idx: int, work: ShardWork) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run_shard(
+        self, layer_idx: int, work: ShardWork
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A debtor's share of one layer on this pool: store its new K,V, then MA over its rBlocks
         (the same order as every executor: a decode token's MA reads its own K,V)."""
         return self._local.run(layer_idx, {self.instance_id: work}).get(self.instance_id)

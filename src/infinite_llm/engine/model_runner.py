@@ -11,7 +11,9 @@ from infinite_llm.scheduler.output import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, block_size: int, executor: MAExecutor, seed: int = 0) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, block_size: int, executor: MAExecutor, seed: int = 0
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.executor = executor

@@ -45,13 +45,22 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, TrackedRequest] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> TrackedRequest:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+    ) -> TrackedRequest:
         want = params.logprobs is not None
         tracked = TrackedRequest(
-            request_id=request_id, prompt=prompt, prompt_token_ids=prompt_token_ids, params=params,
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
-            logprobs=[] if want else None, cumulative_logprob=0.0 if want else None,
+            logprobs=[] if want else None,
+            cumulative_logprob=0.0 if want else None,
         )
         self.requests[request_id] = tracked
         return tracked
@@ -68,7 +77,11 @@ class OutputProcessor:
             tracked.output_token_ids.append(sampled.token_id)
             if tracked.first_token_time is None:
                 tracked.first_token_time = time.monotonic()
-            if tracked.logprobs is not None and sampled.top_logprobs is not None and sampled.logprob is not None:
+            if (
+                tracked.logprobs is not None
+                and sampled.top_logprobs is not None
+                and sampled.logprob is not None
+            ):
                 tracked.logprobs.append(sampled.top_logprobs)
                 assert tracked.cumulative_logprob is not None
                 tracked.cumulative_logprob += sampled.logprob
@@ -83,10 +96,14 @@ class OutputProcessor:
             return None, False  # a prefill chunk: nothing to show yet
         return self.make_output(tracked), stopped
 
-    def finish(self, tracked: TrackedRequest, reason: str, stop_reason: int | str | None = None) -> None:
+    def finish(
+        self, tracked: TrackedRequest, reason: str, stop_reason: int | str | None = None
+    ) -> None:
         if tracked.finished:
             return
-        if tracked.detokenizer.stop_string is not None:  # a stop string beats a same-step token stop
+        if (
+            tracked.detokenizer.stop_string is not None
+        ):  # a stop string beats a same-step token stop
             reason, stop_reason = "stop", tracked.detokenizer.stop_string
         tracked.finish_reason = reason
         tracked.stop_reason = stop_reason
@@ -117,15 +134,23 @@ class OutputProcessor:
             request_id=tracked.request_id,
             prompt=tracked.prompt,
             prompt_token_ids=tracked.prompt_token_ids,
-            outputs=[CompletionOutput(
-                index=0, text=text, token_ids=token_ids, cumulative_logprob=tracked.cumulative_logprob,
-                logprobs=list(tracked.logprobs) if tracked.logprobs is not None else None,
-                finish_reason=tracked.finish_reason, stop_reason=tracked.stop_reason,
-            )],
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text=text,
+                    token_ids=token_ids,
+                    cumulative_logprob=tracked.cumulative_logprob,
+                    logprobs=list(tracked.logprobs) if tracked.logprobs is not None else None,
+                    finish_reason=tracked.finish_reason,
+                    stop_reason=tracked.stop_reason,
+                )
+            ],
             finished=finished,
             metrics=RequestMetrics(
-                arrival_time=tracked.arrival_time, first_token_time=tracked.first_token_time,
-                finished_time=tracked.finished_time, num_preemptions=tracked.num_preemptions,
+                arrival_time=tracked.arrival_time,
+                first_token_time=tracked.first_token_time,
+                finished_time=tracked.finished_time,
+                num_preemptions=tracked.num_preemptions,
             ),
             delta_text=delta_text,
             delta_token_ids=delta_tokens,

@@ -31,18 +31,32 @@ class PoolState:
     block_tables: Mapping[str, Sequence[BlockRef]]  # the instance's own requests
 
 
-def pool_state(rmanager: RManager, block_tables: Iterable[tuple[str, Iterable[BlockRef]]]) -> PoolState:
+def pool_state(
+    rmanager: RManager, block_tables: Iterable[tuple[str, Iterable[BlockRef]]]
+) -> PoolState:
     """A live instance's view (after ``rmanager.check_integrity()`` has passed)."""
-    return PoolState(rmanager.instance_id, rmanager.num_blocks, rmanager.num_free_blocks,
-                     rmanager.num_used_blocks, rmanager.num_lent_blocks, rmanager.num_borrowed_blocks,
-                     rmanager.lent_counts(), {rid: list(refs) for rid, refs in block_tables})
+    return PoolState(
+        rmanager.instance_id,
+        rmanager.num_blocks,
+        rmanager.num_free_blocks,
+        rmanager.num_used_blocks,
+        rmanager.num_lent_blocks,
+        rmanager.num_borrowed_blocks,
+        rmanager.lent_counts(),
+        {rid: list(refs) for rid, refs in block_tables},
+    )
 
 
 def pool_counts(rmanager: RManager) -> dict[str, int]:
     """An instance's rBlock counts as every cluster's ``stats()`` reports them."""
-    return {"instance_id": rmanager.instance_id, "num_blocks": rmanager.num_blocks,
-            "free": rmanager.num_free_blocks, "used": rmanager.num_used_blocks,
-            "lent": rmanager.num_lent_blocks, "borrowed": rmanager.num_borrowed_blocks}
+    return {
+        "instance_id": rmanager.instance_id,
+        "num_blocks": rmanager.num_blocks,
+        "free": rmanager.num_free_blocks,
+        "used": rmanager.num_used_blocks,
+        "lent": rmanager.num_lent_blocks,
+        "borrowed": rmanager.num_borrowed_blocks,
+    }
 
 
 def check_cluster(pools: Sequence[PoolState | Any], edges: Mapping[Edge, int]) -> None:
@@ -55,7 +69,9 @@ def check_cluster(pools: Sequence[PoolState | Any], edges: Mapping[Edge, int]) -
         i = p.instance_id
         for refs in p.block_tables.values():
             for ref in refs:
-                assert ref.instance_id in held, f"instance {i} holds an rBlock on dead instance {ref.instance_id}"
+                assert ref.instance_id in held, (
+                    f"instance {i} holds an rBlock on dead instance {ref.instance_id}"
+                )
                 held[ref.instance_id].append(ref.block_id)
                 if ref.instance_id != i:
                     borrowed[i] += 1
@@ -71,7 +87,9 @@ def check_cluster(pools: Sequence[PoolState | Any], edges: Mapping[Edge, int]) -
             f"instance {i}: requests hold {borrowed[i]} remote rBlocks, manager records {p.num_borrowed}"
         )
         assert lent[i] == p.num_lent, f"instance {i}: lent {p.num_lent}, in use remotely {lent[i]}"
-        assert p.num_free + p.num_used + p.num_lent == p.num_blocks, f"instance {i}: counts do not add up"
+        assert p.num_free + p.num_used + p.num_lent == p.num_blocks, (
+            f"instance {i}: counts do not add up"
+        )
     ledger = {pair: n for pair, n in edges.items() if n}
     actual = {(d, p.instance_id): n for p in pools for d, n in p.lent_counts.items() if n}
     assert ledger == actual, f"ledger {ledger} != what creditors have lent {actual}"

@@ -99,7 +99,11 @@ class ModelArchConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` transformers can load (used by the exporter and the tests)."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+        }
         rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
@@ -120,8 +124,9 @@ class ModelArchConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else
-            (self.eos_token_ids[0] if self.eos_token_ids else None),
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) > 1
+            else (self.eos_token_ids[0] if self.eos_token_ids else None),
         }
         if self.rope_scaling:
             cfg["rope_scaling"] = dict(self.rope_scaling)

@@ -63,7 +63,11 @@ def export_hf(model: str, out_dir: str, dtype: str = "float32") -> str:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, f, indent=2)
+        json.dump(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]},
+            f,
+            indent=2,
+        )
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     tokenizer.model_max_length = arch.max_position_embeddings
     # save_jinja_files=False keeps the chat template inside tokenizer_config.json, where tools

@@ -15,22 +15,30 @@ class RMSNorm(nn.Module):
 
     float32 rows on CPU go through one C call (``native_norm``), torch elsewhere."""
 
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             out = native_norm.rms_norm(x, self.weight, self.eps) if x.is_cpu else None
             # One fused kernel; bitwise equal to the formula below in float32.
-            return out if out is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return (
+                out if out is not None else F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            )
         input_dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(input_dtype)
 
-    def add_forward(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(
+        self, residual: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta, its norm). On CPU in float32, one C call that adds in place:
         ``residual`` must be the caller's own (a decoder layer's running hidden state)."""
         if residual.is_cpu and residual.dtype == torch.float32:
@@ -47,7 +55,9 @@ def _rope_inv_freq(arch: ModelArchConfig) -> tuple[torch.Tensor, float]:
         inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
     if arch.rope_type == "dynamic":
-        raise ValueError("dynamic NTK RoPE scaling is not supported (its frequencies depend on the batch)")
+        raise ValueError(
+            "dynamic NTK RoPE scaling is not supported (its frequencies depend on the batch)"
+        )
     # Scaled variants (linear, llama3, yarn, longrope): transformers' own implementation.
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -66,7 +76,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = _rope_inv_freq(arch)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] -> (cos, signed sin): [T, 1, head_dim], broadcast over heads.
 
         The sine comes with the rotate-half sign folded in (first half negated), for ``apply_rotary``.
@@ -104,8 +116,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def can_prepack(weight: torch.Tensor) -> bool:
     """oneDNN pre-packed linears: CPU, float32 (bfloat16 packing needs AVX-512 or AVX-NE-CONVERT)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 class PackedLinear(nn.Module):
@@ -118,7 +134,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight_nbytes = weight.numel() * weight.element_size()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)  # opaque mkldnn tensor
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach(), None
+        )  # opaque mkldnn tensor
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,4 +145,8 @@ class PackedLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight back in its plain layout, bit for bit (identity rows times it are exact)."""
         eye = torch.eye(self.in_features, dtype=torch.float32)
-        return torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [], "").t().contiguous()
+        return (
+            torch.ops.mkldnn._linear_pointwise(eye, self.packed, None, "none", [], "")
+            .t()
+            .contiguous()
+        )

@@ -41,7 +41,9 @@ class AttentionBackend(Protocol):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArchConfig, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, arch: ModelArchConfig, layer_idx: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         h, d = arch.hidden_size, arch.head_dim
@@ -53,7 +55,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, arch.rms_norm_eps, **kw)
         # q, k, v fused in one GEMM; gate and up fused in another.
         # Weights come from a checkpoint: skip_init avoids a random initialisation we'd overwrite.
-        self.qkv_proj = skip_init(nn.Linear, h, self.q_size + 2 * self.kv_size, bias=arch.attention_bias, **kw)
+        self.qkv_proj = skip_init(
+            nn.Linear, h, self.q_size + 2 * self.kv_size, bias=arch.attention_bias, **kw
+        )
         self.o_proj = skip_init(nn.Linear, self.q_size, h, bias=False, **kw)
         self.gate_up_proj = skip_init(nn.Linear, h, 2 * arch.intermediate_size, bias=False, **kw)
         self.down_proj = skip_init(nn.Linear, arch.intermediate_size, h, bias=False, **kw)
@@ -77,12 +81,16 @@ class DecoderLayer(nn.Module):
             residual, h = self.input_layernorm.add_forward(residual, x)
         qkv = self.qkv_proj(h)
         # q and k heads rotate together: one set of kernels for both.
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = qkv[:, : self.q_size + self.kv_size].view(
+            t, self.num_heads + self.num_kv_heads, self.head_dim
+        )
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         o = attn(self.layer_idx, q, k, v)  # [T, num_heads, head_dim]
-        residual, h = self.post_attention_layernorm.add_forward(residual, self.o_proj(o.reshape(t, self.q_size)))
+        residual, h = self.post_attention_layernorm.add_forward(
+            residual, self.o_proj(o.reshape(t, self.q_size))
+        )
         return self.down_proj(silu_mul(self.gate_up_proj(h))), residual
 
 
@@ -96,7 +104,9 @@ class LlamaForCausalLM(nn.Module):
         self.device = device
         kw = {"dtype": dtype, "device": device}
         self.embed_tokens = skip_init(nn.Embedding, arch.vocab_size, arch.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype, device) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, i, dtype, device) for i in range(arch.num_layers)
+        )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.rotary = RotaryEmbedding(arch, device)
         if arch.tie_word_embeddings:
@@ -170,8 +180,11 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         params = dict(self.named_parameters(remove_duplicate=False))
         fused = {
-            "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+            "q_proj": ("qkv_proj", 0),
+            "k_proj": ("qkv_proj", 1),
+            "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1),
         }
         for name, tensor in weights:
             name = name.removeprefix("model.")
@@ -196,7 +209,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             self._copy(params, name, tensor)
             loaded.add(name)
-        missing = sorted(set(params) - loaded - ({"lm_head_weight"} if self.arch.tie_word_embeddings else set()))
+        missing = sorted(
+            set(params) - loaded - ({"lm_head_weight"} if self.arch.tie_word_embeddings else set())
+        )
         if pending or missing:
             raise ValueError(f"checkpoint is incomplete: missing {sorted(pending) + missing}")
 
@@ -206,5 +221,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"unexpected tensor in checkpoint: {name}")
         param = params[name]
         if tuple(param.shape) != tuple(tensor.shape):
-            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            raise ValueError(
+                f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
         param.data.copy_(tensor)

@@ -33,7 +33,10 @@ MAX_HEAD_DIM = 512  # rope_f32's row buffer
 
 
 class _LayerWeights(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in ["qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_norm"]]
+    _fields_ = [
+        (n, ctypes.c_int64)
+        for n in ["qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_norm"]
+    ]
 
 
 _STEP_INTS = "num_layers t hidden num_heads num_kv_heads head_dim intermediate num_threads"
@@ -84,7 +87,9 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> bool
         or not (cos.is_contiguous() and signed_sin.is_contiguous())
     ):
         return False
-    native.lib.rope_f32(qk.data_ptr(), t, heads, d, qk.stride(0), cos.data_ptr(), signed_sin.data_ptr())
+    native.lib.rope_f32(
+        qk.data_ptr(), t, heads, d, qk.stride(0), cos.data_ptr(), signed_sin.data_ptr()
+    )
     return True
 
 
@@ -92,7 +97,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up for gate_up = [gate | up] rows [T, 2n] float32 contiguous on CPU; None
     where it does not apply."""
     native = native_library()
-    if native is None or gate_up.dtype != torch.float32 or not gate_up.is_cpu or not gate_up.is_contiguous():
+    if (
+        native is None
+        or gate_up.dtype != torch.float32
+        or not gate_up.is_cpu
+        or not gate_up.is_contiguous()
+    ):
         return None
     t, n2 = gate_up.shape
     out = torch.empty(t, n2 // 2, dtype=torch.float32)
@@ -150,7 +160,9 @@ class NativeDecoder:
         if arch.head_dim > MAX_HEAD_DIM or arch.head_dim % 2:
             return None
         linears = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-        if not all(isinstance(getattr(layer, n), NativeLinear) for layer in model.layers for n in linears):
+        if not all(
+            isinstance(getattr(layer, n), NativeLinear) for layer in model.layers for n in linears
+        ):
             return None
         if any(getattr(layer, n).bias is not None for layer in model.layers for n in linears[1:]):
             return None

@@ -34,7 +34,11 @@ def native_library() -> NativeLibrary | None:
 
 def supports(weight: torch.Tensor) -> bool:
     """Whether this weight can be a ``NativeLinear`` (builds the kernel on first call)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and native_library() is not None
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and native_library() is not None
+    )
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
@@ -81,11 +85,21 @@ class NativeLinear(nn.Module):
         y = torch.empty(m, n, dtype=torch.float32)
         if m:
             self._run(
-                x.data_ptr(), m, self.in_features, x.stride(0), self._panels_ptr, self._bias_ptr,
-                n, y.data_ptr(), n, torch.get_num_threads(),
+                x.data_ptr(),
+                m,
+                self.in_features,
+                x.stride(0),
+                self._panels_ptr,
+                self._bias_ptr,
+                n,
+                y.data_ptr(),
+                n,
+                torch.get_num_threads(),
             )
         return y
 
     def dense_weight(self) -> torch.Tensor:
         """The weight back in its plain [n, k] layout, bit for bit."""
-        return self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features].clone()
+        return (
+            self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features].clone()
+        )

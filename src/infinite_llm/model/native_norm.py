@@ -48,7 +48,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if native is None or not _fits(x, weight):
         return None
     out = torch.empty_like(x)
-    native.lib.rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    native.lib.rms_norm(
+        x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr()
+    )
     return out
 
 

@@ -22,8 +22,12 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def convert_ids_to_tokens(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> list[str]:
-        return self.hf.convert_ids_to_tokens(list(token_ids), skip_special_tokens=skip_special_tokens)
+    def convert_ids_to_tokens(
+        self, token_ids: Sequence[int], skip_special_tokens: bool = True
+    ) -> list[str]:
+        return self.hf.convert_ids_to_tokens(
+            list(token_ids), skip_special_tokens=skip_special_tokens
+        )
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self.hf.convert_tokens_to_string(tokens)

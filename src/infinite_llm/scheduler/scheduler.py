@@ -81,14 +81,18 @@ def grant_right_of_way(schedulers: Mapping[int, Scheduler]) -> None:
         schedulers[i].right_of_way, schedulers[i].youngest_elsewhere = right_of_way, youngest
 
 
-def cluster_order(reports: Mapping[int, tuple[int | None, int | None]]) -> dict[int, tuple[int | None, int | None]]:
+def cluster_order(
+    reports: Mapping[int, tuple[int | None, int | None]],
+) -> dict[int, tuple[int | None, int | None]]:
     """Per instance, from every instance's ``(blocked_seq, youngest_seq)``: the oldest blocked
     and the youngest running request on the *other* instances."""
     out: dict[int, tuple[int | None, int | None]] = {}
     for i in reports:
         others = [r for j, r in reports.items() if j != i]
-        out[i] = (min((b for b, _ in others if b is not None), default=None),
-                  max((y for _, y in others if y is not None), default=None))
+        out[i] = (
+            min((b for b, _ in others if b is not None), default=None),
+            max((y for _, y in others if y is not None), default=None),
+        )
     return out
 
 
@@ -190,7 +194,12 @@ class Scheduler:
         blocked = [r.arrival_seq for r in stalled]
         if out.preempted:
             blocked.append(self.waiting[0].arrival_seq)
-        while not short and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (
+            not short
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             request = self.waiting[0]
             if self.right_of_way is not None and request.arrival_seq > self.right_of_way:
                 break  # an older request elsewhere waits for memory: it goes first
@@ -215,7 +224,9 @@ class Scheduler:
         ``block_size`` tokens, capped by ``max_tokens``."""
         bs, need = self.block_size, 0
         for r in self.running:
-            target = min(r.num_prompt_tokens + r.max_tokens, max(r.num_tokens, r.num_prompt_tokens) + bs)
+            target = min(
+                r.num_prompt_tokens + r.max_tokens, max(r.num_tokens, r.num_prompt_tokens) + bs
+            )
             need += max(0, -(-target // bs) - len(r.block_table))
         return need
 
@@ -235,7 +246,9 @@ class Scheduler:
         if refs is None:
             return False
         if spare:
-            self.allocator.free(refs[need:])  # local rBlocks come first: the spare are borrowed ones
+            self.allocator.free(
+                refs[need:]
+            )  # local rBlocks come first: the spare are borrowed ones
         request.block_table.append(refs[:need])
         return True
 
@@ -255,7 +268,9 @@ class Scheduler:
         """The youngest running request's ``arrival_seq`` (None when nothing runs)."""
         return max((r.arrival_seq for r in self.running), default=None)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[StepResult]:
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: Mapping[str, int]
+    ) -> list[StepResult]:
         """Advance every scheduled request; append sampled tokens; finish on token-level stops."""
         results: list[StepResult] = []
         for item in out.scheduled:

@@ -55,7 +55,11 @@ class SimClusterConfig:
     def __post_init__(self) -> None:
         if self.num_instances < 1 or self.num_blocks_per_instance < 1 or self.block_size < 1:
             raise ValueError("num_instances, num_blocks_per_instance and block_size must be >= 1")
-        if self.heartbeat_interval_s <= 0 or self.defrag_interval_s <= 0 or self.defrag_every_steps < 1:
+        if (
+            self.heartbeat_interval_s <= 0
+            or self.defrag_interval_s <= 0
+            or self.defrag_every_steps < 1
+        ):
             raise ValueError("heartbeat and defragmentation intervals must be positive")
 
     @property
@@ -101,9 +105,12 @@ class SimCluster:
             rmanager = RManager(i, config.num_blocks_per_instance, lending_cap=lending_cap)
             allocator = (
                 Borrower(rmanager, self.views, self._lend, self._release, stats=self.borrow_stats)
-                if self.borrowing else rmanager
+                if self.borrowing
+                else rmanager
             )
-            self.instances[i] = SimInstance(i, rmanager, Scheduler(config.scheduler, self.block_size, allocator))
+            self.instances[i] = SimInstance(
+                i, rmanager, Scheduler(config.scheduler, self.block_size, allocator)
+            )
         self.max_request_tokens = config.max_request_tokens
         self.num_migrated_blocks = 0
         self.num_defrag_runs = 0
@@ -119,7 +126,9 @@ class SimCluster:
     # -- requests ---------------------------------------------------------------------------
     def route(self, num_tokens: int) -> int:
         pending = {i: inst.scheduler.num_pending_tokens for i, inst in self.instances.items()}
-        return self.router.pick(sorted(self.instances), self.gmanager.free_blocks(), pending, num_tokens)
+        return self.router.pick(
+            sorted(self.instances), self.gmanager.free_blocks(), pending, num_tokens
+        )
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
@@ -185,8 +194,12 @@ class SimCluster:
         for inst in self.instances.values():
             inst.rmanager.check_integrity()
         self.gmanager.check_integrity()
-        pools = [pool_state(inst.rmanager, ((rid, r.block_table) for rid, r in inst.scheduler.requests.items()))
-                 for inst in self.instances.values()]
+        pools = [
+            pool_state(
+                inst.rmanager, ((rid, r.block_table) for rid, r in inst.scheduler.requests.items())
+            )
+            for inst in self.instances.values()
+        ]
         check_cluster(pools, self.gmanager.edges())
         num_borrowed = sum(p.num_borrowed for p in pools)
         assert self.tracker.num_borrowed_blocks == num_borrowed, (
@@ -196,7 +209,7 @@ class SimCluster:
     def all_free(self) -> bool:
         """Every pool entirely free, nothing lent or borrowed (after a run drained)."""
         return all(
-            inst.rmanager.num_free_blocks == inst.rmanager.num_blocks and not inst.rmanager.num_borrowed_blocks
+            inst.rmanager.num_free_blocks == inst.rmanager.num_blocks
+            and not inst.rmanager.num_borrowed_blocks
             for inst in self.instances.values()
         )
-

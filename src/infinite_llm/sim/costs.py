@@ -127,7 +127,11 @@ class RooflineCosts:
         if spec.tp_size > 1:  # two all-reduces of the hidden state per layer
             ring = 2 * (spec.tp_size - 1) / spec.tp_size
             payload = work.num_new_tokens * m.hidden_size * m.weight_bytes_per_param * ring
-            tp = 2 * self._layers * (spec.device.allreduce_latency_s + payload / spec.device.link_bandwidth)
+            tp = (
+                2
+                * self._layers
+                * (spec.device.allreduce_latency_s + payload / spec.device.link_bandwidth)
+            )
         local = self._roofline(work.self_pairs * self._attn_flops, 0.0)
         net = spec.network
         remote = 0.0
@@ -137,8 +141,10 @@ class RooflineCosts:
             if shard.instance_id == work.home_id:
                 local += ma
                 continue
-            per_layer_bytes = (shard.num_rows * (self._q_bytes + self._partial_bytes)
-                               + shard.num_writes * self._kv_token_layer)
+            per_layer_bytes = (
+                shard.num_rows * (self._q_bytes + self._partial_bytes)
+                + shard.num_writes * self._kv_token_layer
+            )
             wire = self._layers * (net.round_trip_s + per_layer_bytes / net.bandwidth)
             remote = max(remote, wire + ma)
             creditors[shard.instance_id] = creditors.get(shard.instance_id, 0.0) + ma

@@ -57,8 +57,11 @@ class Samples:
     migrations: list[MigrationSample]
 
     def without(self, run: str) -> Samples:
-        return Samples([s for s in self.steps if s.run != run], [s for s in self.overheads if s.run != run],
-                       [s for s in self.migrations if s.run != run])
+        return Samples(
+            [s for s in self.steps if s.run != run],
+            [s for s in self.overheads if s.run != run],
+            [s for s in self.migrations if s.run != run],
+        )
 
 
 def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12, max_iter: int = 1000) -> np.ndarray:
@@ -71,7 +74,9 @@ def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12, max_iter: int = 1000)
     x = np.zeros(num_cols)
     w = a.T @ (b - a @ x)
     for _ in range(max_iter):
-        if passive.all() or w[~passive].max(initial=-np.inf) <= tol * max(1.0, float(np.abs(b).max(initial=0.0))):
+        if passive.all() or w[~passive].max(initial=-np.inf) <= tol * max(
+            1.0, float(np.abs(b).max(initial=0.0))
+        ):
             break
         passive[int(np.argmax(np.where(passive, -np.inf, w)))] = True
         while True:
@@ -94,7 +99,9 @@ def nnls(a: np.ndarray, b: np.ndarray, tol: float = 1e-12, max_iter: int = 1000)
 def fit_linear_costs(samples: Samples) -> tuple[LinearCosts, dict[str, Any]]:
     """Fitted costs and how well they explain the step samples."""
     if len(samples.steps) < len(FEATURES):
-        raise ValueError(f"need at least {len(FEATURES)} step samples to fit, got {len(samples.steps)}")
+        raise ValueError(
+            f"need at least {len(FEATURES)} step samples to fit, got {len(samples.steps)}"
+        )
     a = np.array([s.features for s in samples.steps], dtype=float)
     b = np.array([s.seconds for s in samples.steps], dtype=float)
     coef = nnls(a, b)
@@ -105,8 +112,11 @@ def fit_linear_costs(samples: Samples) -> tuple[LinearCosts, dict[str, Any]]:
     overhead = float(np.mean([s.seconds for s in samples.overheads])) if samples.overheads else 0.0
     moved = sum(m.num_blocks for m in samples.migrations)
     migrate = sum(m.seconds for m in samples.migrations) / moved if moved else 0.0
-    costs = LinearCosts(tuple(float(c) for c in coef), cluster_step_s=max(0.0, overhead),
-                        migrate_block_s=max(0.0, migrate))
+    costs = LinearCosts(
+        tuple(float(c) for c in coef),
+        cluster_step_s=max(0.0, overhead),
+        migrate_block_s=max(0.0, migrate),
+    )
     report = {
         "num_step_samples": len(samples.steps),
         "num_cluster_steps": len(samples.overheads),
@@ -119,14 +129,22 @@ def fit_linear_costs(samples: Samples) -> tuple[LinearCosts, dict[str, Any]]:
     return costs, report
 
 
-def fit_document(costs: LinearCosts, report: dict[str, Any], config: dict[str, Any],
-                 workload: dict[str, Any], machine: dict[str, Any]) -> dict[str, Any]:
+def fit_document(
+    costs: LinearCosts,
+    report: dict[str, Any],
+    config: dict[str, Any],
+    workload: dict[str, Any],
+    machine: dict[str, Any],
+) -> dict[str, Any]:
     """The JSON ``presets.preset_from_fit`` reads back."""
     return {
         "version": FIT_VERSION,
         "features": list(FEATURES),
-        "costs": {"coefficients": costs.as_dict(), "cluster_step_s": costs.cluster_step_s,
-                  "migrate_block_s": costs.migrate_block_s},
+        "costs": {
+            "coefficients": costs.as_dict(),
+            "cluster_step_s": costs.cluster_step_s,
+            "migrate_block_s": costs.migrate_block_s,
+        },
         "fit": report,
         "config": config,
         "workload": workload,

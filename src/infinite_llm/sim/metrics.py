@@ -108,14 +108,20 @@ def summarize(records: Iterable[RequestRecord], totals: WorkTotals | None = None
     }
     if totals is not None:
         needed = sum(r.num_tokens - 1 for r in done)  # the last sampled token is never computed
-        summary.update({
-            "num_steps": totals.num_steps,
-            "busy_s": totals.busy_s,
-            "computed_tokens": totals.new_tokens,
-            "recomputed_fraction": max(0.0, 1.0 - needed / totals.new_tokens) if totals.new_tokens else 0.0,
-            "kv_locality": totals.kv_locality,
-            "remote_ma_calls_per_step": totals.remote_calls / totals.num_steps if totals.num_steps else 0.0,
-        })
+        summary.update(
+            {
+                "num_steps": totals.num_steps,
+                "busy_s": totals.busy_s,
+                "computed_tokens": totals.new_tokens,
+                "recomputed_fraction": max(0.0, 1.0 - needed / totals.new_tokens)
+                if totals.new_tokens
+                else 0.0,
+                "kv_locality": totals.kv_locality,
+                "remote_ma_calls_per_step": totals.remote_calls / totals.num_steps
+                if totals.num_steps
+                else 0.0,
+            }
+        )
     return summary
 
 

@@ -128,7 +128,9 @@ def step_work(
         self_pairs += new * (new + 1) // 2
         per_inst = counts(request)
         num_ctx_blocks = -(-done // bs)
-        tail: dict[int, int] | None = None  # blocks appended for this step's tokens, not context yet
+        tail: dict[int, int] | None = (
+            None  # blocks appended for this step's tokens, not context yet
+        )
         for index in range(num_ctx_blocks, len(table)):
             tail = tail or {}
             inst = table[index].instance_id
@@ -160,5 +162,6 @@ def step_work(
         ShardLoad(i, rows.get(i, 0), ctx.get(i, 0), pairs.get(i, 0), writes.get(i, 0))
         for i in sorted(set(ctx) | set(writes))
     )
-    return StepWork(home_id, len(out.scheduled), num_new, num_samples, self_pairs, shards,
-                    num_borrow_messages)
+    return StepWork(
+        home_id, len(out.scheduled), num_new, num_samples, self_pairs, shards, num_borrow_messages
+    )

@@ -32,14 +32,24 @@ def plot_ratios(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
+        print(
+            "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
+        )
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, values) in enumerate(throughput.items()):
         color = f"C{i}"
-        left.plot(counts, values, "o-", color=color, label=f"{name} (measured)" if predicted_throughput else name)
+        left.plot(
+            counts,
+            values,
+            "o-",
+            color=color,
+            label=f"{name} (measured)" if predicted_throughput else name,
+        )
         if predicted_throughput and name in predicted_throughput:
-            left.plot(counts, predicted_throughput[name], "x--", color=color, label=f"{name} (simulated)")
+            left.plot(
+                counts, predicted_throughput[name], "x--", color=color, label=f"{name} (simulated)"
+            )
     left.axhspan(*PAPER_THROUGHPUT, color="0.85", zorder=0, label="paper: 1.03-2.4x")
     left.axhline(1.0, color="0.4", lw=0.8)
     left.set_xscale("log", base=2)
@@ -48,7 +58,13 @@ def plot_ratios(
     left.set_ylabel("throughput, ours / no-borrow")
     left.legend(fontsize=8)
     left.set_title("end-to-end throughput")
-    right.plot(counts, context, "o-", color="C0", label="measured" if predicted_context else "ours / no-borrow")
+    right.plot(
+        counts,
+        context,
+        "o-",
+        color="C0",
+        label="measured" if predicted_context else "ours / no-borrow",
+    )
     if predicted_context is not None:
         right.plot(counts, predicted_context, "x--", color="C1", label="simulated")
     right.plot(counts, list(counts), ":", color="0.4", label="pooled memory (y = N)")

@@ -111,9 +111,12 @@ class Preset:
         return self.cluster.num_blocks_per_instance * self.cluster.block_size
 
 
-def a100_preset(name: str, model: ModelSpec, tp_size: int, instance_counts: tuple[int, ...],
-                description: str) -> Preset:
-    spec = InstanceSpec(model, A100_80GB, tp_size, NETWORK_200G, step_overhead_s=2e-3, per_seq_overhead_s=10e-6)
+def a100_preset(
+    name: str, model: ModelSpec, tp_size: int, instance_counts: tuple[int, ...], description: str
+) -> Preset:
+    spec = InstanceSpec(
+        model, A100_80GB, tp_size, NETWORK_200G, step_overhead_s=2e-3, per_seq_overhead_s=10e-6
+    )
     block_size = 16
     cluster = SimClusterConfig(
         num_instances=instance_counts[0],
@@ -124,22 +127,50 @@ def a100_preset(name: str, model: ModelSpec, tp_size: int, instance_counts: tupl
         heartbeat_interval_s=0.1,
         defrag_interval_s=0.25,
     )
-    return Preset(name, description, "parallel", cluster, instance_counts, Workload(rate_per_instance=16.0), spec=spec)
+    return Preset(
+        name,
+        description,
+        "parallel",
+        cluster,
+        instance_counts,
+        Workload(rate_per_instance=16.0),
+        spec=spec,
+    )
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        a100_preset("a100-llama2-7b", LLAMA2_7B, 1, (2, 4, 8), "LLaMA2-7B, TP=1 per A100-80GB instance"),
-        a100_preset("a100-llama2-13b", LLAMA2_13B, 2, (2, 4, 8), "LLaMA2-13B, TP=2 (two A100-80GB per instance)"),
-        a100_preset("a100-llama2-70b", LLAMA2_70B, 4, (2, 4, 8), "LLaMA2-70B, TP=4 (four A100-80GB per instance)"),
-        a100_preset("paper-32xA100", LLAMA2_7B, 1, (2, 4, 8, 16, 32),
-                    "the paper's sweep: 2..32 instances of LLaMA2-7B on 32 A100-80GB (TP=1)"),
+        a100_preset(
+            "a100-llama2-7b", LLAMA2_7B, 1, (2, 4, 8), "LLaMA2-7B, TP=1 per A100-80GB instance"
+        ),
+        a100_preset(
+            "a100-llama2-13b",
+            LLAMA2_13B,
+            2,
+            (2, 4, 8),
+            "LLaMA2-13B, TP=2 (two A100-80GB per instance)",
+        ),
+        a100_preset(
+            "a100-llama2-70b",
+            LLAMA2_70B,
+            4,
+            (2, 4, 8),
+            "LLaMA2-70B, TP=4 (four A100-80GB per instance)",
+        ),
+        a100_preset(
+            "paper-32xA100",
+            LLAMA2_7B,
+            1,
+            (2, 4, 8, 16, 32),
+            "the paper's sweep: 2..32 instances of LLaMA2-7B on 32 A100-80GB (TP=1)",
+        ),
     )
 }
 
 
 # -- this machine: costs fitted by ``bench paper`` -------------------------------------------
+
 
 def fitted_preset(path: str | os.PathLike[str] | None = None) -> Preset:
     """The preset ``bench paper`` wrote: its pools, scheduler, workload and fitted costs."""
@@ -156,9 +187,11 @@ def fitted_preset(path: str | os.PathLike[str] | None = None) -> Preset:
 def preset_from_fit(data: dict[str, Any], source: str = "") -> Preset:
     cfg = data["config"]
     costs = data["costs"]
-    linear = LinearCosts(tuple(float(costs["coefficients"][f]) for f in FEATURES),
-                         cluster_step_s=float(costs["cluster_step_s"]),
-                         migrate_block_s=float(costs["migrate_block_s"]))
+    linear = LinearCosts(
+        tuple(float(costs["coefficients"][f]) for f in FEATURES),
+        cluster_step_s=float(costs["cluster_step_s"]),
+        migrate_block_s=float(costs["migrate_block_s"]),
+    )
     cluster = SimClusterConfig(
         num_instances=cfg["instance_counts"][0],
         num_blocks_per_instance=cfg["kv_blocks_per_instance"],
@@ -169,18 +202,32 @@ def preset_from_fit(data: dict[str, Any], source: str = "") -> Preset:
         defrag_every_steps=cfg.get("defrag_every_steps", 8),
     )
     w = data["workload"]
-    workload = Workload(tuple(w["traces"]), w["requests_per_instance"], w["rate_per_instance"],
-                        w["scale"], w["output_scale"])
-    return Preset("cpu-fitted", f"this machine ({cfg['model']}, in-process, instances in turn), fitted costs",
-                  "serial", cluster, tuple(cfg["instance_counts"]), workload, linear=linear,
-                  source={"path": source, "fit": data.get("fit", {}), "machine": data.get("machine", {})})
+    workload = Workload(
+        tuple(w["traces"]),
+        w["requests_per_instance"],
+        w["rate_per_instance"],
+        w["scale"],
+        w["output_scale"],
+    )
+    return Preset(
+        "cpu-fitted",
+        f"this machine ({cfg['model']}, in-process, instances in turn), fitted costs",
+        "serial",
+        cluster,
+        tuple(cfg["instance_counts"]),
+        workload,
+        linear=linear,
+        source={"path": source, "fit": data.get("fit", {}), "machine": data.get("machine", {})},
+    )
 
 
 def get_preset(name: str, fit_path: str | os.PathLike[str] | None = None) -> Preset:
     if name == "cpu-fitted":
         return fitted_preset(fit_path)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join([*PRESETS, 'cpu-fitted'])}")
+        raise ValueError(
+            f"unknown preset {name!r}; choose from {', '.join([*PRESETS, 'cpu-fitted'])}"
+        )
     return PRESETS[name]
 
 

@@ -72,7 +72,9 @@ class SimResult:
     cluster_stats: dict[str, Any]
     wall_s: float
     all_free_after: bool
-    stopped: str | None = None  # "livelock" (see ``livelock_threshold``) or "horizon"; None: ran out
+    stopped: str | None = (
+        None  # "livelock" (see ``livelock_threshold``) or "horizon"; None: ran out
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,8 +86,19 @@ class SimResult:
         s["stopped"] = self.stopped
         s["livelock"] = self.livelock
         stats = self.cluster_stats
-        s.update({k: stats[k] for k in ("borrows", "borrow_failures", "false_replies", "blocks_borrowed",
-                                        "migrated_blocks", "defrag_runs")})
+        s.update(
+            {
+                k: stats[k]
+                for k in (
+                    "borrows",
+                    "borrow_failures",
+                    "false_replies",
+                    "blocks_borrowed",
+                    "migrated_blocks",
+                    "defrag_runs",
+                )
+            }
+        )
         s["all_free_after"] = self.all_free_after
         s["wall_s"] = self.wall_s
         return s
@@ -94,21 +107,32 @@ class SimResult:
 class _Run:
     """What both executions share: admission, one schedule, applying a step's results."""
 
-    def __init__(self, config: SimClusterConfig, costs: CostModel, requests: Sequence[TraceRequest],
-                 progress: bool, integrity_every: int, horizon_s: float = math.inf) -> None:
+    def __init__(
+        self,
+        config: SimClusterConfig,
+        costs: CostModel,
+        requests: Sequence[TraceRequest],
+        progress: bool,
+        integrity_every: int,
+        horizon_s: float = math.inf,
+    ) -> None:
         self.now = 0.0
         self.horizon_s = horizon_s
         self.config = config
         self.cluster = SimCluster(config, clock=lambda: self.now)
         self.costs = costs
         self.trace = sorted(requests, key=lambda r: (r.arrival_s, r.index))
-        self.records = {str(r.index): RequestRecord(r.index, r.kind, r.arrival_s, r.prompt_len, r.output_len)
-                        for r in self.trace}
+        self.records = {
+            str(r.index): RequestRecord(r.index, r.kind, r.arrival_s, r.prompt_len, r.output_len)
+            for r in self.trace
+        }
         self.totals = WorkTotals()
         self._params = SamplingParams(max_tokens=None, ignore_eos=True)
         self._next = 0
         self._num_open = 0  # admitted, not finished
-        self._bar = tqdm(total=len(self.trace), desc="simulating", unit="req", disable=not progress, leave=False)
+        self._bar = tqdm(
+            total=len(self.trace), desc="simulating", unit="req", disable=not progress, leave=False
+        )
         self._integrity_every = integrity_every
         self._open: dict[str, Request] = {}
         self._preemptions_since_finish = 0
@@ -129,8 +153,13 @@ class _Run:
             rec.refused = True
             self._bar.update(1)
             return None
-        request = Request(str(tr.index), range(tr.prompt_len), self._params,  # type: ignore[arg-type]
-                          tr.output_len, arrival_time=tr.arrival_s)
+        request = Request(
+            str(tr.index),
+            range(tr.prompt_len),
+            self._params,  # type: ignore[arg-type]
+            tr.output_len,
+            arrival_time=tr.arrival_s,
+        )
         rec.home = self.cluster.add_request(request)
         self._open[request.request_id] = request
         self._num_open += 1
@@ -154,12 +183,19 @@ class _Run:
         self._preemptions_since_finish += len(out.preempted)
         if self._preemptions_since_finish > self._livelock_after and self.stopped is None:
             self.stopped = "livelock"
-            logger.warning("livelock at t=%.3fs: %d preemptions without a request finishing, %d open; "
-                           "stopping the run", self.now, self._preemptions_since_finish, self._num_open)
+            logger.warning(
+                "livelock at t=%.3fs: %d preemptions without a request finishing, %d open; "
+                "stopping the run",
+                self.now,
+                self._preemptions_since_finish,
+                self._num_open,
+            )
         if out.is_empty:
             return out, None
         messages = stats.num_rounds + stats.num_false_replies + stats.num_granted - before
-        return out, step_work(out, inst.instance_id, self.cluster.block_size, self.cluster.tracker.counts, messages)
+        return out, step_work(
+            out, inst.instance_id, self.cluster.block_size, self.cluster.tracker.counts, messages
+        )
 
     def apply(self, inst: SimInstance, out: SchedulerOutput) -> list[tuple[RequestRecord, bool]]:
         """``update_from_output`` with a token per sampling request; (record, finished) per
@@ -197,8 +233,15 @@ class _Run:
         self._bar.close()
         for request in self._open.values():  # left open by a stop
             self.records[request.request_id].num_preemptions = request.num_preemptions
-        return SimResult(sorted(self.records.values(), key=lambda r: r.index), self.totals,
-                         self.cluster.stats(), wall_s, self.cluster.all_free(), self.stopped, dict(extra))
+        return SimResult(
+            sorted(self.records.values(), key=lambda r: r.index),
+            self.totals,
+            self.cluster.stats(),
+            wall_s,
+            self.cluster.all_free(),
+            self.stopped,
+            dict(extra),
+        )
 
 
 class ParallelRun(_Run):
@@ -246,7 +289,9 @@ class ParallelRun(_Run):
                 self._kick()
                 idle_rounds = 0 if self._busy or self._next < len(self.trace) else idle_rounds + 1
                 if idle_rounds > _STALL_ROUNDS:
-                    raise RuntimeError(f"simulation stalled at t={t:.3f}s with {self._num_open} open requests")
+                    raise RuntimeError(
+                        f"simulation stalled at t={t:.3f}s with {self._num_open} open requests"
+                    )
                 self._rearm(self._HEARTBEAT, cfg.heartbeat_interval_s)
             else:
                 for reloc in self.cluster.defragment():
@@ -260,9 +305,15 @@ class ParallelRun(_Run):
         if self._timers:
             return
         self._timers = True
-        heapq.heappush(self._heap, (self.now + self.config.heartbeat_interval_s, next(self._seq), self._HEARTBEAT, -1))
+        heapq.heappush(
+            self._heap,
+            (self.now + self.config.heartbeat_interval_s, next(self._seq), self._HEARTBEAT, -1),
+        )
         if self.cluster.borrowing:
-            heapq.heappush(self._heap, (self.now + self.config.defrag_interval_s, next(self._seq), self._DEFRAG, -1))
+            heapq.heappush(
+                self._heap,
+                (self.now + self.config.defrag_interval_s, next(self._seq), self._DEFRAG, -1),
+            )
 
     def _rearm(self, kind: int, interval: float) -> None:
         if self._num_open:  # timers run only while requests are open; the next arrival re-arms them
@@ -331,7 +382,9 @@ class SerialRun(_Run):
                 if work is None:  # as ``Instance.step``: nothing scheduled, nothing run this round
                     continue
                 cost = self.costs.step(work)
-                seconds = cost.seconds + sum(cost.creditor_seconds.values())  # one device does it all
+                seconds = cost.seconds + sum(
+                    cost.creditor_seconds.values()
+                )  # one device does it all
                 self.now += seconds
                 self.totals.add(work, seconds)
                 touched += self.apply(inst, out)
@@ -342,7 +395,9 @@ class SerialRun(_Run):
             self.maybe_check(num_cluster_steps)
             empty_rounds = 0 if ran or self.next_arrival < math.inf else empty_rounds + 1
             if empty_rounds > _STALL_ROUNDS:
-                raise RuntimeError(f"simulation stalled at t={self.now:.3f}s with {self._num_open} open requests")
+                raise RuntimeError(
+                    f"simulation stalled at t={self.now:.3f}s with {self._num_open} open requests"
+                )
             if self.cluster.borrowing and num_cluster_steps % cfg.defrag_every_steps == 0:
                 self.now += self.costs.migrate_seconds(len(self.cluster.defragment()))
         self.cluster.check_integrity()

@@ -31,8 +31,9 @@ PROBE_OUTPUT_TOKENS = 16
 MODES = (("no_borrow", False), ("borrowing", True))
 
 
-def workload_trace(preset: Preset, trace_name: str, num_instances: int, *, seed: int = 0,
-                   capped: bool = True) -> Trace:
+def workload_trace(
+    preset: Preset, trace_name: str, num_instances: int, *, seed: int = 0, capped: bool = True
+) -> Trace:
     w = preset.workload
     return generate_trace(
         trace_name,
@@ -45,14 +46,25 @@ def workload_trace(preset: Preset, trace_name: str, num_instances: int, *, seed:
     )
 
 
-def run_mode(preset: Preset, num_instances: int, borrowing: bool, requests: Sequence[TraceRequest],
-             horizon_s: float = math.inf) -> SimResult:
-    return simulate(preset.cluster_config(num_instances, borrowing), preset.costs(), requests,
-                    execution=preset.execution, horizon_s=horizon_s)
+def run_mode(
+    preset: Preset,
+    num_instances: int,
+    borrowing: bool,
+    requests: Sequence[TraceRequest],
+    horizon_s: float = math.inf,
+) -> SimResult:
+    return simulate(
+        preset.cluster_config(num_instances, borrowing),
+        preset.costs(),
+        requests,
+        execution=preset.execution,
+        horizon_s=horizon_s,
+    )
 
 
-def capacity_probe(preset: Preset, num_instances: int, borrowing: bool,
-                   output_tokens: int = PROBE_OUTPUT_TOKENS) -> dict[str, Any]:
+def capacity_probe(
+    preset: Preset, num_instances: int, borrowing: bool, output_tokens: int = PROBE_OUTPUT_TOKENS
+) -> dict[str, Any]:
     """Serve the longest request the mode accepts; one token more must be refused."""
     longest = preset.cluster_config(num_instances, borrowing).max_request_tokens
     output_tokens = min(output_tokens, longest - 1)
@@ -72,12 +84,15 @@ def capacity_probe(preset: Preset, num_instances: int, borrowing: bool,
     }
 
 
-def compare(preset: Preset, num_instances: int, trace: Trace,
-            on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
+def compare(
+    preset: Preset, num_instances: int, trace: Trace, on_run: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Both modes on one trace; summaries and the throughput ratios."""
     runs = {}
     for mode, borrowing in MODES:
-        runs[mode] = run_mode(preset, num_instances, borrowing, trace.requests, preset.workload.horizon_s).summary()
+        runs[mode] = run_mode(
+            preset, num_instances, borrowing, trace.requests, preset.workload.horizon_s
+        ).summary()
         if on_run is not None:
             on_run(mode)
     ours, base = runs["borrowing"], runs["no_borrow"]
@@ -112,11 +127,17 @@ def paper_sweep(
             capacity[mode] = capacity_probe(preset, n, borrowing)
             if on_run is not None:
                 on_run(f"N={n} capacity {mode}")
-        context_ratio = ratio(capacity["borrowing"]["served_tokens"], capacity["no_borrow"]["served_tokens"])
+        context_ratio = ratio(
+            capacity["borrowing"]["served_tokens"], capacity["no_borrow"]["served_tokens"]
+        )
         comparisons: dict[str, Any] = {}
         for name, capped in variants:
-            per_seed = [compare(preset, n, workload_trace(preset, name, n, seed=seed, capped=capped), on_run)
-                        for seed in seeds]
+            per_seed = [
+                compare(
+                    preset, n, workload_trace(preset, name, n, seed=seed, capped=capped), on_run
+                )
+                for seed in seeds
+            ]
             ratios = [c["throughput_ratio"] for c in per_seed]
             comparisons[name if capped else f"{name}-uncapped"] = {
                 "throughput_ratio": sum(ratios) / len(ratios),
@@ -125,17 +146,24 @@ def paper_sweep(
                 "seeds": list(seeds),
                 "per_seed": per_seed,
             }
-        rows.append({
-            "instances": n,
-            "capacity": capacity,
-            "max_context_ratio": context_ratio,
-            "max_context_ratio_over_n": context_ratio / n,
-            "traces": comparisons,
-            "throughput_ratio": {k: c["throughput_ratio"] for k, c in comparisons.items()},
-        })
-    return {"preset": preset.name, "description": preset.description, "seeds": list(seeds),
-            "pool_tokens_per_instance": preset.pool_tokens, "workload": preset.workload.__dict__
-            | {"traces": list(names), "uncapped": list(uncapped)}, "rows": rows}
+        rows.append(
+            {
+                "instances": n,
+                "capacity": capacity,
+                "max_context_ratio": context_ratio,
+                "max_context_ratio_over_n": context_ratio / n,
+                "traces": comparisons,
+                "throughput_ratio": {k: c["throughput_ratio"] for k, c in comparisons.items()},
+            }
+        )
+    return {
+        "preset": preset.name,
+        "description": preset.description,
+        "seeds": list(seeds),
+        "pool_tokens_per_instance": preset.pool_tokens,
+        "workload": preset.workload.__dict__ | {"traces": list(names), "uncapped": list(uncapped)},
+        "rows": rows,
+    }
 
 
 def sweep_runs(num_counts: int, num_traces: int, num_uncapped: int, num_seeds: int = 1) -> int:

@@ -100,17 +100,20 @@ class Trace:
 
 
 CHAT = RequestClass(
-    "chat", 1.0,
+    "chat",
+    1.0,
     prompt=LengthDist(8, 16_000, median=600, sigma=1.0),  # ShareGPT-like conversations
     output=LengthDist(8, 2_000, median=250, sigma=0.8),
 )
 DOCS = RequestClass(
-    "docs", 1.0,
+    "docs",
+    1.0,
     prompt=LengthDist(2_000, 100_000, median=16_000, sigma=0.7),  # long-document QA, summaries
     output=LengthDist(16, 1_000, median=200, sigma=0.6),
 )
 LONG = RequestClass(
-    "long", 1.0,
+    "long",
+    1.0,
     prompt=LengthDist(32_000, 2_000_000),  # log-uniform: books, repositories, long sessions
     output=LengthDist(16, 1_000, median=300, sigma=0.5),
 )

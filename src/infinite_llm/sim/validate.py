@@ -17,23 +17,37 @@ from infinite_llm.sim.presets import preset_from_fit
 from infinite_llm.sim.simulator import simulate
 
 
-def validate(runs: list[dict[str, Any]], samples: Samples, base_doc: dict[str, Any]) -> list[dict[str, Any]]:
+def validate(
+    runs: list[dict[str, Any]], samples: Samples, base_doc: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Simulate every run with costs fitted on the other runs; predicted vs measured. A run the
     real engine or the simulator stopped (livelock, timeout) is listed but has no error."""
     out = []
     for run in runs:
         costs, _ = fit_linear_costs(samples.without(run["label"]))
-        preset = preset_from_fit({**base_doc, "costs": {"coefficients": costs.as_dict(),
-                                                        "cluster_step_s": costs.cluster_step_s,
-                                                        "migrate_block_s": costs.migrate_block_s}})
+        preset = preset_from_fit(
+            {
+                **base_doc,
+                "costs": {
+                    "coefficients": costs.as_dict(),
+                    "cluster_step_s": costs.cluster_step_s,
+                    "migrate_block_s": costs.migrate_block_s,
+                },
+            }
+        )
         config = preset.cluster_config(run["instances"], run["mode"] == "borrowing")
         sim = simulate(config, preset.costs(), run["requests"], execution="serial").summary()
         meas = run["summary"]
-        entry: dict[str, Any] = {"label": run["label"], "measured_stopped": meas["stopped"],
-                                 "predicted_stopped": sim["stopped"]}
+        entry: dict[str, Any] = {
+            "label": run["label"],
+            "measured_stopped": meas["stopped"],
+            "predicted_stopped": sim["stopped"],
+        }
         comparable = meas["stopped"] is None and sim["stopped"] is None
         for key in ("tokens_per_s", "longest_context_served", "makespan_s"):
             entry[f"measured_{key}"], entry[f"predicted_{key}"] = meas[key], sim[key]
-            entry[f"{key}_error"] = (ratio(sim[key], meas[key]) - 1.0 if meas[key] else 0.0) if comparable else None
+            entry[f"{key}_error"] = (
+                (ratio(sim[key], meas[key]) - 1.0 if meas[key] else 0.0) if comparable else None
+            )
         out.append(entry)
     return out

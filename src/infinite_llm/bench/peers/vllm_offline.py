@@ -145,7 +145,9 @@ def generate(llm: Any, batch: list[list[int]], max_tokens: int) -> tuple[float, 
     return elapsed, [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def stepped(llm: Any, batch: list[list[int]], max_tokens: int) -> tuple[float, list[list[float]], list[list[int]]]:
+def stepped(
+    llm: Any, batch: list[list[int]], max_tokens: int
+) -> tuple[float, list[list[float]], list[list[int]]]:
     """One greedy run over ``batch`` through ``llm_engine.step()``: wall time, the steps (see the
     module docstring) and the token ids produced."""
     from vllm import SamplingParams

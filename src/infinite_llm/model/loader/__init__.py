@@ -18,8 +18,14 @@ from infinite_llm.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -51,7 +57,10 @@ def model_dir_for(source: ModelSource, progress: bool = True) -> str:
 
 
 def load_model(
-    model: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", progress: bool = True
+    model: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> LoadedModel:
     """Load weights and tokenizer; raises ValueError/FileNotFoundError naming the problem."""
     start = time.perf_counter()
@@ -62,7 +71,8 @@ def load_model(
     arch = read_hf_arch(model_dir)
     net = LlamaForCausalLM(arch, torch_dtype, torch_device)
     net.load_weights(
-        (name, tensor.to(device=torch_device, dtype=torch_dtype)) for name, tensor in iter_safetensors(model_dir, progress)
+        (name, tensor.to(device=torch_device, dtype=torch_dtype))
+        for name, tensor in iter_safetensors(model_dir, progress)
     )
     net.eval()
     net.prepack()

@@ -21,7 +21,9 @@ CACHE_FORMAT = 1  # bump when the conversion changes
 
 
 def cache_root() -> str:
-    root = os.environ.get("INFINITE_LLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "infinite-llm")
+    root = os.environ.get("INFINITE_LLM_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "infinite-llm"
+    )
     os.makedirs(root, exist_ok=True)
     return root
 

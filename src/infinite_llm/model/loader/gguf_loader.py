@@ -62,8 +62,10 @@ def read_arch(reader: Any) -> ModelArchConfig:
     name = str(_field(reader, "general.name", "")).lower()
     model_type = "mistral" if arch == "llama" and "mistral" in name else arch
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise GGUFError("GGUF with a rope_freqs tensor (Llama 3.1 RoPE scaling) is not supported yet; "
-                        "load the Hugging Face directory instead")
+        raise GGUFError(
+            "GGUF with a rope_freqs tensor (Llama 3.1 RoPE scaling) is not supported yet; "
+            "load the Hugging Face directory instead"
+        )
 
     def get(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -119,17 +121,23 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: Any, arch: ModelArchConfig, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(
+    reader: Any, arch: ModelArchConfig, progress: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized float32 tensors with Hugging Face names."""
     import gguf
 
     permute_qk = arch.model_type in ("llama", "mistral")
-    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
+    for tensor in tqdm(
+        reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress
+    ):
         name = _hf_name(tensor.name)
         try:
             data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except Exception as exc:
-            raise GGUFError(f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {exc}") from exc
+            raise GGUFError(
+                f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}): {exc}"
+            ) from exc
         data = np.ascontiguousarray(data, dtype=np.float32)
         if not data.flags.writeable:  # an F32 tensor comes back as a view of the read-only mmap
             data = data.copy()
@@ -144,7 +152,9 @@ def load_gguf_tokenizer(path: str) -> Any:
     """The tokenizer and chat template stored in the GGUF metadata, via transformers' converter."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(
+        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+    )
 
 
 def open_gguf(path: str) -> tuple[Any, ModelArchConfig]:

@@ -27,8 +27,13 @@ def iter_safetensors(model_dir: str, progress: bool = True) -> Iterator[tuple[st
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for name in tqdm(list(f.keys()), desc=f"loading {os.path.basename(file)}", unit="tensor",
-                             disable=not progress, leave=False):
+            for name in tqdm(
+                list(f.keys()),
+                desc=f"loading {os.path.basename(file)}",
+                unit="tensor",
+                disable=not progress,
+                leave=False,
+            ):
                 yield name, f.get_tensor(name)
 
 

@@ -20,9 +20,19 @@ from infinite_llm.model.config import ModelArchConfig
 BOS_ID, EOS_ID = 256, 257
 
 _BASE = ModelArchConfig(
-    model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-    max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=BOS_ID,
+    model_type="llama",
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    bos_token_id=BOS_ID,
     eos_token_ids=(EOS_ID,),
 )
 TINY_PRESETS: dict[str, ModelArchConfig] = {
@@ -32,9 +42,16 @@ TINY_PRESETS: dict[str, ModelArchConfig] = {
     "mqa": replace(_BASE, num_kv_heads=1),
     "qwen2": replace(_BASE, model_type="qwen2", attention_bias=True, tie_word_embeddings=True),
     "mistral": replace(_BASE, model_type="mistral", rope_theta=1e6),
-    "llama3": replace(_BASE, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 256}),
+    "llama3": replace(
+        _BASE,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+    ),
 }
 
 CHAT_TEMPLATE = (
@@ -71,7 +88,9 @@ def random_state_dict(arch: ModelArchConfig, seed: int = 0) -> dict[str, torch.T
         sd[p + "self_attn.q_proj.weight"] = rand(arch.num_heads * d, h, std=h**-0.5 * 2)
         sd[p + "self_attn.k_proj.weight"] = rand(arch.num_kv_heads * d, h, std=h**-0.5 * 2)
         sd[p + "self_attn.v_proj.weight"] = rand(arch.num_kv_heads * d, h, std=h**-0.5)
-        sd[p + "self_attn.o_proj.weight"] = rand(h, arch.num_heads * d, std=(arch.num_heads * d) ** -0.5)
+        sd[p + "self_attn.o_proj.weight"] = rand(
+            h, arch.num_heads * d, std=(arch.num_heads * d) ** -0.5
+        )
         if arch.attention_bias:
             sd[p + "self_attn.q_proj.bias"] = rand(arch.num_heads * d, std=0.1)
             sd[p + "self_attn.k_proj.bias"] = rand(arch.num_kv_heads * d, std=0.1)
@@ -106,7 +125,11 @@ def write_tiny_model(out_dir: str, arch: ModelArchConfig, seed: int = 0) -> str:
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file(random_state_dict(arch, seed), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        random_state_dict(arch, seed),
+        os.path.join(out_dir, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(arch.to_hf_dict(), f, indent=2)
     _byte_tokenizer(arch.vocab_size).save_pretrained(out_dir)
