@@ -73,17 +73,3 @@ def test_ray_driver_counts_the_prompt_until_the_first_token_then_the_output_left
     assert record.pending_tokens == 17
     record.output_token_ids += [1] * 17
     assert record.pending_tokens == 0
-
-
-def test_a_borrowing_cluster_trades_a_little_load_for_room() -> None:
-    """With borrowing, a request homed where it does not fit reads part of its KV remotely at
-    every step: an instance that holds it wins while its extra load stays within the request's
-    own tokens. Without borrowing the least loaded instance wins: the request waits there."""
-    free = {0: 0, 1: 100}
-    pending = {0: 1000, 1: 1000 + 3 * 16}
-    assert Router(block_size=16, borrowing=True).pick([0, 1], free, pending, num_tokens=4 * 16) == 1
-    assert (
-        Router(block_size=16, borrowing=False).pick([0, 1], free, pending, num_tokens=4 * 16) == 0
-    )
-    heavier = {0: 1000, 1: 1000 + 5 * 16}  # more than the request's own 64 tokens: load wins
-    assert Router(block_size=16, borrowing=True).pick([0, 1], free, heavier, num_tokens=4 * 16) == 0

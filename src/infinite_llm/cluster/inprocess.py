@@ -45,7 +45,7 @@ class InProcessCluster(Cluster):
         self.borrowing = cache.enable_borrowing and config.num_instances > 1
         lending_cap = cache.lending_cap if self.borrowing else 0.0
         self.gmanager = GManager()
-        self.router = Router(self.block_size, self.borrowing)
+        self.router = Router(self.block_size)
         self.transport = InProcessTransport(config.attention_impl)
         self.borrow_stats = BorrowStats()
         arch, dtype, device = loaded.arch, parse_dtype(config.dtype), torch.device(config.device)

@@ -151,7 +151,7 @@ class RayCluster(Cluster):
         except BaseException:
             self.shutdown()
             raise
-        self.router = Router(self.block_size, self.borrowing)
+        self.router = Router(self.block_size)
         self._records: dict[str, _Record] = {}
         self._pending: list[Any] = []  # control calls sent since the last step
         self._num_steps = 0

@@ -1,4 +1,4 @@
-"""``Router``: picks each new request's home instance: the least loaded, then room."""
+"""``Router``: picks each new request's home instance: the least pending work, then room."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from collections.abc import Sequence
 
 
 class Router:
-    """The least loaded instance: the least pending work (tokens still to prefill or generate
-    over its unfinished requests); among equally loaded ones, one whose free rBlocks (as last
-    heard in heartbeats, minus what was routed since) hold the request, then the most free
-    rBlocks. In a borrowing cluster an instance that holds the request is preferred as long as
-    its pending work exceeds the least by no more than the request's own tokens. Loosely
-    coherent like the gManager.
+    """The instance with the least pending work (tokens still to prefill or generate over its
+    unfinished requests); among equally loaded ones, one whose free rBlocks (as last heard in
+    heartbeats, minus what was routed since) hold the request, then the most free rBlocks.
+    Loosely coherent like the gManager.
 
     Why tokens, not requests: context lengths are heavy-tailed (a 100K-token document is as much
     work as a hundred chat turns), so balancing request counts leaves one instance with the long
@@ -20,23 +18,19 @@ class Router:
     instances; borrowing hid most of that, which the throughput ratio then credited to it. Free
     memory alone is no load signal while memory is plentiful.
 
-    Why load before room: a request the least loaded instance cannot hold now waits there until
-    that instance's requests free their rBlocks, and that instance drains first. Preferring any
-    instance with room sent the long requests of a burst to the few instances with a pool-sized
-    hole, one after another, where they ran in turn while the others idled at the end
-    (``paper-32xA100`` long-tail trace, 32 instances, seeds 0-2: the no-borrow makespan 343 /
-    606 / 253 s, against 170 / 164 / 168 s by load alone).
+    Why load before room: a request the least loaded instance cannot hold now waits there (or
+    borrows) until that instance's requests free their rBlocks, and that instance drains first.
+    Preferring any instance with room sent the long requests of a burst to the few instances
+    with a pool-sized hole, one after another, where they ran in turn while the others idled
+    at the end (``paper-32xA100`` long-tail trace, 32 instances, seeds 0-2: the no-borrow
+    makespan 343 / 606 / 253 s, against 170 / 164 / 168 s by load alone; with borrowing 245 /
+    219 / 218 s against 177 / 162 / 158 s)."""
 
-    Why some room when borrowing: there a request homed where it does not fit borrows the rest
-    and reads it through remote MAs at every step, so an instance that holds it is worth a
-    little more queueing, up to the request's own work (same runs with borrowing: room first
-    245 / 219 / 218 s, load alone 177 / 162 / 158 s, load with this allowance 171 / 166 / 168 s;
-    on ``bench paper``'s scale the allowance kept what load alone lost, up to 3 %)."""
-
-    def __init__(self, block_size: int, borrowing: bool = False) -> None:
+    def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.borrowing = borrowing
-        self._routed_blocks: dict[int, int] = {}  # blocks promised since the last heartbeat
+        self._routed_blocks: dict[
+            int, int
+        ] = {}  # blocks promised since the instance's last heartbeat
 
     def on_heartbeat(self, instance_id: int) -> None:
         self._routed_blocks.pop(instance_id, None)
@@ -54,14 +48,10 @@ class Router:
             raise RuntimeError("no live instance to route to")
 
         need = -(-num_tokens // self.block_size)
-        least = min(pending_tokens.get(i, 0) for i in instance_ids)
-        allowance = num_tokens if self.borrowing else 0
 
-        def score(i: int) -> tuple[bool, int, bool, int, int]:
+        def score(i: int) -> tuple[int, bool, int, int]:
             free = free_blocks.get(i, 0) - self._routed_blocks.get(i, 0)
-            pending = pending_tokens.get(i, 0)
-            fits = free >= need
-            return (fits and pending <= least + allowance, -pending, fits, free, -i)
+            return (-pending_tokens.get(i, 0), free >= need, free, -i)
 
         home = max(instance_ids, key=score)
         self._routed_blocks[home] = self._routed_blocks.get(home, 0) + need

@@ -95,7 +95,7 @@ class SimCluster:
         self._clock = clock
         self.last_heartbeat_s = float("-inf")
         self.gmanager = GManager(clock=clock)
-        self.router = Router(self.block_size, self.borrowing)
+        self.router = Router(self.block_size)
         self.borrow_stats = BorrowStats()
         self.tracker = PlacementTracker()
         self.instances: dict[int, SimInstance] = {}
