@@ -23,7 +23,7 @@ def expected(prompts, n=24, model="tiny"):
 @pytest.fixture(scope="module", autouse=True)
 def ray_runtime():
     """One local Ray runtime for the whole module (each test still starts its own actors)."""
-    from infinite_llm.cluster.ray_cluster import init_ray
+    from infinite_llm.cluster.ray_runtime import init_ray
 
     started = init_ray(num_cpus=8)
     yield

@@ -31,12 +31,12 @@ import ray
 import torch
 
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
 from infinite_llm.cluster.ray_transport import (
     Packed,
     PeerUnreachable,
     RayTransport,
-    RemoteGManager,
     SampleRecorder,
     ShardMessage,
     ShardReceiver,

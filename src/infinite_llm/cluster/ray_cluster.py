@@ -27,8 +27,7 @@ greedy requests finish with the same tokens. ``restart_gmanager`` replaces the g
 and rebuilds its ledger from one round of heartbeats (a dead gManager found during a step is
 restarted the same way).
 
-Local clusters inline actor-call payloads up to ``INLINE_BYTES`` (no object-store round trip
-for one layer's queries or partial outputs); a joined cluster keeps its own setting.
+Ray itself starts (or is joined) in ``ray_runtime``.
 """
 
 from __future__ import annotations
@@ -46,45 +45,21 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
 from infinite_llm.cluster.ray_actor import GManagerActor, InstanceActor, InstanceSpec
+from infinite_llm.cluster.ray_remote import execute_plan_on_actors
+from infinite_llm.cluster.ray_runtime import init_ray
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot, merged_stats
-from infinite_llm.cluster.ray_transport import RemoteLedgerSink, RemoteRManager
 from infinite_llm.cluster.router import Router
 from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.kvcache.block import BlockTable
 from infinite_llm.kvcache.integrity import check_cluster
-from infinite_llm.kvcache.migration import execute_plan
 from infinite_llm.model.loader import LoadedModel
 from infinite_llm.scheduler.request import Request, RequestStatus
 from infinite_llm.scheduler.scheduler import cluster_order
 
 logger = logging.getLogger(__name__)
 
-INLINE_BYTES = 8 << 20
 PING_TIMEOUT_S = 10.0
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join ``address`` or start a local Ray cluster; False (nothing done) if Ray is up already."""
-    if ray.is_initialized():
-        return False
-    quiet: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": logging.WARNING,
-        "ignore_reinit_error": True,
-    }
-    if address is not None:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            **quiet,
-            _system_config={
-                "max_direct_call_object_size": INLINE_BYTES,
-                "task_rpc_inlined_bytes_limit": 4 * INLINE_BYTES,
-            },
-        )
-    return True
 
 
 @dataclass
@@ -328,35 +303,9 @@ class RayCluster(Cluster):
         )
         if plan.is_empty:
             return 0
-        managers = {i: RemoteRManager(a) for i, a in self._actors.items()}
-        try:
-            relocations = execute_plan(managers, plan, gmanager=RemoteLedgerSink(self._gmanager))  # type: ignore[arg-type]
-        except ValueError as exc:  # the ledger was stale: try again after the next heartbeats
-            logger.debug("defragmentation skipped: %s", exc)
-            return 0
+        relocations = execute_plan_on_actors(self._actors, self._gmanager, plan)
         if not relocations:
             return 0
-        # One cycle swap's moves form a ring: read every source before writing any target.
-        sources = sorted({r.old.instance_id for r in relocations})
-        moves = {s: [r for r in relocations if r.old.instance_id == s] for s in sources}
-        data = ray.get(
-            [
-                self._actors[s].read_blocks.remote([r.old.block_id for r in moves[s]])
-                for s in sources
-            ]
-        )
-        writes = []
-        for src, (k, v) in zip(sources, data):
-            for dst in sorted({r.new.instance_id for r in moves[src]}):
-                index = [j for j, r in enumerate(moves[src]) if r.new.instance_id == dst]
-                writes.append(
-                    self._actors[dst].write_blocks.remote(
-                        [moves[src][j].new.block_id for j in index],
-                        (k[0][:, :, index], k[1]),
-                        (v[0][:, :, index], v[1]),
-                    )
-                )
-        ray.get(writes)
         moved = sum(self._gather("relocate", relocations).values())
         assert moved == len(relocations), (
             f"moved {moved} block-table entries for {len(relocations)} rBlocks"

@@ -13,13 +13,8 @@ release to one is dropped (its memory died with it); both note the peer as unrea
 on a dead creditor cannot be answered: ``run`` raises ``PeerUnreachable`` and the instance
 abandons the step (nothing of it was committed) for the driver to fail that instance.
 
-``RemoteRManager`` and ``RemoteLedgerSink`` let ``kvcache.migration.execute_plan`` run a
-defragmentation plan from the driver on the actors' managers, one awaited call each.
-
-``RemoteGManager`` is the debtor's ``GManagerLike``: every call waits for the gManager actor
-(so once a step returns, the ledger has every lend and release of it). With the gManager
-unreachable, recommendations are empty and ledger updates are dropped: the next gManager
-rebuilds the ledger from heartbeats.
+The memory managers' proxies over actors (``RemoteGManager``, ``RemoteRManager``,
+``RemoteLedgerSink``) are in ``ray_remote``.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +34,7 @@ from ray.exceptions import RayActorError
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.dist import LocalExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
-from infinite_llm.kvcache.block import BlockRef
-from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Recommendation, Release
+from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import LatencyRecorder
 
 Packed = tuple[np.ndarray, str]  # (array, torch dtype name when numpy lacks it: "bfloat16")
@@ -294,119 +288,3 @@ class RayTransport:
                 "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received,
             }
-
-
-class RemoteGManager:
-    """``GManagerLike`` over the gManager actor; ``handle`` is swapped when it restarts.
-
-    An empty recommendation makes it refresh the gManager's view once (``refresh`` pulls a
-    heartbeat from every peer; at most once per ``refresh_interval_s``) and ask again. Heartbeats
-    race with the debtors' ``record_lend``: one taken just after a lend but delivered before the
-    debtor records it makes the gManager count that lend twice, and with memory nearly spent
-    that under-estimate alone would refuse a borrow (and preempt a request) that fits.
-    """
-
-    def __init__(
-        self,
-        handle: Any = None,
-        refresh: Callable[[], list[Heartbeat]] | None = None,
-        refresh_interval_s: float = 0.02,
-    ) -> None:
-        self.handle = handle
-        self.unreachable = False  # a call failed since the last step reply
-        self.refresh = refresh
-        self.refresh_interval_s = refresh_interval_s
-        self.num_refreshes = 0
-        self._refreshed_at = float("-inf")
-
-    def _call(self, method: str, *args: Any) -> Any:
-        handle = self.handle
-        if handle is None:
-            self.unreachable = True
-            return None
-        try:
-            return ray.get(getattr(handle, method).remote(*args))
-        except RayActorError:
-            self.unreachable = True
-            return None
-
-    def recommend(self, debtor_id: int, num_blocks: int) -> Recommendation:
-        rec = self._call("recommend", debtor_id, num_blocks)
-        if rec is None:
-            return Recommendation(debtor_id, num_blocks)
-        now = time.monotonic()
-        if (
-            rec.is_empty
-            and self.refresh is not None
-            and now - self._refreshed_at >= self.refresh_interval_s
-        ):
-            self._refreshed_at = now
-            self.num_refreshes += 1
-            heartbeats = self.refresh()
-            handle = self.handle
-            if handle is not None:
-                try:
-                    ray.get(
-                        [handle.on_heartbeat.remote(hb) for hb in heartbeats]
-                        + [handle.resort.remote()]
-                    )
-                except RayActorError:
-                    self.unreachable = True
-            rec = self._call("recommend", debtor_id, num_blocks) or rec
-        return rec
-
-    def report_false(self, creditor_id: int, num_lendable: int = 0) -> None:
-        self._call("report_false", creditor_id, num_lendable)
-
-    def record_lend(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None:
-        self._call("record_lend", debtor_id, creditor_id, num_blocks)
-
-    def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None:
-        self._call("record_release", debtor_id, creditor_id, num_blocks)
-
-    def send_heartbeat(self, heartbeat: Heartbeat) -> None:
-        """Fire and forget: an overtaken heartbeat is ignored by its ``seq``."""
-        handle = self.handle
-        if handle is not None:
-            handle.on_heartbeat.remote(heartbeat)
-
-
-class RemoteRManager:
-    """The RManager calls of ``execute_plan``, each sent to the instance actor that owns it."""
-
-    def __init__(self, actor: Any) -> None:
-        self._actor = actor
-
-    def _call(self, method: str, *args: Any) -> Any:
-        return ray.get(self._actor.rmanager_call.remote(method, *args))
-
-    def allocate(self, num_blocks: int) -> list[BlockRef] | None:
-        return self._call("allocate", num_blocks)
-
-    def reclaim(self, release: Release) -> None:
-        self._call("reclaim", release)
-
-    def repossess(self, debtor_id: int, refs: list[BlockRef]) -> None:
-        self._call("repossess", debtor_id, list(refs))
-
-    def record_returned(self, refs: list[BlockRef]) -> None:
-        self._call("record_returned", list(refs))
-
-    def lent_refs(self, debtor_id: int | None = None) -> list[BlockRef]:
-        return self._call("lent_refs", debtor_id)
-
-    def borrowed_refs(self, creditor_id: int | None = None) -> list[BlockRef]:
-        return self._call("borrowed_refs", creditor_id)
-
-    def has_borrowed(self, refs: list[BlockRef]) -> bool:
-        return self._call("has_borrowed", list(refs))
-
-
-class RemoteLedgerSink:
-    """Where ``execute_plan`` reports the debts a plan removed: the gManager actor."""
-
-    def __init__(self, gmanager: Any) -> None:
-        self._gmanager = gmanager
-
-    def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None:
-        ray.get(self._gmanager.record_release.remote(debtor_id, creditor_id, num_blocks))

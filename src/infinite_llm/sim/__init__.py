@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from infinite_llm.sim.cluster import SimCluster, SimClusterConfig
 from infinite_llm.sim.costs import LinearCosts, RooflineCosts, StepWork
+from infinite_llm.sim.metrics import SimResult
 from infinite_llm.sim.presets import PRESETS, get_preset
-from infinite_llm.sim.simulator import SimResult, simulate
+from infinite_llm.sim.simulator import simulate
 from infinite_llm.sim.trace import TRACES, Trace, TraceRequest, generate_trace
 
 __all__ = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from infinite_llm.kvcache.metrics import percentile
@@ -128,3 +128,43 @@ def summarize(records: Iterable[RequestRecord], totals: WorkTotals | None = None
 def ratio(ours: float, base: float) -> float:
     """ours / base; nan when the baseline is 0."""
     return ours / base if base else math.nan
+
+
+@dataclass
+class SimResult:
+    """One simulation run: its requests, its work and the cluster's counters."""
+
+    records: list[RequestRecord]
+    totals: WorkTotals
+    cluster_stats: dict[str, Any]
+    wall_s: float
+    all_free_after: bool
+    # "livelock" (see ``simulator.livelock_threshold``) or "horizon"; None: ran out
+    stopped: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def livelock(self) -> bool:
+        return self.stopped == "livelock"
+
+    def summary(self) -> dict[str, Any]:
+        s = summarize(self.records, self.totals)
+        s["stopped"] = self.stopped
+        s["livelock"] = self.livelock
+        stats = self.cluster_stats
+        s.update(
+            {
+                k: stats[k]
+                for k in (
+                    "borrows",
+                    "borrow_failures",
+                    "false_replies",
+                    "blocks_borrowed",
+                    "migrated_blocks",
+                    "defrag_runs",
+                )
+            }
+        )
+        s["all_free_after"] = self.all_free_after
+        s["wall_s"] = self.wall_s
+        return s

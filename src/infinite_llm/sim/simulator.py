@@ -38,7 +38,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
@@ -49,7 +48,7 @@ from infinite_llm.scheduler.request import Request
 from infinite_llm.scheduler.scheduler import grant_right_of_way
 from infinite_llm.sim.cluster import SimCluster, SimClusterConfig, SimInstance
 from infinite_llm.sim.costs import CostModel, StepWork
-from infinite_llm.sim.metrics import RequestRecord, WorkTotals, summarize
+from infinite_llm.sim.metrics import RequestRecord, SimResult, WorkTotals
 from infinite_llm.sim.placement import step_work
 from infinite_llm.sim.trace import TraceRequest
 
@@ -63,45 +62,6 @@ def livelock_threshold(num_instances: int) -> int:
     """Preemptions in a row without any request finishing after which a run is declared
     livelocked (every instance keeps preempting and recomputing its own requests)."""
     return max(1_000, 100 * num_instances)
-
-
-@dataclass
-class SimResult:
-    records: list[RequestRecord]
-    totals: WorkTotals
-    cluster_stats: dict[str, Any]
-    wall_s: float
-    all_free_after: bool
-    stopped: str | None = (
-        None  # "livelock" (see ``livelock_threshold``) or "horizon"; None: ran out
-    )
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def livelock(self) -> bool:
-        return self.stopped == "livelock"
-
-    def summary(self) -> dict[str, Any]:
-        s = summarize(self.records, self.totals)
-        s["stopped"] = self.stopped
-        s["livelock"] = self.livelock
-        stats = self.cluster_stats
-        s.update(
-            {
-                k: stats[k]
-                for k in (
-                    "borrows",
-                    "borrow_failures",
-                    "false_replies",
-                    "blocks_borrowed",
-                    "migrated_blocks",
-                    "defrag_runs",
-                )
-            }
-        )
-        s["all_free_after"] = self.all_free_after
-        s["wall_s"] = self.wall_s
-        return s
 
 
 class _Run:

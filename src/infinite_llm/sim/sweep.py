@@ -22,9 +22,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from infinite_llm.sim.metrics import ratio
+from infinite_llm.sim.metrics import SimResult, ratio
 from infinite_llm.sim.presets import Preset
-from infinite_llm.sim.simulator import SimResult, simulate
+from infinite_llm.sim.simulator import simulate
 from infinite_llm.sim.trace import Trace, TraceRequest, generate_trace
 
 PROBE_OUTPUT_TOKENS = 16
