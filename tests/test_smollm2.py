@@ -45,7 +45,7 @@ def test_weights_equal_transformers_gguf_loader(reference) -> None:
     qkv = proj.dense_weight() if hasattr(proj, "dense_weight") else proj.weight
     expect = torch.cat([ref_sd[f"model.layers.{layer}.self_attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(qkv, expect)
-    assert torch.equal(ours["embed_tokens.weight"], ref_sd["model.embed_tokens.weight"])
+    assert torch.equal(model.embed_tokens.weight, ref_sd["model.embed_tokens.weight"])
     assert torch.equal(ours["norm.weight"], ref_sd["model.norm.weight"])
 
 

@@ -77,3 +77,25 @@ def test_loaded_model_uses_it() -> None:
     model = loaded_model("tiny").model
     assert isinstance(model.layers[0].qkv_proj, NativeLinear)
     assert isinstance(model.lm_head, NativeLinear)
+
+
+@needs_native
+def test_tied_embedding_is_read_from_the_head_panels() -> None:
+    """A tied model keeps one [vocab, hidden] table, the LM head's panels, and looks tokens up in
+    them: the same rows bit for bit, and no second copy among its tensors."""
+    from infinite_llm.model.loader import load_model
+    from infinite_llm.model.native_linear import PanelEmbedding
+
+    model = load_model("tiny:tied", "float32", progress=False).model
+    assert isinstance(model.embed_tokens, PanelEmbedding)
+    table = model.lm_head.dense_weight()
+    vocab, hidden = table.shape
+    assert not any(p.shape == (vocab, hidden) for p in model.parameters())
+    assert torch.equal(model.embed_tokens.weight, table)
+    ids = torch.tensor([[0, 1, 15, 16], [17, vocab - 1, 3, 3]])
+    assert torch.equal(model.embed_tokens(ids), table[ids])
+    assert model.embed_tokens(torch.tensor([], dtype=torch.long)).shape == (0, hidden)
+    with pytest.raises(IndexError, match="out of range"):
+        model.embed_tokens(torch.tensor([vocab]))
+    untied = loaded_model("tiny").model
+    assert isinstance(untied.embed_tokens, torch.nn.Embedding)

@@ -173,7 +173,8 @@ def bench_ours(
     llm.generate(
         prompts[:1], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False
     )
-    probe = llm.engine.loaded.model.embed_tokens.weight
+    model = llm.engine.loaded.model  # a resident table to sum: the LM head's (no copy made)
+    probe = model.lm_head.panels if hasattr(model.lm_head, "panels") else model.embed_tokens.weight
     results = {}
     for b in args.batch_sizes:
         batch = prompts[:b]

@@ -25,7 +25,7 @@ from infinite_llm.model.layers import (
     silu_mul,
 )
 from infinite_llm.model.native_decoder import NativeDecoder
-from infinite_llm.model.native_linear import NativeLinear
+from infinite_llm.model.native_linear import NativeLinear, PanelEmbedding
 
 PACKED_LINEARS = (NativeLinear, PackedLinear)
 
@@ -138,14 +138,17 @@ class LlamaForCausalLM(nn.Module):
                 setattr(layer, name, packed(linear.weight, linear.bias))
         self.lm_head = packed(self.lm_head_weight, None)
         self.native_decoder = NativeDecoder.build(self)
-        if not self.arch.tie_word_embeddings:
-            del self.lm_head_weight  # the packed copy replaces it (a tied one is the embedding)
+        if self.arch.tie_word_embeddings and isinstance(self.lm_head, NativeLinear):
+            self.embed_tokens = PanelEmbedding(self.lm_head)  # one copy of the shared table
+        del self.lm_head_weight  # the packed copy replaces it
         return True
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads: every linear and norm and the LM head, once
         (the embedding is only gathered, a row per token)."""
-        embedding = self.embed_tokens.weight
+        embedding = (
+            self.embed_tokens.weight if isinstance(self.embed_tokens, nn.Embedding) else None
+        )
         n = sum(p.numel() * p.element_size() for p in self.parameters() if p is not embedding)
         n += sum(m.weight_nbytes for m in self.modules() if isinstance(m, PACKED_LINEARS))
         if self.lm_head is None and self.arch.tie_word_embeddings:
