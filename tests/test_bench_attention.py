@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+import torch
+
 from infinite_llm.attention import cpu_native
-from infinite_llm.bench.attention import run_attention_bench
+from infinite_llm.attention.batch import MABatch
+from infinite_llm.bench.attention import _own_pools, _shards, run_attention_bench
 from infinite_llm.bench.attention_report import format_table
 
 
@@ -61,3 +67,24 @@ def test_block_size_is_a_parameter() -> None:
         if r["shards"] > 1 and cpu_native.native_available():
             assert r["fused_max_abs_err"] < 1e-5
     assert "block_size=128" in format_table(report)
+
+
+@pytest.mark.parametrize("layout", ["shuffled", "contiguous"])
+def test_every_shard_gets_a_pool_holding_exactly_its_blocks(layout: str) -> None:
+    """The split row's pools (one per shard, as on S instances): each holds its shard's rBlocks
+    and nothing else, every request's table in it names the same K and V as in the one pool."""
+    shape = (3, 40, 4, 8)
+    k, v = torch.randn(shape), torch.randn(shape)
+    order = list(range(40))
+    random.Random(1).shuffle(order)
+    block_ids, contexts = [order[:25], order[25:]], [99, 57]  # two requests, ragged last blocks
+    batches = _shards(block_ids, contexts, 3, 4)
+    pools = _own_pools(k, v, batches, layout, seed=0)
+    assert sum(sk.shape[1] for sk, _, _ in pools) == 40
+    for (sk, sv, own), shard in zip(pools, batches):
+        assert isinstance(own, MABatch) and own.context_lens == shard.context_lens
+        assert sorted(b for blocks in own.block_ids for b in blocks) == list(range(sk.shape[1]))
+        for mine, theirs in zip(own.block_ids, shard.block_ids):
+            assert torch.equal(sk[:, mine], k[:, theirs]) and torch.equal(sv[:, mine], v[:, theirs])
+        if layout == "contiguous":
+            assert [b for blocks in own.block_ids for b in blocks] == list(range(sk.shape[1]))

@@ -4,11 +4,15 @@ Workload (SmolLM2-135M's attention shapes): ``--batch`` requests (default 1) eac
 token, Hq=9 query heads over Hkv=3 KV heads (GQA group 3), head_dim 64, block_size 16 (``--block-size``), one
 layer's pool. For every context length and shard count S:
 
-* ``mono``: the kernel over the whole context in one MA call;
+* ``mono``: the kernel over the whole context in one MA call, on one pool that holds it;
 * ``split``: the context cut into S contiguous runs of rBlocks (as DistAttention places them on S
-  instances), one MA per run, then the log-sum-exp merge of the S partial states. Every shard
-  reads the same pool tensor, so memory stays at one copy of the KV (the time is what S instances
-  would spend one after another; on a cluster they run in parallel);
+  instances), one MA per run, then the log-sum-exp merge of the S partial states. As on S
+  instances, each run lives in a pool of its own, its rBlocks laid out there as the whole
+  context's are in mono's pool (shuffled or contiguous), so both read pools their data fills
+  alike (the time is what S instances would spend one after another; on a cluster they run in
+  parallel). Read from mono's pool instead, every shard would touch a quarter of the rBlocks
+  spread over the whole pool, and switching to another head's region of a large pool costs
+  about 0.1 ms here (128K, 4 shards: +16 % against +4 % with a pool per shard);
 * ``fused``: the same shards in one native call that also merges (``decode_attention_shards``,
   what the in-process transport runs for a decode layer spread over pools);
 * ``overhead`` = split / mono - 1 (``fused_overhead_pct``: fused / mono - 1); ``bandwidth`` = KV bytes read / time, against the machine's
@@ -90,27 +94,51 @@ def _reference_f64(
 
 
 def _fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    batches: list[MABatch],
-    scale: float,
-    impl: str,
+    q: torch.Tensor, shards: list[Shard], scale: float, impl: str
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
     """The shards as the in-process transport runs them: every shard's MA and the merge in one
     native call (``decode_attention_shards``); None where that path does not apply."""
+    k, v, _ = shards[0]
     if impl not in ("auto", "native") or not (
         cpu_native.native_available() and cpu_native.supports(q, k, v)
     ):
         return None
-    n = batches[0].num_requests
+    n = shards[0][2].num_requests
     tables = native_shards.ShardTables.build(
-        [(b, list(range(n))) for b in batches], list(range(n + 1))
+        [(b, list(range(n))) for _, _, b in shards], list(range(n + 1))
     )
     if tables is None:
         return None
-    caches = [(k, v)] * len(batches)
+    caches = [(sk, sv) for sk, sv, _ in shards]
     return lambda: native_shards.decode_attention_shards(q, caches, tables, k.shape[2], scale)
+
+
+Shard = tuple[torch.Tensor, torch.Tensor, MABatch]  # a pool's K and V layer, the MA over it
+
+
+def _own_pools(
+    k: torch.Tensor, v: torch.Tensor, batches: list[MABatch], layout: str, seed: int
+) -> list[Shard]:
+    """Each shard's rBlocks copied into a pool of its own, laid out there as ``layout`` says
+    (shuffled: in a random order, as a long-running instance's pool would hold them)."""
+    out = []
+    for s, batch in enumerate(batches):
+        old = [b for blocks in batch.block_ids for b in blocks]
+        new = list(range(len(old)))
+        if layout == "shuffled":
+            random.Random(seed * 1000 + s).shuffle(new)
+        shape = (k.shape[0], len(old), *k.shape[2:])
+        sk, sv = empty_kv(shape, k.dtype), empty_kv(shape, v.dtype)
+        sk[:, new] = k[:, old]
+        sv[:, new] = v[:, old]
+        tables, at = [], 0
+        for blocks in batch.block_ids:
+            tables.append(new[at : at + len(blocks)])
+            at += len(blocks)
+        out.append(
+            (sk, sv, MABatch(batch.query_lens, tables, batch.context_lens, batch.block_size))
+        )
+    return out
 
 
 def _shards(
@@ -172,10 +200,11 @@ def bench_context(
     rows = []
     for num_shards in shard_counts:
         batches = _shards(block_ids, contexts, num_shards, block_size)
-        parts = [micro_attention(q, k, v, b, scale, impl=impl) for b in batches]
+        shards = _own_pools(k, v, batches, layout, seed) if num_shards > 1 else [(k, v, mono_batch)]
+        parts = [micro_attention(q, sk, sv, b, scale, impl=impl) for sk, sv, b in shards]
 
-        def split(batches: list[MABatch] = batches) -> tuple[torch.Tensor, torch.Tensor]:
-            states = [micro_attention(q, k, v, b, scale, impl=impl) for b in batches]
+        def split(shards: list[Shard] = shards) -> tuple[torch.Tensor, torch.Tensor]:
+            states = [micro_attention(q, sk, sv, b, scale, impl=impl) for sk, sv, b in shards]
             return merge_attention_states_([o for o, _ in states], [lse for _, lse in states])
 
         # The merge alone, as split runs it (in place), into a copy of the first state: every
@@ -187,7 +216,7 @@ def bench_context(
             return merge_attention_states_(outs, lses)
 
         fns: list[Callable[[], object]] = [mono, split if num_shards > 1 else mono]
-        fused = _fused(q, k, v, batches, scale, impl) if num_shards > 1 else None
+        fused = _fused(q, shards, scale, impl) if num_shards > 1 else None
         if fused is not None:
             fns.append(fused)
         read_pattern = not rows and pattern_read() is not None  # once per context, its first row
@@ -227,6 +256,16 @@ def bench_context(
                 "max_abs_err": err,
             }
         )
+        del (
+            shards,
+            parts,
+            outs,
+            lses,
+            split,
+            merge,
+            fused,
+            fns,
+        )  # this row's pools go before the next's
         progress()
     return rows
 
