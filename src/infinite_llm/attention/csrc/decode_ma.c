@@ -7,7 +7,8 @@
  *
  *     cache[h][block][offset][d]    head stride hs, block stride bst, token stride D
  *
- * Work item = (request, kv head, split-K chunk of its keys). An item walks its keys in tiles of
+ * Work item = (request, kv head, split-K chunk of its keys), taken in head-major order (every
+ * request's items of head 0 first: the threads stay in one head's region of the pool). An item walks its keys in tiles of
  * TILE tokens and keeps, per query row, the online-softmax state (running max m, sum l,
  * unnormalised acc[D]). When the block size is a multiple of TILE (the usual 16, 32, ...) a
  * tile lies in one rBlock and its keys are addressed from one base pointer; SUPER_TILES tiles
@@ -521,9 +522,11 @@ static int ma_run(const Problem *shards, int num_groups, const int64_t *group_st
     Item *items = malloc(sizeof(Item) * (num_items ? num_items : 1));
     if (!items) return -1;
     int64_t n = 0, scratch = 0;
-    for (int g = 0; g < num_groups; g++) {
-        const int rows = (int)group_rows[g] * G;
-        for (int h = 0; h < hkv; h++)
+    /* head-major: consecutive items read one head's region of the pool; moving to another
+     * head's region costs more the larger the pool (batch 32, 4K tokens each: 8.9 -> 8.1 ms) */
+    for (int h = 0; h < hkv; h++)
+        for (int g = 0; g < num_groups; g++) {
+            const int rows = (int)group_rows[g] * G;
             for (int r0 = 0; r0 < rows; r0 += MAX_ROWS) {
                 const int64_t set = n;
                 for (int64_t x = group_start[g]; x < group_start[g + 1]; x++) {
