@@ -256,16 +256,8 @@ def bench_context(
                 "max_abs_err": err,
             }
         )
-        del (
-            shards,
-            parts,
-            outs,
-            lses,
-            split,
-            merge,
-            fused,
-            fns,
-        )  # this row's pools go before the next's
+        # this row's pools go before the next row's are made
+        del shards, parts, outs, lses, split, merge, fused, fns
         progress()
     return rows
 

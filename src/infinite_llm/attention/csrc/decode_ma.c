@@ -8,9 +8,9 @@
  *     cache[h][block][offset][d]    head stride hs, block stride bst, token stride D
  *
  * Work item = (request, kv head, split-K chunk of its keys), taken in head-major order (every
- * request's items of head 0 first: the threads stay in one head's region of the pool). An item walks its keys in tiles of
- * TILE tokens and keeps, per query row, the online-softmax state (running max m, sum l,
- * unnormalised acc[D]). When the block size is a multiple of TILE (the usual 16, 32, ...) a
+ * request's items of head 0 first: the threads stay in one head's region of the pool). An item
+ * walks its keys in tiles of TILE tokens and keeps, per query row, the online-softmax state
+ * (running max m, sum l, unnormalised acc[D]). When the block size is a multiple of TILE (the usual 16, 32, ...) a
  * tile lies in one rBlock and its keys are addressed from one base pointer; SUPER_TILES tiles
  * are scored before one softmax update; the keys and values of the tiles a step ahead are
  * prefetched line by line through the loops (no hardware prefetcher can follow scattered
