@@ -47,7 +47,8 @@ def format_table(report: dict) -> str:
         f"D={cfg['head_dim']} block_size={cfg['block_size']} {cfg['dtype']} {cfg['layout']} blocks, "
         f"{cfg['threads']} threads; machine read bandwidth at the start {report['machine']['read_gbps']:.1f} GB/s "
         f"(best {report['machine']['read_best_gbps']:.1f}); 'read': measured between the row's calls, "
-        "which '% bw' is of; 'pattern': the same rBlocks only read, GB/s; times are medians, 'best' GB/s from the fastest call",
+        "which '% bw' is of; 'pattern': the same rBlocks only read, GB/s; times are medians, 'best' GB/s from the fastest call; "
+        "a split's shards each in a pool of their own, as on that many instances",
     ]
     head = (
         f"{'impl':<8} {'context':>8} {'shards':>6} {'ms':>9} {'merge ms':>8} {'mono ms':>9} "
