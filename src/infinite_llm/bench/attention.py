@@ -325,6 +325,7 @@ def run_attention_bench(
             "shards": list(shard_counts),
             "threads": torch.get_num_threads(),
             "timing": "median of alternated samples (mono, split and fused interleaved); *_min: best",
+            "split_pools": "one per shard (as on that many instances); mono: one holding it all",
             "cache_flush_mib": flush_mib,
         },
         "machine": {
