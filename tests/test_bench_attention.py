@@ -9,8 +9,9 @@ import torch
 
 from infinite_llm.attention import cpu_native
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.bench.attention import _own_pools, _shards, run_attention_bench
+from infinite_llm.bench.attention import run_attention_bench
 from infinite_llm.bench.attention_report import format_table
+from infinite_llm.bench.attention_shards import cut_shards, own_pools
 
 
 def test_small_grid() -> None:
@@ -78,8 +79,8 @@ def test_every_shard_gets_a_pool_holding_exactly_its_blocks(layout: str) -> None
     order = list(range(40))
     random.Random(1).shuffle(order)
     block_ids, contexts = [order[:25], order[25:]], [99, 57]  # two requests, ragged last blocks
-    batches = _shards(block_ids, contexts, 3, 4)
-    pools = _own_pools(k, v, batches, layout, seed=0)
+    batches = cut_shards(block_ids, contexts, 3, 4)
+    pools = own_pools(k, v, batches, layout, seed=0)
     assert sum(sk.shape[1] for sk, _, _ in pools) == 40
     for (sk, sv, own), shard in zip(pools, batches):
         assert isinstance(own, MABatch) and own.context_lens == shard.context_lens

@@ -5,14 +5,11 @@ token, Hq=9 query heads over Hkv=3 KV heads (GQA group 3), head_dim 64, block_si
 layer's pool. For every context length and shard count S:
 
 * ``mono``: the kernel over the whole context in one MA call, on one pool that holds it;
-* ``split``: the context cut into S contiguous runs of rBlocks (as DistAttention places them on S
-  instances), one MA per run, then the log-sum-exp merge of the S partial states. As on S
-  instances, each run lives in a pool of its own, its rBlocks laid out there as the whole
-  context's are in mono's pool (shuffled or contiguous), so both read pools their data fills
-  alike (the time is what S instances would spend one after another; on a cluster they run in
-  parallel). Read from mono's pool instead, every shard would touch a quarter of the rBlocks
-  spread over the whole pool, and switching to another head's region of a large pool costs
-  about 0.1 ms here (128K, 4 shards: +16 % against +4 % with a pool per shard);
+* ``split``: the context cut into S contiguous runs of rBlocks, each in a pool of its own laid
+  out as mono's (as DistAttention places them on S instances), one MA per run, then the
+  log-sum-exp merge of the S states: what S instances spend one after another (on a cluster
+  they run at once). Not mono's pool: moving between head regions of a large pool costs about
+  0.1 ms here (128K, 4 shards: +16 % read from mono's pool, +4 % from their own);
 * ``fused``: the same shards in one native call that also merges (``decode_attention_shards``,
   what the in-process transport runs for a decode layer spread over pools);
 * ``overhead`` = split / mono - 1 (``fused_overhead_pct``: fused / mono - 1); ``bandwidth`` = KV bytes read / time, against the machine's
@@ -38,12 +35,13 @@ from pathlib import Path
 
 import torch
 
-from infinite_llm.attention import cpu_native, native_ops, native_shards
+from infinite_llm.attention import native_ops
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.kv_pool import empty_kv
 from infinite_llm.attention.merge import merge_attention_states_
 from infinite_llm.attention.micro import IMPLS, micro_attention
 from infinite_llm.bench.attention_report import format_table, targets, write_plot
+from infinite_llm.bench.attention_shards import Shard, cut_shards, fused_call, own_pools
 from infinite_llm.bench.common import (
     CacheFlusher,
     cache_flusher,
@@ -93,70 +91,6 @@ def _reference_f64(
     return torch.cat(outs)
 
 
-def _fused(
-    q: torch.Tensor, shards: list[Shard], scale: float, impl: str
-) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
-    """The shards as the in-process transport runs them: every shard's MA and the merge in one
-    native call (``decode_attention_shards``); None where that path does not apply."""
-    k, v, _ = shards[0]
-    if impl not in ("auto", "native") or not (
-        cpu_native.native_available() and cpu_native.supports(q, k, v)
-    ):
-        return None
-    n = shards[0][2].num_requests
-    tables = native_shards.ShardTables.build(
-        [(b, list(range(n))) for _, _, b in shards], list(range(n + 1))
-    )
-    if tables is None:
-        return None
-    caches = [(sk, sv) for sk, sv, _ in shards]
-    return lambda: native_shards.decode_attention_shards(q, caches, tables, k.shape[2], scale)
-
-
-Shard = tuple[torch.Tensor, torch.Tensor, MABatch]  # a pool's K and V layer, the MA over it
-
-
-def _own_pools(
-    k: torch.Tensor, v: torch.Tensor, batches: list[MABatch], layout: str, seed: int
-) -> list[Shard]:
-    """Each shard's rBlocks copied into a pool of its own, laid out there as ``layout`` says
-    (shuffled: in a random order, as a long-running instance's pool would hold them)."""
-    out = []
-    for s, batch in enumerate(batches):
-        old = [b for blocks in batch.block_ids for b in blocks]
-        new = list(range(len(old)))
-        if layout == "shuffled":
-            random.Random(seed * 1000 + s).shuffle(new)
-        shape = (k.shape[0], len(old), *k.shape[2:])
-        sk, sv = empty_kv(shape, k.dtype), empty_kv(shape, v.dtype)
-        sk[:, new] = k[:, old]
-        sv[:, new] = v[:, old]
-        tables, at = [], 0
-        for blocks in batch.block_ids:
-            tables.append(new[at : at + len(blocks)])
-            at += len(blocks)
-        out.append(
-            (sk, sv, MABatch(batch.query_lens, tables, batch.context_lens, batch.block_size))
-        )
-    return out
-
-
-def _shards(
-    block_ids: list[list[int]], contexts: list[int], num_shards: int, block_size: int
-) -> list[MABatch]:
-    """Each request's blocks cut into ``num_shards`` contiguous runs (the last may hold fewer)."""
-    batches = []
-    for s in range(num_shards):
-        ids, lens = [], []
-        for blocks, ctx in zip(block_ids, contexts):
-            per = -(-len(blocks) // num_shards)
-            mine = blocks[s * per : (s + 1) * per]
-            ids.append(mine)
-            lens.append(max(0, min(ctx, (s + 1) * per * block_size) - s * per * block_size))
-        batches.append(MABatch([1] * len(ids), ids, lens, block_size))
-    return batches
-
-
 def bench_context(
     context: int,
     shard_counts: Sequence[int],
@@ -199,8 +133,8 @@ def bench_context(
 
     rows = []
     for num_shards in shard_counts:
-        batches = _shards(block_ids, contexts, num_shards, block_size)
-        shards = _own_pools(k, v, batches, layout, seed) if num_shards > 1 else [(k, v, mono_batch)]
+        batches = cut_shards(block_ids, contexts, num_shards, block_size)
+        shards = own_pools(k, v, batches, layout, seed) if num_shards > 1 else [(k, v, mono_batch)]
         parts = [micro_attention(q, sk, sv, b, scale, impl=impl) for sk, sv, b in shards]
 
         def split(shards: list[Shard] = shards) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +150,7 @@ def bench_context(
             return merge_attention_states_(outs, lses)
 
         fns: list[Callable[[], object]] = [mono, split if num_shards > 1 else mono]
-        fused = _fused(q, shards, scale, impl) if num_shards > 1 else None
+        fused = fused_call(q, shards, scale, impl) if num_shards > 1 else None
         if fused is not None:
             fns.append(fused)
         read_pattern = not rows and pattern_read() is not None  # once per context, its first row
