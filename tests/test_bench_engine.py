@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from infinite_llm.bench import engine
+from infinite_llm.bench import engine, engine_timing
 
 
 def test_bench_engine_tiny_smoke(capsys):
@@ -62,7 +62,7 @@ def test_decode_rate_counts_only_full_batch_steps_after_the_last_first_token():
     """Chunked prefill: requests 0-1 start at step 0, requests 2-3 at step 1 (while 0-1 decode),
     the batch decodes whole from step 2, and requests finish one by one at the end."""
     steps = [(1.0, 2, 2), (2.5, 4, 2), (2.7, 4, 0), (3.0, 4, 0), (3.2, 4, 0), (3.3, 2, 0)]
-    r = engine.decode_rate(steps, 4)
+    r = engine_timing.decode_rate(steps, 4)
     assert (
         r["decode_steps"] == 3
     )  # steps 2, 3 and 4; step 1 holds prefill chunks, step 5 is partial
@@ -74,7 +74,7 @@ def test_decode_rate_counts_only_full_batch_steps_after_the_last_first_token():
 def test_decode_rate_without_a_full_batch_step_is_none():
     # batch 4, two tokens each, the last two requests start after the first two are done
     steps = [(1.0, 2, 2), (1.5, 2, 0), (2.0, 2, 2), (2.4, 2, 0)]
-    assert engine.decode_rate(steps, 4) == {
+    assert engine_timing.decode_rate(steps, 4) == {
         "decode_tok_s": None,
         "decode_step_ms": None,
         "decode_step_ms_median": None,

@@ -17,7 +17,7 @@ tok/s. Nor B*63 / (t64 - t1): engines with chunked prefill (ours, vLLM) decode t
 requests while later ones still prefill, so that difference leaves those decode steps out.
 The batch-1 decode bound is measured bandwidth / weight bytes read per step. The bandwidth is
 read at the start (a 1 GiB sum) and again just before and after each of our batch sizes (sums
-over the model's own embedding table, no allocation): on a shared machine it moves by a third
+over the model's own LM head, no allocation): on a shared machine it moves by a third
 within minutes, so the bound uses the samples taken around our batch-1 run.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -42,81 +41,16 @@ from infinite_llm.bench.common import (
     peak_rss_bytes,
     tensor_read_samples,
 )
+from infinite_llm.bench.engine_timing import (
+    Step,
+    StepCounter,
+    make_prompts,
+    rates,
+    ratio,
+    timed,
+)
 
 MIN_PROBE_BYTES = 64 << 20  # a bandwidth probe must be well beyond the last-level cache
-
-
-def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
-
-
-def _timed(fn: Any) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
-# One step of a timed run: (seconds since the run started, requests that got a token in it,
-# of which first tokens).
-Step = tuple[float, int, int]
-
-
-def decode_rate(steps: list[Step], batch: int) -> dict[str, Any]:
-    """Decode throughput from a run's steps (see the module docstring): the full-batch decode
-    steps are those after the last first token in which all ``batch`` requests got a token."""
-    starts = [i for i, (_, _, first) in enumerate(steps) if first]
-    begin = starts[-1] + 1 if starts else 1
-    times = [
-        steps[i][0] - steps[i - 1][0] for i in range(begin, len(steps)) if steps[i][1] == batch
-    ]
-    if not times:
-        return {
-            "decode_tok_s": None,
-            "decode_step_ms": None,
-            "decode_step_ms_median": None,
-            "decode_steps": 0,
-        }
-    return {
-        "decode_tok_s": batch * len(times) / sum(times),
-        "decode_step_ms": sum(times) / len(times) * 1e3,
-        "decode_step_ms_median": statistics.median(times) * 1e3,
-        "decode_steps": len(times),
-    }
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def _rates(
-    b: int, prompt_len: int, t_prefill: float, t_total: float, steps: list[Step]
-) -> dict[str, Any]:
-    return {
-        "prefill_s": t_prefill,
-        "total_s": t_total,
-        "prefill_tok_s": b * prompt_len / t_prefill,
-        **decode_rate(steps, b),
-    }
-
-
-class _StepCounter:
-    """Turns each step's outputs (cumulative token ids per request) into a ``Step``."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.lengths: dict[str, int] = {}
-        self.steps: list[Step] = []
-
-    def record(self, outputs: list[Any]) -> None:
-        t = time.perf_counter() - self.start
-        new = first = 0
-        for out in outputs:
-            n, before = len(out.outputs[0].token_ids), self.lengths.get(out.request_id, 0)
-            if n > before:
-                new, first = new + 1, first + (before == 0)
-            self.lengths[out.request_id] = n
-        self.steps.append((t, new, first))
 
 
 def _stepped_ours(
@@ -127,7 +61,7 @@ def _stepped_ours(
     requests = [engine.make_request(p, params) for p in batch]
     for request in requests:
         engine.add_request(request)
-    counter, finished = _StepCounter(), {}
+    counter, finished = StepCounter(), {}
     try:
         while len(finished) < len(requests):
             outputs = engine.step()
@@ -179,12 +113,12 @@ def bench_ours(
     for b in args.batch_sizes:
         batch = prompts[:b]
         around = tensor_read_samples(probe) if probe.nbytes >= MIN_PROBE_BYTES else []
-        t_prefill, _ = _timed(lambda batch=batch: llm.generate(batch, one, use_tqdm=False))
+        t_prefill, _ = timed(lambda batch=batch: llm.generate(batch, one, use_tqdm=False))
         t_total, steps, token_ids = _stepped_ours(llm, batch, full)
         if around:
             around += tensor_read_samples(probe)
         results[b] = {
-            **_rates(b, args.prompt_len, t_prefill, t_total, steps),
+            **rates(b, args.prompt_len, t_prefill, t_total, steps),
             "read_gbps_around": statistics.median(around) if around else None,
             "token_ids": token_ids,
         }
@@ -228,13 +162,13 @@ def bench_hf(
     results = {}
     for b in args.batch_sizes:
         batch = prompts[:b]
-        t_prefill, _ = _timed(lambda batch=batch: generate(batch, 1))
+        t_prefill, _ = timed(lambda batch=batch: generate(batch, 1))
         stamps = StepStamps(b)
-        t_total, out = _timed(
+        t_total, out = timed(
             lambda batch=batch, stamps=stamps: generate(batch, args.max_tokens, stamps)
         )
         results[b] = {
-            **_rates(b, args.prompt_len, t_prefill, t_total, stamps.steps),
+            **rates(b, args.prompt_len, t_prefill, t_total, stamps.steps),
             "token_ids": out[:, args.prompt_len :].tolist(),
         }
         bar.update(1)
@@ -310,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         engines[peer] = {
             r["batch_size"]: {
-                **_rates(
+                **rates(
                     r["batch_size"],
                     args.prompt_len,
                     r["t_prefill_s"],
@@ -341,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_step_ms": r["decode_step_ms"],
             }
             if name != "infinite-llm":
-                row["ours_decode_x"] = _ratio(ours[b]["decode_tok_s"], r["decode_tok_s"])
+                row["ours_decode_x"] = ratio(ours[b]["decode_tok_s"], r["decode_tok_s"])
                 row["ours_prefill_x"] = ours[b]["prefill_tok_s"] / r["prefill_tok_s"]
                 row["same_tokens"] = (
                     sum(a == c for a, c in zip(ours[b]["token_ids"], r["token_ids"])) / b
@@ -366,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes": weight_bytes,
         "batch1_decode_limit_tok_s": limit_tok_s,
         "batch1_decode_limit_tok_s_start": bandwidth * 1e9 / weight_bytes,
-        "batch1_decode_fraction_of_limit": _ratio(ours[first]["decode_tok_s"], limit_tok_s)
+        "batch1_decode_fraction_of_limit": ratio(ours[first]["decode_tok_s"], limit_tok_s)
         if first == 1
         else None,
         "peak_rss_bytes_ours": rss_ours,

@@ -10,7 +10,7 @@ Methodology, shared with ``infinite-llm bench engine``, for each batch size B:
   * one run of the same prompts to max_tokens=N through the engine's ``step()`` loop (what
     ``generate`` runs), every step timed: ``steps`` = [seconds since the run started, requests
     that got a token in it, of which first tokens] per step, from which the caller takes the
-    decode rate (its full-batch decode steps: ``bench/engine.py``'s ``decode_rate``).
+    decode rate (its full-batch decode steps: ``bench/engine_timing.py``'s ``decode_rate``).
 Greedy (temperature 0), ``ignore_eos``, no detokenization, prefix caching off (otherwise the
 second run over the same prompts, and every batch after the first, would skip its prefill).
 
