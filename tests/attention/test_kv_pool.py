@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -46,21 +48,40 @@ def test_out_of_range_slot_is_refused_and_writes_nothing() -> None:
     assert pool.k.abs().sum() == 0 and pool.v.abs().sum() == 0
 
 
-def test_pool_memory_is_advised_as_huge_pages_and_works_without() -> None:
+def _mapping_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping holding ``address`` (/proc/self/smaps), None if unmapped."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps")
+def test_pool_memory_is_2mb_aligned_advised_as_huge_pages_and_works_without() -> None:
     """Huge-page advice is an optimisation: the pool is the same tensor either way."""
+    import gc
+
     from infinite_llm.attention import kv_pool
 
     pool = KVPool(2, 2, 64, 2048, 16, torch.float32)  # 2 x 16 MiB per layer
     assert pool.k.shape == (2, 2, 2048, 16, 64) and pool.k.is_contiguous()
-    small = torch.empty(16)
-    assert kv_pool.advise_hugepages(small) is False  # no whole 2 MB page inside
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            thp = f.read()
-    except OSError:
-        thp = ""
-    if "[madvise]" in thp or "[always]" in thp:  # the kernel takes the advice
-        assert kv_pool.advise_hugepages(pool.k)
+    for t in (pool.k, pool.v):  # whole 2 MB pages from the first byte, advised before use
+        assert t.data_ptr() % kv_pool.HUGE_PAGE == 0
+        assert "hg" in (_mapping_flags(t.data_ptr()) or [])
+    address = pool.k.data_ptr()
+    pool.write(1, torch.tensor([0, 2047 * 16 + 15]), torch.ones(2, 2, 64), torch.ones(2, 2, 64))
+    assert pool.k[1, :, 2047, 15].sum() == 128 and pool.k[1, :, 0, 0].sum() == 128
+    del pool, t
+    gc.collect()
+    assert _mapping_flags(address) is None  # unmapped with the last tensor over it
+    small = kv_pool.empty_kv((4, 16), torch.float32)  # under one huge page: plain torch.empty
+    assert small.shape == (4, 16)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("INFINITE_LLM_HUGEPAGES", "0")
         plain = KVPool(1, 1, 16, 8, 4, torch.float32)
