@@ -201,3 +201,39 @@ def test_randomized_workload_with_aborts_never_leaks() -> None:
         engine.step()
         engine.check_integrity()
     assert_all_free(engine)
+
+
+def _route_one_step_apart(engine, prompts, done: dict, ids: list) -> list[int]:
+    """Add the requests one engine step apart (each admitted before the next arrives)."""
+    homes = []
+    for prompt in prompts:
+        request = engine.make_request(prompt, GREEDY)
+        engine.add_request(request)
+        ids.append(request.request_id)
+        homes.append(request.home_instance_id)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        engine.cluster.send_heartbeats(force=True)
+        engine.check_integrity()
+    return homes
+
+
+def test_requests_pack_into_one_batch_and_borrow_before_a_second_instance_steps() -> None:
+    """In one process the instances share the device: routed requests join the busiest
+    instance's batch while it (borrowing: the cluster) has room, and stay exact."""
+    prompts = random_prompts(4, (56, 56), 256, seed=23)  # 7 rBlocks each, 10 with the output
+    for borrowing, want in ((True, [0, 0, 0, 0]), (False, [0, 0, 1, 1])):
+        engine = make_engine(3, num_blocks=16, block_size=8, budget=256, borrowing=borrowing)
+        done: dict[str, list[int]] = {}
+        ids: list[str] = []
+        # borrowing: all four on instance 0 (40 rBlocks, 16 at home, the rest borrowed);
+        # without it, room is the home pool's: the third request opens a second batch
+        assert _route_one_step_apart(engine, prompts, done, ids) == want
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+            engine.check_integrity()
+        assert [done[i] for i in ids] == expected(prompts)
+        assert_all_free(engine)

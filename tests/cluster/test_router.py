@@ -1,6 +1,9 @@
-"""The router: least pending work first; among equally loaded instances, room, then free memory."""
+"""The router: least pending work first; among equally loaded instances, room, then free memory;
+or, for instances on one device, the busiest one with room."""
 
 from __future__ import annotations
+
+import pytest
 
 from infinite_llm.cluster.router import Router
 
@@ -73,3 +76,37 @@ def test_ray_driver_counts_the_prompt_until_the_first_token_then_the_output_left
     assert record.pending_tokens == 17
     record.output_token_ids += [1] * 17
     assert record.pending_tokens == 0
+
+
+def test_pack_sends_requests_to_the_busiest_instance_with_room() -> None:
+    """Instances on one device: one bigger batch instead of several small ones."""
+    router = Router(block_size=16, policy="pack")
+    free = {0: 10, 1: 40, 2: 40}
+    pending = {0: 500, 1: 300, 2: 0}
+    room = dict(free)
+    assert router.pick([0, 1, 2], free, pending, 5 * 16, room) == 0  # busiest, and it fits
+    assert router.pick([0, 1, 2], free, pending, 6 * 16, room) == 1  # 0 promised 5 of its 10
+    del room[1]  # instance 1's batch is full
+    assert router.pick([0, 1, 2], free, pending, 6 * 16, room) == 2
+    assert router.pick([0, 1, 2], free, pending, 50 * 16, room) == 2  # no room: least loaded
+
+
+def test_pack_with_pooled_memory_counts_every_promise_against_every_instance() -> None:
+    from infinite_llm.cluster.router import pack_room
+
+    class Sched:
+        def __init__(self, running: int, waiting: int = 0) -> None:
+            self.config = type("C", (), {"max_num_seqs": 4})()
+            self.num_running, self.num_waiting = running, waiting
+
+    schedulers = {0: Sched(3), 1: Sched(1), 2: Sched(2, 2)}  # 2 has no place left
+    free, lendable = {0: 4, 1: 30, 2: 20}, {0: 2, 1: 25, 2: 15}
+    room = pack_room(schedulers, free, lendable, pooled=True)
+    assert room == {0: 4 + 25 + 15, 1: 30 + 2 + 15}
+    assert pack_room(schedulers, free, lendable, pooled=False) == {0: 4, 1: 30}
+    router = Router(block_size=16, policy="pack")
+    pending = {0: 900, 1: 100, 2: 50}
+    assert router.pick([0, 1, 2], free, pending, 40 * 16, room, pooled=True) == 0  # borrows
+    assert router.pick([0, 1, 2], free, pending, 5 * 16, room, pooled=True) == 1  # 44 - 40 < 5
+    with pytest.raises(ValueError, match="routing policy"):
+        Router(block_size=16, policy="random")

@@ -212,3 +212,14 @@ def test_sim_imports_without_torch():
         ).stdout.strip()
         == "False"
     )
+
+
+def test_serial_execution_packs_requests_parallel_spreads_them():
+    """Instances stepping in turn on one device (serial) share one batch while it has room,
+    as ``InProcessCluster`` routes; on devices of their own (parallel) requests spread."""
+    reqs = [TraceRequest(i, 0.01 * i, 8, 4, "chat") for i in range(4)]  # 1 rBlock each
+    serial = simulate(small_config(num_instances=3), unit_costs(), reqs, execution="serial")
+    parallel = simulate(small_config(num_instances=3), unit_costs(), reqs, execution="parallel")
+    assert {r.home for r in serial.records} == {0}
+    assert {r.home for r in parallel.records} == {0, 1, 2}
+    assert all(r.finish_s is not None for r in serial.records + parallel.records)

@@ -17,7 +17,7 @@ import torch
 
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
-from infinite_llm.cluster.router import Router
+from infinite_llm.cluster.router import Router, pack_room
 from infinite_llm.cluster.transport import InProcessTransport
 from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
@@ -45,7 +45,8 @@ class InProcessCluster(Cluster):
         self.borrowing = cache.enable_borrowing and config.num_instances > 1
         lending_cap = cache.lending_cap if self.borrowing else 0.0
         self.gmanager = GManager()
-        self.router = Router(self.block_size)
+        # the instances step in turn on one device: pack requests into fewer, bigger batches
+        self.router = Router(self.block_size, policy="pack")
         self.transport = InProcessTransport(config.attention_impl)
         self.borrow_stats = BorrowStats()
         arch, dtype, device = loaded.arch, parse_dtype(config.dtype), torch.device(config.device)
@@ -138,9 +139,15 @@ class InProcessCluster(Cluster):
         return events
 
     def _route(self, request: Request) -> int:
-        pending = {i: inst.scheduler.num_pending_tokens for i, inst in self.instances.items()}
+        schedulers = {i: inst.scheduler for i, inst in self.instances.items()}
+        pending = {i: s.num_pending_tokens for i, s in schedulers.items()}
+        free = self.gmanager.free_blocks()
+        lendable = (
+            {i: self.gmanager.available(i) or 0 for i in schedulers} if self.borrowing else {}
+        )
+        room = pack_room(schedulers, free, lendable, self.borrowing)
         return self.router.pick(
-            sorted(self.instances), self.gmanager.free_blocks(), pending, request.num_tokens
+            sorted(self.instances), free, pending, request.num_tokens, room, self.borrowing
         )
 
     # -- heartbeats, defragmentation, failures ----------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from infinite_llm.cluster.router import Router
+from infinite_llm.cluster.router import Router, pack_room
 from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
 from infinite_llm.kvcache.integrity import check_cluster, pool_counts, pool_state
@@ -87,7 +87,9 @@ class SimInstance:
 
 
 class SimCluster:
-    def __init__(self, config: SimClusterConfig, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, config: SimClusterConfig, clock: Callable[[], float], routing: str = "load"
+    ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.borrowing = config.borrowing
@@ -95,7 +97,7 @@ class SimCluster:
         self._clock = clock
         self.last_heartbeat_s = float("-inf")
         self.gmanager = GManager(clock=clock)
-        self.router = Router(self.block_size)
+        self.router = Router(self.block_size, policy=routing)
         self.borrow_stats = BorrowStats()
         self.tracker = PlacementTracker()
         self.instances: dict[int, SimInstance] = {}
@@ -125,9 +127,17 @@ class SimCluster:
 
     # -- requests ---------------------------------------------------------------------------
     def route(self, num_tokens: int) -> int:
-        pending = {i: inst.scheduler.num_pending_tokens for i, inst in self.instances.items()}
+        schedulers = {i: inst.scheduler for i, inst in self.instances.items()}
+        pending = {i: s.num_pending_tokens for i, s in schedulers.items()}
+        free = self.gmanager.free_blocks()
+        room = None
+        if self.router.policy == "pack":
+            lendable = (
+                {i: self.gmanager.available(i) or 0 for i in schedulers} if self.borrowing else {}
+            )
+            room = pack_room(schedulers, free, lendable, self.borrowing)
         return self.router.pick(
-            sorted(self.instances), self.gmanager.free_blocks(), pending, num_tokens
+            sorted(self.instances), free, pending, num_tokens, room, self.borrowing
         )
 
     def add_request(self, request: Request, home: int | None = None) -> int:

@@ -67,6 +67,8 @@ def livelock_threshold(num_instances: int) -> int:
 class _Run:
     """What both executions share: admission, one schedule, applying a step's results."""
 
+    ROUTING = "load"  # the router's policy (``cluster.router``)
+
     def __init__(
         self,
         config: SimClusterConfig,
@@ -79,7 +81,7 @@ class _Run:
         self.now = 0.0
         self.horizon_s = horizon_s
         self.config = config
-        self.cluster = SimCluster(config, clock=lambda: self.now)
+        self.cluster = SimCluster(config, clock=lambda: self.now, routing=self.ROUTING)
         self.costs = costs
         self.trace = sorted(requests, key=lambda r: (r.arrival_s, r.index))
         self.records = {
@@ -316,6 +318,8 @@ class ParallelRun(_Run):
 
 class SerialRun(_Run):
     """All instances on one device, stepping in turn (see the module docstring)."""
+
+    ROUTING = "pack"  # as ``InProcessCluster``: one device, so fewer and bigger batches
 
     def run(self) -> SimResult:
         start_wall = time.perf_counter()
