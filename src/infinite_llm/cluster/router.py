@@ -33,7 +33,7 @@ class Router:
     ``policy="pack"``, for instances that share one device and step in turn
     (``InProcessCluster``, the simulator's serial execution): the busiest instance (most
     pending tokens) with a place in its batch and room for the request, else as ``load``.
-    There an instance step has a fixed cost whatever its batch (19 ms in ``bench paper``'s fit:
+    There an instance step has a fixed cost whatever its batch (19-21 ms in ``bench paper``'s fits:
     SmolLM2 on one thread), so two instances running half a batch each pay it twice where one
     running the whole batch pays it once, and nothing runs in parallel to make up for it. With
     borrowing, room counts what the other instances can lend: pooled memory lets one instance
