@@ -17,7 +17,7 @@ import torch
 
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
-from infinite_llm.cluster.router import Router, pack_room
+from infinite_llm.cluster.router import Router
 from infinite_llm.cluster.transport import InProcessTransport
 from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
@@ -140,15 +140,7 @@ class InProcessCluster(Cluster):
 
     def _route(self, request: Request) -> int:
         schedulers = {i: inst.scheduler for i, inst in self.instances.items()}
-        pending = {i: s.num_pending_tokens for i, s in schedulers.items()}
-        free = self.gmanager.free_blocks()
-        lendable = (
-            {i: self.gmanager.available(i) or 0 for i in schedulers} if self.borrowing else {}
-        )
-        room = pack_room(schedulers, free, lendable, self.borrowing)
-        return self.router.pick(
-            sorted(self.instances), free, pending, request.num_tokens, room, self.borrowing
-        )
+        return self.router.route(schedulers, self.gmanager, request.num_tokens, self.borrowing)
 
     # -- heartbeats, defragmentation, failures ----------------------------------------------
     def send_heartbeats(self, force: bool = False) -> None:

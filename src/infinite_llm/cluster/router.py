@@ -95,6 +95,20 @@ class Router:
         self._routed_blocks[home] = self._routed_blocks.get(home, 0) + need
         return home
 
+    def route(
+        self, schedulers: Mapping[int, Any], gmanager: Any, num_tokens: int, pooled: bool
+    ) -> int:
+        """``pick`` for a cluster that holds its instances' schedulers and the gManager
+        (``InProcessCluster``, the simulator): their pending tokens, the free rBlocks of the
+        last heartbeats and, for ``pack``, each instance's room."""
+        pending = {i: s.num_pending_tokens for i, s in schedulers.items()}
+        free = gmanager.free_blocks()
+        room = None
+        if self.policy == "pack":
+            lendable = {i: gmanager.available(i) or 0 for i in schedulers} if pooled else {}
+            room = pack_room(schedulers, free, lendable, pooled)
+        return self.pick(sorted(schedulers), free, pending, num_tokens, room, pooled)
+
 
 class _Batch(Protocol):  # what pack_room reads of a Scheduler
     config: Any

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from infinite_llm.cluster.router import Router, pack_room
+from infinite_llm.cluster.router import Router
 from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.gmanager import GManager
 from infinite_llm.kvcache.integrity import check_cluster, pool_counts, pool_state
@@ -128,17 +128,7 @@ class SimCluster:
     # -- requests ---------------------------------------------------------------------------
     def route(self, num_tokens: int) -> int:
         schedulers = {i: inst.scheduler for i, inst in self.instances.items()}
-        pending = {i: s.num_pending_tokens for i, s in schedulers.items()}
-        free = self.gmanager.free_blocks()
-        room = None
-        if self.router.policy == "pack":
-            lendable = (
-                {i: self.gmanager.available(i) or 0 for i in schedulers} if self.borrowing else {}
-            )
-            room = pack_room(schedulers, free, lendable, self.borrowing)
-        return self.router.pick(
-            sorted(self.instances), free, pending, num_tokens, room, self.borrowing
-        )
+        return self.router.route(schedulers, self.gmanager, num_tokens, self.borrowing)
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
