@@ -139,6 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fit-out", type=Path, default=DEFAULT_FIT_PATH, help="where to save the fitted costs"
     )
     p.add_argument("--no-save-fit", action="store_true")
+    p.add_argument(
+        "--sim-replays",
+        type=int,
+        default=9,
+        help="noisy simulator replays per run for the validation (median and range); 0: one exact",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="directory for bench-paper.png")
     args = p.parse_args(argv)
@@ -246,7 +252,7 @@ def report(
     costs, fit_report = fit_linear_costs(samples)
     doc = fit_document(costs, fit_report, config_doc(args), workload_doc(args), machine_info())
     fit_path = None if args.no_save_fit else str(save_fit(args.fit_out, doc))
-    validation = validate(runs, samples, doc)
+    validation = validate(runs, samples, doc, args.sim_replays)
     by = {(r["instances"], r["trace"], r["mode"]): r["summary"] for r in runs}
     comparisons, capacity, rows = [], [], []
     for n in args.instances:
@@ -370,6 +376,7 @@ def report(
                 "run": v["label"],
                 "tok/s meas": v["measured_tokens_per_s"],
                 "tok/s sim": v["predicted_tokens_per_s"],
+                "sim range": "-".join(f"{x:.0f}" for x in v["predicted_tokens_per_s_range"]),
                 "err": v["tokens_per_s_error"],
                 "longest meas": v["measured_longest_context_served"],
                 "longest sim": v["predicted_longest_context_served"],
@@ -378,11 +385,22 @@ def report(
             }
             for v in validation
         ],
-        ["run", "tok/s meas", "tok/s sim", "err", "longest meas", "longest sim", "stopped"],
-        "validation: simulator (costs fitted on the other runs) vs measured",
+        [
+            "run",
+            "tok/s meas",
+            "tok/s sim",
+            "sim range",
+            "err",
+            "longest meas",
+            "longest sim",
+            "stopped",
+        ],
+        f"validation: simulator (costs fitted on the other runs; median of {args.sim_replays} "
+        "noisy replays) vs measured",
     )
     table += (
-        f"\nfit: r2 {fit_report['r2']:.3f}, median step error {fit_report['median_abs_rel_err']:.1%}; "
+        f"\nfit: r2 {fit_report['r2']:.3f}, median step error {fit_report['median_abs_rel_err']:.1%}, "
+        f"step noise sigma {fit_report['step_noise_sigma']:.3f}; "
         f"saved to {fit_path}; targets {targets}; load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}"
     )
     emit(result, table, args.json)

@@ -20,10 +20,16 @@ Two implementations:
 * ``LinearCosts``: coefficients fitted by least squares to per-step timings of real runs on
   this machine (``fit.py``); all instances share one device there, so remote MAs are part of
   the debtor's step.
+
+``NoisyCosts`` wraps either and scales each step by a seeded random factor, so that replays of
+one trace show how much a run's outcome depends on step-time noise (which request a full pool
+preempts depends on what arrived before which step).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -206,3 +212,23 @@ class LinearCosts:
 
     def migrate_seconds(self, num_blocks: int) -> float:
         return max(0, num_blocks) * self.migrate_block_s
+
+
+class NoisyCosts:
+    """``base``'s step times, each scaled by an independent lognormal factor of mean 1 and
+    log-standard-deviation ``sigma`` (seeded). Migration costs are left exact."""
+
+    def __init__(self, base: CostModel, sigma: float, seed: int) -> None:
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        self.base, self.sigma = base, sigma
+        self.cluster_step_s = base.cluster_step_s
+        self._rng = random.Random(seed)
+
+    def step(self, work: StepWork) -> StepCost:
+        cost = self.base.step(work)
+        f = math.exp(self._rng.gauss(-0.5 * self.sigma**2, self.sigma))
+        return StepCost(cost.seconds * f, {i: s * f for i, s in cost.creditor_seconds.items()})
+
+    def migrate_seconds(self, num_blocks: int) -> float:
+        return self.base.migrate_seconds(num_blocks)

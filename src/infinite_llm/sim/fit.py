@@ -109,6 +109,10 @@ def fit_linear_costs(samples: Samples) -> tuple[LinearCosts, dict[str, Any]]:
     resid = b - pred
     total = float(((b - b.mean()) ** 2).sum())
     rel = np.abs(resid) / np.maximum(b, 1e-9)
+    ok = (b > 0) & (pred > 0)
+    log_ratio = np.log(b[ok] / pred[ok])
+    # robust (median absolute deviation) spread of log(measured / fitted): the step-time noise
+    noise = 1.4826 * float(np.median(np.abs(log_ratio - np.median(log_ratio)))) if ok.any() else 0.0
     overhead = float(np.mean([s.seconds for s in samples.overheads])) if samples.overheads else 0.0
     moved = sum(m.num_blocks for m in samples.migrations)
     migrate = sum(m.seconds for m in samples.migrations) / moved if moved else 0.0
@@ -125,6 +129,7 @@ def fit_linear_costs(samples: Samples) -> tuple[LinearCosts, dict[str, Any]]:
         "median_abs_rel_err": float(np.median(rel)),
         "p90_abs_rel_err": float(np.quantile(rel, 0.9)),
         "total_time_rel_err": float(pred.sum() / b.sum() - 1.0),
+        "step_noise_sigma": noise,
     }
     return costs, report
 
