@@ -77,6 +77,29 @@ def test_every_home_outgrown_at_once_finishes_exact() -> None:
     assert_all_free(engine)
 
 
+def test_small_requests_yield_to_one_longer_than_its_home_pool() -> None:
+    # 2 pools of 96 tokens. The long request (130 + 24 tokens) needs both; the short ones keep
+    # coming and growing beside it. Preempting it would recompute a pool's worth of prefill, so
+    # the short ones yield (scheduler module, *Rank*): they are preempted, it never is.
+    engine = make_engine(num_instances=2, num_blocks=12, block_size=8, budget=32)
+    long_prompt = random_prompts(1, (130, 130), 256, seed=24)
+    short = random_prompts(6, (10, 24), 256, seed=25)
+    prompts = short[:2] + long_prompt + short[2:]
+    preemptions: dict[str, tuple[int, int]] = {}  # request id: (prompt length, preemptions)
+
+    def watch(e, _step) -> None:
+        for inst in e.cluster.instances.values():
+            for r in inst.scheduler.requests.values():
+                preemptions[r.request_id] = (r.num_prompt_tokens, r.num_preemptions)
+
+    got = run(engine, prompts, homes=[0, 1, 0, 1, 0, 1, 0], on_step=watch)
+    assert len(preemptions) == len(prompts)
+    assert [n for length, n in preemptions.values() if length == 130] == [0], preemptions
+    assert sum(n for _, n in preemptions.values()) > 0, preemptions
+    assert got == expected(prompts)
+    assert_all_free(engine)
+
+
 def test_creditor_failure_mid_generation_keeps_output() -> None:
     engine = make_engine(num_instances=3, num_blocks=16, block_size=8, budget=48)
     prompts = random_prompts(2, (200, 200), 256, seed=23)

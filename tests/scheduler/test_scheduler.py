@@ -241,3 +241,73 @@ def test_an_admission_that_must_borrow_leaves_room_for_the_running_requests_next
     assert s.num_preemptions == 0 and b.num_preemptions == 0
     assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 2
     assert home.num_free_blocks == 4 and peer.lent_counts().get(0, 0) == 0  # everything given back
+
+
+def borrowing_scheduler(home_blocks: int, peer_blocks: int, budget: int = 64):
+    """A scheduler on ``home_blocks`` whose peer lends all of its ``peer_blocks``."""
+    from infinite_llm.kvcache import Borrower, GManager, GManagerConfig
+
+    home, peer = (
+        RManager(0, home_blocks, lending_cap=0.0),
+        RManager(1, peer_blocks, lending_cap=1.0),
+    )
+    gm = GManager(
+        GManagerConfig(resort_every_heartbeats=1, resort_interval_s=0.0, heartbeat_timeout_s=1e9)
+    )
+    borrower = Borrower(home, gm, lambda c, r: peer.lend(r), lambda c, r: peer.reclaim(r))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8), BS, borrower)
+    return s, home, peer, gm
+
+
+def beat_and_step(s: Scheduler, home: RManager, peer: RManager, gm):
+    for m in (home, peer):
+        gm.on_heartbeat(m.heartbeat())
+    return step(s)[0]
+
+
+def run_checked(s: Scheduler, home: RManager, peer: RManager, gm) -> list:
+    """Step until done, with heartbeats and integrity checks; every step's output."""
+    outs = []
+    while s.has_unfinished_requests():
+        outs.append(beat_and_step(s, home, peer, gm))
+        assert len(outs) < 200
+        home.check_integrity()
+        peer.check_integrity()
+    return outs
+
+
+def test_a_request_longer_than_its_home_pool_is_preempted_last() -> None:
+    """Home 4 rBlocks + 4 borrowed. b's prompt (5 rBlocks) is longer than the home pool: it
+    ranks older than a, which fits, though a arrived first. When a's decodes and b's together
+    outgrow the 8 rBlocks, a (cheap to recompute) yields, not b (a pool's worth of prefill)."""
+    s, home, peer, gm = borrowing_scheduler(4, 4)
+    a, b = req("a", 4, max_tokens=12), req("b", 17, max_tokens=8)
+    assert s.rank(a) > s.rank(b) and a.arrival_seq < b.arrival_seq
+    s.add_request(a)
+    beat_and_step(s, home, peer, gm)
+    s.add_request(b)
+    outs = run_checked(s, home, peer, gm)
+    assert b.num_preemptions == 0 and a.num_preemptions >= 1
+    assert [r for o in outs for r in o.preempted] == [a] * a.num_preemptions
+    assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 8
+    assert home.num_free_blocks == 4 and peer.lent_counts().get(0, 0) == 0
+
+
+def test_a_victim_scheduled_earlier_in_the_step_is_taken_back() -> None:
+    """a (fits) runs ahead of b (longer than the home pool) in the step's order. When b's decode
+    needs a 6th rBlock of the 7, a has already been scheduled in that step and needs none: a is
+    preempted and taken out of the step."""
+    s, home, peer, gm = borrowing_scheduler(4, 3)
+    a, b = req("a", 2, max_tokens=8), req("b", 17, max_tokens=12)
+    s.add_request(a)
+    s.add_request(b)
+    for _ in range(4):  # a decodes on 2 rBlocks, b on 5 (2 borrowed): all 7 in use
+        out = beat_and_step(s, home, peer, gm)
+        assert out.preempted == [] and s.running == [a, b]
+    assert len(a.block_table) * BS > a.num_computed_tokens  # a's next token has its slot
+    out = beat_and_step(s, home, peer, gm)
+    assert out.preempted == [a] and [item.request for item in out.scheduled] == [b]
+    assert out.num_batched_tokens == 1 and a.num_computed_tokens == 0
+    run_checked(s, home, peer, gm)
+    assert b.num_preemptions == 0 and a.num_preemptions == 1
+    assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 12

@@ -58,7 +58,7 @@ from infinite_llm.model.loader import model_dir_for, parse_dtype
 from infinite_llm.model.loader.hf_loader import iter_safetensors, read_hf_arch
 from infinite_llm.model.registry import resolve_model
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Scheduler
+from infinite_llm.scheduler.scheduler import Rank, Scheduler
 
 # The RManager calls a remote defragmentation executor may make (see ``RemoteRManager``).
 RMANAGER_CALLS = frozenset(
@@ -93,8 +93,8 @@ class StepReply:
     events: list[StepEvent]
     unreachable: list[int]
     gmanager_unreachable: bool = False
-    blocked_seq: int | None = None  # the scheduler's cluster-order reports (scheduler module)
-    youngest_seq: int | None = None
+    blocked_rank: Rank | None = None  # the scheduler's cluster-order reports (scheduler module)
+    youngest_rank: Rank | None = None
 
 
 def load_weights(config: EngineConfig) -> LlamaForCausalLM:
@@ -200,7 +200,7 @@ class InstanceActor:
             self.instance.finish_request(request_id, status)
 
     def step(
-        self, right_of_way: int | None = None, youngest_elsewhere: int | None = None
+        self, right_of_way: Rank | None = None, youngest_elsewhere: Rank | None = None
     ) -> StepReply:
         """One step; a step that met a dead creditor is abandoned whole (retried next time).
         The arguments are what the other instances reported at their last step."""
@@ -211,7 +211,7 @@ class InstanceActor:
                 events = self.instance.step()
             except PeerUnreachable:
                 events = []
-            blocked, youngest = scheduler.blocked_seq, scheduler.youngest_seq
+            blocked, youngest = scheduler.blocked_rank, scheduler.youngest_rank
         gm_down, self.gmanager.unreachable = self.gmanager.unreachable, False
         return StepReply(events, self.transport.take_unreachable(), gm_down, blocked, youngest)
 

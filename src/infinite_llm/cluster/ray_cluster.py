@@ -55,7 +55,7 @@ from infinite_llm.kvcache.block import BlockTable
 from infinite_llm.kvcache.integrity import check_cluster
 from infinite_llm.model.loader import LoadedModel
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import cluster_order
+from infinite_llm.scheduler.scheduler import Rank, cluster_order
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ class RayCluster(Cluster):
         self._records: dict[str, _Record] = {}
         self._pending: list[Any] = []  # control calls sent since the last step
         self._num_steps = 0
-        self._order: dict[
-            int, tuple[int | None, int | None]
-        ] = {}  # last (blocked, youngest) per instance
+        self._order: dict[int, tuple[Rank | None, Rank | None]] = {}  # last (blocked, youngest)
         self.num_migrated_blocks = 0
         self.num_defrag_runs = 0
         self.num_failed_instances = 0
@@ -211,7 +209,7 @@ class RayCluster(Cluster):
                 dead.add(i)
                 continue
             events.extend(reply.events)
-            self._order[i] = (reply.blocked_seq, reply.youngest_seq)
+            self._order[i] = (reply.blocked_rank, reply.youngest_rank)
             suspects.update(reply.unreachable)
             gmanager_down |= reply.gmanager_unreachable
         dead |= {

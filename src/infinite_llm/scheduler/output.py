@@ -25,6 +25,14 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
+    def unschedule(self, request: Request) -> int:
+        """Take ``request`` out of this step (it is being preempted); the tokens it had."""
+        for i, item in enumerate(self.scheduled):
+            if item.request is request:
+                del self.scheduled[i]
+                return item.num_new_tokens
+        return 0
+
     @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)

@@ -6,16 +6,26 @@ admitted with the rBlocks of its whole prompt (prompt + output so far, for a pre
 one longer than the home pool, a chunk at a time), then prefilled a chunk at a time: admitted with one chunk's rBlocks, a preempted request would
 come back as soon as one chunk fits and be preempted again while the older ones grow, each
 time recomputing what it had (vLLM's V0 scheduler also allocates the whole prompt). When a
-running request cannot get an rBlock, the most recently admitted request is preempted: its
+running request cannot get an rBlock, the youngest running request is preempted (see *Rank*
+below; it may be one scheduled earlier in the same step, which is then taken back): its
 rBlocks are freed and it is recomputed from its tokens when memory returns, which yields
 exactly the same continuation.
+
+Rank: requests are ordered by ``(fits its home pool, arrival_seq)``, so a request whose prompt
+is longer than its home pool (one that only a borrowing cluster serves) ranks older than every
+request that fits one, and is the last preempted. Preempting it throws away more than a pool's
+worth of prefill, and it comes back only when most of the cluster is free again: by arrival
+alone, the youngest such request was preempted mid-prefill or mid-decode to make room for chat
+requests a few tokens long, again and again (simulated N=2 long-tail traces: 42-55 % of the
+computed tokens were recompute; `docs/benchmarks.md`). Among requests that fit, or among those
+that do not, the order is arrival (FCFS).
 
 Across a borrowing cluster memory is one pool, so the same order must hold cluster-wide, or
 instances starve each other (each preempts its own request, re-admits it into the pool it just
 freed, and none ever gets past its home pool). The cluster passes each scheduler two facts
 about the other instances, from their last steps (``grant_right_of_way``):
 
-* ``right_of_way``: the oldest ``arrival_seq`` waiting for memory elsewhere (stalled, or at
+* ``right_of_way``: the oldest rank waiting for memory elsewhere (stalled, or at
   the head of a queue that memory kept out). Nothing younger is admitted here meanwhile.
 * ``youngest_elsewhere``: the youngest running request elsewhere. A request that runs out of
   memory and is the youngest here preempts itself only if it is also the youngest in the
@@ -32,11 +42,13 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.scheduler.output import ScheduledRequest, SchedulerOutput
 from infinite_llm.scheduler.request import Request, RequestStatus
+
+Rank: TypeAlias = tuple[int, int]  # (1 if the prompt fits the home pool else 0, arrival_seq)
 
 
 @dataclass(frozen=True)
@@ -76,17 +88,17 @@ class BlockAllocator(Protocol):
 def grant_right_of_way(schedulers: Mapping[int, Scheduler]) -> None:
     """Tell every scheduler of a borrowing cluster what the others reported at their last step
     (``right_of_way`` and ``youngest_elsewhere``; see the module docstring)."""
-    reports = {i: (s.blocked_seq, s.youngest_seq) for i, s in schedulers.items()}
+    reports = {i: (s.blocked_rank, s.youngest_rank) for i, s in schedulers.items()}
     for i, (right_of_way, youngest) in cluster_order(reports).items():
         schedulers[i].right_of_way, schedulers[i].youngest_elsewhere = right_of_way, youngest
 
 
 def cluster_order(
-    reports: Mapping[int, tuple[int | None, int | None]],
-) -> dict[int, tuple[int | None, int | None]]:
-    """Per instance, from every instance's ``(blocked_seq, youngest_seq)``: the oldest blocked
+    reports: Mapping[int, tuple[Rank | None, Rank | None]],
+) -> dict[int, tuple[Rank | None, Rank | None]]:
+    """Per instance, from every instance's ``(blocked_rank, youngest_rank)``: the oldest blocked
     and the youngest running request on the *other* instances."""
-    out: dict[int, tuple[int | None, int | None]] = {}
+    out: dict[int, tuple[Rank | None, Rank | None]] = {}
     for i in reports:
         others = [r for j, r in reports.items() if j != i]
         out[i] = (
@@ -113,10 +125,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         # Cluster-wide order (see the module docstring): reported by this scheduler...
-        self.blocked_seq: int | None = None
+        self.blocked_rank: Rank | None = None
         # ...and told by the cluster.
-        self.right_of_way: int | None = None
-        self.youngest_elsewhere: int | None = None
+        self.right_of_way: Rank | None = None
+        self.youngest_elsewhere: Rank | None = None
 
     # -- queue ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -177,10 +189,11 @@ class Scheduler:
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self._ensure_blocks(request, request.num_computed_tokens + num_new):
-                victim = self.running[-1]
+                victim = max(self.running, key=self.rank)
                 if victim is request and self._younger_elsewhere(request):
                     stalled.append(request)  # keep the rBlocks; the younger ones yield theirs
                     break
+                budget += out.unschedule(victim)  # when it ran earlier in this loop
                 self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -191,9 +204,9 @@ class Scheduler:
 
         # New work only when nothing was preempted or stalled: memory is short.
         short = bool(out.preempted or stalled)
-        blocked = [r.arrival_seq for r in stalled]
+        blocked = [self.rank(r) for r in stalled]
         if out.preempted:
-            blocked.append(self.waiting[0].arrival_seq)
+            blocked.append(self.rank(self.waiting[0]))
         while (
             not short
             and self.waiting
@@ -201,11 +214,11 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
-            if self.right_of_way is not None and request.arrival_seq > self.right_of_way:
+            if self.right_of_way is not None and self.rank(request) > self.right_of_way:
                 break  # an older request elsewhere waits for memory: it goes first
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._admit_blocks(request, self._admission_tokens(request, num_new)):
-                blocked.append(request.arrival_seq)
+                blocked.append(self.rank(request))
                 break  # FCFS: later requests wait behind the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -214,7 +227,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
-        self.blocked_seq = min(blocked, default=None)
+        self.blocked_rank = min(blocked, default=None)
         self.allocator.reserve(self.blocks_needed_soon())
         return out
 
@@ -260,13 +273,19 @@ class Scheduler:
             return request.num_tokens
         return request.num_computed_tokens + num_new
 
+    def rank(self, request: Request) -> Rank:
+        """``request``'s place in the cluster-wide order (module docstring): the higher, the
+        younger, the sooner preempted."""
+        fits = -(-request.num_prompt_tokens // self.block_size) <= self.allocator.num_blocks
+        return (int(fits), request.arrival_seq)
+
     def _younger_elsewhere(self, request: Request) -> bool:
-        return self.youngest_elsewhere is not None and self.youngest_elsewhere > request.arrival_seq
+        return self.youngest_elsewhere is not None and self.youngest_elsewhere > self.rank(request)
 
     @property
-    def youngest_seq(self) -> int | None:
-        """The youngest running request's ``arrival_seq`` (None when nothing runs)."""
-        return max((r.arrival_seq for r in self.running), default=None)
+    def youngest_rank(self) -> Rank | None:
+        """The youngest running request's rank (None when nothing runs)."""
+        return max((self.rank(r) for r in self.running), default=None)
 
     def update_from_output(
         self, out: SchedulerOutput, sampled: Mapping[str, int]
