@@ -8,10 +8,10 @@ makespan are compared.
 
 One replay is one draw of a process that is chaotic under memory pressure: which request a
 full pool preempts, and so how much is recomputed, depends on whether an arrival lands before
-or after a step, and a 5 % change of one step cost can flip it (a 24-request trace read 149 or
-123 tok/s). So each run is replayed ``replays`` times with step times scaled by noise of the
-size the fit left unexplained (``NoisyCosts``, sigma = the fit's ``step_noise_sigma``); the
-prediction is the median replay and the JSON gives the range.
+or after a step (nine replays of one 24-request trace read 130 to 149 tok/s). So each run is
+replayed ``replays`` times with step times scaled by noise of the size the fit left
+unexplained (``NoisyCosts``, sigma = the fit's ``step_noise_sigma``); the prediction is the
+median replay and the JSON gives the range.
 """
 
 from __future__ import annotations
