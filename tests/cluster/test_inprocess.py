@@ -100,6 +100,25 @@ def test_small_requests_yield_to_one_longer_than_its_home_pool() -> None:
     assert_all_free(engine)
 
 
+def test_two_requests_each_longer_than_a_pool_take_turns_without_preemption() -> None:
+    # 2 pools of 96 tokens; each long request needs 110 + 24 tokens, so both cannot be in at
+    # once. The younger waits (the gManager sees no room for its prompt) instead of prefilling
+    # what fits its home pool, running out and preempting itself, again and again.
+    engine = make_engine(num_instances=2, num_blocks=12, block_size=8, budget=32)
+    prompts = random_prompts(2, (110, 110), 256, seed=26) + random_prompts(3, (8, 20), 256, seed=27)
+    preemptions: dict[str, tuple[int, int]] = {}
+
+    def watch(e, _step) -> None:
+        for inst in e.cluster.instances.values():
+            for r in inst.scheduler.requests.values():
+                preemptions[r.request_id] = (r.num_prompt_tokens, r.num_preemptions)
+
+    got = run(engine, prompts, homes=[0, 1, 0, 1, 0], on_step=watch)
+    assert [n for length, n in preemptions.values() if length == 110] == [0, 0], preemptions
+    assert got == expected(prompts)
+    assert_all_free(engine)
+
+
 def test_creditor_failure_mid_generation_keeps_output() -> None:
     engine = make_engine(num_instances=3, num_blocks=16, block_size=8, budget=48)
     prompts = random_prompts(2, (200, 200), 256, seed=23)

@@ -190,3 +190,15 @@ def test_release_transport_error_keeps_refs_recorded(cluster3: LocalCluster):
     release(c.managers[0], c.gm, got, c.send_release)
     assert c.managers[0].num_borrowed_blocks == 0 and c.gm.edges() == {}
     c.check()
+
+
+def test_can_borrow_asks_the_gmanager_and_holds_nothing(cluster3: LocalCluster):
+    c = cluster3
+    b0 = c.borrower(0)
+    free = [m.num_free_blocks for m in c.managers.values()]
+    assert b0.can_borrow(0) and b0.can_borrow(4)  # one creditor lends 4 (lending cap 0.5)
+    assert b0.can_borrow(8)  # split over both
+    assert not b0.can_borrow(9)
+    assert [m.num_free_blocks for m in c.managers.values()] == free and c.gm.edges() == {}
+    assert not c.managers[0].can_borrow(1) and c.managers[0].can_borrow(0)  # alone: never
+    c.check()

@@ -311,3 +311,44 @@ def test_a_victim_scheduled_earlier_in_the_step_is_taken_back() -> None:
     run_checked(s, home, peer, gm)
     assert b.num_preemptions == 0 and a.num_preemptions == 1
     assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 12
+
+
+def test_a_request_longer_than_its_home_pool_holds_the_right_of_way_while_it_prefills() -> None:
+    """While b (6 rBlocks on a home of 4) prefills, its rank is reported as blocked, so another
+    instance admits nothing younger (here: a request that fits its pool); once b's prompt is in,
+    the way is free."""
+    s, home, peer, gm = borrowing_scheduler(4, 8, budget=8)
+    b = req("b", 24, max_tokens=4)
+    s.add_request(b)
+    beat_and_step(s, home, peer, gm)
+    assert b.num_computed_tokens == 8 and s.blocked_rank == s.rank(b)
+    other, _ = make()
+    small = req("small", 4)
+    other.add_request(small)
+    other.right_of_way = s.blocked_rank
+    assert other.schedule().scheduled == [] and small.status is RequestStatus.WAITING
+    while b.num_computed_tokens < 24:
+        beat_and_step(s, home, peer, gm)
+    beat_and_step(s, home, peer, gm)  # the first step that schedules b as a decode
+    assert b.num_output_tokens == 2 and s.blocked_rank is None
+    other.right_of_way = s.blocked_rank
+    assert [item.request for item in other.schedule().scheduled] == [small]
+
+
+def test_a_request_longer_than_its_home_pool_waits_until_the_cluster_has_room_for_it() -> None:
+    """b's prompt needs 7 rBlocks; home 4 and a peer lending 4, but a holds 2 of the home's.
+    Admitted a chunk at a time anyway, b would take what is free and then run out mid-prefill;
+    it waits, holding nothing, until a has finished."""
+    s, home, peer, gm = borrowing_scheduler(4, 4, budget=8)
+    a, b = req("a", 8, max_tokens=6), req("b", 28, max_tokens=2)
+    s.add_request(a)
+    beat_and_step(s, home, peer, gm)
+    s.add_request(b)
+    while a.status is RequestStatus.RUNNING:
+        beat_and_step(s, home, peer, gm)
+        if a.status is RequestStatus.RUNNING:
+            assert b.status is RequestStatus.WAITING and b.block_table.refs() == []
+            assert s.blocked_rank == s.rank(b)
+    run_checked(s, home, peer, gm)
+    assert s.num_preemptions == 0 and len(b.output_token_ids) == 2
+    assert home.num_free_blocks == 4 and peer.lent_counts().get(0, 0) == 0

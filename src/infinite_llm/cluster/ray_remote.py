@@ -87,6 +87,10 @@ class RemoteGManager:
             rec = self._call("recommend", debtor_id, num_blocks) or rec
         return rec
 
+    def can_lend(self, debtor_id: int, num_blocks: int) -> bool:
+        """``GManager.can_lend``; False where the gManager cannot be reached."""
+        return bool(self._call("can_lend", debtor_id, num_blocks))
+
     def report_false(self, creditor_id: int, num_lendable: int = 0) -> None:
         self._call("report_false", creditor_id, num_lendable)
 

@@ -46,6 +46,8 @@ class GManagerLike(Protocol):
 
     def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
 
+    def can_lend(self, debtor_id: int, num_blocks: int) -> bool: ...
+
 
 class RefreshOnEmpty:
     """A ``GManagerLike`` that, when it has no creditor to recommend, first refreshes the
@@ -71,6 +73,17 @@ class RefreshOnEmpty:
             self._gmanager.resort()
             rec = self._gmanager.recommend(debtor_id, num_blocks)
         return rec
+
+    def can_lend(self, debtor_id: int, num_blocks: int) -> bool:
+        """``GManager.can_lend``, refreshed as ``recommend`` is when the answer is no."""
+        if self._gmanager.can_lend(debtor_id, num_blocks):
+            return True
+        if not self._armed:
+            return False
+        self._armed = False
+        self.num_refreshes += 1
+        self._refresh()
+        return self._gmanager.can_lend(debtor_id, num_blocks)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._gmanager, name)
@@ -211,6 +224,11 @@ class Borrower:
 
     def reserve(self, num_blocks: int) -> None:
         self.debtor.reserve(num_blocks)
+
+    def can_borrow(self, num_blocks: int) -> bool:
+        """Whether the cluster looks able to lend ``num_blocks`` now, in as many shares as it
+        takes (the gManager's view: a hint that holds nothing)."""
+        return num_blocks <= 0 or self.gmanager.can_lend(self.debtor.instance_id, num_blocks)
 
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         """Local blocks first, the rest borrowed; all or nothing (None holds nothing)."""

@@ -184,6 +184,18 @@ class GManager:
             self._stats.num_empty += not creditor_ids and not split
         return Recommendation(debtor_id, num_blocks, creditor_ids, split)
 
+    def can_lend(self, debtor_id: int, num_blocks: int) -> bool:
+        """Whether the creditors together (never the debtor) look able to lend ``num_blocks``
+        now: a question about the whole cluster, however many shares it would take, that
+        reserves nothing (``Borrower.can_borrow``)."""
+        with self._lock:
+            deadline = self._clock() - self.config.heartbeat_timeout_s
+            total = 0
+            for creditor_id, v in self._views.items():
+                if creditor_id != debtor_id and v.blocked_below is None and v.seen_at >= deadline:
+                    total += max(0, v.available)
+            return total >= num_blocks
+
     def resort(self) -> None:
         """Rank the creditors afresh at the next query (after a forced round of heartbeats)."""
         with self._lock:

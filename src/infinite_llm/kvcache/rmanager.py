@@ -94,6 +94,10 @@ class RManager:
     def num_free_blocks(self) -> int:
         return len(self._free_heap)
 
+    def can_borrow(self, num_blocks: int) -> bool:
+        """An RManager alone borrows nothing (``Borrower`` does)."""
+        return num_blocks <= 0
+
     @property
     def num_used_blocks(self) -> int:
         """Local blocks allocated for this instance's own requests."""
