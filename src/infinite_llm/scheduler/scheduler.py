@@ -35,7 +35,7 @@ about the other instances, from their last steps (``grant_right_of_way``):
   here meanwhile.
 * ``youngest_elsewhere``: the youngest running request elsewhere. A request that runs out of
   memory and is the youngest here preempts itself only if it is also the youngest in the
-  cluster; otherwise it keeps its rBlocks and stalls (``blocked_seq`` reports it) until
+  cluster; otherwise it keeps its rBlocks and stalls (``blocked_rank`` reports it) until
   memory comes back, while the youngest requests give theirs up.
 
 The oldest starved request thus always gets the memory that frees up, and every request fits
@@ -266,13 +266,14 @@ class Scheduler:
         gManager sees room for the rest of its prompt (module docstring, *Rank*): otherwise it
         prefilled what fit, ran out, preempted itself and came straight back."""
         need = -(-num_tokens // self.block_size) - len(request.block_table)
-        spare = self.blocks_needed_soon()
-        if num_tokens < request.num_tokens:  # longer than the home pool: a chunk at a time
+        if self.rank(request)[0] == 0:  # longer than the home pool
             whole = -(-request.num_tokens // self.block_size) - len(request.block_table)
-            if not self.allocator.can_borrow(whole - self.allocator.num_free_blocks + spare):
+            rest = whole - self.allocator.num_free_blocks + self.blocks_needed_soon()
+            if not self.allocator.can_borrow(rest):
                 return False
         if need <= self.allocator.num_free_blocks:
             return self._ensure_blocks(request, num_tokens)
+        spare = self.blocks_needed_soon()
         refs = self.allocator.allocate(need + spare)
         if refs is None:
             return False
