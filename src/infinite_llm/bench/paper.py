@@ -46,7 +46,7 @@ from infinite_llm.sim.metrics import ratio
 from infinite_llm.sim.plots import plot_ratios
 from infinite_llm.sim.presets import DEFAULT_FIT_PATH, PRESETS
 from infinite_llm.sim.trace import TRACES, TraceRequest, generate_trace
-from infinite_llm.sim.validate import validate
+from infinite_llm.sim.validate import VALIDATION_COLUMNS, validate, validation_rows
 
 MODES = (("no_borrow", False), ("borrowing", True))
 PROBE_OUTPUT_TOKENS = 4
@@ -371,30 +371,8 @@ def report(
         "longest context served",
     )
     table += "\n\n" + format_table(
-        [
-            {
-                "run": v["label"],
-                "tok/s meas": v["measured_tokens_per_s"],
-                "tok/s sim": v["predicted_tokens_per_s"],
-                "sim range": "-".join(f"{x:.0f}" for x in v["predicted_tokens_per_s_range"]),
-                "err": v["tokens_per_s_error"],
-                "longest meas": v["measured_longest_context_served"],
-                "longest sim": v["predicted_longest_context_served"],
-                "stopped": v["measured_stopped"]
-                or (f"sim {v['predicted_stopped']}" if v["predicted_stopped"] else ""),
-            }
-            for v in validation
-        ],
-        [
-            "run",
-            "tok/s meas",
-            "tok/s sim",
-            "sim range",
-            "err",
-            "longest meas",
-            "longest sim",
-            "stopped",
-        ],
+        validation_rows(validation),
+        VALIDATION_COLUMNS,
         f"validation: simulator (costs fitted on the other runs; median of {args.sim_replays} "
         "noisy replays) vs measured",
     )

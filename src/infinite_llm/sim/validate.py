@@ -27,6 +27,34 @@ from infinite_llm.sim.presets import preset_from_fit
 from infinite_llm.sim.simulator import simulate
 
 KEYS = ("tokens_per_s", "longest_context_served", "makespan_s")
+VALIDATION_COLUMNS = (
+    "run",
+    "tok/s meas",
+    "tok/s sim",
+    "sim range",
+    "err",
+    "longest meas",
+    "longest sim",
+    "stopped",
+)
+
+
+def validation_rows(validation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``validate``'s entries as table rows (``VALIDATION_COLUMNS``)."""
+    return [
+        {
+            "run": v["label"],
+            "tok/s meas": v["measured_tokens_per_s"],
+            "tok/s sim": v["predicted_tokens_per_s"],
+            "sim range": "-".join(f"{x:.0f}" for x in v["predicted_tokens_per_s_range"]),
+            "err": v["tokens_per_s_error"],
+            "longest meas": v["measured_longest_context_served"],
+            "longest sim": v["predicted_longest_context_served"],
+            "stopped": v["measured_stopped"]
+            or (f"sim {v['predicted_stopped']}" if v["predicted_stopped"] else ""),
+        }
+        for v in validation
+    ]
 
 
 def validate(
