@@ -266,7 +266,7 @@ class Scheduler:
         gManager sees room for the rest of its prompt (module docstring, *Rank*): otherwise it
         prefilled what fit, ran out, preempted itself and came straight back."""
         need = -(-num_tokens // self.block_size) - len(request.block_table)
-        if self.rank(request)[0] == 0:  # longer than the home pool
+        if self._over_home_pool(request):
             whole = -(-request.num_tokens // self.block_size) - len(request.block_table)
             rest = whole - self.allocator.num_free_blocks + self.blocks_needed_soon()
             if not self.allocator.can_borrow(rest):
@@ -292,15 +292,20 @@ class Scheduler:
             return request.num_tokens
         return request.num_computed_tokens + num_new
 
+    def _over_home_pool(self, request: Request) -> bool:
+        """The prompt needs more rBlocks than the home pool has (only borrowing serves it)."""
+        return -(-request.num_prompt_tokens // self.block_size) > self.allocator.num_blocks
+
     def _prefills_many_pools(self, request: Request) -> bool:
-        """A request longer than its home pool, with more than one token left to compute."""
-        return self.rank(request)[0] == 0 and request.num_tokens - request.num_computed_tokens > 1
+        """Longer than its home pool, with more than one token left to compute."""
+        return (
+            self._over_home_pool(request) and request.num_tokens - request.num_computed_tokens > 1
+        )
 
     def rank(self, request: Request) -> Rank:
         """``request``'s place in the cluster-wide order (module docstring): the higher, the
         younger, the sooner preempted."""
-        fits = -(-request.num_prompt_tokens // self.block_size) <= self.allocator.num_blocks
-        return (int(fits), request.arrival_seq)
+        return (int(not self._over_home_pool(request)), request.arrival_seq)
 
     def _younger_elsewhere(self, request: Request) -> bool:
         return self.youngest_elsewhere is not None and self.youngest_elsewhere > self.rank(request)
