@@ -9,9 +9,11 @@ import torch
 
 from infinite_llm.attention import cpu_native
 from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.merge import merge_attention_states
+from infinite_llm.attention.micro import micro_attention
 from infinite_llm.bench.attention import run_attention_bench
 from infinite_llm.bench.attention_report import format_table
-from infinite_llm.bench.attention_shards import cut_shards, own_pools
+from infinite_llm.bench.attention_shards import cut_shards, kernel_calls, own_pools
 
 
 def test_small_grid() -> None:
@@ -33,6 +35,13 @@ def test_small_grid() -> None:
         assert abs(r["pct_of_bw"] - r["gbps"] / r["read_gbps_during"] * 100) < 1e-9
         if r["shards"] > 1 and cpu_native.native_available():
             assert r["fused_ms"] > 0 and r["fused_max_abs_err"] < 1e-5
+            # the same MAs and merge as bare kernel calls, against the monolithic kernel call
+            assert r["kernel_split_ms"] > 0 and r["kernel_mono_ms"] > 0
+            assert r["kernel_max_abs_err"] < 1e-5
+            want = (r["kernel_split_ms"] / r["kernel_mono_ms"] - 1) * 100
+            assert abs(r["kernel_overhead_pct"] - want) < 1e-9
+        if r["shards"] == 1:
+            assert r["kernel_overhead_pct"] is None
         if (
             cpu_native.native_available()
         ):  # the plain read of the rBlocks, on each context's first row
@@ -89,3 +98,28 @@ def test_every_shard_gets_a_pool_holding_exactly_its_blocks(layout: str) -> None
             assert torch.equal(sk[:, mine], k[:, theirs]) and torch.equal(sv[:, mine], v[:, theirs])
         if layout == "contiguous":
             assert [b for blocks in own.block_ids for b in blocks] == list(range(sk.shape[1]))
+
+
+@pytest.mark.skipif(not cpu_native.native_available(), reason="needs the native kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_calls_compute_the_split_attention(dtype: torch.dtype) -> None:
+    """The bare kernel calls that the 'kernel' column times: every shard's MA and the merge,
+    the same result as micro_attention per shard merged, run after run (two requests, ragged
+    contexts, three shards, one of them empty for the shorter request)."""
+    shape = (3, 40, 4, 64)
+    k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    order = list(range(40))
+    random.Random(2).shuffle(order)
+    block_ids, contexts = [order[:30], order[30:33]], [118, 9]
+    shards = own_pools(k, v, cut_shards(block_ids, contexts, 3, 4), "shuffled", seed=0)
+    q = torch.randn(2, 9, 64).to(dtype)
+    # float32 queries: the states stay float32, as the kernel calls keep them
+    states = [micro_attention(q.float(), sk, sv, b, 0.125) for sk, sv, b in shards]
+    want, _ = merge_attention_states([o for o, _ in states], [lse for _, lse in states])
+    calls = kernel_calls(q, shards, 0.125)
+    assert calls is not None
+    run, result = calls
+    for _ in range(2):  # the merge goes into the first state, which the next run rewrites
+        run()
+        assert result().dtype == torch.float32
+        assert torch.allclose(result(), want, atol=1e-5, rtol=0)

@@ -12,12 +12,20 @@ layer's pool. For every context length and shard count S:
   0.1 ms here (128K, 4 shards: +16 % read from mono's pool, +4 % from their own);
 * ``fused``: the same shards in one native call that also merges (``decode_attention_shards``,
   what the in-process transport runs for a decode layer spread over pools);
+* ``kernel`` (``--impl auto`` or ``native``): mono and split again as bare C calls whose arguments
+  were bound beforehand (as the engine's native decoder runs a step's decode call): the
+  kernels' own cost, without the Python of ``micro_attention`` and the merge per call, which
+  after an MA has streamed its KV through the caches starts cold (tens of microseconds a
+  call here; a 32K context's MA takes about 2 ms); ``kernel_overhead_pct`` = kernel split /
+  kernel mono - 1;
 * ``overhead`` = split / mono - 1 (``fused_overhead_pct``: fused / mono - 1); ``bandwidth`` = KV bytes read / time, against the machine's
   read bandwidth measured here: the cache flushes before the timed calls are timed reads of
   128 MiB, taken between that row's calls (a large torch sum at the start of the run as well);
 * ``pattern read`` (each context's first row): the same rBlocks read by a C loop that only sums
   them (``kv_read``), as an MA walks them: what this access pattern can draw from memory here;
-* ``error``: max abs difference of the split result to a float64 reference (chunked, exact).
+* ``error``: max abs difference of the split result to a float64 reference (chunked, exact);
+  the fused and kernel results are checked against it too (``fused_max_abs_err``,
+  ``kernel_max_abs_err``).
 
 ``python -m infinite_llm.bench.attention --json`` prints one JSON object; the table goes to
 stdout otherwise; ``--out DIR`` writes ``attention.png`` (needs matplotlib).
@@ -41,7 +49,13 @@ from infinite_llm.attention.kv_pool import empty_kv
 from infinite_llm.attention.merge import merge_attention_states_
 from infinite_llm.attention.micro import IMPLS, micro_attention
 from infinite_llm.bench.attention_report import format_table, targets, write_plot
-from infinite_llm.bench.attention_shards import Shard, cut_shards, fused_call, own_pools
+from infinite_llm.bench.attention_shards import (
+    Shard,
+    cut_shards,
+    fused_call,
+    kernel_calls,
+    own_pools,
+)
 from infinite_llm.bench.common import (
     CacheFlusher,
     cache_flusher,
@@ -52,7 +66,10 @@ from infinite_llm.bench.common import (
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64
 DEFAULT_BLOCK_SIZE = 16  # the engine's default rBlock size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NATIVE_IMPLS = ("auto", "native")  # the impls whose decode MA is the native kernel
 DEFAULT_FLUSH_MIB = 128  # several times a last-level cache (32 MiB on the development machine)
+# a row alternates up to 6 calls, each after a 128 MiB flush: 2 s gives a 32K row about 60 samples
+DEFAULT_BUDGET_S = 2.0
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072, 262144, 524288)
 
 
@@ -131,6 +148,7 @@ def bench_context(
     def pattern_read() -> int | None:  # the same rBlocks read without the arithmetic
         return native_ops.kv_read_native(k, v, read_ids)
 
+    mono_kernel = kernel_calls(q, [(k, v, mono_batch)], scale) if impl in NATIVE_IMPLS else None
     rows = []
     for num_shards in shard_counts:
         batches = cut_shards(block_ids, contexts, num_shards, block_size)
@@ -149,23 +167,35 @@ def bench_context(
         def merge(outs: list = outs, lses: list = lses) -> tuple[torch.Tensor, torch.Tensor]:
             return merge_attention_states_(outs, lses)
 
-        fns: list[Callable[[], object]] = [mono, split if num_shards > 1 else mono]
+        fns: dict[str, Callable[[], object]] = {
+            "mono": mono,
+            "split": split if num_shards > 1 else mono,
+        }
         fused = fused_call(q, shards, scale, impl) if num_shards > 1 else None
         if fused is not None:
-            fns.append(fused)
-        read_pattern = not rows and pattern_read() is not None  # once per context, its first row
-        if read_pattern:
-            fns.append(pattern_read)
+            fns["fused"] = fused
+        split_kernel = kernel_calls(q, shards, scale) if mono_kernel and num_shards > 1 else None
+        if mono_kernel is not None and split_kernel is not None:
+            fns["mono_kernel"], fns["split_kernel"] = mono_kernel[0], split_kernel[0]
+        if not rows and pattern_read() is not None:  # once per context, its first row
+            fns["read"] = pattern_read
         first_sample = len(flush.samples) if flush is not None else 0
-        timed = time_alternating(fns, budget_s, flush=flush)
+        timed = dict(zip(fns, time_alternating(list(fns.values()), budget_s, flush=flush)))
         during = flush.samples[first_sample:] if flush is not None else []
-        mono_t, split_t = timed[0], timed[1]
+        mono_t, split_t = timed["mono"], timed["split"]
         merge_t = time_alternating([merge], min(budget_s, 0.05))[0] if num_shards > 1 else [0.0]
         err = mono_err if num_shards == 1 else (split()[0].double() - truth).abs().max().item()
         split_s, mono_s = statistics.median(split_t), statistics.median(mono_t)
-        fused_s = statistics.median(timed[2]) if fused is not None else None
-        read_s = statistics.median(timed[-1]) if read_pattern else None
+        med = {name: statistics.median(t) for name, t in timed.items()}
+        fused_s, read_s = med.get("fused"), med.get("read")
         fused_err = (fused()[0].double() - truth).abs().max().item() if fused is not None else None
+        kernel_err = None
+        if split_kernel is not None:
+            split_kernel[0]()
+            kernel_err = (split_kernel[1]().double() - truth).abs().max().item()
+        kernel_pct = (
+            (med["split_kernel"] / med["mono_kernel"] - 1) * 100 if "split_kernel" in med else None
+        )
         rows.append(
             {
                 "impl": impl,
@@ -183,6 +213,10 @@ def bench_context(
                 "fused_ms": None if fused_s is None else fused_s * 1e3,
                 "fused_overhead_pct": None if fused_s is None else (fused_s / mono_s - 1) * 100,
                 "fused_max_abs_err": fused_err,
+                "kernel_mono_ms": med["mono_kernel"] * 1e3 if "mono_kernel" in med else None,
+                "kernel_split_ms": med["split_kernel"] * 1e3 if "split_kernel" in med else None,
+                "kernel_overhead_pct": kernel_pct,
+                "kernel_max_abs_err": kernel_err,
                 "gbps": kv_bytes / split_s / 1e9,
                 "gbps_best": kv_bytes / min(split_t) / 1e9,
                 "read_gbps_during": statistics.median(during) if during else None,
@@ -191,7 +225,7 @@ def bench_context(
             }
         )
         # this row's pools go before the next row's are made
-        del shards, parts, outs, lses, split, merge, fused, fns
+        del shards, parts, outs, lses, split, merge, fused, split_kernel, fns, timed
         progress()
     return rows
 
@@ -203,7 +237,7 @@ def run_attention_bench(
     dtype: str = "float32",
     batch_size: int = 1,
     layout: str = "shuffled",
-    budget_s: float = 0.5,
+    budget_s: float = DEFAULT_BUDGET_S,
     seed: int = 0,
     show_progress: bool = True,
     flush_mib: int = DEFAULT_FLUSH_MIB,
@@ -258,7 +292,8 @@ def run_attention_bench(
             "contexts": list(contexts),
             "shards": list(shard_counts),
             "threads": torch.get_num_threads(),
-            "timing": "median of alternated samples (mono, split and fused interleaved); *_min: best",
+            "timing": "median of alternated samples (mono, split, fused and the kernel calls "
+            "interleaved); *_min: best",
             "split_pools": "one per shard (as on that many instances); mono: one holding it all",
             "cache_flush_mib": flush_mib,
         },
@@ -295,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout", default="shuffled", choices=["shuffled", "contiguous"], help="rBlock placement"
     )
     parser.add_argument(
-        "--budget", type=float, default=0.5, help="seconds of timing per measurement"
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="seconds of timing per grid row, its calls alternated (the full grid took 88 s "
+        "with the default 2 s on a 2-core Zen 4)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)"

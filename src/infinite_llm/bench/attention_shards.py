@@ -1,9 +1,11 @@
 """How ``bench attention``'s split row places a context's shards: cut into contiguous runs of
-rBlocks, each copied into a pool of its own (as on that many instances), and the fused native
-call over those pools that the in-process transport runs."""
+rBlocks, each copied into a pool of its own (as on that many instances), the fused native
+call over those pools that the in-process transport runs, and the same MAs and merge as bare
+kernel calls."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 from collections.abc import Callable
 
@@ -34,6 +36,50 @@ def fused_call(
         return None
     caches = [(sk, sv) for sk, sv, _ in shards]
     return lambda: native_shards.decode_attention_shards(q, caches, tables, k.shape[2], scale)
+
+
+def kernel_calls(
+    q: torch.Tensor, shards: list[Shard], scale: float
+) -> tuple[Callable[[], None], Callable[[], torch.Tensor]] | None:
+    """Every shard's MA, then (for more than one) the log-sum-exp merge of their states into the
+    first, each one C call whose arguments were bound beforehand: the kernels' own time, as a
+    runtime that prepares a step's calls once pays it per layer (the engine's native decoder
+    binds its decode call once per step and sets only each layer's pointers), without the
+    Python that ``micro_attention`` and ``merge_attention_states_`` spend on every call (checks,
+    the call's memo key, new output tensors). Returns (run, result): ``result()`` is the merged
+    output of the last run, float32. None where the native kernel does not take these tensors."""
+    native = cpu_native.native_library()
+    if native is None:
+        return None
+    t, hq, d = q.shape
+    qf = q.to(torch.float32).contiguous()
+    states, runs = [], []
+    for k, v, batch in shards:
+        prepared = cpu_native.prepare_decode_call(qf, k, v, batch, scale)
+        if prepared is None:
+            return None
+        out, lse = torch.empty(t, hq, d), torch.empty(t, hq)
+        call = prepared.call
+        call.q, call.k, call.v = qf.data_ptr(), k.data_ptr(), v.data_ptr()
+        call.out, call.lse, call.write_n = out.data_ptr(), lse.data_ptr(), 0
+        states.append((out, lse, prepared))  # the prepared call keeps its tables alive
+        runs.append((prepared.run, call))
+    n = len(states)
+    pointers = (ctypes.c_int64 * (2 * n))(
+        *(o.data_ptr() for o, _, _ in states), *(lse.data_ptr() for _, lse, _ in states)
+    )
+    out0, lse0 = states[0][0], states[0][1]
+    merge_args = (pointers, n, t * hq, d, 0, out0.data_ptr(), lse0.data_ptr())
+    merge_states = native.lib.merge_states
+
+    def run(keep: tuple = (qf, states)) -> None:  # the tensors and tables the calls point into
+        for fn, call in runs:
+            if fn(call):
+                raise RuntimeError("native decode attention failed")
+        if n > 1:
+            merge_states(*merge_args)
+
+    return run, lambda: out0
 
 
 def own_pools(
