@@ -110,8 +110,9 @@ def test_kernel_calls_compute_the_split_attention(dtype: torch.dtype) -> None:
     k, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
     order = list(range(40))
     random.Random(2).shuffle(order)
-    block_ids, contexts = [order[:30], order[30:33]], [118, 9]
+    block_ids, contexts = [order[:30], order[30:32]], [118, 6]
     shards = own_pools(k, v, cut_shards(block_ids, contexts, 3, 4), "shuffled", seed=0)
+    assert [b.context_lens[1] for _, _, b in shards] == [4, 2, 0]  # the last shard: none of it
     q = torch.randn(2, 9, 64).to(dtype)
     # float32 queries: the states stay float32, as the kernel calls keep them
     states = [micro_attention(q.float(), sk, sv, b, 0.125) for sk, sv, b in shards]
