@@ -8,7 +8,7 @@ from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Scheduler, SchedulerConfig
+from infinite_llm.scheduler.scheduler import Scheduler, SchedulerConfig, cluster_order
 
 BS = 4
 
@@ -313,25 +313,48 @@ def test_a_victim_scheduled_earlier_in_the_step_is_taken_back() -> None:
     assert len(a.output_token_ids) == 8 and len(b.output_token_ids) == 12
 
 
-def test_a_request_longer_than_its_home_pool_holds_the_right_of_way_while_it_prefills() -> None:
-    """While b (6 rBlocks on a home of 4) prefills, its rank is reported as blocked, so another
-    instance admits nothing younger (here: a request that fits its pool); once b's prompt is in,
-    the way is free."""
+def test_a_request_longer_than_its_home_pool_holds_the_way_to_borrowed_memory_while_it_prefills() -> (
+    None
+):
+    """While b (6 rBlocks on a home of 4) prefills, its rank is reported as prefilling, not as
+    blocked: another instance still admits a younger request that fits its pool's free rBlocks
+    (small), but not one that would have to borrow (mid: 3 rBlocks where 2 are free), which
+    goes in once b's prompt is."""
     s, home, peer, gm = borrowing_scheduler(4, 8, budget=8)
     b = req("b", 24, max_tokens=4)
     s.add_request(b)
     beat_and_step(s, home, peer, gm)
-    assert b.num_computed_tokens == 8 and s.blocked_rank == s.rank(b)
-    other, _ = make()
-    small = req("small", 4)
+    assert b.num_computed_tokens == 8 and s.prefilling_rank == s.rank(b)
+    assert s.blocked_rank is None
+    other, ohome, opeer, ogm = borrowing_scheduler(3, 8, budget=16)
+    small, mid = req("small", 4), req("mid", 12)
     other.add_request(small)
-    other.right_of_way = s.blocked_rank
-    assert other.schedule().scheduled == [] and small.status is RequestStatus.WAITING
+    other.add_request(mid)
+    other.set_cluster_order(cluster_order({0: s.order_report, 1: other.order_report})[1])
+    assert other.prefill_way == s.rank(b) and other.right_of_way is None
+    out = beat_and_step(other, ohome, opeer, ogm)
+    assert [item.request for item in out.scheduled] == [small]
+    assert mid.status is RequestStatus.WAITING and opeer.lent_counts().get(0, 0) == 0
     while b.num_computed_tokens < 24:
         beat_and_step(s, home, peer, gm)
     beat_and_step(s, home, peer, gm)  # the first step that schedules b as a decode
-    assert b.num_output_tokens == 2 and s.blocked_rank is None
-    other.right_of_way = s.blocked_rank
+    assert b.num_output_tokens == 2 and s.prefilling_rank is None
+    other.set_cluster_order(cluster_order({0: s.order_report, 1: other.order_report})[1])
+    assert other.prefill_way is None
+    out = beat_and_step(other, ohome, opeer, ogm)
+    assert mid in [item.request for item in out.scheduled] and opeer.lent_counts()[0] >= 1
+
+
+def test_a_stalled_request_holds_every_younger_request_back() -> None:
+    """The right of way of a request stalled for memory (``blocked_rank``) holds back even a
+    younger request that fits its own pool's free rBlocks, so that memory freed anywhere goes
+    to the stalled one first."""
+    other, _ = make()
+    small = req("small", 4)
+    other.add_request(small)
+    other.set_cluster_order(((0, -1), None, None))  # an older request stalled elsewhere
+    assert other.schedule().scheduled == [] and small.status is RequestStatus.WAITING
+    other.set_cluster_order((None, None, (0, -1)))  # the same one prefilling instead
     assert [item.request for item in other.schedule().scheduled] == [small]
 
 

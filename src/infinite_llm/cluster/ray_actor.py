@@ -58,7 +58,7 @@ from infinite_llm.model.loader import model_dir_for, parse_dtype
 from infinite_llm.model.loader.hf_loader import iter_safetensors, read_hf_arch
 from infinite_llm.model.registry import resolve_model
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Rank, Scheduler
+from infinite_llm.scheduler.scheduler import OrderReport, Scheduler
 
 # The RManager calls a remote defragmentation executor may make (see ``RemoteRManager``).
 RMANAGER_CALLS = frozenset(
@@ -93,8 +93,8 @@ class StepReply:
     events: list[StepEvent]
     unreachable: list[int]
     gmanager_unreachable: bool = False
-    blocked_rank: Rank | None = None  # the scheduler's cluster-order reports (scheduler module)
-    youngest_rank: Rank | None = None
+    # the scheduler's cluster-order report (scheduler module: blocked, youngest, prefilling)
+    order: OrderReport = (None, None, None)
 
 
 def load_weights(config: EngineConfig) -> LlamaForCausalLM:
@@ -199,21 +199,19 @@ class InstanceActor:
         with self._lock:
             self.instance.finish_request(request_id, status)
 
-    def step(
-        self, right_of_way: Rank | None = None, youngest_elsewhere: Rank | None = None
-    ) -> StepReply:
+    def step(self, told: OrderReport = (None, None, None)) -> StepReply:
         """One step; a step that met a dead creditor is abandoned whole (retried next time).
-        The arguments are what the other instances reported at their last step."""
+        ``told``: what the other instances reported at their last step (``cluster_order``)."""
         with self._lock:
             scheduler = self.instance.scheduler
-            scheduler.right_of_way, scheduler.youngest_elsewhere = right_of_way, youngest_elsewhere
+            scheduler.set_cluster_order(told)
             try:
                 events = self.instance.step()
             except PeerUnreachable:
                 events = []
-            blocked, youngest = scheduler.blocked_rank, scheduler.youngest_rank
+            order = scheduler.order_report
         gm_down, self.gmanager.unreachable = self.gmanager.unreachable, False
-        return StepReply(events, self.transport.take_unreachable(), gm_down, blocked, youngest)
+        return StepReply(events, self.transport.take_unreachable(), gm_down, order)
 
     # -- creditor side (peers) ----------------------------------------------------------------
     def lend(self, request: LendRequest) -> LendReply:

@@ -55,7 +55,7 @@ from infinite_llm.kvcache.block import BlockTable
 from infinite_llm.kvcache.integrity import check_cluster
 from infinite_llm.model.loader import LoadedModel
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Rank, cluster_order
+from infinite_llm.scheduler.scheduler import OrderReport, cluster_order
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class RayCluster(Cluster):
         self._records: dict[str, _Record] = {}
         self._pending: list[Any] = []  # control calls sent since the last step
         self._num_steps = 0
-        self._order: dict[int, tuple[Rank | None, Rank | None]] = {}  # last (blocked, youngest)
+        self._order: dict[int, OrderReport] = {}  # each actor's last report
         self.num_migrated_blocks = 0
         self.num_defrag_runs = 0
         self.num_failed_instances = 0
@@ -192,12 +192,13 @@ class RayCluster(Cluster):
 
     def step(self) -> list[StepEvent]:
         self._flush()
+        none: OrderReport = (None, None, None)
         order = (
-            cluster_order({i: self._order.get(i, (None, None)) for i in self._actors})
+            cluster_order({i: self._order.get(i, none) for i in self._actors})
             if self.borrowing
             else {}
         )
-        refs = {i: a.step.remote(*order.get(i, (None, None))) for i, a in self._actors.items()}
+        refs = {i: a.step.remote(order.get(i, none)) for i, a in self._actors.items()}
         events: list[StepEvent] = []
         dead: set[int] = set()
         suspects: set[int] = set()
@@ -209,7 +210,7 @@ class RayCluster(Cluster):
                 dead.add(i)
                 continue
             events.extend(reply.events)
-            self._order[i] = (reply.blocked_rank, reply.youngest_rank)
+            self._order[i] = reply.order
             suspects.update(reply.unreachable)
             gmanager_down |= reply.gmanager_unreachable
         dead |= {
