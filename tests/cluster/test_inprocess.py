@@ -119,6 +119,41 @@ def test_two_requests_each_longer_than_a_pool_take_turns_without_preemption() ->
     assert_all_free(engine)
 
 
+def test_a_short_request_elsewhere_starts_while_a_long_prompt_goes_in() -> None:
+    # 3 pools of 128 tokens; the long request (250 + 24 tokens) borrows from both others and
+    # prefills 16 tokens a step. A short request that arrives on instance 2 meanwhile fits that
+    # pool's free rBlocks, so it is admitted at once instead of waiting for the whole prompt
+    # (scheduler module: only requests that would have to borrow wait for it).
+    engine = make_engine(num_instances=3, num_blocks=16, block_size=8, budget=16)
+    long_prompt = random_prompts(1, (250, 250), 256, seed=28)[0]
+    short_prompt = random_prompts(1, (12, 12), 256, seed=29)[0]
+    long_req = engine.make_request(long_prompt, GREEDY)
+    engine.add_request(long_req, home=0)
+    done: dict[str, list[int]] = {}
+    first_token: dict[str, int] = {}
+    prompt_in_at = None
+    short_req = None
+    for step in range(1, 400):
+        if step == 3:  # the long prompt is going in
+            assert 0 < long_req.num_computed_tokens < len(long_prompt)
+            short_req = engine.make_request(short_prompt, GREEDY)
+            engine.add_request(short_req, home=2)
+        for out in engine.step():
+            first_token.setdefault(out.request_id, step)
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        if prompt_in_at is None and long_req.num_computed_tokens >= len(long_prompt):
+            prompt_in_at = step
+        engine.check_integrity()
+        if len(done) == 2:
+            break
+    assert short_req is not None and prompt_in_at is not None
+    assert first_token[short_req.request_id] < prompt_in_at, (first_token, prompt_in_at)
+    got = [done[long_req.request_id], done[short_req.request_id]]
+    assert got == expected([long_prompt, short_prompt])
+    assert_all_free(engine)
+
+
 def test_creditor_failure_mid_generation_keeps_output() -> None:
     engine = make_engine(num_instances=3, num_blocks=16, block_size=8, budget=48)
     prompts = random_prompts(2, (200, 200), 256, seed=23)
