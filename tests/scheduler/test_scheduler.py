@@ -7,8 +7,9 @@ import pytest
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.sampling_params import SamplingParams
+from infinite_llm.scheduler.order import cluster_order
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Scheduler, SchedulerConfig, cluster_order
+from infinite_llm.scheduler.scheduler import Scheduler, SchedulerConfig
 
 BS = 4
 

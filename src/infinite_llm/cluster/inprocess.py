@@ -30,8 +30,9 @@ from infinite_llm.kvcache.metrics import BorrowStats, locality
 from infinite_llm.kvcache.migration import execute_plan
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.model.loader import LoadedModel, parse_dtype
+from infinite_llm.scheduler.order import grant_right_of_way
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Scheduler, grant_right_of_way
+from infinite_llm.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -57,8 +57,9 @@ from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader import model_dir_for, parse_dtype
 from infinite_llm.model.loader.hf_loader import iter_safetensors, read_hf_arch
 from infinite_llm.model.registry import resolve_model
+from infinite_llm.scheduler.order import OrderReport
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import OrderReport, Scheduler
+from infinite_llm.scheduler.scheduler import Scheduler
 
 # The RManager calls a remote defragmentation executor may make (see ``RemoteRManager``).
 RMANAGER_CALLS = frozenset(

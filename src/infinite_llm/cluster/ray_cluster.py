@@ -54,8 +54,8 @@ from infinite_llm.engine.events import StepEvent
 from infinite_llm.kvcache.block import BlockTable
 from infinite_llm.kvcache.integrity import check_cluster
 from infinite_llm.model.loader import LoadedModel
+from infinite_llm.scheduler.order import OrderReport, cluster_order
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import OrderReport, cluster_order
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ long tail, 16 instances: 370 of 1,024 requests finished within the hour, TTFT p5
 
 Across a borrowing cluster memory is one pool, so the same order must hold cluster-wide, or
 instances starve each other (each preempts its own request, re-admits it into the pool it just
-freed, and none ever gets past its home pool). The cluster passes each scheduler two facts
+freed, and none ever gets past its home pool). The cluster passes each scheduler three facts
 about the other instances, from their last steps (``grant_right_of_way``):
 
 * ``right_of_way``: the oldest rank waiting for memory elsewhere (stalled, or at the head of
@@ -56,17 +56,12 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Protocol
 
 from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.scheduler.order import OrderReport, Rank
 from infinite_llm.scheduler.output import ScheduledRequest, SchedulerOutput
 from infinite_llm.scheduler.request import Request, RequestStatus
-
-Rank: TypeAlias = tuple[int, int]  # (1 if the prompt fits the home pool else 0, arrival_seq)
-# What a scheduler reports of its step and what the cluster tells it of the others (module
-# docstring): (blocked, youngest running, prefilling past its home pool) ranks, and back
-# (``right_of_way``, ``youngest_elsewhere``, ``prefill_way``).
-OrderReport: TypeAlias = tuple[Rank | None, Rank | None, Rank | None]
 
 
 @dataclass(frozen=True)
@@ -105,29 +100,6 @@ class BlockAllocator(Protocol):
     def can_borrow(self, num_blocks: int) -> bool:
         """Whether the cluster looks able to lend ``num_blocks`` now (a hint; holds nothing)."""
         ...
-
-
-def grant_right_of_way(schedulers: Mapping[int, Scheduler]) -> None:
-    """Tell every scheduler of a borrowing cluster what the others reported at their last step
-    (``right_of_way``, ``youngest_elsewhere``, ``prefill_way``; see the module docstring)."""
-    reports = {i: s.order_report for i, s in schedulers.items()}
-    for i, told in cluster_order(reports).items():
-        schedulers[i].set_cluster_order(told)
-
-
-def cluster_order(reports: Mapping[int, OrderReport]) -> dict[int, OrderReport]:
-    """Per instance, from every instance's ``(blocked_rank, youngest_rank, prefilling_rank)``:
-    the oldest blocked, the youngest running and the oldest prefilling-past-its-pool request on
-    the *other* instances."""
-    out: dict[int, OrderReport] = {}
-    for i in reports:
-        others = [r for j, r in reports.items() if j != i]
-        out[i] = (
-            min((b for b, _, _ in others if b is not None), default=None),
-            max((y for _, y, _ in others if y is not None), default=None),
-            min((p for _, _, p in others if p is not None), default=None),
-        )
-    return out
 
 
 @dataclass(frozen=True, slots=True)

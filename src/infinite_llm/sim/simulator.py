@@ -43,9 +43,9 @@ from typing import Any
 from tqdm import tqdm
 
 from infinite_llm.sampling_params import SamplingParams
+from infinite_llm.scheduler.order import grant_right_of_way
 from infinite_llm.scheduler.output import SchedulerOutput
 from infinite_llm.scheduler.request import Request
-from infinite_llm.scheduler.scheduler import grant_right_of_way
 from infinite_llm.sim.cluster import SimCluster, SimClusterConfig, SimInstance
 from infinite_llm.sim.costs import CostModel, StepWork
 from infinite_llm.sim.metrics import RequestRecord, SimResult, WorkTotals
