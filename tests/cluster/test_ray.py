@@ -62,6 +62,7 @@ def test_context_three_times_one_pool_is_exact(ray_engine) -> None:
     assert got == expected(prompts)
     stats = engine.cluster.stats()
     assert stats["remote_ma_calls"] > 0 and stats["ray"]["bytes_sent"] > 0
+    assert stats["ray"]["fused_remote_steps"] > 0, "decode steps ran in one native call"
     assert stats["ray"]["layer_round_trip_p50_s"] > 0
     assert_all_free(engine)
 
@@ -220,4 +221,44 @@ def test_defragmentation_brings_borrowed_blocks_home_live(ray_engine) -> None:
     assert max(borrowed) > 0 and stats["migrated_blocks"] > 0 and stats["defrag_runs"] > 0, summary
     assert any(b < a for a, b in itertools.pairwise(borrowed)), summary  # blocks came home mid-run
     assert got[1] == expected(prompts[1:], 60)[0]
+    assert_all_free(engine)
+
+
+def test_creditor_killed_while_a_step_waits_on_it_ends_the_step_and_keeps_output(
+    ray_engine,
+) -> None:
+    # The creditor answers its channel late, and dies while the debtor's step waits for it:
+    # the step ends (no hang), the request is rebuilt on the survivors, tokens are unchanged.
+    import threading
+
+    engine = ray_engine(num_instances=3, num_blocks=16, block_size=8, budget=48)
+    cluster = engine.cluster
+    prompts = random_prompts(1, (200, 200), 256, seed=25)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    request = engine.make_request(prompts[0], params)
+    engine.add_request(request, home=0)
+    tokens: list[int] = []
+    for _ in range(10):
+        tokens += [t for o in engine.step() for t in o.outputs[0].token_ids[len(tokens) :]]
+    lenders = [s["instance_id"] for s in cluster.stats()["instances"] if s["lent"] > 0]
+    assert lenders, "the request should hold rBlocks on a creditor"
+    victim = lenders[0]
+    ray.get(cluster._actors[victim].set_serve_delay.remote(30.0))
+    outs: list = []
+    stepper = threading.Thread(target=lambda: outs.extend(engine.step()))
+    start = time.monotonic()
+    stepper.start()
+    time.sleep(1.0)  # the step is waiting on the slow creditor now
+    cluster.kill_instance(victim)
+    stepper.join(timeout=20)
+    assert not stepper.is_alive(), "the step hung on a dead creditor"
+    assert time.monotonic() - start < 20
+    done = {o.request_id: o.outputs[0].token_ids for o in outs if o.finished}
+    while request.request_id not in done:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        engine.check_integrity()
+    assert victim not in cluster.instance_ids and cluster.stats()["failed_instances"] == 1
+    assert done[request.request_id] == expected(prompts, 30)[0]
     assert_all_free(engine)

@@ -179,7 +179,8 @@ class DistPlan:
         }
 
 
-def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``x`` a shard or write names (None: all of them, in order)."""
     return x if rows is None else x.index_select(0, rows)
 
 
@@ -193,21 +194,31 @@ class DistAttention:
 
     def local_decode(self, num_rows: int, num_heads: int, head_dim: int) -> LocalDecode | None:
         """This step as decode over pools of this process (every row a decode token, its context
-        and new K,V in float32 pools the executor holds and runs natively), or None."""
+        and new K,V in float32 pools the executor holds and runs natively), or None. Shards in
+        other processes join through the executor's ``remote_decode`` hook where it has one
+        (a Ray actor's creditors), with one local pool holding context of every row."""
         plan = self.plan
         if plan.prefill_query_lens or plan.num_tokens != num_rows or not plan.shards:
             return None
         local_pool = getattr(self.executor, "local_pool", None)
         if local_pool is None or not set(plan.writes) <= set(plan.shards):
             return None
-        insts = tuple(plan.shards)
-        pools = tuple(local_pool(i) for i in insts)
-        if any(p is None or p.dtype != torch.float32 for p in pools):
+        pools_of = {i: local_pool(i) for i in plan.shards}
+        insts = tuple(i for i, p in pools_of.items() if p is not None)
+        others = tuple(i for i, p in pools_of.items() if p is None)
+        pools = tuple(pools_of[i] for i in insts)
+        if not insts or any(p.dtype != torch.float32 for p in pools):  # type: ignore[union-attr]
             return None
+        remote = None
+        if others:
+            make = getattr(self.executor, "remote_decode", None)
+            if make is None or len(insts) != 1:
+                return None
+            remote = lambda: make(plan, others, num_heads, head_dim)  # noqa: E731
         return plan.memo(
-            ("local-decode", insts),
+            ("local-decode", insts, others),
             lambda: build_local_decode(
-                self.executor, plan, insts, pools, num_heads, head_dim, self.scale
+                self.executor, plan, insts, pools, num_heads, head_dim, self.scale, remote
             ),  # type: ignore[arg-type]
         )
 
@@ -218,7 +229,7 @@ class DistAttention:
         work: dict[int, ShardWork] = {}
         for inst, write in plan.writes.items():
             work[inst] = ShardWork(
-                write_slots=write.slots, k=_take(k, write.rows), v=_take(v, write.rows)
+                write_slots=write.slots, k=take_rows(k, write.rows), v=take_rows(v, write.rows)
             )
         run_decode = getattr(self.executor, "run_decode", None)
         if run_decode is not None and not plan.prefill_query_lens and len(plan.shards) > 1:
@@ -227,7 +238,7 @@ class DistAttention:
                 return merged.to(q.dtype)
         for inst, shard in plan.shards.items():
             w = work.setdefault(inst, ShardWork())
-            w.q, w.batch = _take(q, shard.rows), shard.batch
+            w.q, w.batch = take_rows(q, shard.rows), shard.batch
         results = self.executor.run(layer_idx, work)
         if not plan.prefill_query_lens and len(results) == 1:
             ((inst, (out, _)),) = results.items()

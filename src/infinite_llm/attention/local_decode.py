@@ -1,6 +1,7 @@
-"""``LocalDecode``: a decode step whose rows attend only to rBlocks in pools of this process,
-prepared once per step for a fused native decoder (``model/native_decoder``), and the shard
-tables that the native several-pool kernel reads (``LocalExecutor.run_decode`` uses them too).
+"""``LocalDecode``: a decode step whose rows attend to rBlocks in pools of this process (and,
+through a ``RemoteDecode`` hook, in other processes' pools), prepared once per step for a fused
+native decoder (``model/native_decoder``), and the shard tables that the native several-pool
+kernel reads (``LocalExecutor.run_decode`` uses them too).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -17,6 +18,16 @@ from infinite_llm.attention.kv_pool import KVPool
 
 if TYPE_CHECKING:
     from infinite_llm.attention.dist import DistPlan
+
+
+class RemoteDecode(Protocol):
+    """Shards of a fused decode step in other processes (a Ray actor's creditors): the native
+    decoder calls ``address`` (``decoder.c``'s ``RemoteFn``) twice a layer, to send their share
+    after the local stores and to merge their ``(out, lse)`` after the local MA. A nonzero
+    status abandons the step; ``error`` then says why (re-raised by the decoder)."""
+
+    address: int
+    error: BaseException | None
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class LocalDecode:
     write_pool: torch.Tensor  # [T] int64: index into pools of row i's new K,V
     slots: torch.Tensor  # [T] int64: its slot there
     done: Callable[[int], None]
+    remote: RemoteDecode | None = None
 
 
 def build_local_decode(
@@ -46,17 +58,19 @@ def build_local_decode(
     num_heads: int,
     head_dim: int,
     scale: float,
+    remote: Callable[[], RemoteDecode | None] | None = None,
 ) -> LocalDecode | None:
-    """The step's ``LocalDecode`` over ``pools`` (the plan's shards, in ``insts`` order); None
+    """The step's ``LocalDecode`` over ``pools`` (the plan's local shards, in ``insts`` order)
+    and, with ``remote``, a hook for the rest (called once, if the local part can run); None
     where the native kernels cannot take it."""
     t = plan.num_tokens
-    write_pool = torch.full((t,), -1, dtype=torch.int64)
+    write_pool = torch.full((t,), -2, dtype=torch.int64)
     slots = torch.zeros(t, dtype=torch.int64)
     for inst, write in plan.writes.items():
         rows = slice(None) if write.rows is None else write.rows
-        write_pool[rows] = insts.index(inst)
+        write_pool[rows] = insts.index(inst) if inst in insts else -1
         slots[rows] = write.slots
-    if bool((write_pool < 0).any()):
+    if bool((write_pool < -1).any()) or (remote is None and bool((write_pool < 0).any())):
         return None  # a row without a new K,V: not a decode step the kernel knows
     q_like = torch.empty(t, num_heads, head_dim)
     caches = [(p.k[0], p.v[0]) for p in pools]
@@ -81,7 +95,12 @@ def build_local_decode(
         if count is not None:
             count(len(insts), num_layers)
 
-    return LocalDecode(pools, kind, call, keep, write_pool, slots, done)
+    hook = None
+    if remote is not None:
+        hook = remote()
+        if hook is None:
+            return None
+    return LocalDecode(pools, kind, call, keep, write_pool, slots, done, hook)
 
 
 def shard_tables(

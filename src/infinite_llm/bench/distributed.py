@@ -12,9 +12,11 @@ steps (min and max beside it; in-process configurations are alive together and t
 interleaved, so machine noise hits them alike; Ray clusters run one at a time), its ratio to the same backend's all-local step and to the
 in-process all-local step, the payload bytes that crossed instances per step (queries, new
 K,V and their slots out; partial outputs and their lse back), remote MA calls per step, where
-the rBlocks were, and whether the tokens equal the all-local run's. On Ray also the per-layer
-round trip (home issues every creditor's shard -> every (out, lse) back), the creditor's MA
-time, and a no-op actor-to-actor call (bare, and with one layer's payload) to compare with.
+the rBlocks were, and whether the tokens equal the all-local run's. On Ray also, per layer, the
+round trip (home issues every creditor's shard on its channel -> every (out, lse) back), the
+same less each creditor's own time on its message (``wire``: what the data plane costs), the
+creditor's time, and, to compare with, a bare round trip on the channel with one layer's
+payload and a Ray actor call (bare, and with that payload).
 """
 
 from __future__ import annotations
@@ -241,10 +243,12 @@ def _ray_figures(
     window = slice(-(calls + num_layers), -num_layers)
     round_trips = home.layer_round_trip_s[window]
     waits = home.layer_remote_wait_s[window]
+    wires = home.layer_wire_s[window]
     serve = [x for s in snaps if s.instance_id != HOME for x in s.shard_serve_s[window]]
     figures: dict[str, Any] = {
         "layer_round_trip_ms": _ms(round_trips),
         "layer_remote_wait_ms": _ms(waits),
+        "layer_wire_ms": _ms(wires),
         "creditor_ma_ms": _ms(serve),
     }
     if len(snaps) > 1:
@@ -255,6 +259,7 @@ def _ray_figures(
             {
                 "noop_call_ms": probe["noop_s"] * 1e3,
                 "payload_call_ms": probe["payload_s"] * 1e3,
+                "channel_ms": probe["channel_s"] * 1e3,
                 "layer_payload_bytes": payload,
             }
         )
@@ -363,12 +368,15 @@ def main(argv: list[str] | None = None) -> int:
                 "instances",
                 "layer_round_trip_ms",
                 "layer_remote_wait_ms",
+                "layer_wire_ms",
                 "creditor_ma_ms",
+                "channel_ms",
                 "noop_call_ms",
                 "payload_call_ms",
                 "layer_payload_bytes",
             ],
-            "ray: per layer, one creditor call",
+            "ray: per layer (round trip; wire: less the creditor's time on the message; "
+            "channel: a bare round trip on it; call: a Ray actor call)",
         )
     emit(result, table, args.json)
     return 0

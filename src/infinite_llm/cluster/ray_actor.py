@@ -3,17 +3,20 @@
 ``RayCluster`` wraps it with ``ray.remote(max_concurrency=...)``: a threaded actor, so while its
 step thread runs the model (and waits on its creditors), other threads serve its peers:
 
-    step thread        driver --step--> schedule, forward (per layer: run_shard on creditors),
+    step thread        driver --step--> schedule, forward (per layer: a message to each
+                                        creditor on the data plane's channel, its reply back),
                                         sample; borrowing: recommend -> gManager, lend -> peers
-    peer threads       peers  --run_shard/lend/reclaim--> this pool and RManager
+    channel server     peers' per-layer messages --> MA over the rBlocks this pool lent them
+    peer threads       peers  --open_channel/lend/reclaim--> this actor's channels and RManager
     heartbeat thread   every ``heartbeat_interval_s``: Heartbeat --> gManager (fire and forget)
 
 Thread safety: ``_lock`` serializes everything that touches this instance's own requests and
 block tables (step, add/abort/finish, relocate, drop/adopt, snapshots); the driver never calls
 those while a step runs, so it only guards against mistakes. Peer calls never take it: the
 RManager has its own lock, and the pool slots a creditor writes for a debtor are blocks it
-lent, disjoint from the blocks its own step reads and writes. A step waits on peers but no
-peer call waits on anything, so mutual borrowing (A from B, B from A) cannot deadlock.
+lent, disjoint from the blocks its own step reads and writes. A step waits on peers but neither
+the channel server nor a peer call waits on anything, so mutual borrowing (A from B, B from A)
+cannot deadlock.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import ray
 import torch
 
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.cluster.channel import ChannelSpec, channel_dir
+from infinite_llm.cluster.channel_peers import ChannelServer
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
 from infinite_llm.cluster.ray_transport import (
@@ -38,7 +43,7 @@ from infinite_llm.cluster.ray_transport import (
     PeerUnreachable,
     RayTransport,
     SampleRecorder,
-    ShardMessage,
+    ShardHeader,
     ShardReceiver,
     pack,
     unpack,
@@ -84,6 +89,7 @@ class InstanceSpec:
     lending_cap: float
     borrowing: bool
     num_threads: int  # torch intra-op threads of the actor
+    cluster_token: str  # names this cluster's channel files on every node
     heartbeat_interval_s: float = 0.05  # a beat costs two processes some Python: keep them few
 
 
@@ -133,7 +139,8 @@ class InstanceActor:
             torch.device(config.device),
         )
         rmanager = RManager(instance_id, spec.num_blocks, lending_cap=spec.lending_cap)
-        self.transport = RayTransport(instance_id, pool, config.attention_impl)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.transport = RayTransport(instance_id, pool, config.attention_impl, self.node_id)
         self.gmanager = RemoteGManager(
             refresh=self.transport.peer_heartbeats, refresh_interval_s=spec.heartbeat_interval_s
         )
@@ -157,6 +164,13 @@ class InstanceActor:
         self.instance_id = instance_id
         self.shard_serve = SampleRecorder()
         self.receiver = ShardReceiver(block_size)
+        self.serve_delay_s = 0.0  # fault injection: a creditor slow enough to die mid-step
+        self.server = ChannelServer(
+            instance_id,
+            self._serve,
+            channel_dir(spec.cluster_token),
+            host=ray.util.get_node_ip_address(),
+        )
         self._lock = threading.Lock()
         self._heartbeat_interval_s = spec.heartbeat_interval_s
         self._heartbeats: threading.Thread | None = None
@@ -221,22 +235,44 @@ class InstanceActor:
     def reclaim(self, release: Release) -> None:
         self.instance.reclaim(release)
 
-    def run_shard(self, layer_idx: int, message: ShardMessage) -> tuple[Packed, Packed] | None:
-        start = time.perf_counter()
+    def open_channel(self, debtor_id: int, debtor_node_id: str) -> ChannelSpec:
+        """A debtor's channel to this actor (shared memory on one node, ZeroMQ across nodes)."""
+        return self.server.open(debtor_id, same_node=debtor_node_id == self.node_id)
+
+    def _serve(
+        self, debtor_id: int, header: ShardHeader | None, tensors: list[torch.Tensor | None]
+    ) -> tuple[tuple[float, float, bool], list[torch.Tensor]]:
+        """One message on a channel (the channel server's thread): a debtor's share of a layer,
+        answered ``((started, finished, whether an MA ran), [out, lse])``, the times by
+        ``time.monotonic`` (one clock for every process of a node); None: a probe."""
+        start = time.monotonic()
+        if header is None:
+            return (start, start, False), []
+        if self.serve_delay_s:
+            time.sleep(self.serve_delay_s)
         with torch.inference_mode():
-            result = self.instance.run_shard(layer_idx, self.receiver.work(message))
-        self.shard_serve.record(time.perf_counter() - start)
-        if result is None:
-            return None
-        out, lse = pack(result[0]), pack(result[1])
-        assert out is not None and lse is not None
-        return out, lse
+            result = self.instance.run_shard(
+                header[0], self.receiver.work(debtor_id, header, tensors)
+            )
+        end = time.monotonic()
+        self.shard_serve.record(end - start)
+        return (start, end, result is not None), ([] if result is None else list(result))
+
+    def set_serve_delay(self, seconds: float) -> None:
+        """Fault injection for tests: answer every channel message ``seconds`` late."""
+        self.serve_delay_s = seconds
+
+    def close(self) -> None:
+        """Stop serving channels and remove their files (before the actor is killed)."""
+        self.server.close()
+        self.transport.channels.close()
 
     def noop(self, payload: Any = None) -> None:
         """For latency probes: the cost of one actor call, with or without a payload."""
 
     def probe_peer(self, peer_id: int, num_calls: int, payload_bytes: int) -> dict[str, float]:
-        """Median seconds of a no-op call to a peer, bare and with a ``payload_bytes`` array."""
+        """Median seconds of a no-op call to a peer, bare and with a ``payload_bytes`` array, and
+        of a round trip on the channel to it with that payload each way."""
         peer = self.transport.peer(peer_id)
         payload = np.zeros(max(1, payload_bytes // 4), dtype=np.float32)
         out: dict[str, float] = {}
@@ -248,6 +284,7 @@ class InstanceActor:
                 ray.get(peer.noop.remote(*args))
                 times.append(time.perf_counter() - start)
             out[name] = float(np.median(times))
+        out["channel_s"] = self.transport.probe_channel(peer_id, num_calls, payload_bytes)
         return out
 
     # -- cluster housekeeping (driver, between steps) -----------------------------------------
@@ -316,6 +353,7 @@ class InstanceActor:
                 | {"view_refreshes": self.gmanager.num_refreshes},
                 layer_round_trip_s=self.transport.layer_round_trip.values(),
                 layer_remote_wait_s=self.transport.layer_remote_wait.values(),
+                layer_wire_s=self.transport.layer_wire.values(),
                 shard_serve_s=self.shard_serve.values(),
             )
 

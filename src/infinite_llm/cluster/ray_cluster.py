@@ -4,7 +4,8 @@ Where each message goes::
 
     driver --add/abort/finish/adopt--> home actor            (routed by the gManager's free view)
     driver --step (all at once)------> every actor --> StepReply(events, unreachable peers)
-    actor  --run_shard(layer)--------> each creditor actor   (queries + new K,V out; out, lse back)
+    actor  ==channel (per layer)=====> each creditor actor   (queries + new K,V out; out, lse back)
+    actor  --open_channel------------> a creditor actor      (once per pair, on first need)
     actor  --recommend/record_*------> gManager actor        (borrowing; waits for the answer)
     actor  --lend/reclaim------------> creditor actor
     actor  --Heartbeat (timer)-------> gManager actor        (fire and forget, ordered by seq)
@@ -36,6 +37,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
+from infinite_llm.cluster.channel import remove_channel_dir
 from infinite_llm.cluster.ray_actor import GManagerActor, InstanceActor, InstanceSpec
 from infinite_llm.cluster.ray_remote import execute_plan_on_actors
 from infinite_llm.cluster.ray_runtime import init_ray
@@ -108,8 +111,9 @@ class RayCluster(Cluster):
         # This machine's cores shared by its actors, at most as many threads each as the driver
         # uses (what an in-process cluster would use for all of its instances).
         threads = max(1, min(torch.get_num_threads(), cpus // config.num_instances)) if local else 1
+        self._token = uuid.uuid4().hex[:12]
         spec = InstanceSpec(
-            config, self.num_blocks_per_instance, lending_cap, self.borrowing, threads
+            config, self.num_blocks_per_instance, lending_cap, self.borrowing, threads, self._token
         )
         actor_class = ray.remote(InstanceActor).options(
             max_concurrency=self.max_concurrency,
@@ -387,6 +391,9 @@ class RayCluster(Cluster):
 
     def shutdown(self) -> None:
         actors = [*self._actors.values(), self._gmanager]
+        closing = [a.close.remote() for a in self._actors.values()]
+        with contextlib.suppress(Exception):  # dead actors: their files go below
+            ray.get(closing, timeout=PING_TIMEOUT_S)
         self._actors, self._gmanager = {}, None
         for actor in actors:
             if actor is not None:
@@ -394,6 +401,7 @@ class RayCluster(Cluster):
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     logger.debug("kill failed", exc_info=True)
+        remove_channel_dir(self._token)  # what a killed actor on this node left
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False

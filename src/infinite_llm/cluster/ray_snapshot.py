@@ -36,6 +36,7 @@ class InstanceSnapshot:
     transport: dict[str, int]
     layer_round_trip_s: list[float]  # per layer with remote shards: issue -> all (out, lse) back
     layer_remote_wait_s: list[float]  # ... of which spent waiting after the local share was done
+    layer_wire_s: list[float]  # ... less the creditors' own time on the messages: the channels
     shard_serve_s: list[float]  # time this instance spent serving its debtors' MAs
 
 
@@ -60,6 +61,7 @@ def merged_stats(
     borrow_latency = [x for s in snaps for x in s.borrow_latency_s]
     round_trips = [x for s in snaps for x in s.layer_round_trip_s]
     waits = [x for s in snaps for x in s.layer_remote_wait_s]
+    wires = [x for s in snaps for x in s.layer_wire_s]
     serve = [x for s in snaps for x in s.shard_serve_s]
     return {
         "instances": [
@@ -101,7 +103,9 @@ def merged_stats(
             "layer_round_trip_p50_s": _p(round_trips, 50),
             "layer_round_trip_p99_s": _p(round_trips, 99),
             "layer_remote_wait_p50_s": _p(waits, 50),
+            "layer_wire_p50_s": _p(wires, 50),
             "shard_serve_p50_s": _p(serve, 50),
+            "fused_remote_steps": sum(s.transport["fused_remote_steps"] for s in snaps),
             "bytes_sent": sum(s.transport["bytes_sent"] for s in snaps),
             "bytes_received": sum(s.transport["bytes_received"] for s in snaps),
             "gmanager_view_refreshes": sum(s.transport.get("view_refreshes", 0) for s in snaps),

@@ -1,17 +1,21 @@
 """The Ray transport: how an instance actor reaches its peers' pools and the gManager actor.
 
 ``RayTransport`` is the instance's ``MAExecutor`` and its borrowing transport. Per layer it
-sends each creditor's share of the batch as one ``ShardMessage`` (queries, the new tokens' K,V
-and their slots; the MA's block lists on a step's first layer only), all creditors at once,
-runs the local share while they work, then collects each creditor's ``(out, lse)``;
-``DistAttention`` merges them.
-Tensors cross as numpy arrays (pickle protocol 5 moves their buffers without copying them
-through pickle; a torch tensor pickles through ``torch.save``, 5-10x slower for these sizes).
+sends each creditor's share of the batch as one message on the data plane's channel to that
+creditor (``cluster.channel``: queries, the new tokens' K,V and their slots; the MA's block
+lists on a step's first layer only), all creditors at once, runs the local share while they
+work, then collects each creditor's ``(out, lse)``; ``DistAttention`` merges them. Control
+messages (lend, release, heartbeats, opening a channel) are Ray actor calls.
+Tensors that cross in actor calls (defragmentation's rBlock copies) travel as numpy arrays
+(pickle protocol 5 moves their buffers without copying them through pickle; a torch tensor
+pickles through ``torch.save``, 5-10x slower for these sizes).
 
 Failures: a lend to a dead (or already dropped) creditor answers a false ``LendReply`` and a
 release to one is dropped (its memory died with it); both note the peer as unreachable. An MA
-on a dead creditor cannot be answered: ``run`` raises ``PeerUnreachable`` and the instance
-abandons the step (nothing of it was committed) for the driver to fail that instance.
+on a dead creditor cannot be answered: its channel reports the death (end of file, or a failed
+liveness check after a silent poll slice; every wait is bounded), ``run`` raises
+``PeerUnreachable`` and the instance abandons the step (nothing of it was committed) for the
+driver to fail that instance.
 
 The memory managers' proxies over actors (``RemoteGManager``, ``RemoteRManager``,
 ``RemoteLedgerSink``) are in ``ray_remote``.
@@ -23,19 +27,24 @@ import itertools
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.attention.dist import LocalExecutor, ShardWork
+from infinite_llm.attention.dist import DistPlan, LocalExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.cluster.channel import ChannelSpec
+from infinite_llm.cluster.channel_peers import ChannelClient, ChannelFailed
+from infinite_llm.cluster.remote_decode import RemoteDecodeHook
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import LatencyRecorder
+
+PEER_CALL_TIMEOUT_S = 30.0  # an actor call a step waits on (opening a channel, a ping)
 
 Packed = tuple[np.ndarray, str]  # (array, torch dtype name when numpy lacks it: "bfloat16")
 
@@ -67,53 +76,44 @@ def packed_nbytes(*items: Packed | None) -> int:
 BatchSpec = tuple[
     list[int], list[list[int]], list[int]
 ]  # MABatch: query_lens, block_ids, context_lens
-
-
-@dataclass(frozen=True)
-class ShardMessage:
-    """One layer's ``ShardWork`` for one creditor, as it crosses: tensors, and the MA's block
-    lists only on the step's first layer (``same_batch``: the creditor reuses the last ones
-    this debtor sent; a debtor waits for each layer, so they always arrived first)."""
-
-    debtor_id: int
-    q: Packed | None  # [rows, Hq, D]
-    write_slots: Packed | None  # [n] int64
-    k: Packed | None  # [n, Hkv, D]
-    v: Packed | None
-    batch: BatchSpec | None = None
-    same_batch: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        """Payload bytes: queries, new K,V and their slots (block lists not counted)."""
-        return packed_nbytes(self.q, self.write_slots, self.k, self.v)
+# A shard message's header: layer, the MA's block lists (None: no MA, or ``same``), and
+# ``same``: the creditor reuses the batch this debtor sent last (a step's plan hands every
+# layer the same MABatch, and a debtor waits for each layer, so it always arrived first).
+ShardHeader = tuple[int, BatchSpec | None, bool]
 
 
 class ShardReceiver:
-    """The creditor's side of ``ShardMessage``: rebuilds the ``ShardWork``, caching each
+    """The creditor's side of a shard message: rebuilds the ``ShardWork``, caching each
     debtor's ``MABatch`` for the rest of its step (its flat tables are built once, not per layer)."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self._batches: dict[int, MABatch | None] = {}  # debtor_id -> its current step's batch
 
-    def work(self, message: ShardMessage) -> ShardWork:
-        if message.same_batch:
-            batch = self._batches[message.debtor_id]
+    def work(
+        self, debtor_id: int, header: ShardHeader, tensors: list[torch.Tensor | None]
+    ) -> ShardWork:
+        _, spec, same = header
+        if same:
+            batch = self._batches[debtor_id]
         else:
-            spec = message.batch
             batch = None if spec is None else MABatch(spec[0], spec[1], spec[2], self.block_size)
-            self._batches[message.debtor_id] = batch
-        return ShardWork(
-            unpack(message.write_slots),
-            unpack(message.k),
-            unpack(message.v),
-            unpack(message.q),
-            batch,
-        )
+            self._batches[debtor_id] = batch
+        q, slots, k, v = tensors
+        return ShardWork(slots, k, v, q, batch)
 
     def forget(self, debtor_id: int) -> None:
         self._batches.pop(debtor_id, None)
+
+
+@dataclass
+class Exchange:
+    """One layer's messages in flight (``RayTransport.send_shards`` -> ``collect``)."""
+
+    start: float  # time.monotonic() when the sends began
+    sent_at: dict[int, float] = field(default_factory=dict)  # creditor -> when its message went
+    missing: list[int] = field(default_factory=list)  # creditors that could not be reached
+    nbytes: int = 0  # payload sent
 
 
 class PeerUnreachable(RuntimeError):
@@ -135,25 +135,33 @@ class SampleRecorder(LatencyRecorder):
 
 
 class RayTransport:
-    """One instance's view of the cluster: its own pool directly, peers through actor calls.
+    """One instance's view of the cluster: its own pool directly, peers' pools through the data
+    plane's channels (``ChannelClient``), their managers through actor calls.
 
-    Thread-safe: the step thread calls ``run``/``lend``/``release`` while the driver may swap
-    peers between steps; counters take a lock.
+    The step thread calls ``run``/``lend``/``release``; the driver swaps peers only between
+    steps; counters take a lock.
     """
 
-    def __init__(self, instance_id: int, pool: KVPool, attention_impl: str = "auto") -> None:
+    def __init__(
+        self, instance_id: int, pool: KVPool, attention_impl: str = "auto", node_id: str = ""
+    ) -> None:
         self.instance_id = instance_id
+        self.node_id = node_id
         self.block_size = pool.block_size
         self._local = LocalExecutor({instance_id: pool}, impl=attention_impl)
         self._peers: dict[int, Any] = {}  # instance_id -> actor handle
         self._lock = threading.Lock()
         self.unreachable: set[int] = set()  # peers a call failed on, reported with each step
         self.num_shard_calls = 0
+        self.num_fused_remote_steps = 0  # steps whose remote shards joined a fused native decode
         self.bytes_sent = 0  # payload out: queries, new K,V, slots
         self.bytes_received = 0  # payload back: (out, lse)
         self.layer_round_trip = SampleRecorder()  # issue -> every remote (out, lse) back
         self.layer_remote_wait = SampleRecorder()  # local share done -> every remote one back
+        # per layer: what the channels cost (``run``), on one node's clock
+        self.layer_wire = SampleRecorder()
         self._sent_batch: dict[int, MABatch | None] = {}  # creditor -> the batch it holds from us
+        self.channels = ChannelClient(instance_id, self._open_channel, self._peer_alive)
 
     def set_peers(self, peers: Mapping[int, Any]) -> None:
         self._peers = {i: h for i, h in peers.items() if i != self.instance_id}
@@ -164,6 +172,7 @@ class RayTransport:
     def forget_peer(self, instance_id: int) -> None:
         self._peers = {i: h for i, h in self._peers.items() if i != instance_id}  # one atomic swap
         self._sent_batch.pop(instance_id, None)
+        self.channels.forget(instance_id)
         with self._lock:
             self.unreachable.discard(instance_id)
 
@@ -171,6 +180,26 @@ class RayTransport:
         with self._lock:
             out, self.unreachable = sorted(self.unreachable), set()
         return out
+
+    def _open_channel(self, creditor_id: int) -> ChannelSpec:
+        spec: ChannelSpec = ray.get(
+            self._peers[creditor_id].open_channel.remote(self.instance_id, self.node_id),
+            timeout=PEER_CALL_TIMEOUT_S,
+        )
+        return spec
+
+    def _peer_alive(self, instance_id: int) -> bool:
+        """Whether a peer that owes a reply still answers a ping (a slow answer counts as alive)."""
+        peer = self._peers.get(instance_id)
+        if peer is None:
+            return False
+        try:
+            ray.get(peer.ping.remote(), timeout=PEER_CALL_TIMEOUT_S)
+        except RayActorError:
+            return False
+        except GetTimeoutError:
+            pass
+        return True
 
     # -- MAExecutor ---------------------------------------------------------------------------
     def local_pool(self, instance_id: int) -> KVPool | None:
@@ -180,50 +209,100 @@ class RayTransport:
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        start = time.perf_counter()
-        calls: dict[int, Any] = {}
-        missing: list[int] = []
-        sent = 0
+        """Every instance's share of one layer: each creditor's message out on its channel,
+        the local share here meanwhile, then every reply."""
+        exchange = self.send_shards(layer_idx, work)
+        local = {i: w for i, w in work.items() if i == self.instance_id}
+        results = self._local.run(layer_idx, local) if local else {}
+        # Copied out of the channels' memory, which the next layer's replies reuse.
+        for inst, (out, lse) in self.collect(exchange).items():
+            results[inst] = (out.clone(), lse.clone())
+        return results
+
+    def remote_decode(
+        self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
+    ) -> RemoteDecodeHook:
+        """The creditors' shards of a fused native decode step (``DistAttention.local_decode``)."""
+        num_kv_heads = self._local.pools[self.instance_id].num_kv_heads
+        with self._lock:
+            self.num_fused_remote_steps += 1
+        return RemoteDecodeHook(self, plan, insts, num_heads, num_kv_heads, head_dim)
+
+    def send_shards(self, layer_idx: int, work: Mapping[int, ShardWork]) -> Exchange:
+        """Send every creditor's share of a layer (``work`` of other instances; this one's own
+        is skipped) on its channel; ``collect`` gets the replies."""
+        exchange = Exchange(time.monotonic())
         for inst, w in work.items():
             if inst == self.instance_id:
                 continue
-            peer = self._peers.get(inst)
-            if peer is None:
-                missing.append(inst)
+            if inst not in self._peers:
+                exchange.missing.append(inst)
                 continue
-            message = self._message(inst, w)
-            sent += message.nbytes
-            calls[inst] = peer.run_shard.remote(layer_idx, message)
-        local = {i: w for i, w in work.items() if i == self.instance_id}
-        results = self._local.run(layer_idx, local) if local else {}
-        local_done = time.perf_counter()
-        received = 0
-        for inst, ref in calls.items():
+            header, tensors = self._message(inst, layer_idx, w)
+            exchange.sent_at[inst] = time.monotonic()
             try:
-                reply = ray.get(ref)
-            except RayActorError:
-                missing.append(inst)
+                self.channels.send(inst, header, tensors)
+            except (ChannelFailed, RayActorError, GetTimeoutError):
+                del exchange.sent_at[inst]
+                self._sent_batch.pop(inst, None)
+                exchange.missing.append(inst)
                 continue
-            if reply is not None:
-                out, lse = unpack(reply[0]), unpack(reply[1])
+            exchange.nbytes += sum(t.nbytes for t in tensors if t is not None)
+        return exchange
+
+    def collect(self, exchange: Exchange) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every reply to ``exchange``, in the order the messages went out: ``(out, lse)`` views
+        of the channels' memory, valid until the next message to that creditor; raises
+        ``PeerUnreachable`` (the step is abandoned) when a creditor cannot answer.
+
+        The wire time recorded per layer is what the channels cost, on the node's one
+        monotonic clock: for the slowest creditor, from the send to the start of its work, plus
+        from the end of its work (or of the local share, if that ended later) to its reply
+        being read here; neither side's compute counts."""
+        local_done = time.monotonic()
+        sent_to = list(exchange.sent_at)
+        missing = list(exchange.missing)
+        try:
+            replies = self.channels.wait(sent_to)
+        except ChannelFailed as exc:
+            missing += exc.creditor_ids
+            replies = {}
+        end = time.monotonic()
+        results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        received = 0
+        wire = 0.0
+        on_one_clock = all(self.channels.kind(i) == "shm" for i in replies)
+        for inst in sent_to:
+            if inst not in replies:
+                continue
+            (began, ended, has_result), tensors = replies[inst]
+            got = self.channels.arrivals[inst]
+            wire = max(
+                wire, began - exchange.sent_at[inst] + max(0.0, got - max(ended, local_done))
+            )
+            if has_result:
+                out, lse = tensors
                 assert out is not None and lse is not None
                 results[inst] = (out, lse)
-                received += packed_nbytes(*reply)
-        end = time.perf_counter()
+                received += out.nbytes + lse.nbytes
         with self._lock:
-            self.num_shard_calls += len(calls)
-            self.bytes_sent += sent
+            self.num_shard_calls += len(sent_to)
+            self.bytes_sent += exchange.nbytes
             self.bytes_received += received
             self.unreachable.update(missing)
-        if calls:
-            self.layer_round_trip.record(end - start)
+        if sent_to and not missing:
+            self.layer_round_trip.record(end - exchange.start)
             self.layer_remote_wait.record(end - local_done)
+            if on_one_clock:
+                self.layer_wire.record(wire)
         if missing:
-            raise PeerUnreachable(sorted(missing))
+            raise PeerUnreachable(sorted(set(missing)))
         return results
 
-    def _message(self, creditor_id: int, work: ShardWork) -> ShardMessage:
-        # A step's plan hands every layer the same MABatch object: its block lists cross once.
+    def _message(
+        self, creditor_id: int, layer_idx: int, work: ShardWork
+    ) -> tuple[ShardHeader, list[torch.Tensor | None]]:
+        # A step's plan hands every layer the same MABatch: its block lists cross once.
         batch = work.batch
         same = creditor_id in self._sent_batch and self._sent_batch[creditor_id] is batch
         spec = (
@@ -232,15 +311,20 @@ class RayTransport:
             else (batch.query_lens, batch.block_ids, batch.context_lens)
         )
         self._sent_batch[creditor_id] = batch
-        return ShardMessage(
-            self.instance_id,
-            pack(work.q),
-            pack(work.write_slots),
-            pack(work.k),
-            pack(work.v),
-            spec,
-            same,
-        )
+        return (layer_idx, spec, same), [work.q, work.write_slots, work.k, work.v]
+
+    def probe_channel(self, peer_id: int, num_calls: int, payload_bytes: int) -> float:
+        """Median seconds of a round trip on the channel to a peer with a ``payload_bytes``
+        message each way and nothing done there (the data plane's own cost)."""
+        payload = torch.zeros(max(1, payload_bytes // 4))
+        times = []
+        for i in range(num_calls + 1):
+            begin = time.perf_counter()
+            self.channels.send(peer_id, None, [payload])
+            self.channels.wait([peer_id])
+            if i:
+                times.append(time.perf_counter() - begin)
+        return float(np.median(times))
 
     # -- borrowing ----------------------------------------------------------------------------
     def lend(self, creditor_id: int, request: LendRequest) -> LendReply:
@@ -285,6 +369,7 @@ class RayTransport:
         with self._lock:
             return {
                 "shard_calls": self.num_shard_calls,
+                "fused_remote_steps": self.num_fused_remote_steps,
                 "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received,
             }

@@ -41,7 +41,7 @@ class _LayerWeights(ctypes.Structure):
 
 _STEP_INTS = "num_layers t hidden num_heads num_kv_heads head_dim intermediate num_threads"
 _STEP_PTRS = """layers final_norm linear norm add_norm ma kv_write ma_kind ma_call num_pools k_bases
-    v_bases layer_strides head_strides layer_k layer_v write_pool slots cos sin x out"""
+    v_bases layer_strides head_strides layer_k layer_v write_pool slots cos sin x out remote"""
 
 
 class _Step(ctypes.Structure):
@@ -219,10 +219,13 @@ class NativeDecoder:
             sin=sin.data_ptr(),
             x=x.data_ptr(),
             out=out.data_ptr(),
+            remote=0 if local.remote is None else local.remote.address,
             **self._constants,
         )
         status = self._run(step)
         if status:
+            if local.remote is not None and local.remote.error is not None:
+                raise local.remote.error  # a creditor could not answer: the step is abandoned
             cpu_native.check_status(status, arch.head_dim, torch.float32)
         local.done(arch.num_layers)
         self.num_steps += 1

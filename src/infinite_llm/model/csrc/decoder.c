@@ -1,5 +1,6 @@
 /* A decode step of a Llama-family decoder in one call: every layer, for float32 rows on CPU
- * whose KV lives in pools of this process (one pool, or several merged in the MA kernel).
+ * whose KV lives in pools of this process (one pool, or several merged in the MA kernel), and
+ * rows with context in other processes too, through a hook that exchanges their share per layer.
  *
  * Why: at batch 1 a step's arithmetic is small next to its weights, and the weights stream
  * through the caches between two layers, so each torch op and ctypes call of a layer starts
@@ -34,6 +35,11 @@ typedef void (*AddNormFn)(float *residual, const float *delta, int64_t rows, int
                           const float *w, float eps, float *out);
 typedef int (*MAFn)(const void *call); /* ma_decode_call or ma_shards_call */
 typedef __typeof__(kv_write) *KVWriteFn; /* declared in ma_call.h */
+/* Rows with context in another process's pools (a Ray actor's creditors): phase 0, after the
+ * local stores, sends them their share of layer `layer` (q and new K,V from qkv [t][Q+2KV]);
+ * phase 1, after the local MA, merges their (out, lse) into attn [t][Q] and lse [t][Hq].
+ * Nonzero: the step is abandoned with that status. */
+typedef int (*RemoteFn)(int64_t phase, int64_t layer, const float *qkv, float *attn, float *lse);
 
 /* Rotary embedding, rotate-half convention, in place: x holds t rows (row stride ld floats) of
  * `heads` heads of d floats; cos and signed_sin are [t][d] (the sine's first half negated).
@@ -125,12 +131,13 @@ typedef struct { /* every field 8 bytes, mirrored by native_decoder._Step */
     int64_t write_pool, slots; /* int64[t]: the pool (index) and slot of row i's new K,V */
     int64_t cos, sin;          /* [t][head_dim] */
     int64_t x, out;            /* embeddings [t][hidden] (updated in place); result */
+    int64_t remote; /* a RemoteFn, or 0; with it, write_pool -1 marks a row stored remotely */
 } DecodeStep;
 
 #define P(T, x) ((T)(intptr_t)(x))
 
 /* Returns 0; -1 when scratch memory could not be had; -3 for a slot outside its pool; -2 for
- * an unknown ma_kind; else the MA's error code. */
+ * an unknown ma_kind; else the MA's (or the remote hook's) error code. */
 int decode_layers(const DecodeStep *s) {
     const int64_t t = s->t, H = s->hidden, D = s->head_dim, I = s->intermediate;
     const int64_t Q = s->num_heads * D, KV = s->num_kv_heads * D, QKV = Q + 2 * KV;
@@ -141,6 +148,7 @@ int decode_layers(const DecodeStep *s) {
     AddNormFn add_norm = P(AddNormFn, s->add_norm);
     MAFn ma = P(MAFn, s->ma);
     KVWriteFn kv_write = P(KVWriteFn, s->kv_write);
+    RemoteFn remote = P(RemoteFn, s->remote);
     const LayerWeights *layers = P(const LayerWeights *, s->layers);
     const int64_t *k_bases = P(const int64_t *, s->k_bases);
     const int64_t *v_bases = P(const int64_t *, s->v_bases);
@@ -191,18 +199,21 @@ int decode_layers(const DecodeStep *s) {
         }
         for (int64_t i = 0; i < t && !status; i++) { /* store first: a row's MA reads it */
             const int64_t p = write_pool[i];
+            if (p < 0 && remote) continue; /* its rBlock is elsewhere: phase 0 sends its K,V */
             const float *row = qkv + i * QKV;
             if (kv_write(P(void *, layer_k[p]), P(void *, layer_v[p]), head_strides[p], slots + i,
                          1, row + Q, QKV, row + Q + KV, QKV, (int)s->num_kv_heads, (int)D, 4))
                 status = -3;
         }
         if (status) break;
+        if (remote && (status = remote(0, l, qkv, attn, lse))) break;
         if (one) {
             one->k = layer_k[0];
             one->v = layer_v[0];
         }
         status = one ? ma(one) : ma(many);
         if (status) break;
+        if (remote && (status = remote(1, l, qkv, attn, lse))) break;
         linear(attn, t, Q, Q, P(const float *, L->o), 0, H, o, H, threads);
         add_norm(res, o, t, H, P(const float *, L->post_norm), eps, h);
         linear(h, t, H, H, P(const float *, L->gate_up), 0, 2 * I, gu, 2 * I, threads);

@@ -1,0 +1,270 @@
+"""Who talks on the data plane's channels (``cluster.channel``): a creditor's ``ChannelServer``
+thread, which answers every debtor's messages, and a debtor's ``ChannelClient``, which opens a
+channel per creditor on first need, sends, and waits for the replies under a deadline.
+
+Each request carries a sequence number that its reply echoes; a handler that fails is answered
+with a ``ChannelError`` (so the debtor raises instead of waiting); a creditor that dies or stays
+silent past the deadline fails the wait with ``ChannelFailed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+
+from infinite_llm.cluster.channel import (
+    ChannelClosed,
+    ChannelEnd,
+    ChannelSpec,
+    ShmEnd,
+    Tensors,
+    attach,
+    creditor_end,
+    poll_target,
+    zmq_frames,
+    zmq_message,
+)
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[int, Any, list[torch.Tensor | None]], tuple[Any, Tensors]]
+
+
+class ChannelServer:
+    """A creditor's serving thread: answers every debtor's messages with ``handler(debtor_id,
+    header, tensors) -> (header, tensors)``, one at a time, while the instance's own step runs
+    on another thread (so mutual borrowing cannot deadlock: a step waits on peers, the server
+    waits on nothing but its channels).
+
+    ``open(debtor_id, same_node)`` makes a channel for a debtor and returns its spec; it may be
+    called from any thread. The ROUTER socket for debtors on other nodes is bound at start.
+    """
+
+    def __init__(
+        self, instance_id: int, handler: Handler, directory: str, host: str = "127.0.0.1"
+    ) -> None:
+        self.instance_id = instance_id
+        self._handler = handler
+        self._dir = directory
+        self._context = zmq.Context.instance()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        port = self._router.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self._wake_r, self._wake_w = os.pipe()
+        self._lock = threading.Lock()
+        self._new: list[tuple[int, ShmEnd]] = []
+        self._ends: dict[int, ShmEnd] = {}  # by fd
+        self._debtors: dict[int, int] = {}  # fd -> debtor id
+        self._closed = False
+        self.num_served = 0
+        self._thread = threading.Thread(target=self._loop, name="channel-server", daemon=True)
+        self._thread.start()
+
+    def open(self, debtor_id: int, same_node: bool) -> ChannelSpec:
+        if not same_node:
+            return ChannelSpec("zmq", self.instance_id, self.address)
+        prefix = os.path.join(self._dir, f"{debtor_id}-{self.instance_id}-{os.getpid()}")
+        end = creditor_end(prefix)
+        with self._lock:
+            self._new.append((debtor_id, end))
+        os.write(self._wake_w, b"n")
+        return ChannelSpec("shm", self.instance_id, prefix)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._router, zmq.POLLIN)
+        try:
+            while not self._closed:
+                for target, _ in poller.poll():
+                    if target == self._wake_r:
+                        os.read(self._wake_r, 64)
+                        with self._lock:
+                            new, self._new = self._new, []
+                        for debtor_id, end in new:
+                            self._ends[end.fd] = end
+                            self._debtors[end.fd] = debtor_id
+                            poller.register(end.fd, zmq.POLLIN)
+                    elif target is self._router:
+                        self._serve_router()
+                    else:
+                        self._serve_shm(poller, target)
+        finally:
+            for end in self._ends.values():
+                end.close(unlink=True)
+            self._router.close(linger=0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _serve_shm(self, poller: zmq.Poller, fd: int) -> None:
+        end = self._ends[fd]
+        try:
+            message = end.recv()
+            if message is None:
+                return
+            end.send(*self._answer(self._debtors[fd], *message))
+        except ChannelClosed:  # the debtor is gone: so is this channel
+            poller.unregister(fd)
+            del self._ends[fd], self._debtors[fd]
+            end.close(unlink=True)
+
+    def _serve_router(self) -> None:
+        try:
+            frames = self._router.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        identity = frames[0]
+        header, tensors = zmq_message(frames[1:])
+        reply = self._answer(int(identity), header, tensors)
+        self._router.send_multipart([identity, *zmq_frames(*reply)], copy=False)
+
+    def _answer(self, debtor_id: int, header: Any, tensors: list[Any]) -> tuple[Any, Tensors]:
+        seq, body = header
+        self.num_served += 1
+        try:
+            reply, out = self._handler(debtor_id, body, tensors)
+        except Exception as exc:  # answered, so the debtor raises instead of waiting
+            logger.exception("channel handler failed on a message from %d", debtor_id)
+            return (seq, ChannelError(f"{type(exc).__name__}: {exc}")), []
+        return (seq, reply), out
+
+
+@dataclass(frozen=True)
+class ChannelError:
+    """A reply header saying the handler failed on the other side."""
+
+    message: str
+
+
+class ChannelFailed(RuntimeError):
+    """Creditors that could not answer: gone, unreachable past the deadline, or failing."""
+
+    def __init__(self, creditor_ids: list[int], reason: str) -> None:
+        super().__init__(f"instances {creditor_ids}: {reason}")
+        self.creditor_ids = creditor_ids
+
+
+class ChannelClient:
+    """A debtor's channels, one per creditor, opened on first need through ``opener(creditor_id)
+    -> ChannelSpec`` (an actor call to the creditor, once per pair) and kept after.
+
+    ``send`` one request per creditor, then ``wait`` for their replies: the poll runs in slices
+    of ``slice_s``; after a silent slice ``is_alive(creditor_id)`` is asked of every creditor
+    still owing a reply, and one found dead (or any silence past ``timeout_s``) fails the wait
+    with ``ChannelFailed``. A creditor whose reply is abandoned that way still owes it: its
+    channel drains it before the next request, so replies never cross.
+    """
+
+    def __init__(
+        self,
+        debtor_id: int,
+        opener: Callable[[int], ChannelSpec],
+        is_alive: Callable[[int], bool],
+        timeout_s: float = 300.0,
+        slice_s: float = 1.0,
+    ) -> None:
+        self.debtor_id = debtor_id
+        self._opener = opener
+        self._is_alive = is_alive
+        self.timeout_s = timeout_s
+        self.slice_s = slice_s
+        self._context = zmq.Context.instance()
+        self._ends: dict[int, ChannelEnd] = {}
+        self._owed: dict[int, int] = {}  # creditor -> seq of the request it has not answered
+        self._seq = 0
+        self.arrivals: dict[int, float] = {}  # creditor -> time.monotonic() its last reply was read
+
+    @property
+    def creditor_ids(self) -> list[int]:
+        return sorted(self._ends)
+
+    def kind(self, creditor_id: int) -> str | None:
+        end = self._ends.get(creditor_id)
+        return None if end is None else end.kind
+
+    def send(self, creditor_id: int, header: Any, tensors: Tensors) -> None:
+        end = self._ends.get(creditor_id)
+        if end is None:
+            end = self._ends[creditor_id] = attach(
+                self._opener(creditor_id), self.debtor_id, self._context
+            )
+        if creditor_id in self._owed:  # an abandoned request's reply comes first
+            self.wait([creditor_id])
+        self._seq += 1
+        try:
+            end.send((self._seq, header), tensors)
+        except ChannelClosed as exc:
+            self.forget(creditor_id)
+            raise ChannelFailed([creditor_id], "its channel is closed") from exc
+        self._owed[creditor_id] = self._seq
+
+    def wait(self, creditor_ids: Sequence[int]) -> dict[int, tuple[Any, list[torch.Tensor | None]]]:
+        """Every listed creditor's reply to its last request (tensors: views of channel memory,
+        valid until the next ``send`` to that creditor)."""
+        replies: dict[int, tuple[Any, list[torch.Tensor | None]]] = {}
+        owed = {c for c in creditor_ids if c in self._owed}
+        poller = zmq.Poller()
+        targets = {}
+        for c in owed:
+            target = poll_target(self._ends[c])
+            targets[target if isinstance(target, int) else id(target)] = c
+            poller.register(target, zmq.POLLIN)
+        start = time.monotonic()
+        while owed:
+            ready = poller.poll(int(self.slice_s * 1000))
+            if not ready:
+                dead = sorted(c for c in owed if not self._is_alive(c))
+                if dead:
+                    for c in dead:
+                        self.forget(c)
+                    raise ChannelFailed(dead, "the process is gone")
+                if time.monotonic() - start > self.timeout_s:
+                    raise ChannelFailed(sorted(owed), f"no reply within {self.timeout_s:.0f} s")
+                continue
+            for target, _ in ready:
+                c = targets[target if isinstance(target, int) else id(target)]
+                try:
+                    message = self._ends[c].recv()
+                except ChannelClosed as exc:
+                    self.forget(c)
+                    raise ChannelFailed([c], "its channel closed") from exc
+                if message is None:
+                    continue
+                (seq, header), tensors = message
+                if seq != self._owed.get(c):
+                    continue  # a reply to an abandoned request (cannot happen with one in flight)
+                del self._owed[c]
+                owed.discard(c)
+                self.arrivals[c] = time.monotonic()
+                poller.unregister(target if isinstance(target, int) else self._ends[c].socket)
+                if isinstance(header, ChannelError):
+                    raise ChannelFailed([c], header.message)
+                replies[c] = (header, tensors)
+        return replies
+
+    def forget(self, creditor_id: int) -> None:
+        """Close the channel to a creditor that died (or that this debtor no longer reaches)."""
+        end = self._ends.pop(creditor_id, None)
+        self._owed.pop(creditor_id, None)
+        if end is not None:
+            end.close(unlink=False)
+
+    def close(self) -> None:
+        for c in list(self._ends):
+            self.forget(c)
