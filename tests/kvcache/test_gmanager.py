@@ -171,3 +171,35 @@ def test_record_release_raises_the_estimate():
     assert gm.available(1) == 2
     gm.record_release(0, 1, 2)
     assert gm.available(1) == 4 and gm.edges() == {}
+
+
+def test_a_prefill_claim_is_granted_to_one_instance_at_a_time():
+    gm = gm_with({0: 4, 1: 4, 2: 4})
+    assert gm.prefill_way(0) is None
+    assert gm.claim_prefill(0, (0, 5))
+    assert gm.claim_prefill(0, (0, 5))  # held: granted again, still one claim
+    assert gm.claim_prefill(0, (0, 9))  # the instance that holds one may start more
+    assert not gm.claim_prefill(1, (0, 7))  # younger than the claim elsewhere
+    assert not gm.claim_prefill(2, (0, 1))  # older too: two side by side run out together
+    assert gm.prefill_way(1) == gm.prefill_way(2) == (0, 5) and gm.prefill_way(0) is None
+    gm.check_integrity()
+
+
+def test_syncing_prefill_claims_releases_them():
+    gm = gm_with({0: 4, 1: 4})
+    assert gm.claim_prefill(0, (0, 5)) and gm.claim_prefill(0, (0, 9))
+    gm.sync_prefills(0, [(0, 9)])  # (0, 5)'s prompt is in
+    assert gm.prefill_way(1) == (0, 9) and not gm.claim_prefill(1, (0, 7))
+    gm.sync_prefills(0, [])
+    assert gm.prefill_way(1) is None
+    assert gm.claim_prefill(1, (0, 7)) and gm.prefill_way(0) == (0, 7)
+    gm.check_integrity()
+
+
+def test_forgetting_or_rebuilding_drops_prefill_claims():
+    gm = gm_with({0: 4, 1: 4, 2: 4})
+    assert gm.claim_prefill(0, (0, 5))
+    gm.forget_instance(0)
+    assert gm.prefill_way(1) is None and gm.claim_prefill(1, (0, 7))
+    gm.rebuild([lendable_hb(i, 4, seq=2) for i in (1, 2)])  # as a restarted gManager: none
+    assert gm.prefill_way(2) is None and gm.claim_prefill(2, (0, 8))

@@ -376,3 +376,57 @@ def test_a_request_longer_than_its_home_pool_waits_until_the_cluster_has_room_fo
     run_checked(s, home, peer, gm)
     assert s.num_preemptions == 0 and len(b.output_token_ids) == 2
     assert home.num_free_blocks == 4 and peer.lent_counts().get(0, 0) == 0
+
+
+def test_a_request_longer_than_its_home_pool_starts_only_with_the_gmanagers_prefill_claim() -> None:
+    """The gManager decides at once who prefills past its pool: while instance 2 holds a claim
+    (even one younger than b, made in the same round), b waits, holding nothing and reported
+    neither as blocked nor as prefilling; once the claim is released, b takes it."""
+    s, home, peer, gm = borrowing_scheduler(4, 8, budget=8)
+    b = req("b", 24, max_tokens=4)
+    s.add_request(b)
+    assert gm.claim_prefill(2, (0, b.arrival_seq + 1))
+    for _ in range(2):
+        out = beat_and_step(s, home, peer, gm)
+        assert out.scheduled == [] and b.status is RequestStatus.WAITING
+        assert b.block_table.refs() == [] and s.blocked_rank is None and s.prefilling_rank is None
+    gm.sync_prefills(2, [])
+    out = beat_and_step(s, home, peer, gm)
+    assert [item.request for item in out.scheduled] == [b] and s.prefilling_rank == s.rank(b)
+    assert gm.prefill_way(2) == s.rank(b) and not gm.claim_prefill(2, (0, -1))
+
+
+def test_the_prefill_claim_is_released_once_the_prompt_is_in_or_the_request_ends() -> None:
+    s, home, peer, gm = borrowing_scheduler(4, 8, budget=8)
+    b = req("b", 24, max_tokens=4)
+    s.add_request(b)
+    while b.num_computed_tokens < 24:
+        beat_and_step(s, home, peer, gm)
+        if b.num_computed_tokens < 24:
+            assert gm.prefill_way(2) == s.rank(b)
+    beat_and_step(s, home, peer, gm)  # the first step that schedules b as a decode
+    assert gm.prefill_way(2) is None and s.prefilling_rank is None
+    run_checked(s, home, peer, gm)
+    # One that ends with its prompt (a single token to generate) is not scheduled again: the
+    # claim goes when it finishes.
+    c = req("c", 24, max_tokens=1)
+    s.add_request(c)
+    while c.status is RequestStatus.RUNNING or c.status is RequestStatus.WAITING:
+        beat_and_step(s, home, peer, gm)
+    assert not s.has_unfinished_requests() and gm.prefill_way(2) is None
+
+
+def test_a_request_that_would_borrow_yields_to_a_claim_made_elsewhere_in_the_same_round() -> None:
+    """mid (3 rBlocks, 2 free here) would borrow: it waits behind a prefill claimed on another
+    instance now, which the last step's reports (``prefill_way``) do not show yet."""
+    s, home, peer, gm = borrowing_scheduler(4, 8, budget=16)
+    a, mid = req("a", 8, max_tokens=8), req("mid", 12)
+    s.add_request(a)
+    beat_and_step(s, home, peer, gm)
+    s.add_request(mid)
+    assert gm.claim_prefill(2, (0, -1)) and s.prefill_way is None
+    out = beat_and_step(s, home, peer, gm)
+    assert [item.request for item in out.scheduled] == [a] and mid.status is RequestStatus.WAITING
+    gm.sync_prefills(2, [])
+    out = beat_and_step(s, home, peer, gm)
+    assert mid in [item.request for item in out.scheduled] and peer.lent_counts()[0] >= 1

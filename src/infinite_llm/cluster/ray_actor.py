@@ -53,6 +53,7 @@ from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
 from infinite_llm.kvcache.borrow import Borrower
+from infinite_llm.kvcache.claims import Rank
 from infinite_llm.kvcache.gmanager import GManager
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
@@ -361,7 +362,9 @@ class InstanceActor:
 class GManagerActor(GManager):
     """The gManager in its own actor. Heartbeats are fire and forget, so one sent before an
     instance was failed can arrive after ``forget_instance``: whatever it says about a forgotten
-    instance is dropped (else a dead creditor's debt would come back into the ledger for good)."""
+    instance is dropped (else a dead creditor's debt would come back into the ledger for good).
+    A prefill claim or sync from a forgotten instance is dropped too (else its stale claim would
+    hold back every other long request for good)."""
 
     def __init__(self, forgotten: frozenset[int] = frozenset()) -> None:
         super().__init__()
@@ -370,6 +373,13 @@ class GManagerActor(GManager):
     def forget_instance(self, instance_id: int) -> None:
         self._forgotten.add(instance_id)
         super().forget_instance(instance_id)
+
+    def claim_prefill(self, instance_id: int, rank: Rank) -> bool:
+        return instance_id not in self._forgotten and super().claim_prefill(instance_id, rank)
+
+    def sync_prefills(self, instance_id: int, ranks: Iterable[Rank]) -> None:
+        if instance_id not in self._forgotten:
+            super().sync_prefills(instance_id, ranks)
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
         clean = self._clean(hb)

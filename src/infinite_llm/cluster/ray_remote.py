@@ -2,8 +2,9 @@
 
 ``RemoteGManager`` is the debtor's ``GManagerLike``: every call waits for the gManager actor
 (so once a step returns, the ledger has every lend and release of it). With the gManager
-unreachable, recommendations are empty and ledger updates are dropped: the next gManager
-rebuilds the ledger from heartbeats.
+unreachable, recommendations are empty, prefill claims are refused (a request longer than its
+pool waits for the next gManager), and ledger updates and claim syncs are dropped: the next
+gManager rebuilds the ledger from heartbeats, and the claims from the schedulers' next syncs.
 
 ``RemoteRManager`` and ``RemoteLedgerSink`` let ``kvcache.migration.execute_plan`` run a
 defragmentation plan from the driver on the actors' managers; ``execute_plan_on_actors`` does
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 
 from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.claims import Rank
 from infinite_llm.kvcache.defrag import DefragPlan
 from infinite_llm.kvcache.messages import Heartbeat, Recommendation, Release
 from infinite_llm.kvcache.migration import Relocation, execute_plan
@@ -90,6 +92,18 @@ class RemoteGManager:
     def can_lend(self, debtor_id: int, num_blocks: int) -> bool:
         """``GManager.can_lend``; False where the gManager cannot be reached."""
         return bool(self._call("can_lend", debtor_id, num_blocks))
+
+    def claim_prefill(self, instance_id: int, rank: Rank) -> bool:
+        """``GManager.claim_prefill``; refused where the gManager cannot be reached."""
+        return bool(self._call("claim_prefill", instance_id, rank))
+
+    def sync_prefills(self, instance_id: int, ranks: Collection[Rank]) -> None:
+        self._call("sync_prefills", instance_id, list(ranks))
+
+    def prefill_way(self, instance_id: int) -> Rank | None:
+        """``GManager.prefill_way``; None where the gManager cannot be reached."""
+        way = self._call("prefill_way", instance_id)
+        return None if way is None else (way[0], way[1])
 
     def report_false(self, creditor_id: int, num_lendable: int = 0) -> None:
         self._call("report_false", creditor_id, num_lendable)

@@ -22,11 +22,12 @@ Policy (our reading; the paper leaves it open):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.claims import Rank
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Recommendation, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.rmanager import RManager
@@ -47,6 +48,12 @@ class GManagerLike(Protocol):
     def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
 
     def can_lend(self, debtor_id: int, num_blocks: int) -> bool: ...
+
+    def claim_prefill(self, instance_id: int, rank: Rank) -> bool: ...
+
+    def sync_prefills(self, instance_id: int, ranks: Collection[Rank]) -> None: ...
+
+    def prefill_way(self, instance_id: int) -> Rank | None: ...
 
 
 class RefreshOnEmpty:
@@ -229,6 +236,18 @@ class Borrower:
         """Whether the cluster looks able to lend ``num_blocks`` now, in as many shares as it
         takes (the gManager's view: a hint that holds nothing)."""
         return num_blocks <= 0 or self.gmanager.can_lend(self.debtor.instance_id, num_blocks)
+
+    def claim_prefill(self, rank: Rank) -> bool:
+        """The gManager's prefill claim for this instance (``GManager.claim_prefill``)."""
+        return self.gmanager.claim_prefill(self.debtor.instance_id, rank)
+
+    def sync_prefills(self, ranks: Collection[Rank]) -> None:
+        """This instance's prefill claims are exactly ``ranks`` (``GManager.sync_prefills``)."""
+        self.gmanager.sync_prefills(self.debtor.instance_id, ranks)
+
+    def prefill_way(self) -> Rank | None:
+        """The oldest prefill claim of another instance (``GManager.prefill_way``)."""
+        return self.gmanager.prefill_way(self.debtor.instance_id)
 
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         """Local blocks first, the rest borrowed; all or nothing (None holds nothing)."""

@@ -21,6 +21,9 @@ estimate: O(window + skips) per query. Within the window, instances that themsel
 the debtor come last: lending back to one's own creditor makes a debt cycle, which costs
 locality until defragmentation undoes it. Instances that gained room since the last sort are
 seen after the next one. All methods take one lock, so queries may come from any thread.
+
+It also holds the prefill claims (``kvcache.claims``): which instance may start prefilling a
+request longer than its home pool, decided here at once for instances that step concurrently.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from infinite_llm.kvcache.claims import PrefillClaims, Rank
 from infinite_llm.kvcache.defrag import DefragPlan, plan_defragmentation
 from infinite_llm.kvcache.ledger import DebtLedger, Edge
 from infinite_llm.kvcache.messages import BorrowQuery, Heartbeat, Recommendation
@@ -98,6 +102,7 @@ class GManager:
         self._heartbeats_since_sort = 0
         self._needs_sort = True
         self._stats = GManagerStats()
+        self._claims = PrefillClaims()
 
     # ---- heartbeats and membership ------------------------------------------------------
 
@@ -116,19 +121,23 @@ class GManager:
         with self._lock:
             self._ledger.forget_instance(instance_id)
             self._views.pop(instance_id, None)
+            self._claims.forget_instance(instance_id)
             self._needs_sort = True
 
     def reset(self) -> None:
         with self._lock:
             self._ledger.reset()
             self._views.clear()
+            self._claims.reset()
             self._needs_sort = True
 
     def rebuild(self, heartbeats: Iterable[Heartbeat]) -> None:
-        """Forget everything and rebuild the view and ledger from one round of heartbeats."""
+        """Forget everything and rebuild the view and ledger from one round of heartbeats (the
+        prefill claims come back from the schedulers' next steps)."""
         with self._lock:
             self._ledger.reset()
             self._views.clear()
+            self._claims.reset()
             self._needs_sort = True
             now = self._clock()
             for hb in heartbeats:
@@ -213,6 +222,25 @@ class GManager:
                 v.blocked_below = num_lendable
                 v.lendable = num_lendable
                 v.reserved = 0
+
+    # ---- prefill claims (``kvcache.claims``) --------------------------------------------
+
+    def claim_prefill(self, instance_id: int, rank: Rank) -> bool:
+        """Let ``instance_id`` start prefilling the request of ``rank`` past its home pool:
+        granted (and held) while no other instance holds a claim (``PrefillClaims.claim``)."""
+        with self._lock:
+            return self._claims.claim(instance_id, rank)
+
+    def sync_prefills(self, instance_id: int, ranks: Iterable[Rank]) -> None:
+        """``instance_id``'s claims are exactly ``ranks``, the requests still prefilling past
+        their home pool there (the others finished their prompt, were preempted or ended)."""
+        with self._lock:
+            self._claims.sync(instance_id, ranks)
+
+    def prefill_way(self, instance_id: int) -> Rank | None:
+        """The oldest claim held by another instance than ``instance_id`` (None: none)."""
+        with self._lock:
+            return self._claims.way(instance_id)
 
     # ---- ledger updates from debtors ----------------------------------------------------
 
@@ -305,6 +333,7 @@ class GManager:
             for i, v in self._views.items():
                 assert v.lendable >= 0, f"gmanager: negative lendable for {i}"
                 assert v.reserved >= 0, f"gmanager: negative reservation for {i}"
+            self._claims.check_integrity()
 
     # ---- internals (caller holds the lock) ----------------------------------------------
 

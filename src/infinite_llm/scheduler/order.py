@@ -1,13 +1,43 @@
 """The cluster-wide order of a borrowing cluster's schedulers (``scheduler`` module docstring,
-*Rank* and the paragraphs after it): each scheduler reports three ranks of its last step, and
-each is told the same three of the other instances."""
+*Rank*): each scheduler reports three ranks of its last step, is told the same three of the
+other instances, and asks the gManager for a prefill claim before it starts a request longer
+than its home pool.
+
+Memory is one pool, so the order must hold across instances, or instances starve each other
+(each preempts its own request, re-admits it into the pool it just freed, and none ever gets
+past its home pool). The cluster passes each scheduler three facts about the other instances,
+from their last steps (``grant_right_of_way``, ``cluster_order``):
+
+* ``right_of_way``: the oldest rank waiting for memory elsewhere (stalled, or at the head of
+  a queue that memory kept out). Nothing younger is admitted here meanwhile.
+* ``prefill_way``: the oldest rank prefilling past its home pool elsewhere. Nothing younger is
+  admitted here meanwhile unless it fits this pool's free rBlocks (it borrows nothing). If the
+  memory it takes is what the prefill needed next, that request stalls and ``right_of_way``
+  holds everything back until memory returns.
+* ``youngest_elsewhere``: the youngest running request elsewhere. A request that runs out of
+  memory and is the youngest here preempts itself only if it is also the youngest in the
+  cluster; otherwise it keeps its rBlocks and stalls (``blocked_rank`` reports it) until
+  memory comes back, while the youngest requests give theirs up.
+
+Last steps' reports lag: on Ray the instances step at the same time, so two requests longer
+than their pools, queued on two instances, would both start in one round, neither seeing the
+other, prefill side by side and preempt each other. Who starts one is therefore decided in one
+place, at once: the gManager's prefill claims (``GManager.claim_prefill``, through the
+scheduler's allocator). A request longer than its home pool is admitted only with a claim, and
+a claim is granted while no other instance holds one (the instance that holds it may start
+more), so one instance at a time prefills past its pool. Each scheduler syncs its claims to
+the requests still prefilling past their pool at the end of every step (``sync_prefills``),
+and a request that would borrow also yields to the oldest claim held elsewhere now
+(``prefill_way()``), besides the reported ``prefill_way``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Protocol, TypeAlias
 
-Rank: TypeAlias = tuple[int, int]  # (1 if the prompt fits the home pool else 0, arrival_seq)
+from infinite_llm.kvcache.claims import Rank  # (fits the home pool: 1 else 0, arrival_seq)
+
+__all__ = ["OrderReport", "Ordered", "Rank", "cluster_order", "grant_right_of_way"]
 # What a scheduler reports of its step and what the cluster tells it of the others:
 # (blocked, youngest running, prefilling past its home pool) ranks, and back
 # (``right_of_way``, ``youngest_elsewhere``, ``prefill_way``).

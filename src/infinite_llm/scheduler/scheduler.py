@@ -22,43 +22,29 @@ that do not, the order is arrival (FCFS). Two more rules keep several such reque
 taking memory from each other chunk by chunk (simulated paper-32xA100, untruncated long tail, 8
 instances: 1,744 preemptions and 79 % of the computed tokens recomputed by rank alone, none with
 them): one is admitted only while the gManager sees room for the rest of its prompt
-(``can_borrow``), and while it prefills it holds the right of way over memory that must be
-borrowed (below): no younger request that needs borrowing, which is every other request
-longer than its pool, is admitted anywhere until its prompt is in, while requests that fit
-their pool's free rBlocks still are. Holding back those too (as before 2026-12-06) left every
-other instance idle for as long as such a prompt took (simulated paper-32xA100, untruncated
-long tail, 16 instances: 370 of 1,024 requests finished within the hour, TTFT p50 31 min;
-650 and 10 min with this rule).
+(``can_borrow``) and it holds the gManager's prefill claim (``claim_prefill``, one instance at
+a time), and while it prefills it holds the right of way over memory that must be borrowed:
+no younger request that needs borrowing is admitted anywhere until its prompt is in, while
+requests that fit their pool's free rBlocks still are. Holding back those too left every
+other instance idle for as long as such a prompt took (simulated
+paper-32xA100, untruncated long tail, 16 instances: 370 of 1,024 requests finished within the
+hour, TTFT p50 31 min; 650 and 10 min with this rule).
 
-Across a borrowing cluster memory is one pool, so the same order must hold cluster-wide, or
-instances starve each other (each preempts its own request, re-admits it into the pool it just
-freed, and none ever gets past its home pool). The cluster passes each scheduler three facts
-about the other instances, from their last steps (``grant_right_of_way``):
-
-* ``right_of_way``: the oldest rank waiting for memory elsewhere (stalled, or at the head of
-  a queue that memory kept out). Nothing younger is admitted here meanwhile.
-* ``prefill_way``: the oldest rank prefilling past its home pool elsewhere. Nothing younger is
-  admitted here meanwhile unless it fits this pool's free rBlocks (it borrows nothing). If the
-  memory it takes is what the prefill needed next, that request stalls and ``right_of_way``
-  holds everything back until memory returns.
-* ``youngest_elsewhere``: the youngest running request elsewhere. A request that runs out of
-  memory and is the youngest here preempts itself only if it is also the youngest in the
-  cluster; otherwise it keeps its rBlocks and stalls (``blocked_rank`` reports it) until
-  memory comes back, while the youngest requests give theirs up.
-
-The oldest starved request thus always gets the memory that frees up, and every request fits
-the cluster alone (the front end's limit), so every request finishes.
+Across a borrowing cluster memory is one pool, so the same order holds cluster-wide
+(``scheduler.order``: what each scheduler reports of its step, what it is told of the others,
+and the claims the gManager decides at once). The oldest starved request thus always gets the
+memory that frees up, and every request fits the cluster alone (the front end's limit), so
+every request finishes.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
-from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.scheduler.allocator import BlockAllocator
 from infinite_llm.scheduler.order import OrderReport, Rank
 from infinite_llm.scheduler.output import ScheduledRequest, SchedulerOutput
 from infinite_llm.scheduler.request import Request, RequestStatus
@@ -72,34 +58,6 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
-
-
-class BlockAllocator(Protocol):
-    """Where a request's rBlocks come from: the local RManager, or one that also borrows."""
-
-    def allocate(self, num_blocks: int) -> list[BlockRef] | None:
-        """All ``num_blocks`` or None."""
-        ...
-
-    def free(self, refs: Iterable[BlockRef]) -> None: ...
-
-    @property
-    def num_blocks(self) -> int:
-        """rBlocks of the home pool."""
-        ...
-
-    @property
-    def num_free_blocks(self) -> int:
-        """Free rBlocks of the home pool."""
-        ...
-
-    def reserve(self, num_blocks: int) -> None:
-        """How many free rBlocks the running requests are about to need (kept from lending)."""
-        ...
-
-    def can_borrow(self, num_blocks: int) -> bool:
-        """Whether the cluster looks able to lend ``num_blocks`` now (a hint; holds nothing)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +76,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
-        # Cluster-wide order (see the module docstring): reported by this scheduler...
+        # Cluster-wide order (``scheduler.order``): reported by this scheduler...
         self.blocked_rank: Rank | None = None
         self.prefilling_rank: Rank | None = None
         # ...and told by the cluster.
         self.right_of_way: Rank | None = None
         self.youngest_elsewhere: Rank | None = None
         self.prefill_way: Rank | None = None
+        self._claimed: frozenset[Rank] = frozenset()  # prefill claims as last synced
 
     # -- queue ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -156,6 +115,8 @@ class Scheduler:
         request.finished_time = time.monotonic()
         self._free_blocks(request)
         self.requests.pop(request.request_id, None)
+        if self.rank(request) in self._claimed:
+            self._sync_prefills()  # an instance with nothing left to do may not step again
 
     @property
     def num_waiting(self) -> int:
@@ -213,12 +174,14 @@ class Scheduler:
             if self.right_of_way is not None and self.rank(request) > self.right_of_way:
                 break  # an older request elsewhere waits for memory: it goes first
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if (
-                self.prefill_way is not None
-                and self.rank(request) > self.prefill_way
-                and not self._fits_free_here(request, num_new)
-            ):
+            if self._behind_a_prefill(request, num_new):
                 break  # the memory it would borrow is what an older prefill takes next
+            if self._over_home_pool(request):
+                if not self._room_for_prompt(request):
+                    blocked.append(self.rank(request))
+                    break
+                if not self.allocator.claim_prefill(self.rank(request)):
+                    break  # another instance prefills past its pool: this one waits its turn
             if not self._admit_blocks(request, self._admission_tokens(request, num_new)):
                 blocked.append(self.rank(request))
                 break  # FCFS: later requests wait behind the head of the queue
@@ -230,9 +193,7 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         self.blocked_rank = min(blocked, default=None)
-        self.prefilling_rank = min(
-            (self.rank(r) for r in self.running if self._prefills_many_pools(r)), default=None
-        )
+        self._sync_prefills()
         self.allocator.reserve(self.blocks_needed_soon())
         return out
 
@@ -255,16 +216,8 @@ class Scheduler:
         lendable rBlocks, it is the youngest here and the first preempted when they grow, its
         prefill recomputed, and a preempted request came straight back on a few borrowed rBlocks
         to be preempted again (bench paper, N=2 docs: 7 preemptions with borrowing, 2 without).
-        The room is probed by allocating it too and giving it back at once. One longer than the
-        home pool is admitted (its first chunk too, even where it fits here) only while the
-        gManager sees room for the rest of its prompt (module docstring, *Rank*): otherwise it
-        prefilled what fit, ran out, preempted itself and came straight back."""
+        The room is probed by allocating it too and giving it back at once."""
         need = -(-num_tokens // self.block_size) - len(request.block_table)
-        if self._over_home_pool(request):
-            whole = -(-request.num_tokens // self.block_size) - len(request.block_table)
-            rest = whole - self.allocator.num_free_blocks + self.blocks_needed_soon()
-            if not self.allocator.can_borrow(rest):
-                return False
         if need <= self.allocator.num_free_blocks:
             return self._ensure_blocks(request, num_tokens)
         spare = self.blocks_needed_soon()
@@ -277,6 +230,15 @@ class Scheduler:
             )  # local rBlocks come first: the spare are borrowed ones
         request.block_table.append(refs[:need])
         return True
+
+    def _room_for_prompt(self, request: Request) -> bool:
+        """A request longer than the home pool is admitted (its first chunk too, even where it
+        fits here) only while the gManager sees room for the rest of its prompt (module
+        docstring, *Rank*): otherwise it prefilled what fit, ran out, preempted itself and came
+        straight back."""
+        whole = -(-request.num_tokens // self.block_size) - len(request.block_table)
+        rest = whole - self.allocator.num_free_blocks + self.blocks_needed_soon()
+        return self.allocator.can_borrow(rest)
 
     def _admission_tokens(self, request: Request, num_new: int) -> int:
         """Tokens whose rBlocks a request needs to be admitted: its whole prompt when that fits
@@ -293,6 +255,32 @@ class Scheduler:
         tokens = self._admission_tokens(request, num_new)
         need = -(-tokens // self.block_size) - len(request.block_table)
         return need <= self.allocator.num_free_blocks
+
+    def _behind_a_prefill(self, request: Request, num_new: int) -> bool:
+        """``request`` is younger than a request prefilling past its home pool elsewhere and,
+        admitted now, would take more than this pool's free rBlocks: memory that prefill may
+        need next. The way is the older of what the cluster told (the others' last steps) and
+        the gManager's claims now (on Ray the others step at the same time). A request longer
+        than its pool asks for the claim itself (``claim_prefill``), which decides at once."""
+        if self._fits_free_here(request, num_new):
+            return False
+        rank = self.rank(request)
+        if self.prefill_way is not None and rank > self.prefill_way:
+            return True
+        if self._over_home_pool(request):
+            return False
+        way = self.allocator.prefill_way()
+        return way is not None and rank > way
+
+    def _sync_prefills(self) -> None:
+        """Hand the gManager the ranks of the requests here that still prefill past their home
+        pool, as this instance's claims: when they changed, and every step while there are any
+        (a restarted gManager starts with none); report the oldest as ``prefilling_rank``."""
+        ranks = frozenset(self.rank(r) for r in self.running if self._prefills_many_pools(r))
+        if ranks or ranks != self._claimed:
+            self.allocator.sync_prefills(ranks)
+            self._claimed = ranks
+        self.prefilling_rank = min(ranks, default=None)
 
     def _over_home_pool(self, request: Request) -> bool:
         """The prompt needs more rBlocks than the home pool has (only borrowing serves it)."""
@@ -319,7 +307,7 @@ class Scheduler:
 
     @property
     def order_report(self) -> OrderReport:
-        """What this scheduler's last step reports to the cluster (module docstring)."""
+        """What this scheduler's last step reports to the cluster (``scheduler.order``)."""
         return self.blocked_rank, self.youngest_rank, self.prefilling_rank
 
     def set_cluster_order(self, told: OrderReport) -> None:

@@ -1,0 +1,52 @@
+"""What a scheduler needs of the memory under it: its home pool's rBlocks, borrowing, and the
+gManager's prefill claims. The plain ``RManager`` serves a cluster that does not borrow; a
+``kvcache.borrow.Borrower`` one that does."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import Protocol
+
+from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.scheduler.order import Rank
+
+
+class BlockAllocator(Protocol):
+    """Where a request's rBlocks come from: the local RManager, or one that also borrows."""
+
+    def allocate(self, num_blocks: int) -> list[BlockRef] | None:
+        """All ``num_blocks`` or None."""
+        ...
+
+    def free(self, refs: Iterable[BlockRef]) -> None: ...
+
+    @property
+    def num_blocks(self) -> int:
+        """rBlocks of the home pool."""
+        ...
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free rBlocks of the home pool."""
+        ...
+
+    def reserve(self, num_blocks: int) -> None:
+        """How many free rBlocks the running requests are about to need (kept from lending)."""
+        ...
+
+    def can_borrow(self, num_blocks: int) -> bool:
+        """Whether the cluster looks able to lend ``num_blocks`` now (a hint; holds nothing)."""
+        ...
+
+    def claim_prefill(self, rank: Rank) -> bool:
+        """Whether the request of ``rank``, longer than the home pool, may start prefilling:
+        granted and held while no other instance holds a claim (``GManager.claim_prefill``)."""
+        ...
+
+    def sync_prefills(self, ranks: Collection[Rank]) -> None:
+        """The claims this instance holds are exactly ``ranks``."""
+        ...
+
+    def prefill_way(self) -> Rank | None:
+        """The oldest claim another instance holds now (None: none)."""
+        ...
