@@ -10,6 +10,16 @@ OpenMP: torch ships its own ``libgomp`` and has loaded it already; the kernel is
 that very file, so one process has one OpenMP runtime (two would each keep a thread pool and
 oversubscribe the cores). Where the compiler cannot do OpenMP the kernel is built serial.
 
+One OpenMP team per process: every thread that opens a parallel region gets a team of worker
+threads of its own, kept for the thread's life, and once a process has more of these threads
+than cores libgomp parks idle workers at once instead of letting them spin between regions, so
+every region of a step starts with futex wake-ups. A SmolLM2 decode step on a thread other than
+the one that had loaded the model took 39-58 ms against 30-33 ms (52,185 against 828 context
+switches over 150 steps, ``perf stat``). So the thread that loads a model gives its team back
+(``release_openmp_team``), and threads that serve others (a Ray actor's channel server) compute
+with one thread of their own (``use_openmp_threads_here``), leaving the one team to the thread
+that steps.
+
 ``INFINITE_LLM_NATIVE=0`` disables native kernels; ``$CC`` picks the compiler (default ``cc``);
 ``$INFINITE_LLM_NATIVE_CFLAGS`` adds compiler flags (for tuning, e.g. ``-DPREFETCH_TILES=4``).
 Every failure is logged once and answered with ``None``: callers fall back to torch kernels.
@@ -65,6 +75,40 @@ def native_enabled() -> bool:
 def _torch_libgomp() -> Path | None:
     path = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
     return path if path.exists() else None
+
+
+def _libgomp() -> ctypes.CDLL | None:
+    path = _torch_libgomp()
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(str(path))  # the copy torch loaded: the same runtime
+    except OSError:
+        return None
+
+
+def release_openmp_team() -> bool:
+    """Give back the calling thread's OpenMP worker threads (``omp_pause_resource_all``): this
+    thread is done computing for now, and the next one to open a parallel region gets the
+    process's one team (module docstring). False where torch has no libgomp here."""
+    gomp = _libgomp()
+    if gomp is None or not hasattr(gomp, "omp_pause_resource_all"):
+        return False
+    gomp.omp_pause_resource_all.argtypes = [ctypes.c_int]
+    return gomp.omp_pause_resource_all(1) == 0  # omp_pause_soft
+
+
+def use_openmp_threads_here(num_threads: int) -> bool:
+    """The calling thread's parallel regions use ``num_threads`` from now on (torch's and the
+    native kernels', which read ``torch.get_num_threads()``), other threads keep theirs: one
+    thread means no team of its own (module docstring). False where torch has no libgomp."""
+    gomp = _libgomp()
+    if gomp is None:
+        return False
+    torch.get_num_threads()  # torch sets each thread's count on first use: let it do so first
+    gomp.omp_set_num_threads.argtypes = [ctypes.c_int]
+    gomp.omp_set_num_threads(num_threads)
+    return True
 
 
 def _cpu_fingerprint() -> str:

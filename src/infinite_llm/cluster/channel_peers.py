@@ -45,13 +45,20 @@ class ChannelServer:
     waits on nothing but its channels).
 
     ``open(debtor_id, same_node)`` makes a channel for a debtor and returns its spec; it may be
-    called from any thread. The ROUTER socket for debtors on other nodes is bound at start.
+    called from any thread. The ROUTER socket for debtors on other nodes is bound at start;
+    ``on_start`` runs first on the server's thread (its OpenMP threads, say).
     """
 
     def __init__(
-        self, instance_id: int, handler: Handler, directory: str, host: str = "127.0.0.1"
+        self,
+        instance_id: int,
+        handler: Handler,
+        directory: str,
+        host: str = "127.0.0.1",
+        on_start: Callable[[], object] | None = None,
     ) -> None:
         self.instance_id = instance_id
+        self._on_start = on_start
         self._handler = handler
         self._dir = directory
         self._context = zmq.Context.instance()
@@ -87,6 +94,8 @@ class ChannelServer:
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)

@@ -1,14 +1,20 @@
-"""``InstanceActor``: one instance in its own Ray worker process; ``GManagerActor``: the gManager.
+"""``InstanceActor``: one instance in its own Ray worker process.
 
 ``RayCluster`` wraps it with ``ray.remote(max_concurrency=...)``: a threaded actor, so while its
 step thread runs the model (and waits on its creditors), other threads serve its peers:
 
     step thread        driver --step--> schedule, forward (per layer: a message to each
-                                        creditor on the data plane's channel, its reply back),
-                                        sample; borrowing: recommend -> gManager, lend -> peers
+                       (Ray concurrency  creditor on the data plane's channel, its reply back),
+                       group "step")    sample; borrowing: recommend -> gManager, lend -> peers;
+                                        also the rBlock copies of defragmentation
     channel server     peers' per-layer messages --> MA over the rBlocks this pool lent them
     peer threads       peers  --open_channel/lend/reclaim--> this actor's channels and RManager
     heartbeat thread   every ``heartbeat_interval_s``: Heartbeat --> gManager (fire and forget)
+
+Everything that computes with the instance's threads runs on the one step thread, which then
+owns the process's one OpenMP team (``attention.native_build``: a second team makes libgomp
+park its workers between parallel regions); the model is loaded on the main thread, which gives
+its team back, and the channel server computes its MAs with a single thread.
 
 Thread safety: ``_lock`` serializes everything that touches this instance's own requests and
 block tables (step, add/abort/finish, relocate, drop/adopt, snapshots); the driver never calls
@@ -21,11 +27,10 @@ cannot deadlock.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +39,10 @@ import ray
 import torch
 
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.native_build import release_openmp_team, use_openmp_threads_here
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
+from infinite_llm.cluster.ray_placement import node_threads
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
 from infinite_llm.cluster.ray_transport import (
@@ -53,8 +60,6 @@ from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
 from infinite_llm.kvcache.borrow import Borrower
-from infinite_llm.kvcache.claims import Rank
-from infinite_llm.kvcache.gmanager import GManager
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation
@@ -89,7 +94,6 @@ class InstanceSpec:
     num_blocks: int
     lending_cap: float
     borrowing: bool
-    num_threads: int  # torch intra-op threads of the actor
     cluster_token: str  # names this cluster's channel files on every node
     heartbeat_interval_s: float = 0.05  # a beat costs two processes some Python: keep them few
 
@@ -116,6 +120,7 @@ def load_weights(config: EngineConfig) -> LlamaForCausalLM:
     )
     net.eval()
     net.prepack()
+    release_openmp_team()  # loaded on the actor's main thread; its steps run on another
     return net
 
 
@@ -125,7 +130,7 @@ class InstanceActor:
 
     def __init__(self, instance_id: int, spec: InstanceSpec) -> None:
         logging.getLogger("infinite_llm").setLevel(logging.WARNING)
-        torch.set_num_threads(spec.num_threads)
+        torch.set_num_threads(node_threads())  # to load; the driver then sets the steps' share
         config = spec.config
         model = load_weights(config)
         arch = model.arch
@@ -171,6 +176,8 @@ class InstanceActor:
             self._serve,
             channel_dir(spec.cluster_token),
             host=ray.util.get_node_ip_address(),
+            # its MAs run beside this instance's own steps: one thread, no second OpenMP team
+            on_start=lambda: use_openmp_threads_here(1),
         )
         self._lock = threading.Lock()
         self._heartbeat_interval_s = spec.heartbeat_interval_s
@@ -194,6 +201,16 @@ class InstanceActor:
     def ping(self) -> int:
         return self.instance_id
 
+    def placement(self) -> tuple[str, int]:
+        """This actor's Ray node and the cores it may run on there."""
+        return self.node_id, node_threads()
+
+    @ray.method(concurrency_group="step")
+    def set_num_threads(self, num_threads: int) -> None:
+        """Threads this instance's steps compute with (torch's and the native kernels'; set on
+        the step thread, since OpenMP keeps a count per thread)."""
+        torch.set_num_threads(num_threads)
+
     def _heartbeat_loop(self) -> None:
         while True:  # until the actor's process ends
             time.sleep(self._heartbeat_interval_s)
@@ -215,6 +232,7 @@ class InstanceActor:
         with self._lock:
             self.instance.finish_request(request_id, status)
 
+    @ray.method(concurrency_group="step")
     def step(self, told: OrderReport = (None, None, None)) -> StepReply:
         """One step; a step that met a dead creditor is abandoned whole (retried next time).
         ``told``: what the other instances reported at their last step (``cluster_order``)."""
@@ -298,12 +316,14 @@ class InstanceActor:
             raise ValueError(f"RManager.{method} is not callable remotely")
         return getattr(self.instance.rmanager, method)(*args)
 
+    @ray.method(concurrency_group="step")  # compute: on the thread that owns the OpenMP team
     def read_blocks(self, block_ids: list[int]) -> tuple[Packed, Packed]:
         k, v = self.instance.read_blocks(block_ids)
         pk, pv = pack(k), pack(v)
         assert pk is not None and pv is not None
         return pk, pv
 
+    @ray.method(concurrency_group="step")  # compute: on the thread that owns the OpenMP team
     def write_blocks(self, block_ids: list[int], k: Packed, v: Packed) -> None:
         tk, tv = unpack(k), unpack(v)
         assert tk is not None and tv is not None
@@ -337,6 +357,7 @@ class InstanceActor:
             assert isinstance(latency, SampleRecorder)
             return InstanceSnapshot(
                 instance_id=self.instance_id,
+                node_id=self.node_id,
                 num_blocks=rm.num_blocks,
                 num_free=rm.num_free_blocks,
                 num_used=rm.num_used_blocks,
@@ -357,46 +378,3 @@ class InstanceActor:
                 layer_wire_s=self.transport.layer_wire.values(),
                 shard_serve_s=self.shard_serve.values(),
             )
-
-
-class GManagerActor(GManager):
-    """The gManager in its own actor. Heartbeats are fire and forget, so one sent before an
-    instance was failed can arrive after ``forget_instance``: whatever it says about a forgotten
-    instance is dropped (else a dead creditor's debt would come back into the ledger for good).
-    A prefill claim or sync from a forgotten instance is dropped too (else its stale claim would
-    hold back every other long request for good)."""
-
-    def __init__(self, forgotten: frozenset[int] = frozenset()) -> None:
-        super().__init__()
-        self._forgotten = set(forgotten)
-
-    def forget_instance(self, instance_id: int) -> None:
-        self._forgotten.add(instance_id)
-        super().forget_instance(instance_id)
-
-    def claim_prefill(self, instance_id: int, rank: Rank) -> bool:
-        return instance_id not in self._forgotten and super().claim_prefill(instance_id, rank)
-
-    def sync_prefills(self, instance_id: int, ranks: Iterable[Rank]) -> None:
-        if instance_id not in self._forgotten:
-            super().sync_prefills(instance_id, ranks)
-
-    def on_heartbeat(self, hb: Heartbeat) -> None:
-        clean = self._clean(hb)
-        if clean is not None:
-            super().on_heartbeat(clean)
-
-    def rebuild(self, heartbeats: Iterable[Heartbeat]) -> None:
-        super().rebuild(c for c in map(self._clean, heartbeats) if c is not None)
-
-    def _clean(self, hb: Heartbeat) -> Heartbeat | None:
-        dead = self._forgotten
-        if hb.instance_id in dead:
-            return None
-        if dead & (hb.lent_to.keys() | hb.borrowed_from.keys()):
-            hb = dataclasses.replace(
-                hb,
-                lent_to={i: n for i, n in hb.lent_to.items() if i not in dead},
-                borrowed_from={i: n for i, n in hb.borrowed_from.items() if i not in dead},
-            )
-        return hb

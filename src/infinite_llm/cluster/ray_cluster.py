@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
 from infinite_llm.cluster.channel import remove_channel_dir
-from infinite_llm.cluster.ray_actor import GManagerActor, InstanceActor, InstanceSpec
+from infinite_llm.cluster.ray_actor import InstanceActor, InstanceSpec
+from infinite_llm.cluster.ray_gmanager import GManagerActor
+from infinite_llm.cluster.ray_placement import InstancePlacement, share_cores
 from infinite_llm.cluster.ray_remote import execute_plan_on_actors
 from infinite_llm.cluster.ray_runtime import init_ray
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot, merged_stats
@@ -63,6 +64,9 @@ from infinite_llm.scheduler.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 PING_TIMEOUT_S = 10.0
+# Every step of an actor runs on one thread of its own: its OpenMP team (each thread that opens
+# a parallel region gets one) stays warm from step to step.
+STEP_GROUP = {"step": 1}
 
 
 @dataclass
@@ -106,27 +110,28 @@ class RayCluster(Cluster):
         )
         cpus = os.cpu_count() or 1
         self._started_ray = init_ray(config.ray_address, max(cpus, config.num_instances + 1))
-        local = config.ray_address is None
         self.max_concurrency = 8 + config.num_instances  # a step, every peer's MA, lends, probes
-        # This machine's cores shared by its actors, at most as many threads each as the driver
-        # uses (what an in-process cluster would use for all of its instances).
-        threads = max(1, min(torch.get_num_threads(), cpus // config.num_instances)) if local else 1
         self._token = uuid.uuid4().hex[:12]
         spec = InstanceSpec(
-            config, self.num_blocks_per_instance, lending_cap, self.borrowing, threads, self._token
+            config, self.num_blocks_per_instance, lending_cap, self.borrowing, self._token
         )
-        actor_class = ray.remote(InstanceActor).options(
-            max_concurrency=self.max_concurrency,
-            num_cpus=0 if local else 1,
-            max_restarts=0,
-            scheduling_strategy="SPREAD",
-        )
+        actor_class = ray.remote(concurrency_groups=STEP_GROUP)(InstanceActor)
         self._actors: dict[int, Any] = {}
         self._gmanager: Any = None
+        self._placement: InstancePlacement | None = None
         try:
+            self._placement = InstancePlacement(config.num_instances)
             self._gmanager = self._new_gmanager()
-            self._actors = {i: actor_class.remote(i, spec) for i in range(config.num_instances)}
+            self._actors = {
+                i: actor_class.options(
+                    max_concurrency=self.max_concurrency,
+                    max_restarts=0,
+                    **self._placement.options(i),
+                ).remote(i, spec)
+                for i in range(config.num_instances)
+            }
             ray.get([a.connect.remote(self._actors, self._gmanager) for a in self._actors.values()])
+            self.threads = share_cores(self._actors)
         except BaseException:
             self.shutdown()
             raise
@@ -380,6 +385,7 @@ class RayCluster(Cluster):
             }
         )
         out["ray"]["gmanager_restarts"] = self.num_gmanager_restarts
+        out["ray"]["threads"] = {i: n for i, n in self.threads.items() if i in self._actors}
         out["ray"]["max_concurrency"] = self.max_concurrency
         return out
 
@@ -401,6 +407,10 @@ class RayCluster(Cluster):
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     logger.debug("kill failed", exc_info=True)
+        if self._placement is not None:
+            with contextlib.suppress(Exception):
+                self._placement.remove()
+            self._placement = None
         remove_channel_dir(self._token)  # what a killed actor on this node left
         if self._started_ray and ray.is_initialized():
             ray.shutdown()

@@ -20,6 +20,7 @@ class InstanceSnapshot:
     """One instance's memory, requests and counters at one moment, for stats and integrity."""
 
     instance_id: int
+    node_id: str  # the Ray node it runs on
     num_blocks: int
     num_free: int
     num_used: int
@@ -106,6 +107,10 @@ def merged_stats(
             "layer_wire_p50_s": _p(wires, 50),
             "shard_serve_p50_s": _p(serve, 50),
             "fused_remote_steps": sum(s.transport["fused_remote_steps"] for s in snaps),
+            # channels debtors opened to creditors: on one node (shm), across nodes (zmq)
+            "shm_channels": sum(s.transport["shm_channels"] for s in snaps),
+            "zmq_channels": sum(s.transport["zmq_channels"] for s in snaps),
+            "nodes": {s.instance_id: s.node_id for s in snaps},
             "bytes_sent": sum(s.transport["bytes_sent"] for s in snaps),
             "bytes_received": sum(s.transport["bytes_received"] for s in snaps),
             "gmanager_view_refreshes": sum(s.transport.get("view_refreshes", 0) for s in snaps),

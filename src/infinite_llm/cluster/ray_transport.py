@@ -370,6 +370,12 @@ class RayTransport:
             return {
                 "shard_calls": self.num_shard_calls,
                 "fused_remote_steps": self.num_fused_remote_steps,
+                "shm_channels": sum(
+                    self.channels.kind(c) == "shm" for c in self.channels.creditor_ids
+                ),
+                "zmq_channels": sum(
+                    self.channels.kind(c) == "zmq" for c in self.channels.creditor_ids
+                ),
                 "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received,
             }

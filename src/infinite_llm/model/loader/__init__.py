@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infinite_llm.attention.native_build import release_openmp_team
 from infinite_llm.model.config import ModelArchConfig
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader.cache import gguf_as_hf_dir
@@ -76,6 +77,7 @@ def load_model(
     )
     net.eval()
     net.prepack()
+    release_openmp_team()  # whichever thread steps the model gets the process's one team
     tokenizer = Tokenizer(load_hf_tokenizer(model_dir))
     logger.info("loaded %s (%s, %.1fs)", source.name, torch_dtype, time.perf_counter() - start)
     return LoadedModel(source, arch, net, tokenizer, model_dir)
