@@ -42,7 +42,7 @@ from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.attention.native_build import release_openmp_team, use_openmp_threads_here
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
-from infinite_llm.cluster.ray_placement import node_threads
+from infinite_llm.cluster.ray_placement import NodeCores, node_threads
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
 from infinite_llm.cluster.ray_transport import (
@@ -130,7 +130,7 @@ class InstanceActor:
 
     def __init__(self, instance_id: int, spec: InstanceSpec) -> None:
         logging.getLogger("infinite_llm").setLevel(logging.WARNING)
-        torch.set_num_threads(node_threads())  # to load; the driver then sets the steps' share
+        torch.set_num_threads(node_threads())  # to load; each step then takes its share
         config = spec.config
         model = load_weights(config)
         arch = model.arch
@@ -179,6 +179,8 @@ class InstanceActor:
             # its MAs run beside this instance's own steps: one thread, no second OpenMP team
             on_start=lambda: use_openmp_threads_here(1),
         )
+        self.cores = NodeCores(channel_dir(spec.cluster_token), instance_id)
+        self.num_threads = 0  # of the last step
         self._lock = threading.Lock()
         self._heartbeat_interval_s = spec.heartbeat_interval_s
         self._heartbeats: threading.Thread | None = None
@@ -200,16 +202,6 @@ class InstanceActor:
 
     def ping(self) -> int:
         return self.instance_id
-
-    def placement(self) -> tuple[str, int]:
-        """This actor's Ray node and the cores it may run on there."""
-        return self.node_id, node_threads()
-
-    @ray.method(concurrency_group="step")
-    def set_num_threads(self, num_threads: int) -> None:
-        """Threads this instance's steps compute with (torch's and the native kernels'; set on
-        the step thread, since OpenMP keeps a count per thread)."""
-        torch.set_num_threads(num_threads)
 
     def _heartbeat_loop(self) -> None:
         while True:  # until the actor's process ends
@@ -239,10 +231,16 @@ class InstanceActor:
         with self._lock:
             scheduler = self.instance.scheduler
             scheduler.set_cluster_order(told)
+            threads = self.cores.begin()
+            if threads != self.num_threads:  # on this thread: OpenMP keeps a count per thread
+                torch.set_num_threads(threads)
+                self.num_threads = threads
             try:
                 events = self.instance.step()
             except PeerUnreachable:
                 events = []
+            finally:
+                self.cores.end()
             order = scheduler.order_report
         gm_down, self.gmanager.unreachable = self.gmanager.unreachable, False
         return StepReply(events, self.transport.take_unreachable(), gm_down, order)
@@ -285,6 +283,7 @@ class InstanceActor:
         """Stop serving channels and remove their files (before the actor is killed)."""
         self.server.close()
         self.transport.channels.close()
+        self.cores.close()
 
     def noop(self, payload: Any = None) -> None:
         """For latency probes: the cost of one actor call, with or without a payload."""
@@ -358,6 +357,7 @@ class InstanceActor:
             return InstanceSnapshot(
                 instance_id=self.instance_id,
                 node_id=self.node_id,
+                num_threads=self.num_threads,
                 num_blocks=rm.num_blocks,
                 num_free=rm.num_free_blocks,
                 num_used=rm.num_used_blocks,

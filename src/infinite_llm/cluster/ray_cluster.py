@@ -48,7 +48,7 @@ from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_b
 from infinite_llm.cluster.channel import remove_channel_dir
 from infinite_llm.cluster.ray_actor import InstanceActor, InstanceSpec
 from infinite_llm.cluster.ray_gmanager import GManagerActor
-from infinite_llm.cluster.ray_placement import InstancePlacement, share_cores
+from infinite_llm.cluster.ray_placement import InstancePlacement
 from infinite_llm.cluster.ray_remote import execute_plan_on_actors
 from infinite_llm.cluster.ray_runtime import init_ray
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot, merged_stats
@@ -131,7 +131,6 @@ class RayCluster(Cluster):
                 for i in range(config.num_instances)
             }
             ray.get([a.connect.remote(self._actors, self._gmanager) for a in self._actors.values()])
-            self.threads = share_cores(self._actors)
         except BaseException:
             self.shutdown()
             raise
@@ -385,7 +384,6 @@ class RayCluster(Cluster):
             }
         )
         out["ray"]["gmanager_restarts"] = self.num_gmanager_restarts
-        out["ray"]["threads"] = {i: n for i, n in self.threads.items() if i in self._actors}
         out["ray"]["max_concurrency"] = self.max_concurrency
         return out
 

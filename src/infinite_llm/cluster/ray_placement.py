@@ -2,17 +2,18 @@
 cluster's nodes (one instance per node while there are nodes to spare), and how many threads
 each actor computes with once it is placed.
 
-Threads: the instances on one node share its cores evenly (``share_cores``). They step at the
-same time, each in its own process with its own OpenMP team, and two teams of all the cores
-spin against each other: SmolLM2 at a 4K context on 2 cores, two busy actors of 2 threads each
-took 222 ms a step against 78 ms with 1 thread each (one busy actor: 38 against 47 ms).
+Threads: the instances on one node share its cores among those stepping at the moment
+(``NodeCores``). Each steps in its own process with its own OpenMP team, and two teams of all
+the cores spin against each other: SmolLM2 at a 4K context on 2 cores, two busy actors of 2
+threads each took 222 ms a step against 78 ms with 1 thread each; one busy actor took 38 ms
+with 2 threads against 47 ms with 1, and a debtor whose creditors only serve its MAs is the one
+busy actor of its node.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections import Counter
-from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -34,14 +35,39 @@ def node_threads(requested: int | None = None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def share_cores(actors: Mapping[int, Any]) -> dict[int, int]:
-    """Give each instance actor its node's cores divided by the instance actors there (at least
-    one); returns the threads of each."""
-    where = dict(zip(actors, ray.get([a.placement.remote() for a in actors.values()])))
-    per_node = Counter(node for node, _ in where.values())
-    threads = {i: max(1, cores // per_node[node]) for i, (node, cores) in where.items()}
-    ray.get([actors[i].set_num_threads.remote(n) for i, n in threads.items()])
-    return threads
+class NodeCores:
+    """The cores of one node, shared by the instance actors on it that are stepping now: a
+    byte per instance in a shared file of the cluster's directory on that node (``begin`` sets
+    it, ``end`` clears it). An actor that steps alone takes every core; actors that step at once
+    split them. Two that start together may both count the other or not; either way the next
+    step corrects it."""
+
+    SLOTS = 4096
+
+    def __init__(self, directory: str, instance_id: int, cores: int | None = None) -> None:
+        if not 0 <= instance_id < self.SLOTS:
+            raise ValueError(f"instance id {instance_id} outside 0..{self.SLOTS - 1}")
+        self.cores = node_threads(cores)
+        self._slot = instance_id
+        fd = os.open(os.path.join(directory, "stepping"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            if os.fstat(fd).st_size < self.SLOTS:
+                os.ftruncate(fd, self.SLOTS)
+            self._flags = mmap.mmap(fd, self.SLOTS)
+        finally:
+            os.close(fd)
+
+    def begin(self) -> int:
+        """This instance steps now: the threads its step may use."""
+        self._flags[self._slot] = 1
+        return max(1, self.cores // max(1, self._flags[:].count(1)))
+
+    def end(self) -> None:
+        self._flags[self._slot] = 0
+
+    def close(self) -> None:
+        self.end()
+        self._flags.close()
 
 
 class InstancePlacement:

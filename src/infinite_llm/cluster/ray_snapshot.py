@@ -21,6 +21,7 @@ class InstanceSnapshot:
 
     instance_id: int
     node_id: str  # the Ray node it runs on
+    num_threads: int  # its last step's share of the node's cores
     num_blocks: int
     num_free: int
     num_used: int
@@ -111,6 +112,7 @@ def merged_stats(
             "shm_channels": sum(s.transport["shm_channels"] for s in snaps),
             "zmq_channels": sum(s.transport["zmq_channels"] for s in snaps),
             "nodes": {s.instance_id: s.node_id for s in snaps},
+            "threads": {s.instance_id: s.num_threads for s in snaps},
             "bytes_sent": sum(s.transport["bytes_sent"] for s in snaps),
             "bytes_received": sum(s.transport["bytes_received"] for s in snaps),
             "gmanager_view_refreshes": sum(s.transport.get("view_refreshes", 0) for s in snaps),
