@@ -12,6 +12,7 @@ BENCHES = {
     "serve": "infinite_llm.bench.serve",
     "capacity": "infinite_llm.bench.capacity",
     "distributed": "infinite_llm.bench.distributed",
+    "channels": "infinite_llm.bench.channels",
     "paper": "infinite_llm.bench.paper",
 }
 
