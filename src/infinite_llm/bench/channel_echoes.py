@@ -235,10 +235,11 @@ def compiled_graph_round_trips(
 
 
 class EngineChannelEcho:
-    """The engine's own data-plane channel (``cluster.channel``, shared memory and FIFO
-    doorbells on one node): a ``ChannelServer`` in B that echoes every message."""
+    """The engine's own data-plane channel (``cluster.channel``: shared memory and FIFO
+    doorbells on one node, ``same_node``; else ZeroMQ over tcp): a ``ChannelServer`` in B that
+    echoes every message."""
 
-    def __init__(self) -> None:
+    def __init__(self, same_node: bool = True) -> None:
         from infinite_llm.cluster.channel import channel_dir
         from infinite_llm.cluster.channel_peers import ChannelServer
 
@@ -246,7 +247,7 @@ class EngineChannelEcho:
         self.server = ChannelServer(
             1, lambda debtor, header, tensors: (header, tensors), channel_dir(self.token)
         )
-        self.endpoint = self.server.open(0, same_node=True)
+        self.endpoint = self.server.open(0, same_node=same_node)
 
     def stop(self) -> str | None:
         from infinite_llm.cluster.channel import remove_channel_dir

@@ -15,6 +15,8 @@ reported as the median and the 90th percentile in microseconds. Candidates:
                       by A (by the driver if A cannot own it: the row then says so)
   gloo                ``torch.distributed`` (gloo, world size 2): A send/recv, B recv/send
   zmq_ipc, zmq_tcp    pyzmq DEALER (A) -> ROUTER (B, echo in a thread of the actor)
+  engine_channel_zmq  the engine's data plane between nodes (``cluster.channel``: the same
+                      messages of tensors, a ZeroMQ DEALER to B's ROUTER over tcp)
   engine_channel      the engine's data plane on one node (``cluster.channel``): the message in
                       shared memory, a doorbell through a named FIFO each way
   pipe_floor          one byte each way over two named FIFOs: what waking another process and
@@ -56,6 +58,7 @@ CANDIDATES = (
     "gloo",
     "zmq_ipc",
     "zmq_tcp",
+    "engine_channel_zmq",
     "engine_channel",
     "pipe_floor",
 )
@@ -82,7 +85,10 @@ class _Peer:
     # B
     def start_echo(self, kind: str) -> Any:
         self.stop_echo(kind)
-        self.echoes[kind] = EngineChannelEcho() if kind == "engine_channel" else EchoThread(kind)
+        engine = kind.startswith("engine_channel")
+        self.echoes[kind] = (
+            EngineChannelEcho(same_node=kind == "engine_channel") if engine else EchoThread(kind)
+        )
         return self.echoes[kind].endpoint
 
     def stop_echo(self, kind: str) -> str | None:
@@ -112,7 +118,7 @@ class _Peer:
     ) -> list[float]:
         if kind == "pipe_floor":
             return pipe_client(endpoint, num_calls, warmup)
-        if kind == "engine_channel":
+        if kind.startswith("engine_channel"):
             return engine_channel_client(endpoint, payload_bytes, num_calls, warmup)
         return zmq_client(endpoint, payload_bytes, num_calls, warmup)
 
@@ -226,7 +232,7 @@ def _measure(pair: _Pair, name: str, payload_bytes: int, num_calls: int, warmup:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         refs = [a.gloo.remote(0, init_method, *args), b.gloo.remote(1, init_method, *args)]
         return {"samples": ray.get(refs, timeout=wait_s)[0]}
-    if name in ("zmq_ipc", "zmq_tcp", "engine_channel", "pipe_floor"):
+    if name in ("zmq_ipc", "zmq_tcp", "engine_channel_zmq", "engine_channel", "pipe_floor"):
         endpoint = ray.get(b.start_echo.remote(name), timeout=2 * TIMEOUT_S)
         try:
             samples = ray.get(a.measure_echo_client.remote(name, endpoint, *args), timeout=wait_s)
