@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from infinite_llm.cluster.core import ClusterConfig
 from infinite_llm.scheduler.scheduler import SchedulerConfig
 
 BACKENDS = ("inprocess", "ray")
@@ -47,6 +48,7 @@ class EngineConfig:
     attention_impl: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:

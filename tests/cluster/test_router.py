@@ -65,12 +65,12 @@ def test_routed_requests_count_against_free_memory_until_a_heartbeat() -> None:
 
 def test_ray_driver_counts_the_prompt_until_the_first_token_then_the_output_left() -> None:
     """On Ray the driver routes from its records: prefill progress stays in the actor."""
-    from infinite_llm.cluster.ray_cluster import _Record
+    from infinite_llm.cluster.ray_members import RequestRecord
     from infinite_llm.sampling_params import SamplingParams
     from infinite_llm.scheduler.request import Request
 
     request = Request("r", list(range(100)), SamplingParams(max_tokens=20), max_tokens=20)
-    record = _Record(request, home=0)
+    record = RequestRecord(request, home=0)
     assert record.pending_tokens == 100 + 20
     record.output_token_ids += [5, 6, 7]
     assert record.pending_tokens == 17
@@ -92,18 +92,14 @@ def test_pack_sends_requests_to_the_busiest_instance_with_room() -> None:
 
 
 def test_pack_with_pooled_memory_counts_every_promise_against_every_instance() -> None:
-    from infinite_llm.cluster.router import pack_room
+    from infinite_llm.cluster.router import InstanceLoad, pack_room
 
-    class Sched:
-        def __init__(self, running: int, waiting: int = 0) -> None:
-            self.config = type("C", (), {"max_num_seqs": 4})()
-            self.num_running, self.num_waiting = running, waiting
-
-    schedulers = {0: Sched(3), 1: Sched(1), 2: Sched(2, 2)}  # 2 has no place left
+    # (pending tokens, unfinished requests, batch size): 2 has no place left
+    loads = {0: InstanceLoad(900, 3, 4), 1: InstanceLoad(100, 1, 4), 2: InstanceLoad(50, 4, 4)}
     free, lendable = {0: 4, 1: 30, 2: 20}, {0: 2, 1: 25, 2: 15}
-    room = pack_room(schedulers, free, lendable, pooled=True)
+    room = pack_room(loads, free, lendable, pooled=True)
     assert room == {0: 4 + 25 + 15, 1: 30 + 2 + 15}
-    assert pack_room(schedulers, free, lendable, pooled=False) == {0: 4, 1: 30}
+    assert pack_room(loads, free, lendable, pooled=False) == {0: 4, 1: 30}
     router = Router(block_size=16, policy="pack")
     pending = {0: 900, 1: 100, 2: 50}
     assert router.pick([0, 1, 2], free, pending, 40 * 16, room, pooled=True) == 0  # borrows

@@ -64,7 +64,8 @@ class BenchClock:
 
 class StepProbe:
     """Times a real cluster's instance steps (with their ``StepWork``), cluster-step overhead
-    and defragmentation, by wrapping the instances' ``step`` and runners' ``execute``."""
+    and defragmentation, by wrapping the instances' ``step``, runners' ``execute`` and the
+    cluster core's ``defragment``."""
 
     def __init__(self, cluster: Any, run: str, samples: Samples, clock: BenchClock) -> None:
         self.cluster, self.run, self.samples, self.clock = cluster, run, samples, clock
@@ -74,18 +75,19 @@ class StepProbe:
         self._work: Any = None
         for inst in cluster.instances.values():
             self._wrap(inst)
-        defragment = cluster.defragment
+        core = cluster.core
+        defragment = core.defragment
 
-        def probed_defragment(*a: Any, **kw: Any) -> int:
+        def probed_defragment(*a: Any, **kw: Any) -> list[Any]:
             t0 = self.clock()
-            moved = defragment(*a, **kw)
+            relocations = defragment(*a, **kw)
             dt = self.clock() - t0
             self._inside += dt
-            if moved:
-                samples.migrations.append(MigrationSample(run, moved, dt))
-            return moved
+            if relocations:
+                samples.migrations.append(MigrationSample(run, len(relocations), dt))
+            return relocations
 
-        cluster.defragment = probed_defragment
+        core.defragment = probed_defragment
 
     def _wrap(self, inst: Any) -> None:
         step, execute, block_size = inst.step, inst.runner.execute, self.cluster.block_size

@@ -59,7 +59,7 @@ from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
-from infinite_llm.kvcache.borrow import Borrower
+from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation
@@ -147,14 +147,14 @@ class InstanceActor:
         rmanager = RManager(instance_id, spec.num_blocks, lending_cap=spec.lending_cap)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.transport = RayTransport(instance_id, pool, config.attention_impl, self.node_id)
-        self.gmanager = RemoteGManager(
-            refresh=self.transport.peer_heartbeats, refresh_interval_s=spec.heartbeat_interval_s
-        )
+        self.gmanager = RemoteGManager()
+        # A failed borrow refreshes the gManager's view once a step, as in every runtime.
+        self.views = RefreshOnEmpty(self.gmanager, self._refresh_view)
         self.borrow_stats = BorrowStats(latency=SampleRecorder())
         allocator = (
             Borrower(
                 rmanager,
-                self.gmanager,
+                self.views,
                 self.transport.lend,
                 self.transport.release,
                 stats=self.borrow_stats,
@@ -200,6 +200,12 @@ class InstanceActor:
         self.gmanager.handle = gmanager
         self.gmanager.unreachable = False
 
+    def _refresh_view(self) -> None:
+        """Every instance's heartbeat into the gManager now (its own and its peers')."""
+        self.gmanager.push_heartbeats(
+            [self.instance.heartbeat(), *self.transport.peer_heartbeats()]
+        )
+
     def ping(self) -> int:
         return self.instance_id
 
@@ -231,6 +237,7 @@ class InstanceActor:
         with self._lock:
             scheduler = self.instance.scheduler
             scheduler.set_cluster_order(told)
+            self.views.arm()
             threads = self.cores.begin()
             if threads != self.num_threads:  # on this thread: OpenMP keeps a count per thread
                 torch.set_num_threads(threads)
@@ -371,8 +378,7 @@ class InstanceActor:
                 block_tables={rid: req.block_table.refs() for rid, req in sched.requests.items()},
                 borrow=borrow,
                 borrow_latency_s=latency.values(),
-                transport=self.transport.counters()
-                | {"view_refreshes": self.gmanager.num_refreshes},
+                transport=self.transport.counters() | {"view_refreshes": self.views.num_refreshes},
                 layer_round_trip_s=self.transport.layer_round_trip.values(),
                 layer_remote_wait_s=self.transport.layer_remote_wait.values(),
                 layer_wire_s=self.transport.layer_wire.values(),

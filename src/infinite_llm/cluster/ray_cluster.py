@@ -11,18 +11,21 @@ Where each message goes::
     actor  --Heartbeat (timer)-------> gManager actor        (fire and forget, ordered by seq)
     driver --plan, rmanager calls, read/write_blocks, relocate--> actors   (defragmentation)
 
-Control calls the driver makes between steps are collected and awaited before the next step
-(a threaded actor does not promise to run calls in the order they were sent). Every
-``defrag_interval_steps`` steps the driver runs the gManager's plan live: the plan's
-bookkeeping goes through ``RemoteRManager`` proxies (``kvcache.migration.execute_plan``
-unchanged), then rBlock data is read from every source, written to every destination and
-block tables switched; the old copy is freed by the plan itself (reclaim or repossess).
+The driver runs the cluster core (``ClusterCore``: routing, the cluster-wide order, heartbeat
+rounds, defragmentation, failures) over the actors (``RayMembers``) and the gManager actor
+(``DriverGManager``). The actors step at once, each told the others' order reports of the
+last round (``ClusterCore.order_round``). Control calls the driver makes between steps are
+collected and awaited before the next step (a threaded actor does not promise to run calls in
+the order they were sent). Every ``defrag_interval_steps`` steps the core runs the gManager's
+plan live: its bookkeeping goes through ``RemoteRManager`` proxies, then rBlock data is read
+from every source, written to every destination and block tables switched; the old copy is
+freed by the plan itself (reclaim or repossess).
 
 Faults: an instance actor that dies is found by the next call to it (its step, a peer's MA,
-lend or release), confirmed with a ping, then failed like ``InProcessCluster.fail_instance``:
-the gManager forgets it, survivors drop what they lent to it and recompute requests that had
-rBlocks on it, and the requests homed on it are rebuilt here from what the driver kept
-(prompt, outputs seen in events, sampling parameters, arrival) and re-homed. A seeded random
+lend or release), confirmed with a ping, then failed by the core as in process: the gManager
+forgets it, survivors drop what they lent to it and recompute requests that had rBlocks on
+it, and the requests homed on it are rebuilt here from what the driver kept (prompt, outputs
+seen in events, sampling parameters, arrival) and re-homed. A seeded random
 sampler of a re-homed request restarts from its seed (its generator died with the actor);
 greedy requests finish with the same tokens. ``restart_gmanager`` replaces the gManager actor
 and rebuilds its ledger from one round of heartbeats (a dead gManager found during a step is
@@ -38,63 +41,33 @@ import dataclasses
 import logging
 import os
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 
 from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
 from infinite_llm.cluster.channel import remove_channel_dir
+from infinite_llm.cluster.core import ClusterCore
 from infinite_llm.cluster.ray_actor import InstanceActor, InstanceSpec
 from infinite_llm.cluster.ray_gmanager import GManagerActor
+from infinite_llm.cluster.ray_members import DriverGManager, RayMembers, RequestRecord, alive
 from infinite_llm.cluster.ray_placement import InstancePlacement
-from infinite_llm.cluster.ray_remote import execute_plan_on_actors
 from infinite_llm.cluster.ray_runtime import init_ray
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot, merged_stats
-from infinite_llm.cluster.router import Router
 from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.kvcache.block import BlockTable
 from infinite_llm.kvcache.integrity import check_cluster
 from infinite_llm.model.loader import LoadedModel
-from infinite_llm.scheduler.order import OrderReport, cluster_order
+from infinite_llm.scheduler.order import OrderReport
 from infinite_llm.scheduler.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
-PING_TIMEOUT_S = 10.0
 # Every step of an actor runs on one thread of its own: its OpenMP team (each thread that opens
 # a parallel region gets one) stays warm from step to step.
 STEP_GROUP = {"step": 1}
-
-
-@dataclass
-class _Record:
-    """What the driver keeps of a live request to rebuild it if its home dies."""
-
-    request: Request  # as submitted (a copy: the live one is in the home actor)
-    home: int
-    output_token_ids: list[int] = dataclasses.field(default_factory=list)
-    num_preemptions: int = 0
-
-    @property
-    def pending_tokens(self) -> int:
-        """The router's load signal as the driver sees it: the whole prompt until the first token
-        comes back (prefill progress stays in the actor), then the output still to generate."""
-        prompt = 0 if self.output_token_ids else self.request.num_prompt_tokens
-        return prompt + max(0, self.request.max_tokens - len(self.output_token_ids))
-
-    def rebuild(self) -> Request:
-        return dataclasses.replace(
-            self.request,
-            output_token_ids=list(self.output_token_ids),
-            num_preemptions=self.num_preemptions,
-            block_table=BlockTable(),
-            num_computed_tokens=0,
-            status=RequestStatus.WAITING,
-            generator=None,
-        )
 
 
 class RayCluster(Cluster):
@@ -117,33 +90,44 @@ class RayCluster(Cluster):
         )
         actor_class = ray.remote(concurrency_groups=STEP_GROUP)(InstanceActor)
         self._actors: dict[int, Any] = {}
-        self._gmanager: Any = None
+        self.members = RayMembers(self._actors, config.scheduler.max_num_seqs)
+        self.gmanager = DriverGManager(None)
         self._placement: InstancePlacement | None = None
         try:
             self._placement = InstancePlacement(config.num_instances)
-            self._gmanager = self._new_gmanager()
-            self._actors = {
-                i: actor_class.options(
-                    max_concurrency=self.max_concurrency,
-                    max_restarts=0,
-                    **self._placement.options(i),
-                ).remote(i, spec)
-                for i in range(config.num_instances)
-            }
-            ray.get([a.connect.remote(self._actors, self._gmanager) for a in self._actors.values()])
+            self.gmanager.handle = self._new_gmanager()
+            self._actors.update(
+                {
+                    i: actor_class.options(
+                        max_concurrency=self.max_concurrency,
+                        max_restarts=0,
+                        **self._placement.options(i),
+                    ).remote(i, spec)
+                    for i in range(config.num_instances)
+                }
+            )
+            ray.get(
+                [
+                    a.connect.remote(self._actors, self.gmanager.handle)
+                    for a in self._actors.values()
+                ]
+            )
         except BaseException:
             self.shutdown()
             raise
-        self.router = Router(self.block_size)
-        self._records: dict[str, _Record] = {}
-        self._pending: list[Any] = []  # control calls sent since the last step
-        self._num_steps = 0
+        # The actors run on their own devices: spread requests by load (``Router``).
+        self.core = ClusterCore(
+            self.members,
+            self.gmanager,
+            block_size=self.block_size,
+            borrowing=self.borrowing,
+            routing="load",
+            config=config.cluster,
+        )
+        self.members.on_dead = self.core.fail_instance
+        self._records = self.members.records
         self._order: dict[int, OrderReport] = {}  # each actor's last report
-        self.num_migrated_blocks = 0
-        self.num_defrag_runs = 0
-        self.num_failed_instances = 0
         self.num_gmanager_restarts = 0
-        self.defrag_interval_steps = 8
         self.send_heartbeats()
 
     def _new_gmanager(self) -> Any:
@@ -169,16 +153,16 @@ class RayCluster(Cluster):
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
-            home = self._route(request.num_tokens)
+            home = self.core.route(request.num_tokens, request.request_id)
         elif home not in self._actors:
             raise ValueError(f"no live instance {home}")
         copy = dataclasses.replace(
             request, block_table=BlockTable(), output_token_ids=list(request.output_token_ids)
         )
-        self._records[request.request_id] = _Record(
+        self._records[request.request_id] = RequestRecord(
             copy, home, list(request.output_token_ids), request.num_preemptions
         )
-        self._pending.append(self._actors[home].add_request.remote(request))
+        self.members.pending.append(self._actors[home].add_request.remote(request))
         return home
 
     def abort_request(self, request_id: str) -> None:
@@ -190,8 +174,8 @@ class RayCluster(Cluster):
     def _end(self, request_id: str, method: str, *args: Any) -> None:
         record = self._records.pop(request_id, None)
         if record is not None and record.home in self._actors:
-            self._flush()  # it may not have reached its home yet
-            self._pending.append(
+            self.members.flush()  # it may not have reached its home yet
+            self.members.pending.append(
                 getattr(self._actors[record.home], method).remote(request_id, *args)
             )
 
@@ -199,14 +183,11 @@ class RayCluster(Cluster):
         return bool(self._records)
 
     def step(self) -> list[StepEvent]:
-        self._flush()
+        """Every actor at once, each told the others' order reports of the last round."""
+        self.members.flush()
         none: OrderReport = (None, None, None)
-        order = (
-            cluster_order({i: self._order.get(i, none) for i in self._actors})
-            if self.borrowing
-            else {}
-        )
-        refs = {i: a.step.remote(order.get(i, none)) for i, a in self._actors.items()}
+        told = self.core.order_round({i: self._order.get(i, none) for i in self._actors})
+        refs = {i: a.step.remote(told[i]) for i, a in self._actors.items()}
         events: list[StepEvent] = []
         dead: set[int] = set()
         suspects: set[int] = set()
@@ -221,23 +202,16 @@ class RayCluster(Cluster):
             self._order[i] = reply.order
             suspects.update(reply.unreachable)
             gmanager_down |= reply.gmanager_unreachable
-        dead |= {
-            i
-            for i in suspects - dead
-            if i in self._actors and not self._alive(self._actors[i], "ping")
-        }
+        dead |= {i for i in suspects - dead if i in self._actors and not alive(self._actors[i])}
         self._track(events)
         if dead >= set(self._actors):
             raise RuntimeError(f"every instance actor died ({sorted(dead)})")
         for i in sorted(dead):
             self.fail_instance(i)
-        if gmanager_down and not self._alive(self._gmanager, "instance_ids"):
+        if gmanager_down and not alive(self.gmanager.handle, "instance_ids"):
             self.restart_gmanager()
-        for i in self._actors:
-            self.router.on_heartbeat(i)  # heartbeats went out meanwhile; forget routed promises
-        self._num_steps += 1
-        if self.borrowing and self._num_steps % self.defrag_interval_steps == 0:
-            self.defragment()
+        self.core.heard_from(self._actors)  # the actors' own heartbeats went out meanwhile
+        self.core.end_step()
         return events
 
     def _track(self, events: list[StepEvent]) -> None:
@@ -251,104 +225,27 @@ class RayCluster(Cluster):
             if event.finish_reason is not None:
                 del self._records[event.request_id]
 
-    def _route(self, num_tokens: int) -> int:
-        free = ray.get(self._gmanager.free_blocks.remote())
-        pending = dict.fromkeys(self._actors, 0)
-        for record in self._records.values():
-            pending[record.home] = pending.get(record.home, 0) + record.pending_tokens
-        return self.router.pick(sorted(self._actors), free, pending, num_tokens)
+    # -- heartbeats, defragmentation, failures (the core's) ---------------------------------
+    @property
+    def defrag_interval_steps(self) -> int:
+        return self.core.defrag_interval_steps
 
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for ref in pending:
-            with contextlib.suppress(
-                RayActorError
-            ):  # a dead home: the next step re-homes its requests
-                ray.get(ref)
+    @defrag_interval_steps.setter
+    def defrag_interval_steps(self, steps: int) -> None:
+        self.core.defrag_interval_steps = steps
 
-    def _alive(self, actor: Any, method: str) -> bool:
-        """Whether ``actor`` answers a cheap ``method`` call (a slow answer counts as alive)."""
-        try:
-            ray.get(getattr(actor, method).remote(), timeout=PING_TIMEOUT_S)
-        except RayActorError:
-            return False
-        except GetTimeoutError:
-            logger.warning(
-                "an actor did not answer a ping within %.0fs; taken as alive", PING_TIMEOUT_S
-            )
-        return True
-
-    def _gather(self, method: str, *args: Any) -> dict[int, Any]:
-        """Call every live instance actor at once; fail the ones found dead and call again."""
-        while True:
-            self._flush()
-            refs = {i: getattr(a, method).remote(*args) for i, a in self._actors.items()}
-            out, dead = {}, []
-            for i, ref in refs.items():
-                try:
-                    out[i] = ray.get(ref)
-                except RayActorError:
-                    dead.append(i)
-            if not dead:
-                return out
-            for i in dead:
-                self.fail_instance(i)
-
-    # -- heartbeats, defragmentation, failures ----------------------------------------------
     def send_heartbeats(self) -> None:
         """One round now, awaited: the gManager's view equals every rManager afterwards."""
-        heartbeats = self._gather("heartbeat")
-        ray.get([self._gmanager.on_heartbeat.remote(hb) for hb in heartbeats.values()])
-        for i in heartbeats:
-            self.router.on_heartbeat(i)
+        self.core.heartbeat(force=True)
 
     def defragment(self, with_repatriation: bool = True) -> int:
         """Run the gManager's plan now, between steps; returns how many rBlocks moved."""
-        self.send_heartbeats()
-        plan = ray.get(
-            self._gmanager.plan_defragmentation.remote(with_repatriation=with_repatriation)
-        )
-        if plan.is_empty:
-            return 0
-        relocations = execute_plan_on_actors(self._actors, self._gmanager, plan)
-        if not relocations:
-            return 0
-        moved = sum(self._gather("relocate", relocations).values())
-        assert moved == len(relocations), (
-            f"moved {moved} block-table entries for {len(relocations)} rBlocks"
-        )
-        self.num_migrated_blocks += moved
-        self.num_defrag_runs += 1
-        self.send_heartbeats()
-        return moved
+        return len(self.core.defragment(with_repatriation))
 
     def fail_instance(self, instance_id: int) -> list[str]:
         """Lose an instance actor (killed here if still alive). Requests with rBlocks there
         restart from their tokens on the survivors; its own are rebuilt and re-homed."""
-        if instance_id not in self._actors:
-            raise ValueError(f"no live instance {instance_id}")
-        if len(self._actors) == 1:
-            raise RuntimeError("cannot fail the last instance")
-        actor = self._actors.pop(instance_id)
-        ray.kill(actor, no_restart=True)
-        self.num_failed_instances += 1
-        ray.get(self._gmanager.forget_instance.remote(instance_id))
-        affected = [
-            rid for lost in self._gather("drop_instance", instance_id).values() for rid in lost
-        ]
-        orphans = sorted(
-            (r for r in self._records.values() if r.home == instance_id),
-            key=lambda r: r.request.arrival_time,
-        )
-        self.send_heartbeats()
-        for record in orphans:
-            record.home = self._route(
-                record.request.num_prompt_tokens + len(record.output_token_ids)
-            )
-            self._pending.append(self._actors[record.home].adopt_request.remote(record.rebuild()))
-            affected.append(record.request.request_id)
-        self._flush()
-        return affected
+        return self.core.fail_instance(instance_id)
 
     def kill_instance(self, instance_id: int) -> None:
         """Kill an instance actor without telling anyone (a crash): the next step finds out."""
@@ -356,11 +253,11 @@ class RayCluster(Cluster):
 
     def restart_gmanager(self) -> None:
         """Replace the gManager actor; its ledger is rebuilt from one round of heartbeats."""
-        ray.kill(self._gmanager, no_restart=True)
-        self._gmanager = self._new_gmanager()
-        self._gather("set_gmanager", self._gmanager)
-        heartbeats = self._gather("heartbeat")
-        ray.get(self._gmanager.rebuild.remote(list(heartbeats.values())))
+        ray.kill(self.gmanager.handle, no_restart=True)
+        self.gmanager.handle = self._new_gmanager()
+        self.members.gather("set_gmanager", self.gmanager.handle)
+        heartbeats = self.members.gather("heartbeat")
+        ray.get(self.gmanager.handle.rebuild.remote(list(heartbeats.values())))
         self.num_gmanager_restarts += 1
 
     def probe(self, num_calls: int = 100, payload_bytes: int = 0) -> dict[str, float]:
@@ -370,17 +267,17 @@ class RayCluster(Cluster):
 
     # -- introspection ----------------------------------------------------------------------
     def snapshots(self, check: bool = False) -> list[InstanceSnapshot]:
-        return [s for _, s in sorted(self._gather("snapshot", check).items())]
+        return [s for _, s in sorted(self.members.gather("snapshot", check).items())]
 
     def stats(self) -> dict[str, Any]:
-        edges = ray.get(self._gmanager.edges.remote())
-        g = ray.get(self._gmanager.stats.remote())
+        edges = self.gmanager.edges()
+        g = ray.get(self.gmanager.handle.stats.remote())
         out = merged_stats(self.snapshots(), edges, g.num_queries, self.borrowing, self.block_size)
         out.update(
             {
-                "migrated_blocks": self.num_migrated_blocks,
-                "defrag_runs": self.num_defrag_runs,
-                "failed_instances": self.num_failed_instances,
+                "migrated_blocks": self.core.num_migrated_blocks,
+                "defrag_runs": self.core.num_defrag_runs,
+                "failed_instances": self.core.num_failed_instances,
             }
         )
         out["ray"]["gmanager_restarts"] = self.num_gmanager_restarts
@@ -390,15 +287,16 @@ class RayCluster(Cluster):
     def check_integrity(self) -> None:
         self.send_heartbeats()  # the ledger must equal reality after a heartbeat round
         snaps = self.snapshots(check=True)
-        ray.get(self._gmanager.check_integrity.remote())
-        check_cluster(snaps, ray.get(self._gmanager.edges.remote()))
+        ray.get(self.gmanager.handle.check_integrity.remote())
+        check_cluster(snaps, self.gmanager.edges())
 
     def shutdown(self) -> None:
-        actors = [*self._actors.values(), self._gmanager]
+        actors = [*self._actors.values(), self.gmanager.handle]
         closing = [a.close.remote() for a in self._actors.values()]
         with contextlib.suppress(Exception):  # dead actors: their files go below
-            ray.get(closing, timeout=PING_TIMEOUT_S)
-        self._actors, self._gmanager = {}, None
+            ray.get(closing, timeout=10)
+        self._actors.clear()
+        self.gmanager.handle = None
         for actor in actors:
             if actor is not None:
                 try:

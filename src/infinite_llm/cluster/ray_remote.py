@@ -6,16 +6,14 @@ unreachable, recommendations are empty, prefill claims are refused (a request lo
 pool waits for the next gManager), and ledger updates and claim syncs are dropped: the next
 gManager rebuilds the ledger from heartbeats, and the claims from the schedulers' next syncs.
 
-``RemoteRManager`` and ``RemoteLedgerSink`` let ``kvcache.migration.execute_plan`` run a
-defragmentation plan from the driver on the actors' managers; ``execute_plan_on_actors`` does
-that and moves the rBlocks' data between the actors.
+``RemoteRManager`` lets the cluster core run a defragmentation plan
+(``kvcache.migration.execute_plan``) from the driver on the actors' managers.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection
 from typing import Any
 
 import ray
@@ -23,35 +21,19 @@ from ray.exceptions import RayActorError
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.claims import Rank
-from infinite_llm.kvcache.defrag import DefragPlan
 from infinite_llm.kvcache.messages import Heartbeat, Recommendation, Release
-from infinite_llm.kvcache.migration import Relocation, execute_plan
 
 logger = logging.getLogger(__name__)
 
 
 class RemoteGManager:
-    """``GManagerLike`` over the gManager actor; ``handle`` is swapped when it restarts.
+    """``GManagerLike`` over the gManager actor; ``handle`` is swapped when it restarts. The
+    debtor wraps it in ``kvcache.borrow.RefreshOnEmpty`` like every runtime: an empty answer
+    refreshes the gManager's view once a step (``push_heartbeats``) and asks again."""
 
-    An empty recommendation makes it refresh the gManager's view once (``refresh`` pulls a
-    heartbeat from every peer; at most once per ``refresh_interval_s``) and ask again. Heartbeats
-    race with the debtors' ``record_lend``: one taken just after a lend but delivered before the
-    debtor records it makes the gManager count that lend twice, and with memory nearly spent
-    that under-estimate alone would refuse a borrow (and preempt a request) that fits.
-    """
-
-    def __init__(
-        self,
-        handle: Any = None,
-        refresh: Callable[[], list[Heartbeat]] | None = None,
-        refresh_interval_s: float = 0.02,
-    ) -> None:
+    def __init__(self, handle: Any = None) -> None:
         self.handle = handle
         self.unreachable = False  # a call failed since the last step reply
-        self.refresh = refresh
-        self.refresh_interval_s = refresh_interval_s
-        self.num_refreshes = 0
-        self._refreshed_at = float("-inf")
 
     def _call(self, method: str, *args: Any) -> Any:
         handle = self.handle
@@ -66,28 +48,22 @@ class RemoteGManager:
 
     def recommend(self, debtor_id: int, num_blocks: int) -> Recommendation:
         rec = self._call("recommend", debtor_id, num_blocks)
-        if rec is None:
-            return Recommendation(debtor_id, num_blocks)
-        now = time.monotonic()
-        if (
-            rec.is_empty
-            and self.refresh is not None
-            and now - self._refreshed_at >= self.refresh_interval_s
-        ):
-            self._refreshed_at = now
-            self.num_refreshes += 1
-            heartbeats = self.refresh()
-            handle = self.handle
-            if handle is not None:
-                try:
-                    ray.get(
-                        [handle.on_heartbeat.remote(hb) for hb in heartbeats]
-                        + [handle.resort.remote()]
-                    )
-                except RayActorError:
-                    self.unreachable = True
-            rec = self._call("recommend", debtor_id, num_blocks) or rec
-        return rec
+        return Recommendation(debtor_id, num_blocks) if rec is None else rec
+
+    def resort(self) -> None:
+        self._call("resort")
+
+    def push_heartbeats(self, heartbeats: list[Heartbeat]) -> None:
+        """Heartbeats into the gManager, awaited. They race with the debtors' ``record_lend``:
+        one taken just after a lend but delivered before the debtor records it makes the
+        gManager count that lend twice, which only a later heartbeat corrects."""
+        handle = self.handle
+        if handle is None:
+            return
+        try:
+            ray.get([handle.on_heartbeat.remote(hb) for hb in heartbeats])
+        except RayActorError:
+            self.unreachable = True
 
     def can_lend(self, debtor_id: int, num_blocks: int) -> bool:
         """``GManager.can_lend``; False where the gManager cannot be reached."""
@@ -150,46 +126,3 @@ class RemoteRManager:
 
     def has_borrowed(self, refs: list[BlockRef]) -> bool:
         return self._call("has_borrowed", list(refs))
-
-
-class RemoteLedgerSink:
-    """Where ``execute_plan`` reports the debts a plan removed: the gManager actor."""
-
-    def __init__(self, gmanager: Any) -> None:
-        self._gmanager = gmanager
-
-    def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None:
-        ray.get(self._gmanager.record_release.remote(debtor_id, creditor_id, num_blocks))
-
-
-def execute_plan_on_actors(
-    actors: Mapping[int, Any], gmanager: Any, plan: DefragPlan
-) -> list[Relocation]:
-    """Run a defragmentation plan's bookkeeping on the actors' RManagers, then copy every moved
-    rBlock's data from its source actor to its destination; returns the relocations for the
-    block tables (none when the ledger was stale: the next heartbeats refresh it)."""
-    managers = {i: RemoteRManager(a) for i, a in actors.items()}
-    try:
-        relocations = execute_plan(managers, plan, gmanager=RemoteLedgerSink(gmanager))  # type: ignore[arg-type]
-    except ValueError as exc:
-        logger.debug("defragmentation skipped: %s", exc)
-        return []
-    # One cycle swap's moves form a ring: read every source before writing any target.
-    sources = sorted({r.old.instance_id for r in relocations})
-    moves = {s: [r for r in relocations if r.old.instance_id == s] for s in sources}
-    data = ray.get(
-        [actors[s].read_blocks.remote([r.old.block_id for r in moves[s]]) for s in sources]
-    )
-    writes = []
-    for src, (k, v) in zip(sources, data):
-        for dst in sorted({r.new.instance_id for r in moves[src]}):
-            index = [j for j, r in enumerate(moves[src]) if r.new.instance_id == dst]
-            writes.append(
-                actors[dst].write_blocks.remote(
-                    [moves[src][j].new.block_id for j in index],
-                    (k[0][:, :, index], k[1]),
-                    (v[0][:, :, index], v[1]),
-                )
-            )
-    ray.get(writes)
-    return relocations

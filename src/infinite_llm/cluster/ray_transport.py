@@ -17,8 +17,8 @@ liveness check after a silent poll slice; every wait is bounded), ``run`` raises
 ``PeerUnreachable`` and the instance abandons the step (nothing of it was committed) for the
 driver to fail that instance.
 
-The memory managers' proxies over actors (``RemoteGManager``, ``RemoteRManager``,
-``RemoteLedgerSink``) are in ``ray_remote``.
+The memory managers' proxies over actors (``RemoteGManager``, ``RemoteRManager``) are in
+``ray_remote``.
 """
 
 from __future__ import annotations

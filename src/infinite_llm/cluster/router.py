@@ -4,7 +4,8 @@ where the instances share one device, the busiest one with room (``pack``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 ROUTING_POLICIES = ("load", "pack")
 
@@ -96,28 +97,42 @@ class Router:
         return home
 
     def route(
-        self, schedulers: Mapping[int, Any], gmanager: Any, num_tokens: int, pooled: bool
+        self,
+        loads: Mapping[int, InstanceLoad],
+        free_blocks: dict[int, int],
+        lendable: Mapping[int, int],
+        num_tokens: int,
+        pooled: bool,
     ) -> int:
-        """``pick`` for a cluster that holds its instances' schedulers and the gManager
-        (``InProcessCluster``, the simulator): their pending tokens, the free rBlocks of the
-        last heartbeats and, for ``pack``, each instance's room."""
-        pending = {i: s.num_pending_tokens for i, s in schedulers.items()}
-        free = gmanager.free_blocks()
-        room = None
-        if self.policy == "pack":
-            lendable = {i: gmanager.available(i) or 0 for i in schedulers} if pooled else {}
-            room = pack_room(schedulers, free, lendable, pooled)
-        return self.pick(sorted(schedulers), free, pending, num_tokens, room, pooled)
+        """``pick`` from every live instance's load (``loads``), the free rBlocks of the last
+        heartbeats and, for ``pack``, what the others can lend (``lendable``, with ``pooled``)."""
+        pending = {i: load.pending_tokens for i, load in loads.items()}
+        room = pack_room(loads, free_blocks, lendable, pooled) if self.policy == "pack" else None
+        return self.pick(sorted(loads), free_blocks, pending, num_tokens, room, pooled)
 
 
-class _Batch(Protocol):  # what pack_room reads of a Scheduler
-    config: Any
-    num_waiting: int
-    num_running: int
+@dataclass(frozen=True, slots=True)
+class InstanceLoad:
+    """What the router reads of an instance: tokens still to prefill or generate over its
+    unfinished requests (``Scheduler.num_pending_tokens``), how many requests are unfinished
+    there, and how many its batch may hold (``max_num_seqs``)."""
+
+    pending_tokens: int
+    num_unfinished: int
+    max_num_seqs: int
+
+    @classmethod
+    def of(cls, scheduler: Any) -> InstanceLoad:
+        """A local scheduler's load, exactly."""
+        return cls(
+            scheduler.num_pending_tokens,
+            scheduler.num_waiting + scheduler.num_running,
+            scheduler.config.max_num_seqs,
+        )
 
 
 def pack_room(
-    schedulers: Mapping[int, _Batch],
+    loads: Mapping[int, InstanceLoad],
     free_blocks: Mapping[int, int],
     lendable: Mapping[int, int],
     pooled: bool,
@@ -130,8 +145,8 @@ def pack_room(
     as soon as a queue formed; borrowing's ratio fell below 1 on 2 of 48 runs)."""
     lend_all = sum(lendable.values())
     room = {}
-    for i, s in schedulers.items():
-        if s.num_waiting + s.num_running < s.config.max_num_seqs:
+    for i, load in loads.items():
+        if load.num_unfinished < load.max_num_seqs:
             free = free_blocks.get(i, 0)
             room[i] = free + lend_all - lendable.get(i, 0) if pooled else free
     return room

@@ -18,6 +18,7 @@ from infinite_llm.engine.model_runner import ModelRunner
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.scheduler import recovery
 from infinite_llm.scheduler.request import Request, RequestStatus
 from infinite_llm.scheduler.scheduler import Scheduler
 
@@ -114,24 +115,9 @@ class Instance:
 
     def drop_instance(self, dead_id: int) -> list[str]:
         """Another instance died with its pool: forget what it borrowed from us, and restart from
-        their tokens (recompute) every request of ours that had rBlocks there.
-
-        Returns the ids of the requests that lost rBlocks.
-        """
-        self.rmanager.reclaim_all(dead_id)
-        self.rmanager.drop_borrowed_from(dead_id)
-        lost = []
-        for request in list(self.scheduler.running):
-            if request.block_table.num_blocks_on(dead_id):
-                request.block_table.remove_instance(dead_id)  # that memory is gone; free the rest
-                self.scheduler.preempt(request)
-                lost.append(request.request_id)
-        return lost
+        their tokens (recompute) every request of ours that had rBlocks there; their ids."""
+        return recovery.drop_instance(self.rmanager, self.scheduler, dead_id)
 
     def adopt_request(self, request: Request) -> None:
         """Take over a request whose home died: it restarts from its tokens (prompt + output)."""
-        request.block_table.clear()
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.WAITING
-        request.num_preemptions += 1
-        self.add_request(request)
+        recovery.adopt(self.scheduler, self.instance_id, request)

@@ -1,14 +1,12 @@
 """``SimCluster``: the real memory managers, borrowing, router and schedulers, without a model.
 
-Wired exactly like ``cluster.inprocess.InProcessCluster``: one ``RManager`` per instance
-(lending cap 0 without borrowing), a ``Borrower`` over the one ``GManager`` as each
-scheduler's allocator when borrowing (the plain ``RManager`` otherwise, the vLLM-style
-baseline), a ``Scheduler`` per instance, the ``Router`` on the gManager's free-memory view,
-heartbeats into the gManager, and the gManager's defragmentation plans run by
-``execute_plan``. Only the transport differs: lends and releases are direct calls on the
-creditor's ``RManager`` (what ``InProcessTransport`` does through the ``Instance``), and there
-is no KV data, so a migration only switches block tables (through ``PlacementTracker``).
-The gManager runs on the simulated clock.
+The same cluster core as ``cluster.inprocess.InProcessCluster`` and the Ray driver
+(``cluster.core.ClusterCore``: routing, heartbeats, the cluster-wide order, borrowing's
+allocators, defragmentation, failures), over the same ``RManager``, ``GManager`` and
+``Scheduler`` code. Only the members differ (``SimMembers``): lends and releases are direct
+calls on the creditor's ``RManager``, and there is no KV data, so a migration only switches
+block tables (through ``PlacementTracker``). The core and the gManager run on the simulated
+clock.
 """
 
 from __future__ import annotations
@@ -18,14 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from infinite_llm.cluster.router import Router
-from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
-from infinite_llm.kvcache.gmanager import GManager
+from infinite_llm.cluster.core import ClusterConfig, ClusterCore, Journal
+from infinite_llm.cluster.router import InstanceLoad
+from infinite_llm.kvcache.gmanager import GManager, GManagerConfig
 from infinite_llm.kvcache.integrity import check_cluster, pool_counts, pool_state
-from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
+from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
-from infinite_llm.kvcache.migration import Relocation, execute_plan
+from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.scheduler import recovery
 from infinite_llm.scheduler.request import Request
 from infinite_llm.scheduler.scheduler import Scheduler, SchedulerConfig
 from infinite_llm.sim.placement import PlacementTracker
@@ -51,6 +50,7 @@ class SimClusterConfig:
     heartbeat_interval_s: float = 0.02
     defrag_every_steps: int = 8
     defrag_interval_s: float = 0.25
+    gmanager: GManagerConfig = field(default_factory=GManagerConfig)
 
     def __post_init__(self) -> None:
         if self.num_instances < 1 or self.num_blocks_per_instance < 1 or self.block_size < 1:
@@ -86,53 +86,106 @@ class SimInstance:
         self.scheduler = scheduler
 
 
+class SimMembers:
+    """The cluster core's ``Members`` for simulated instances: their managers, no KV data (a
+    migration only switches block tables, through ``PlacementTracker``)."""
+
+    def __init__(self, tracker: PlacementTracker) -> None:
+        self.instances: dict[int, SimInstance] = {}
+        self.tracker = tracker
+
+    def ids(self) -> list[int]:
+        return sorted(self.instances)
+
+    def heartbeats(self) -> list[Heartbeat]:
+        return [inst.rmanager.heartbeat() for inst in self.instances.values()]
+
+    def loads(self) -> dict[int, InstanceLoad]:
+        return {i: InstanceLoad.of(inst.scheduler) for i, inst in self.instances.items()}
+
+    def rmanagers(self) -> dict[int, RManager]:
+        return {i: inst.rmanager for i, inst in self.instances.items()}
+
+    def move_blocks(self, relocations: list[Relocation]) -> None:
+        """No KV data in the simulator: nothing to copy."""
+
+    def relocate(self, relocations: list[Relocation]) -> int:
+        return self.tracker.relocate(relocations)
+
+    def remove(self, instance_id: int) -> list[Request]:
+        dead = self.instances.pop(instance_id)
+        orphans = list(dead.scheduler.requests.values())
+        for request in orphans:
+            self.tracker.forget(request)
+            request.block_table.clear()
+        return orphans
+
+    def drop_instance(self, dead_id: int) -> list[str]:
+        lost = []
+        for inst in self.instances.values():
+            for rid in recovery.drop_instance(inst.rmanager, inst.scheduler, dead_id):
+                self.tracker.forget(inst.scheduler.requests[rid])
+                lost.append(rid)
+        return lost
+
+    def adopt(self, home: int, request: Request) -> None:
+        recovery.adopt(self.instances[home].scheduler, home, request)
+
+    # -- the transport: lends and releases are direct calls on the creditor's manager ---------
+    def lend(self, creditor_id: int, request: LendRequest) -> LendReply:
+        return self.instances[creditor_id].rmanager.lend(request)
+
+    def release(self, creditor_id: int, release: Release) -> None:
+        self.instances[creditor_id].rmanager.reclaim(release)
+
+
 class SimCluster:
+    """``journal``: the cluster core's (``ClusterCore``), for replays."""
+
     def __init__(
-        self, config: SimClusterConfig, clock: Callable[[], float], routing: str = "load"
+        self,
+        config: SimClusterConfig,
+        clock: Callable[[], float],
+        routing: str = "load",
+        journal: Journal | None = None,
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.borrowing = config.borrowing
         lending_cap = config.lending_cap if self.borrowing else 0.0
-        self._clock = clock
-        self.last_heartbeat_s = float("-inf")
-        self.gmanager = GManager(clock=clock)
-        self.router = Router(self.block_size, policy=routing)
-        self.borrow_stats = BorrowStats()
+        self.gmanager = GManager(config.gmanager, clock=clock)
         self.tracker = PlacementTracker()
-        self.instances: dict[int, SimInstance] = {}
-        # As InProcessCluster: a failed borrow refreshes the gManager's view once a step.
-        self.views = RefreshOnEmpty(self.gmanager, self.send_heartbeats)
+        self.members = SimMembers(self.tracker)
+        self.instances = self.members.instances
+        self.core = ClusterCore(
+            self.members,
+            self.gmanager,
+            block_size=self.block_size,
+            borrowing=self.borrowing,
+            routing=routing,
+            config=ClusterConfig(
+                config.heartbeat_interval_s, config.defrag_every_steps, config.gmanager
+            ),
+            clock=clock,
+            journal=journal,
+        )
         for i in range(config.num_instances):
             rmanager = RManager(i, config.num_blocks_per_instance, lending_cap=lending_cap)
-            allocator = (
-                Borrower(rmanager, self.views, self._lend, self._release, stats=self.borrow_stats)
-                if self.borrowing
-                else rmanager
-            )
+            allocator = self.core.allocator(rmanager, self.members.lend, self.members.release)
             self.instances[i] = SimInstance(
                 i, rmanager, Scheduler(config.scheduler, self.block_size, allocator)
             )
         self.max_request_tokens = config.max_request_tokens
-        self.num_migrated_blocks = 0
-        self.num_defrag_runs = 0
-        self.send_heartbeats()
+        self.core.heartbeat(force=True)
 
-    # -- the transport: direct calls on the creditor's manager -------------------------------
-    def _lend(self, creditor_id: int, request: LendRequest) -> LendReply:
-        return self.instances[creditor_id].rmanager.lend(request)
-
-    def _release(self, creditor_id: int, release: Release) -> None:
-        self.instances[creditor_id].rmanager.reclaim(release)
+    @property
+    def borrow_stats(self) -> BorrowStats:
+        return self.core.borrow_stats
 
     # -- requests ---------------------------------------------------------------------------
-    def route(self, num_tokens: int) -> int:
-        schedulers = {i: inst.scheduler for i, inst in self.instances.items()}
-        return self.router.route(schedulers, self.gmanager, num_tokens, self.borrowing)
-
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
-            home = self.route(request.num_tokens)
+            home = self.core.route(request.num_tokens, request.request_id)
         request.home_instance_id = home
         self.instances[home].scheduler.add_request(request)
         return home
@@ -140,32 +193,14 @@ class SimCluster:
     def has_unfinished_requests(self) -> bool:
         return any(inst.scheduler.has_unfinished_requests() for inst in self.instances.values())
 
-    # -- housekeeping -----------------------------------------------------------------------
-    def send_heartbeats(self) -> None:
-        self.last_heartbeat_s = self._clock()
-        for i, inst in self.instances.items():
-            self.gmanager.on_heartbeat(inst.rmanager.heartbeat())
-            self.router.on_heartbeat(i)
-
     def defragment(self) -> list[Relocation]:
-        """Run the gManager's plan now; returns the rBlocks moved (none on a stale ledger)."""
-        if not any(self.gmanager.edges().values()):
-            return []  # nothing borrowed: no cycle to swap, nothing to bring home
-        self.send_heartbeats()
-        plan = self.gmanager.plan_defragmentation(with_repatriation=True)
-        if plan.is_empty:
-            return []
-        managers = {i: inst.rmanager for i, inst in self.instances.items()}
-        try:
-            relocations = execute_plan(managers, plan, gmanager=self.gmanager)
-        except ValueError as exc:  # the ledger was stale: try again after the next heartbeats
-            logger.debug("defragmentation skipped: %s", exc)
-            return []
-        moved = self.tracker.relocate(relocations)
-        self.num_migrated_blocks += moved
-        self.num_defrag_runs += bool(moved)
-        self.send_heartbeats()
-        return relocations
+        """The gManager's plan now (``ClusterCore.defragment``); the rBlocks moved."""
+        return self.core.defragment()
+
+    def grant(self) -> None:
+        """Before an instance's schedule: the cluster-wide order and the view's refresh round
+        (``ClusterCore.grant``)."""
+        self.core.grant({i: x.scheduler for i, x in self.instances.items()})
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -182,15 +217,16 @@ class SimCluster:
             "false_replies": borrow.num_false_replies,
             "blocks_borrowed": borrow.num_blocks_borrowed,
             "gmanager_queries": g.num_queries,
-            "migrated_blocks": self.num_migrated_blocks,
-            "defrag_runs": self.num_defrag_runs,
+            "migrated_blocks": self.core.num_migrated_blocks,
+            "defrag_runs": self.core.num_defrag_runs,
+            "failed_instances": self.core.num_failed_instances,
             "preemptions": sum(inst.scheduler.num_preemptions for inst in self.instances.values()),
         }
 
     def check_integrity(self) -> None:
         """The same checks as ``InProcessCluster.check_integrity`` (``kvcache.integrity``), plus
         the placement index against the block tables."""
-        self.send_heartbeats()
+        self.core.heartbeat(force=True)
         for inst in self.instances.values():
             inst.rmanager.check_integrity()
         self.gmanager.check_integrity()

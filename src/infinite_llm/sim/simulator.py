@@ -43,7 +43,6 @@ from typing import Any
 from tqdm import tqdm
 
 from infinite_llm.sampling_params import SamplingParams
-from infinite_llm.scheduler.order import grant_right_of_way
 from infinite_llm.scheduler.output import SchedulerOutput
 from infinite_llm.scheduler.request import Request
 from infinite_llm.sim.cluster import SimCluster, SimClusterConfig, SimInstance
@@ -136,9 +135,7 @@ class _Run:
         """One ``Scheduler.schedule()`` and the step's work (None when nothing was scheduled)."""
         stats = self.cluster.borrow_stats
         before = stats.num_rounds + stats.num_false_replies + stats.num_granted
-        if self.cluster.borrowing:
-            grant_right_of_way({i: x.scheduler for i, x in self.cluster.instances.items()})
-            self.cluster.views.arm()
+        self.cluster.grant()
         out = inst.scheduler.schedule()
         for request in out.preempted:
             self.cluster.tracker.forget(request)
@@ -247,7 +244,7 @@ class ParallelRun(_Run):
                 self.maybe_check(num_steps)
                 idle_rounds = 0
             elif kind == self._HEARTBEAT:
-                self.cluster.send_heartbeats()
+                self.cluster.core.heartbeat(force=True)
                 self._kick()
                 idle_rounds = 0 if self._busy or self._next < len(self.trace) else idle_rounds + 1
                 if idle_rounds > _STALL_ROUNDS:
@@ -256,7 +253,7 @@ class ParallelRun(_Run):
                     )
                 self._rearm(self._HEARTBEAT, cfg.heartbeat_interval_s)
             else:
-                for reloc in self.cluster.defragment():
+                for reloc in self.cluster.core.defragment():
                     for inst_id in (reloc.old.instance_id, reloc.new.instance_id):
                         self._charge(inst_id, self.costs.migrate_seconds(1))
                 self._rearm(self._DEFRAG, cfg.defrag_interval_s)
@@ -323,7 +320,6 @@ class SerialRun(_Run):
 
     def run(self) -> SimResult:
         start_wall = time.perf_counter()
-        cfg = self.config
         num_cluster_steps = empty_rounds = 0
         instances = [self.cluster.instances[i] for i in sorted(self.cluster.instances)]
         while not self.done and self.stopped is None:
@@ -337,8 +333,7 @@ class SerialRun(_Run):
                     break
                 self.now = self.next_arrival
                 continue
-            if self.now - self.cluster.last_heartbeat_s >= cfg.heartbeat_interval_s:
-                self.cluster.send_heartbeats()
+            self.cluster.core.heartbeat()  # if one is due, as ``InProcessCluster.step``
             touched: list[tuple[RequestRecord, bool]] = []
             ran = False
             for inst in instances:
@@ -362,8 +357,8 @@ class SerialRun(_Run):
                 raise RuntimeError(
                     f"simulation stalled at t={self.now:.3f}s with {self._num_open} open requests"
                 )
-            if self.cluster.borrowing and num_cluster_steps % cfg.defrag_every_steps == 0:
-                self.now += self.costs.migrate_seconds(len(self.cluster.defragment()))
+            # every ``defrag_every_steps`` cluster steps, as ``InProcessCluster.step``
+            self.now += self.costs.migrate_seconds(len(self.cluster.core.end_step()))
         self.cluster.check_integrity()
         return self.result(time.perf_counter() - start_wall, num_cluster_steps=num_cluster_steps)
 
