@@ -119,9 +119,11 @@ Journal = list[tuple[Any, ...]]  # decisions in the order taken: ("home" | "borr
 class ClusterCore:
     """The policies across instances (module docstring), run over ``members``.
 
-    ``journal``, when given, gets every decision in the order taken: ``("home", request_id,
-    instance)``, ``("borrow", debtor, creditor, num_blocks)``, ``("migrate", old, new)``,
-    ``("fail", instance)``; two runtimes that decide alike write the same journal.
+    ``journal``, when given, gets every decision in the order taken, each with the number of
+    cluster steps done before it: ``(kind, steps, ...)`` with ``("home", steps, request_id,
+    instance)``, ``("borrow", steps, debtor, creditor, num_blocks)``, ``("migrate", steps,
+    old, new)``, ``("fail", steps, instance)``; two runtimes that decide alike write the same
+    journal.
     """
 
     def __init__(
@@ -278,6 +280,6 @@ class ClusterCore:
             affected.append(request.request_id)
         return affected
 
-    def _record(self, *entry: Any) -> None:
+    def _record(self, kind: str, *entry: Any) -> None:
         if self.journal is not None:
-            self.journal.append(entry)
+            self.journal.append((kind, self.num_steps, *entry))

@@ -42,6 +42,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from infinite_llm.cluster.core import Journal
 from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.scheduler.output import SchedulerOutput
 from infinite_llm.scheduler.request import Request
@@ -76,11 +77,14 @@ class _Run:
         progress: bool,
         integrity_every: int,
         horizon_s: float = math.inf,
+        journal: Journal | None = None,
     ) -> None:
         self.now = 0.0
         self.horizon_s = horizon_s
         self.config = config
-        self.cluster = SimCluster(config, clock=lambda: self.now, routing=self.ROUTING)
+        self.cluster = SimCluster(
+            config, clock=lambda: self.now, routing=self.ROUTING, journal=journal
+        )
         self.costs = costs
         self.trace = sorted(requests, key=lambda r: (r.arrival_s, r.index))
         self.records = {
