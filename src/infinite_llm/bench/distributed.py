@@ -1,7 +1,8 @@
 """``infinite-llm bench distributed``: decode step time with a batch's KV spread over 1, 2, 4 instances.
 
-Workload: ``--batch`` requests of ``--context`` random prompt tokens, greedy, all homed on
-instance 0 and prefilled in one step. With N instances every pool holds ceil(total rBlocks / N)
+Workloads (``--workloads BATCHxCONTEXT ...``, by default 1x4096 and 4x1024, in one run): BATCH
+requests of CONTEXT random prompt tokens, greedy, all homed on instance 0 and prefilled in one
+step. With N instances every pool holds ceil(total rBlocks / N)
 (the whole generation's), so instance 0 fills its own pool and borrows the rest from the
 others: the batch's KV is spread over N pools (N = 1: all local). Defragmentation is off (it
 would bring blocks home). Each configuration runs in-process and on Ray (one actor per
@@ -9,14 +10,16 @@ instance). Decode steps that cross an rBlock boundary also borrow; the median hi
 
 Figures per configuration: median wall time of ``LLMEngine.step()`` over the measured decode
 steps (min and max beside it; in-process configurations are alive together and their steps
-interleaved, so machine noise hits them alike; Ray clusters run one at a time), its ratio to the same backend's all-local step and to the
-in-process all-local step, the payload bytes that crossed instances per step (queries, new
+interleaved, so machine noise hits them alike; Ray clusters run one at a time), its ratio to
+the same backend's all-local step and to the in-process all-local step, the home's threads, the payload bytes that crossed instances per step (queries, new
 K,V and their slots out; partial outputs and their lse back), remote MA calls per step, where
 the rBlocks were, and whether the tokens equal the all-local run's. On Ray also, per layer, the
 round trip (home issues every creditor's shard on its channel -> every (out, lse) back), the
-same less each creditor's own time on its message (``wire``: what the data plane costs), the
-creditor's time, and, to compare with, a bare round trip on the channel with one layer's
-payload and a Ray actor call (bare, and with that payload).
+part of it the channels themselves take (``wire``: send to the creditor's start, and its end,
+or the local share's if later, to the reply read; neither side's compute), the creditor's time,
+and, to compare with, a bare round trip on the channel with one layer's payload and a Ray
+actor call (bare, and with that payload). The JSON checks each figure against its target
+(``distributed_report.TARGETS``); ``--out DIR`` writes ``distributed.png``.
 """
 
 from __future__ import annotations
@@ -27,13 +30,21 @@ import random
 import statistics
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from infinite_llm.attention.dist import DistPlan, ShardWork
-from infinite_llm.bench.common import emit, format_table, machine_info
+from infinite_llm.bench.common import emit, machine_info
+from infinite_llm.bench.distributed_report import (
+    TARGETS,
+    add_ratios,
+    tables,
+    target_checks,
+    write_plot,
+)
 from infinite_llm.config import CacheConfig, EngineConfig
 from infinite_llm.llm_engine import LLMEngine
 from infinite_llm.model.loader import LoadedModel, load_model
@@ -189,6 +200,11 @@ class _Run:
             "preemptions": sum(i["preemptions"] for i in after["instances"]),
             "false_replies": after["false_replies"],
             "tokens": list(self.tokens.values()),
+            "threads": (
+                after["ray"]["threads"].get(HOME)
+                if self.backend == "ray"
+                else torch.get_num_threads()
+            ),
         }
         if self.backend == "ray":
             row.update(
@@ -266,6 +282,14 @@ def _ray_figures(
     return figures
 
 
+def _workload(text: str) -> tuple[int, int]:
+    batch, _, context = text.partition("x")
+    try:
+        return int(batch), int(context)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a workload is BATCHxCONTEXT, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="infinite-llm bench distributed",
@@ -278,22 +302,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backends", nargs="+", default=["inprocess", "ray"], choices=["inprocess", "ray"]
     )
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
+    parser.add_argument(
+        "--workloads",
+        type=_workload,
+        nargs="+",
+        default=[(1, 4096), (4, 1024)],
+        help="BATCHxCONTEXT: requests and prompt tokens each (default: 1x4096 4x1024)",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument(
         "--steps", type=int, default=16, help="decode steps timed (the median is reported)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="decode steps before timing")
     parser.add_argument("--attention-impl", default="auto")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads of this process (Ray actors use at most as many each)",
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of this process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write distributed.png here")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -301,84 +326,47 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model, args.dtype, progress=False)
     rng = random.Random(args.seed)
     vocab = loaded.arch.vocab_size
-    prompts = [[rng.randrange(3, vocab) for _ in range(args.context)] for _ in range(args.batch)]
     bar = tqdm(
-        total=3 * len(args.backends) * len(args.instances), desc="bench distributed", unit="stage"
+        total=3 * len(args.backends) * len(args.instances) * len(args.workloads),
+        desc="bench distributed",
+        unit="stage",
     )
     rows = []
-    for backend in args.backends:
-        # In-process configurations are timed together; Ray ones one cluster at a time (idle
-        # actors of other clusters would load the machine: heartbeats, the object store).
-        groups = (
-            [[n] for n in sorted(args.instances)] if backend == "ray" else [sorted(args.instances)]
-        )
-        for group in groups:
-            rows += measure(args, loaded, backend, group, prompts, bar)
+    for batch, context in args.workloads:
+        run_args = argparse.Namespace(**vars(args), batch=batch, context=context)
+        prompts = [[rng.randrange(3, vocab) for _ in range(context)] for _ in range(batch)]
+        for backend in args.backends:
+            # In-process configurations are timed together; Ray ones one cluster at a time
+            # (idle actors of other clusters would load the machine: heartbeats, object store).
+            groups = (
+                [[n] for n in sorted(args.instances)]
+                if backend == "ray"
+                else [sorted(args.instances)]
+            )
+            for group in groups:
+                for row in measure(run_args, loaded, backend, group, prompts, bar):
+                    rows.append({"workload": f"{batch}x{context}", **row})
     bar.close()
-
-    local = {r["backend"]: r for r in rows if r["instances"] == 1}
-    reference = local.get("inprocess") or rows[0]
-    for r in rows:
-        own = local.get(r["backend"])
-        r["vs_local_x"] = r["step_ms"] / own["step_ms"] if own else None
-        r["vs_inprocess_local_x"] = (
-            r["step_ms"] / reference["step_ms"] if reference["instances"] == 1 else None
-        )
-        r["same_tokens"] = r["tokens"] == reference["tokens"]
+    add_ratios(rows)
     results = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
     result = {
         "bench": "distributed",
         "model": args.model,
         "dtype": args.dtype,
-        "workload": {
-            "batch": args.batch,
-            "context": args.context,
-            "block_size": args.block_size,
-            "steps": args.steps,
-            "warmup": args.warmup,
-        },
+        "workloads": [f"{b}x{c}" for b, c in args.workloads],
+        "block_size": args.block_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
         "machine": machine_info(),  # threads: this process's torch threads
-        "target_inprocess_vs_local_x": 1.15,
+        "targets": TARGETS,
+        "target_checks": target_checks(results),
         "results": results,
     }
-    columns = [
-        "backend",
-        "instances",
-        "step_ms",
-        "step_ms_min",
-        "step_ms_max",
-        "vs_local_x",
-        "vs_inprocess_local_x",
-        "remote_ma_per_step",
-        "bytes_out_per_step",
-        "bytes_back_per_step",
-        "same_tokens",
-    ]
-    table = format_table(
-        results,
-        columns,
-        f"bench distributed ({args.model}, batch {args.batch}, "
-        f"context {args.context}, median of {args.steps} decode steps)",
-    )
-    ray_rows = [r for r in results if r["backend"] == "ray" and r["instances"] > 1]
-    if ray_rows:
-        table += "\n\n" + format_table(
-            ray_rows,
-            [
-                "instances",
-                "layer_round_trip_ms",
-                "layer_remote_wait_ms",
-                "layer_wire_ms",
-                "creditor_ma_ms",
-                "channel_ms",
-                "noop_call_ms",
-                "payload_call_ms",
-                "layer_payload_bytes",
-            ],
-            "ray: per layer (round trip; wire: less the creditor's time on the message; "
-            "channel: a bare round trip on it; call: a Ray actor call)",
-        )
-    emit(result, table, args.json)
+    if args.out is not None:
+        path = write_plot(results, args.out)
+        if path is not None:
+            result["plot"] = str(path)
+    emit(result, tables(results, args.model, args.steps), args.json)
     return 0
 
 
