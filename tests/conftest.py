@@ -1,4 +1,5 @@
-"""Shared helpers: tiny models on disk, the Hugging Face transformers reference, integrity checks."""
+"""Shared helpers: tiny models on disk, the Hugging Face transformers reference, integrity checks,
+and the Ray fixtures (a local Ray runtime per module, Ray engines always shut down)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,32 @@ def random_prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int = 0) 
 @pytest.fixture(scope="session")
 def tiny_dir() -> str:
     return tiny_model_dir("tiny")
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime for the whole module (each test still starts its own actors)."""
+    ray = pytest.importorskip("ray")
+    from infinite_llm.cluster.ray_runtime import init_ray
+
+    started = init_ray(num_cpus=8)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_engine(ray_runtime):
+    """Makes Ray engines; kills their actors after the test, whatever happened."""
+    made = []
+
+    from cluster.helpers import make_engine
+
+    def make(**kwargs):
+        engine = make_engine(backend="ray", **kwargs)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.shutdown()

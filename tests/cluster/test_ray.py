@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster.helpers import assert_all_free, make_engine, run
+from cluster.helpers import assert_all_free, run
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.sampling_params import SamplingParams
 
@@ -18,32 +18,6 @@ pytestmark = pytest.mark.ray
 
 def expected(prompts, n=24, model="tiny"):
     return [hf_greedy(loaded_model(model).model_dir, p, n) for p in prompts]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_runtime():
-    """One local Ray runtime for the whole module (each test still starts its own actors)."""
-    from infinite_llm.cluster.ray_runtime import init_ray
-
-    started = init_ray(num_cpus=8)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture
-def ray_engine():
-    """Makes Ray engines; kills their actors after the test, whatever happened."""
-    made = []
-
-    def make(**kwargs):
-        engine = make_engine(backend="ray", **kwargs)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.shutdown()
 
 
 def test_context_three_times_one_pool_is_exact(ray_engine) -> None:

@@ -6,38 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.helpers import assert_all_free, make_engine, run
+from cluster.helpers import assert_all_free, run
 from conftest import hf_greedy, loaded_model, random_prompts
 
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_runtime():
-    """One local Ray runtime for the whole module (each test still starts its own actors)."""
-    from infinite_llm.cluster.ray_runtime import init_ray
-
-    started = init_ray(num_cpus=8)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture
-def ray_engine():
-    """Makes Ray engines; kills their actors after the test, whatever happened."""
-    made = []
-
-    def make(**kwargs):
-        engine = make_engine(backend="ray", **kwargs)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.shutdown()
 
 
 def test_two_prompts_longer_than_their_pools_added_at_once_prefill_one_at_a_time(

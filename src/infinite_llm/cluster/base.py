@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.cluster.core import ClusterCore
 from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.model.config import ModelArchConfig
@@ -69,10 +70,13 @@ def max_request_blocks(
 
 
 class Cluster(abc.ABC):
-    """Instances, their router and gManager; requests go in, ``StepEvent``s come out."""
+    """Instances, their router and gManager; requests go in, ``StepEvent``s come out. Every
+    policy across instances is the cluster core's (``ClusterCore``), which each runtime runs
+    over its own ``Members``."""
 
     block_size: int
     num_blocks_per_instance: int
+    core: ClusterCore
 
     @property
     @abc.abstractmethod
@@ -108,3 +112,27 @@ class Cluster(abc.ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release processes and memory (Ray actors); in-process needs nothing."""
+
+    # -- the core's housekeeping, callable between steps ----------------------------------------
+    @property
+    def defrag_interval_steps(self) -> int:
+        return self.core.defrag_interval_steps
+
+    @defrag_interval_steps.setter
+    def defrag_interval_steps(self, steps: int) -> None:
+        self.core.defrag_interval_steps = steps
+
+    def send_heartbeats(self, force: bool = True) -> None:
+        """A round of heartbeats now (``force``) or if one is due: the gManager's view then
+        equals every rManager."""
+        self.core.heartbeat(force)
+
+    def defragment(self, with_repatriation: bool = True) -> int:
+        """Run the gManager's plan now (between steps): returns how many rBlocks moved."""
+        return len(self.core.defragment(with_repatriation))
+
+    def fail_instance(self, instance_id: int) -> list[str]:
+        """Lose an instance and its pool (a Ray actor is killed if still alive). Requests with
+        rBlocks there restart from their tokens on the survivors; requests homed there are
+        re-homed. Returns the affected request ids."""
+        return self.core.fail_instance(instance_id)

@@ -194,27 +194,6 @@ class InProcessCluster(Cluster):
         self.core.end_step()
         return events
 
-    # -- housekeeping (the core's) ----------------------------------------------------------
-    @property
-    def defrag_interval_steps(self) -> int:
-        return self.core.defrag_interval_steps
-
-    @defrag_interval_steps.setter
-    def defrag_interval_steps(self, steps: int) -> None:
-        self.core.defrag_interval_steps = steps
-
-    def send_heartbeats(self, force: bool = False) -> None:
-        self.core.heartbeat(force)
-
-    def defragment(self, with_repatriation: bool = True) -> int:
-        """Run the gManager's plan now (between steps): returns how many rBlocks moved."""
-        return len(self.core.defragment(with_repatriation))
-
-    def fail_instance(self, instance_id: int) -> list[str]:
-        """Lose an instance and its pool. Requests with rBlocks there restart from their tokens
-        on the survivors; requests homed there are re-homed. Returns the affected request ids."""
-        return self.core.fail_instance(instance_id)
-
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         tables = {

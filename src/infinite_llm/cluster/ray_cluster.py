@@ -225,28 +225,7 @@ class RayCluster(Cluster):
             if event.finish_reason is not None:
                 del self._records[event.request_id]
 
-    # -- heartbeats, defragmentation, failures (the core's) ---------------------------------
-    @property
-    def defrag_interval_steps(self) -> int:
-        return self.core.defrag_interval_steps
-
-    @defrag_interval_steps.setter
-    def defrag_interval_steps(self, steps: int) -> None:
-        self.core.defrag_interval_steps = steps
-
-    def send_heartbeats(self) -> None:
-        """One round now, awaited: the gManager's view equals every rManager afterwards."""
-        self.core.heartbeat(force=True)
-
-    def defragment(self, with_repatriation: bool = True) -> int:
-        """Run the gManager's plan now, between steps; returns how many rBlocks moved."""
-        return len(self.core.defragment(with_repatriation))
-
-    def fail_instance(self, instance_id: int) -> list[str]:
-        """Lose an instance actor (killed here if still alive). Requests with rBlocks there
-        restart from their tokens on the survivors; its own are rebuilt and re-homed."""
-        return self.core.fail_instance(instance_id)
-
+    # -- failures ---------------------------------------------------------------------------
     def kill_instance(self, instance_id: int) -> None:
         """Kill an instance actor without telling anyone (a crash): the next step finds out."""
         ray.kill(self._actors[instance_id], no_restart=True)
