@@ -113,3 +113,19 @@ def test_an_unanswered_request_past_the_deadline_fails(server) -> None:
     with pytest.raises(ChannelFailed, match="no reply"):
         client.wait([1])
     client.close()
+
+
+def test_an_unreadable_message_closes_its_channel_and_the_server_serves_on(server) -> None:
+    client = _client(server, True)
+    client.send(1, "first", [torch.ones(1)])
+    client.wait([1])
+    end = client._ends[1]
+    os.write(end._bell_out, (1234).to_bytes(4, "little"))  # a region generation that never was
+    with pytest.raises(ChannelFailed):
+        client._owed[1] = -1
+        client.wait([1])
+    other = ChannelClient(2, lambda c: server.open(2, True), lambda c: True)
+    other.send(1, "still here", [torch.ones(3)])
+    assert torch.equal(other.wait([1])[1][1][0], torch.full((3,), 2.0))
+    other.close()
+    client.close()

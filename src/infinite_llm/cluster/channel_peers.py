@@ -128,7 +128,10 @@ class ChannelServer:
             if message is None:
                 return
             end.send(*self._answer(self._debtors[fd], *message))
-        except ChannelClosed:  # the debtor is gone: so is this channel
+        except Exception as exc:  # the debtor is gone, or its message unreadable: so is this
+            # channel (its debtor sees end of file and opens a new one at its next need)
+            if not isinstance(exc, ChannelClosed):
+                logger.exception("channel from %d closed on a bad message", self._debtors[fd])
             poller.unregister(fd)
             del self._ends[fd], self._debtors[fd]
             end.close(unlink=True)
@@ -139,7 +142,11 @@ class ChannelServer:
         except zmq.Again:
             return
         identity = frames[0]
-        header, tensors = zmq_message(frames[1:])
+        try:
+            header, tensors = zmq_message(frames[1:])
+        except Exception:  # unreadable: dropped (its debtor's wait ends at its deadline)
+            logger.exception("dropped an unreadable message from %r", identity)
+            return
         reply = self._answer(int(identity), header, tensors)
         self._router.send_multipart([identity, *zmq_frames(*reply)], copy=False)
 
