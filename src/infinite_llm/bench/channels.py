@@ -10,7 +10,7 @@ Two actors on this node (threaded, as the instance actors are; ``num_cpus=0`` ea
 inside A (``perf_counter`` around each round trip) over ``--calls`` calls after a warm-up;
 reported as the median and the 90th percentile in microseconds. Candidates:
 
-  ray_call            ``B.echo.remote(array)`` and ``ray.get`` (what the Ray cluster does today)
+  ray_call            ``B.echo.remote(array)`` and ``ray.get``: a plain Ray actor call
   ray_compiled_graph  a Ray Compiled Graph with B's echo as its one node, compiled and executed
                       by A (by the driver if A cannot own it: the row then says so)
   gloo                ``torch.distributed`` (gloo, world size 2): A send/recv, B recv/send

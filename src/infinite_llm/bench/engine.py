@@ -10,7 +10,7 @@ tokens, ignore_eos, greedy, at batch 1, 8 and 32. Method, identical for each eng
   and gives all B requests a token; decode tok/s = B * (number of those steps) / (their time),
   each step's time being the interval since the previous step's outputs.
 
-Why not the difference of two generates' wall times (t64 - t32, as this bench did before): each
+Why not the difference of two generates' wall times (t64 - t32): each
 includes the whole prefill (at batch 32, 16K prompt tokens, 25-30 s here), whose run-to-run
 noise (+-2 s) swamps the 32 decode steps (3 s); two runs of the same code read 1219 and 212
 tok/s. Nor B*63 / (t64 - t1): engines with chunked prefill (ours, vLLM) decode the first

@@ -3,32 +3,32 @@
 Each step: running requests first (decodes and unfinished prefill chunks, in admission order),
 then waiting requests in arrival order while the token budget and rBlocks last. A request is
 admitted with the rBlocks of its whole prompt (prompt + output so far, for a preempted one;
-one longer than the home pool, a chunk at a time), then prefilled a chunk at a time: admitted with one chunk's rBlocks, a preempted request would
-come back as soon as one chunk fits and be preempted again while the older ones grow, each
-time recomputing what it had (vLLM's V0 scheduler also allocates the whole prompt). When a
-running request cannot get an rBlock, the youngest running request is preempted (see *Rank*
-below; it may be one scheduled earlier in the same step, which is then taken back): its
-rBlocks are freed and it is recomputed from its tokens when memory returns, which yields
-exactly the same continuation.
+one longer than the home pool, a chunk at a time), then prefilled a chunk at a time. Admitted
+with one chunk's rBlocks, a preempted request would come back as soon as one chunk fits and be
+preempted again while the older ones grow, each time recomputing what it had (vLLM's V0
+scheduler also allocates the whole prompt). When a running request cannot get an rBlock, the
+youngest running request is preempted (see *Rank* below; it may be one scheduled earlier in
+the same step, which is then taken back): its rBlocks are freed and it is recomputed from its
+tokens when memory returns, which yields exactly the same continuation.
 
 Rank: requests are ordered by ``(fits its home pool, arrival_seq)``, so a request whose prompt
 is longer than its home pool (one that only a borrowing cluster serves) ranks older than every
 request that fits one, and is the last preempted. Preempting it throws away more than a pool's
-worth of prefill, and it comes back only when most of the cluster is free again: by arrival
-alone, the youngest such request was preempted mid-prefill or mid-decode to make room for chat
-requests a few tokens long, again and again (simulated N=2 long-tail traces: 42-55 % of the
-computed tokens were recompute; `docs/benchmarks.md`). Among requests that fit, or among those
-that do not, the order is arrival (FCFS). Two more rules keep several such requests from
-taking memory from each other chunk by chunk (simulated paper-32xA100, untruncated long tail, 8
-instances: 1,744 preemptions and 79 % of the computed tokens recomputed by rank alone, none with
-them): one is admitted only while the gManager sees room for the rest of its prompt
-(``can_borrow``) and it holds the gManager's prefill claim (``claim_prefill``, one instance at
-a time), and while it prefills it holds the right of way over memory that must be borrowed:
-no younger request that needs borrowing is admitted anywhere until its prompt is in, while
-requests that fit their pool's free rBlocks still are. Holding back those too left every
-other instance idle for as long as such a prompt took (simulated
-paper-32xA100, untruncated long tail, 16 instances: 370 of 1,024 requests finished within the
-hour, TTFT p50 31 min; 650 and 10 min with this rule).
+worth of prefill, and it comes back only when most of the cluster is free again; ranked by
+arrival alone, it is preempted mid-prefill or mid-decode to make room for chat requests a few
+tokens long, again and again (simulated N=2 long-tail traces: 42-55 % of the computed tokens
+recomputed). Among requests that fit, or among those that do not, the order is arrival (FCFS).
+
+Two more rules keep several such requests from taking memory from each other chunk by chunk
+(simulated paper-32xA100, untruncated long tail, 8 instances: 1,744 preemptions and 79 % of the
+computed tokens recomputed with the rank alone, none with the rules). One is admitted only
+while the gManager sees room for the rest of its prompt (``can_borrow``) and it holds the
+gManager's prefill claim (``claim_prefill``, one instance at a time). While it prefills it holds
+the right of way over memory that must be borrowed: no younger request that needs borrowing is
+admitted anywhere until its prompt is in, while requests that fit their pool's free rBlocks
+still are, so the other instances keep working (holding those back as well leaves them idle for
+as long as such a prompt takes: simulated, 16 instances, 370 of 1,024 requests finished within
+the hour against 650).
 
 Across a borrowing cluster memory is one pool, so the same order holds cluster-wide
 (``scheduler.order``: what each scheduler reports of its step, what it is told of the others,
@@ -214,8 +214,9 @@ class Scheduler:
         free rBlocks than it needs) is admitted only while the cluster also has room for what
         the running requests here take next (``blocks_needed_soon``): admitted on the last
         lendable rBlocks, it is the youngest here and the first preempted when they grow, its
-        prefill recomputed, and a preempted request came straight back on a few borrowed rBlocks
-        to be preempted again (bench paper, N=2 docs: 7 preemptions with borrowing, 2 without).
+        prefill recomputed, and a preempted request comes straight back on a few borrowed rBlocks
+        to be preempted again (measured without this rule, bench paper N=2 docs: 7 preemptions
+        with borrowing, 2 without).
         The room is probed by allocating it too and giving it back at once."""
         need = -(-num_tokens // self.block_size) - len(request.block_table)
         if need <= self.allocator.num_free_blocks:
