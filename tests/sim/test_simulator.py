@@ -1,4 +1,5 @@
-"""The simulator: deterministic, loses nothing, refuses exactly what cannot fit, stays consistent."""
+"""The simulator: deterministic, loses nothing, refuses exactly what cannot fit, stays
+consistent (its predictions against hand-worked figures: ``test_predictions``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from infinite_llm.sim.simulator import simulate
 from infinite_llm.sim.sweep import capacity_probe, paper_sweep
 from infinite_llm.sim.trace import TraceRequest, generate_trace
 
-from .helpers import requests, small_config, unit_costs
+from .helpers import (
+    requests,
+    small_config,
+    unit_costs,
+)
 
 
 def random_requests(n: int, max_len: int, seed: int, rate: float = 50.0) -> list[TraceRequest]:
@@ -30,6 +35,11 @@ def outcome(result):
     return [
         (r.home, r.refused, r.first_token_s, r.finish_s, r.num_preemptions) for r in result.records
     ]
+
+
+def approx(x):
+    """Equal up to float rounding: hand-worked seconds are sums of a few round numbers."""
+    return pytest.approx(x, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("execution", ["parallel", "serial"])
@@ -93,6 +103,27 @@ def test_capacity_probe_serves_the_pooled_memory():
         assert ours["all_free_after"]
 
 
+def test_capacity_probe_times_are_the_hand_computed_ones():
+    """N = 2, ``unit_costs`` (10 ms a step, 1 ms a new token, 1 us a cached token, 0.5 ms a
+    remote call); the probe is the longest request with 16 output tokens.
+
+    Baseline, 48 tokens (prompt 32): chunks of 16 with 0 and 16 cached, 2 x 0.026 + 16e-6 =
+    0.052016 to the first token; 15 decodes reading 32..46 cached tokens, 15 x 0.011 +
+    585e-6 = 0.165585; finish 0.217601.
+    Borrowing, 96 tokens (prompt 80, home pool 48): 5 chunks of 16 with 0, 16, ..., 64 cached
+    (160e-6 in all); only the last reads borrowed context (64 = 48 home + 16 on instance 1: one
+    remote call): 5 x 0.026 + 160e-6 + 0.0005 = 0.13066 to the first token; 15 decodes reading
+    80..94 cached tokens, each with one remote call: 15 x 0.0115 + 1305e-6 = 0.173805; finish
+    0.304465. Locality: home tokens read (0 + 16 + 32 + 48 + 48 + 15 x 48 = 864) over all
+    read (160 + 1305 = 1465)."""
+    preset = small_preset()
+    base, ours = capacity_probe(preset, 2, False), capacity_probe(preset, 2, True)
+    assert (base["ttft_s"], base["seconds"]) == (approx(0.052016), approx(0.217601))
+    assert base["kv_locality"] == 1.0
+    assert (ours["ttft_s"], ours["seconds"]) == (approx(0.13066), approx(0.304465))
+    assert ours["kv_locality"] == approx(864 / 1465)
+
+
 def test_a_request_spread_over_more_pools_than_one_borrow_may_split_is_served():
     # 12 pools: the longest request borrows from 11 creditors, more than one borrow may split
     # over (GManagerConfig.max_split_creditors = 8); admitted a chunk at a time, it is served.
@@ -113,12 +144,20 @@ def test_paper_sweep_reports_ratios():
     for row in result["rows"]:
         assert row["max_context_ratio"] == row["instances"]
         assert set(row["throughput_ratio"]) == {"chat", "longtail", "longtail-uncapped"}
-        for comp in row["traces"].values():
+        assert row["capacity"]["no_borrow"]["served_tokens"] == 48
+        assert row["capacity"]["borrowing"]["served_tokens"] == 48 * row["instances"]
+        for name, comp in row["traces"].items():
             assert len(comp["per_seed"]) == 2
-            assert (
-                comp["throughput_ratio_min"]
-                <= comp["throughput_ratio"]
-                <= comp["throughput_ratio_max"]
+            ratios = [
+                c["runs"]["borrowing"]["tokens_per_s"] / c["runs"]["no_borrow"]["tokens_per_s"]
+                for c in comp["per_seed"]
+            ]
+            assert [c["throughput_ratio"] for c in comp["per_seed"]] == [approx(r) for r in ratios]
+            assert comp["throughput_ratio"] == approx(sum(ratios) / 2)
+            assert row["throughput_ratio"][name] == comp["throughput_ratio"]
+            assert (comp["throughput_ratio_min"], comp["throughput_ratio_max"]) == (
+                approx(min(ratios)),
+                approx(max(ratios)),
             )
             for seed_comp in comp["per_seed"]:
                 for run in seed_comp["runs"].values():
@@ -136,6 +175,13 @@ def test_defragmentation_restores_locality_in_serial_runs():
     result = simulate(config, unit_costs(), reqs, execution="serial", integrity_every=1)
     assert result.summary()["migrated_blocks"] > 0
     assert result.all_free_after
+    never = dataclasses.replace(config, defrag_every_steps=10**9)
+    without = simulate(never, unit_costs(), reqs, execution="serial")
+    assert without.summary()["migrated_blocks"] == 0
+    assert result.summary()["kv_locality"] > without.summary()["kv_locality"]
+    assert (
+        result.summary()["remote_ma_calls_per_step"] < without.summary()["remote_ma_calls_per_step"]
+    )
 
 
 def test_scales_to_a_million_token_context_quickly():
@@ -150,9 +196,15 @@ def test_scales_to_a_million_token_context_quickly():
 def test_a100_presets_run_a_trace():
     preset = PRESETS["a100-llama2-70b"]
     trace = generate_trace("longtail", 16, 8.0, seed=0, max_context=preset.pool_tokens)
+    tokens = sum(r.num_tokens for r in trace.requests)
     for borrowing in (False, True):
-        s = simulate(preset.cluster_config(2, borrowing), preset.costs(), trace.requests).summary()
-        assert s["num_completed"] == 16 and s["tokens_per_s"] > 0
+        result = simulate(preset.cluster_config(2, borrowing), preset.costs(), trace.requests)
+        s = result.summary()
+        assert s["num_completed"] == 16 and s["num_refused"] == 0
+        # end to end: every served token over the makespan, from t = 0 to the last finish
+        assert s["makespan_s"] == max(r.finish_s for r in result.records)
+        assert s["tokens_per_s"] == approx(tokens / s["makespan_s"])
+        assert all(r.first_token_s > r.arrival_s for r in result.records)
 
 
 @pytest.mark.parametrize("execution", ["parallel", "serial"])
@@ -223,3 +275,9 @@ def test_serial_execution_packs_requests_parallel_spreads_them():
     assert {r.home for r in serial.records} == {0}
     assert {r.home for r in parallel.records} == {0, 1, 2}
     assert all(r.finish_s is not None for r in serial.records + parallel.records)
+    # Each request is a prompt step and 3 decodes. Serial: request i joins the shared batch at
+    # cluster step i + 1 (each lasts over 10 ms, the arrival gap), the last decodes at step 7,
+    # one instance step each. Parallel: 4 x 4 = 16 steps, less one: the fourth request (routed
+    # to instance 0) prefills in the step of the first one's last decode.
+    assert serial.summary()["num_steps"] == serial.extra["num_cluster_steps"] == 7
+    assert parallel.summary()["num_steps"] == 15
