@@ -1,9 +1,13 @@
 """``infinite-llm simulate``: the paper's comparison at data-center scale on the simulator.
 
 For each instance count, the preset's traces run with borrowing and with ``--no-borrow``
-semantics (same pools, same scheduler and memory code, borrowing disabled), and the
-longest context of each mode is served on an idle cluster. Prints a table (stderr with
-``--json``) and one JSON object; ``--out DIR`` writes ``simulate-<preset>.png``.
+semantics (same pools, same scheduler and memory code, borrowing disabled), truncated to one
+instance's pool so both serve everything; then untruncated (``--uncapped``, by default the
+same traces) against both of a vLLM operator's options: the same layout, which refuses what
+one instance cannot hold, and the same devices regrouped into tensor-parallel instances that
+hold the longest request (``sim.baselines``). The longest context of each mode is served on an
+idle cluster. Prints a table (stderr with ``--json``) and one JSON object; ``--out DIR``
+writes ``simulate-<preset>.png``.
 
     infinite-llm simulate --preset paper-32xA100 --json
     infinite-llm simulate --preset a100-llama2-70b --instances 2 4 8 --trace longtail
@@ -22,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from infinite_llm.bench.common import emit, format_table
+from infinite_llm.sim.baselines import tp_sizes
 from infinite_llm.sim.plots import plot_ratios
 from infinite_llm.sim.presets import PRESET_NAMES, get_preset
 from infinite_llm.sim.sweep import paper_sweep, sweep_runs
@@ -54,9 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--uncapped",
         nargs="*",
-        default=[],
+        default=None,
         choices=sorted(TRACES),
-        help="also run these traces untruncated (the baseline refuses what one instance cannot hold)",
+        help="also run these traces untruncated, against the same-layout and the "
+        "tensor-parallel baselines (default: the --trace ones; none: give the flag alone)",
     )
     p.add_argument("--requests-per-instance", type=int, default=None)
     p.add_argument(
@@ -87,9 +93,13 @@ def run(args: argparse.Namespace) -> int:
     preset = replace(preset, workload=workload)
     counts = args.instances or list(preset.instance_counts)
     traces = args.trace or list(workload.traces)
+    uncapped = traces if args.uncapped is None else list(args.uncapped)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    # at most: the tensor-parallel layouts stop doubling once throughput falls
+    tp_runs = sum(len(tp_sizes(preset, n)) for n in counts) if preset.spec is not None else 0
     bar = tqdm(
-        total=sweep_runs(len(counts), len(traces), len(args.uncapped), len(seeds)),
+        total=sweep_runs(len(counts), len(traces), len(uncapped), len(seeds))
+        + tp_runs * len(uncapped) * len(seeds),
         desc="simulate",
         unit="run",
     )
@@ -99,19 +109,31 @@ def run(args: argparse.Namespace) -> int:
         counts,
         traces,
         seeds=seeds,
-        uncapped=args.uncapped,
+        uncapped=uncapped,
         on_run=lambda label: bar.update(1),
     )
+    bar.total = bar.n
     bar.close()
     result["wall_s"] = time.perf_counter() - start
     result["cost_model"] = _cost_model_info(preset)
-    table = _table(result, traces, args.uncapped)
+    table = _table(result, traces, uncapped)
     if args.out is not None:
+        series = {
+            name: [row["throughput_ratio"][name] for row in result["rows"]] for name in traces
+        }
+        for name in uncapped:
+            for key, label in (("same_layout", "same layout"), ("tp_sized", "TP-sized")):
+                series[f"{name} untruncated vs {label}"] = [
+                    row["traces"][f"{name}-uncapped"]["vs"]
+                    .get(key, {})
+                    .get("throughput_ratio", math.nan)
+                    for row in result["rows"]
+                ]
         path = plot_ratios(
             args.out / f"simulate-{preset.name}.png",
             f"simulated: {preset.description}",
             counts,
-            {name: [row["throughput_ratio"][name] for row in result["rows"]] for name in traces},
+            series,
             [row["max_context_ratio"] for row in result["rows"]],
         )
         result["plot"] = str(path) if path else None
@@ -166,24 +188,62 @@ def _table(result: dict[str, Any], traces: list[str], uncapped: list[str]) -> st
                 line[f"{name}_x_range"] = (
                     f"{comp['throughput_ratio_min']:.2f}-{comp['throughput_ratio_max']:.2f}"
                 )
+        rows.append(line)
+    title = (
+        f"simulate {result['preset']}: ours (borrowing) vs no-borrow, traces truncated to one "
+        f"instance's pool ({result['pool_tokens_per_instance']:,} tokens)"
+    )
+    table = format_table(rows, list(rows[0]), title)
+    if uncapped:
+        table += "\n\n" + _baselines_table(result, uncapped)
+    best = max((r["throughput_ratio"][t] for r in result["rows"] for t in traces), default=math.nan)
+    return table + f"\nbest throughput ratio {best:.2f}x; simulated in {result['wall_s']:.0f} s"
+
+
+def _baselines_table(result: dict[str, Any], uncapped: list[str]) -> str:
+    """Untruncated traces: ours against the same layout and the tensor-parallel layouts."""
+    rows = []
+    for row in result["rows"]:
         for name in uncapped:
             comp = row["traces"][f"{name}-uncapped"]
             runs = [c["runs"] for c in comp["per_seed"]]
-            line[f"{name}-uncapped_refused_base/ours"] = (
-                f"{sum(r['no_borrow']['num_refused'] for r in runs)}/{sum(r['borrowing']['num_refused'] for r in runs)}"
-            )
-            line[f"{name}-uncapped_longest_ours"] = max(
-                r["borrowing"]["longest_context_served"] for r in runs
-            )
-            line[f"{name}-uncapped_x"] = comp["throughput_ratio"]
+            vs = comp["vs"]
+            line: dict[str, Any] = {
+                "N": row["instances"],
+                "trace": name,
+                "longest": max(c["trace_stats"]["context_max"] for c in comp["per_seed"]),
+                "refused_ours": vs["same_layout"]["refused_ours"],
+                "tok/s_ours": _mean(r["borrowing"]["tokens_per_s"] for r in runs),
+                "makespan_s_ours": _mean(r["borrowing"]["makespan_s"] for r in runs),
+                "busy_ours": _mean(r["borrowing"]["utilization"] for r in runs),
+                "last_ours_tokens": max(
+                    (r["borrowing"]["last_finished"] or {}).get("tokens", 0) for r in runs
+                ),
+                "x_same_layout": vs["same_layout"]["throughput_ratio"],
+                "refused_same": vs["same_layout"]["refused"],
+            }
+            for key, label in (("tp_sized", "tp_sized"), ("tp_best", "tp_best")):
+                if key in vs:
+                    line[f"{label}_TP"] = "/".join(str(t) for t in vs[key]["tp"])
+                    line[f"x_{label}"] = vs[key]["throughput_ratio"]
+                    line[f"makespan_s_{label}"] = vs[key]["makespan_s"]
+                    line[f"busy_{label}"] = vs[key]["utilization"]
+                    line[f"refused_{label}"] = vs[key]["refused"]
+            if "compute_bound" in vs:
+                line["bound_s"] = vs["compute_bound"]["seconds_on_all_devices"]
+                line["attn_share"] = vs["compute_bound"]["attention_share"]
             stopped = [f"{m}:{r[m]['stopped']}" for r in runs for m in r if r[m]["stopped"]]
             if stopped:
-                line[f"{name}-uncapped_stopped"] = ",".join(stopped)
-        rows.append(line)
+                line["stopped"] = ",".join(stopped)
+            rows.append(line)
+    columns = list(dict.fromkeys(k for line in rows for k in line))
     title = (
-        f"simulate {result['preset']}: ours (borrowing) vs no-borrow, "
-        f"pool {result['pool_tokens_per_instance']:,} tokens/instance"
+        "untruncated traces: ours against vLLM's two options, the same layout (refuses what "
+        "one instance cannot hold) and the devices regrouped by tensor parallelism (TP-sized: "
+        "the smallest group that holds the longest request; TP-best: the group size of the "
+        "baseline's best throughput); x = ours / baseline tokens per second; bound_s: the "
+        "trace's FLOPs on all devices at the model's FLOP rate (no layout's makespan is "
+        "shorter), attn_share: attention's part of them; busy: the instances' step time over "
+        "instances x makespan"
     )
-    table = format_table(rows, list(rows[0]), title)
-    best = max((r["throughput_ratio"][t] for r in result["rows"] for t in traces), default=math.nan)
-    return table + f"\nbest throughput ratio {best:.2f}x; simulated in {result['wall_s']:.0f} s"
+    return format_table(rows, columns, title)

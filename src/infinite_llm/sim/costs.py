@@ -129,15 +129,9 @@ class RooflineCosts:
             + work.num_samples * m.lm_head_flops_per_sample,
             m.weight_bytes_read_per_step,
         )
-        tp = 0.0
-        if spec.tp_size > 1:  # two all-reduces of the hidden state per layer
-            ring = 2 * (spec.tp_size - 1) / spec.tp_size
-            payload = work.num_new_tokens * m.hidden_size * m.weight_bytes_per_param * ring
-            tp = (
-                2
-                * self._layers
-                * (spec.device.allreduce_latency_s + payload / spec.device.link_bandwidth)
-            )
+        # two all-reduces of the step's hidden states per layer (attention out, MLP out)
+        hidden_bytes = work.num_new_tokens * m.hidden_size * m.weight_bytes_per_param
+        tp = 2 * self._layers * spec.allreduce_seconds(hidden_bytes) if spec.tp_size > 1 else 0.0
         local = self._roofline(work.self_pairs * self._attn_flops, 0.0)
         net = spec.network
         remote = 0.0

@@ -90,6 +90,7 @@ def summarize(records: Iterable[RequestRecord], totals: WorkTotals | None = None
     def rate(x: float) -> float:
         return x / makespan if makespan > 0 else 0.0
 
+    last = max(done, key=lambda r: r.finish_s or 0.0, default=None)
     summary: dict[str, Any] = {
         "num_requests": len(records),
         "num_completed": len(done),
@@ -105,6 +106,16 @@ def summarize(records: Iterable[RequestRecord], totals: WorkTotals | None = None
         "longest_context_refused": max((r.num_tokens for r in records if r.refused), default=0),
         **_pcts([t for r in done if (t := r.ttft_s) is not None], "ttft"),
         **_pcts([t for r in done if (t := r.tpot_s) is not None], "tpot"),
+        # the request that set the makespan: how long it waited and prefilled (arrival to first
+        # token) and decoded
+        "last_finished": None
+        if last is None
+        else {
+            "tokens": last.num_tokens,
+            "arrival_s": last.arrival_s,
+            "ttft_s": last.ttft_s,
+            "finish_s": last.finish_s,
+        },
     }
     if totals is not None:
         needed = sum(r.num_tokens - 1 for r in done)  # the last sampled token is never computed

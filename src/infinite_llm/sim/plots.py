@@ -24,7 +24,8 @@ def plot_ratios(
     predicted_throughput: Mapping[str, Sequence[float]] | None = None,
     predicted_context: Sequence[float] | None = None,
 ) -> Path | None:
-    """Left: ours/baseline throughput per trace; right: ours/baseline longest context, with the
+    """Left: ours/baseline throughput per series (a trace against no-borrow, or an
+    untruncated trace against one of the baselines); right: ours/baseline longest context, with the
     pooled-memory bound y = N and the paper's figures. ``predicted_*``: dashed (simulator)."""
     try:
         import matplotlib
@@ -55,7 +56,7 @@ def plot_ratios(
     left.set_xscale("log", base=2)
     left.set_xticks(list(counts), [str(n) for n in counts])
     left.set_xlabel("instances")
-    left.set_ylabel("throughput, ours / no-borrow")
+    left.set_ylabel("throughput, ours / baseline")
     left.legend(fontsize=8)
     left.set_title("end-to-end throughput")
     right.plot(

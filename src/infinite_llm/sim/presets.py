@@ -10,7 +10,9 @@ Parameter sources (every number is a spec or a stated assumption; none is tuned 
   80% of peak bandwidth for weight and KV reads (paged-attention and GEMV kernels reach
   70-85%). The engine may use 90% of memory (vLLM's ``gpu_memory_utilization`` default) less
   2 GiB per GPU for activations; the weights take the rest before the KV pool.
-  A small NCCL all-reduce over NVLink: 10 us.
+  A small all-reduce over NVLink: 15.6 us on 2 GPUs, 10.8 us more per doubling (fitted in
+  ``tp_calibration`` to published LLaMA-2-7B latencies on 1-8 A100s: every point within 2 %);
+  8 GPUs a node, a larger tensor-parallel group crosses the network below.
 * Network between instances: 200 Gb/s (25 GB/s) per instance, 10 us one way (InfiniBand
   HDR hardware is 1-2 us; the rest is the messaging software). A remote MA costs a round
   trip per layer per creditor plus its bytes (queries out; partial outputs + lse back; new
@@ -61,7 +63,9 @@ A100_80GB = DeviceSpec(
     memory_utilization=0.9,
     activation_reserve_bytes=2 * GiB,
     link_bandwidth=300e9,
-    allreduce_latency_s=10e-6,
+    allreduce_latency_s=15.6e-6,  # tp_calibration.fit
+    allreduce_latency_per_doubling_s=10.8e-6,
+    devices_per_node=8,
 )
 NETWORK_200G = NetworkSpec(bandwidth=200e9 / 8, latency_s=10e-6)
 
@@ -111,6 +115,21 @@ class Preset:
         return self.cluster.num_blocks_per_instance * self.cluster.block_size
 
 
+def regrouped(preset: Preset, tp_size: int) -> Preset:
+    """The same devices as instances of ``tp_size`` devices each (tensor parallelism), with the
+    pool such an instance has: the vLLM operator's way to hold a request longer than one
+    instance. Roofline presets only (a fitted preset has no model of tensor parallelism)."""
+    if preset.spec is None:
+        raise ValueError(f"preset {preset.name!r} has no specs to regroup by tensor parallelism")
+    if tp_size == preset.spec.tp_size:
+        return preset
+    spec = replace(preset.spec, tp_size=tp_size)
+    cluster = replace(
+        preset.cluster, num_blocks_per_instance=spec.num_blocks(preset.cluster.block_size)
+    )
+    return replace(preset, name=f"{preset.name}-tp{tp_size}", spec=spec, cluster=cluster)
+
+
 def a100_preset(
     name: str, model: ModelSpec, tp_size: int, instance_counts: tuple[int, ...], description: str
 ) -> Preset:
@@ -133,7 +152,7 @@ def a100_preset(
         "parallel",
         cluster,
         instance_counts,
-        Workload(rate_per_instance=16.0),
+        Workload(traces=("chat", "docs", "longtail"), rate_per_instance=16.0),
         spec=spec,
     )
 

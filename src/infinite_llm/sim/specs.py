@@ -8,6 +8,7 @@ presets agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -78,8 +79,11 @@ class DeviceSpec:
     bandwidth_efficiency: float
     memory_utilization: float  # share of memory the engine may use (vLLM's gpu_memory_utilization)
     activation_reserve_bytes: float  # kept free for activations and the allocator, per device
-    link_bandwidth: float  # tensor-parallel interconnect, bytes/s per direction
-    allreduce_latency_s: float  # one small all-reduce over the tensor-parallel group
+    link_bandwidth: float  # tensor-parallel interconnect inside a node, bytes/s per direction
+    allreduce_latency_s: float  # one small all-reduce over 2 devices of a node
+    # what each doubling of the group beyond 2 adds to a small all-reduce (more ring steps)
+    allreduce_latency_per_doubling_s: float = 0.0
+    devices_per_node: int = 8  # a larger tensor-parallel group spans nodes over the network
 
     @property
     def effective_flops(self) -> float:
@@ -134,6 +138,22 @@ class InstanceSpec:
         d = self.device
         usable = self.tp_size * (d.memory_bytes * d.memory_utilization - d.activation_reserve_bytes)
         return usable - self.model.weight_bytes
+
+    def allreduce_seconds(self, nbytes: float) -> float:
+        """One all-reduce of ``nbytes`` (per device) over the tensor-parallel group: a latency
+        that grows with each doubling of the group, plus a ring's 2 (t - 1) / t of the bytes
+        over the slowest link crossed (NVLink inside a node; the network between nodes, whose
+        round trip is paid once per doubling of the node count)."""
+        t = self.tp_size
+        if t <= 1:
+            return 0.0
+        d, net = self.device, self.network
+        nodes = math.ceil(t / d.devices_per_node)
+        latency = d.allreduce_latency_s + d.allreduce_latency_per_doubling_s * (math.log2(t) - 1)
+        if nodes > 1:
+            latency += net.round_trip_s * math.log2(nodes)
+        link = d.link_bandwidth if nodes == 1 else min(d.link_bandwidth, net.bandwidth)
+        return latency + 2 * (t - 1) / t * nbytes / link
 
     def kv_pool_tokens(self) -> int:
         return int(self.kv_pool_bytes // self.model.kv_bytes_per_token)

@@ -7,8 +7,9 @@ instance) and on. Two figures per N:
 * throughput ratio: ours / baseline end-to-end tokens per second (``metrics``), the mean
   over seeds. The traces are truncated to what one instance holds, so both serve every
   request and the ratio compares like with like; ``uncapped`` traces also run untruncated,
-  where the baseline refuses what one instance cannot hold (served tokens per second then
-  count different work: reported beside, not as the headline). Trace runs stop at the
+  against both of a vLLM operator's options (``baselines``): the same layout, which refuses
+  what one instance cannot hold (served tokens per second then count different work), and
+  the devices regrouped into tensor-parallel instances that hold everything. Trace runs stop at the
   workload's horizon of simulated time (marked ``stopped``: several requests that each need a
   large share of the pooled memory can make the engine preempt and recompute them for hours).
 * max-context ratio: the longest request each mode serves, proven by serving it on an idle
@@ -22,6 +23,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from infinite_llm.sim.baselines import (
+    compute_bound,
+    same_layout_entry,
+    tp_baselines,
+    with_utilization,
+)
 from infinite_llm.sim.metrics import SimResult, ratio
 from infinite_llm.sim.presets import Preset
 from infinite_llm.sim.simulator import simulate
@@ -90,13 +97,16 @@ def compare(
     """Both modes on one trace; summaries and the throughput ratios."""
     runs = {}
     for mode, borrowing in MODES:
-        runs[mode] = run_mode(
-            preset, num_instances, borrowing, trace.requests, preset.workload.horizon_s
-        ).summary()
+        runs[mode] = with_utilization(
+            run_mode(
+                preset, num_instances, borrowing, trace.requests, preset.workload.horizon_s
+            ).summary(),
+            num_instances,
+        )
         if on_run is not None:
             on_run(mode)
     ours, base = runs["borrowing"], runs["no_borrow"]
-    return {
+    result = {
         "trace": trace.name,
         "capped_at_tokens": trace.max_context,
         "trace_stats": trace.stats(),
@@ -104,6 +114,16 @@ def compare(
         "throughput_ratio": ratio(ours["tokens_per_s"], base["tokens_per_s"]),
         "requests_per_s_ratio": ratio(ours["requests_per_s"], base["requests_per_s"]),
     }
+    if trace.max_context is None:  # untruncated: against both of vLLM's ways to serve it
+        tp = tp_baselines(preset, num_instances, trace, ours, base, on_run)
+        result["baselines"] = {"same_layout": same_layout_entry(base, ours)} | (
+            {} if tp is None else tp
+        )
+        # of what ours serves (a request is refused only when it cannot fit the cluster)
+        result["compute_bound"] = compute_bound(
+            preset, num_instances, trace, ours["longest_context_served"]
+        )
+    return result
 
 
 def paper_sweep(
@@ -145,7 +165,7 @@ def paper_sweep(
                 "throughput_ratio_max": max(ratios),
                 "seeds": list(seeds),
                 "per_seed": per_seed,
-            }
+            } | ({} if capped else {"vs": _against_baselines(per_seed)})
         rows.append(
             {
                 "instances": n,
@@ -164,6 +184,31 @@ def paper_sweep(
         "workload": preset.workload.__dict__ | {"traces": list(names), "uncapped": list(uncapped)},
         "rows": rows,
     }
+
+
+def _against_baselines(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of ours / each baseline on an untruncated trace, with the TP sizes."""
+    out: dict[str, Any] = {}
+    for key in ("same_layout", "tp_sized", "tp_best"):
+        entries = [c["baselines"][key] for c in per_seed if key in c.get("baselines", {})]
+        if not entries:
+            continue
+        ratios = [e["throughput_ratio"] for e in entries]
+        out[key] = {
+            "throughput_ratio": sum(ratios) / len(ratios),
+            "refused": sum(e["refused"] for e in entries),
+            "refused_ours": sum(e["refused_ours"] for e in entries),
+            "makespan_s": sum(e["run"]["makespan_s"] for e in entries) / len(entries),
+            "utilization": sum(e["run"]["utilization"] for e in entries) / len(entries),
+        } | ({"tp": sorted({e["tp"] for e in entries})} if "tp" in entries[0] else {})
+    bounds = [c["compute_bound"] for c in per_seed if c.get("compute_bound")]
+    if bounds:
+        out["compute_bound"] = {
+            "seconds_on_all_devices": sum(b["seconds_on_all_devices"] for b in bounds)
+            / len(bounds),
+            "attention_share": sum(b["attention_share"] for b in bounds) / len(bounds),
+        }
+    return out
 
 
 def sweep_runs(num_counts: int, num_traces: int, num_uncapped: int, num_seeds: int = 1) -> int:
