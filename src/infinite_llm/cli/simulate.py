@@ -122,7 +122,14 @@ def run(args: argparse.Namespace) -> int:
             name: [row["throughput_ratio"][name] for row in result["rows"]] for name in traces
         }
         for name in uncapped:
+            # against the same layout only where it refuses something (else: the line above)
+            refuses = any(
+                row["traces"][f"{name}-uncapped"]["vs"]["same_layout"]["refused"]
+                for row in result["rows"]
+            )
             for key, label in (("same_layout", "same layout"), ("tp_sized", "TP-sized")):
+                if key == "same_layout" and not refuses:
+                    continue
                 series[f"{name} untruncated vs {label}"] = [
                     row["traces"][f"{name}-uncapped"]["vs"]
                     .get(key, {})

@@ -37,7 +37,8 @@ def plot_ratios(
             "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
         )
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    many = len(throughput) > 4
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5.6 if many else 4.2))
     for i, (name, values) in enumerate(throughput.items()):
         color = f"C{i}"
         left.plot(
@@ -57,7 +58,10 @@ def plot_ratios(
     left.set_xticks(list(counts), [str(n) for n in counts])
     left.set_xlabel("instances")
     left.set_ylabel("throughput, ours / baseline")
-    left.legend(fontsize=8)
+    if many:  # below the axes, where it hides no line
+        left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        left.legend(fontsize=8)
     left.set_title("end-to-end throughput")
     right.plot(
         counts,
