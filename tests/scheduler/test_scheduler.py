@@ -7,6 +7,7 @@ import pytest
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.sampling_params import SamplingParams
+from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.order import cluster_order
 from infinite_llm.scheduler.request import Request, RequestStatus
 from infinite_llm.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -17,7 +18,9 @@ BS = 4
 def make(num_blocks: int = 12, budget: int = 16, max_seqs: int = 8) -> tuple[Scheduler, RManager]:
     rm = RManager(0, num_blocks, lending_cap=0.0)
     return Scheduler(
-        SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), BS, rm
+        SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
+        BS,
+        LocalAllocator(rm),
     ), rm
 
 

@@ -32,6 +32,7 @@ from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation, execute_plan
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.order import Ordered, OrderReport, cluster_order, grant_right_of_way
 from infinite_llm.scheduler.request import Request
 
@@ -176,11 +177,11 @@ class ClusterCore:
         rmanager: RManager,
         send_lend: SendLend,
         send_release: SendRelease,
-    ) -> Borrower | RManager:
-        """Where an instance's scheduler gets rBlocks: its RManager, or with borrowing a
+    ) -> Borrower | LocalAllocator:
+        """Where an instance's scheduler gets rBlocks: its RManager alone, or with borrowing a
         ``Borrower`` over the core's refreshing view of the gManager."""
         if not self.borrowing:
-            return rmanager
+            return LocalAllocator(rmanager)
 
         def lend(creditor_id: int, request: LendRequest) -> LendReply:
             reply = send_lend(creditor_id, request)

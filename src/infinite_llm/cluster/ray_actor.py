@@ -68,6 +68,7 @@ from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader import model_dir_for, parse_dtype
 from infinite_llm.model.loader.hf_loader import iter_safetensors, read_hf_arch
 from infinite_llm.model.registry import resolve_model
+from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.order import OrderReport
 from infinite_llm.scheduler.request import Request, RequestStatus
 from infinite_llm.scheduler.scheduler import Scheduler
@@ -160,7 +161,7 @@ class InstanceActor:
                 stats=self.borrow_stats,
             )
             if spec.borrowing
-            else rmanager
+            else LocalAllocator(rmanager)
         )
         scheduler = Scheduler(config.scheduler, block_size, allocator)
         runner = ModelRunner(model, block_size, self.transport, seed=config.seed + instance_id)

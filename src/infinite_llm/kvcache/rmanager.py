@@ -21,12 +21,11 @@ import heapq
 import itertools
 import math
 import threading
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.borrowed import BorrowedBlocks
-from infinite_llm.kvcache.claims import Rank
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 
 _FREE, _USED, _LENT = 0, 1, 2
@@ -94,21 +93,6 @@ class RManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self._free_heap)
-
-    def can_borrow(self, num_blocks: int) -> bool:
-        """An RManager alone borrows nothing (``Borrower`` does)."""
-        return num_blocks <= 0
-
-    # Alone, as a scheduler's allocator, it competes with no other instance's prefill (and
-    # admits nothing longer than its pool): every claim holds, none elsewhere (``Borrower``).
-    def claim_prefill(self, rank: Rank) -> bool:
-        return True
-
-    def sync_prefills(self, ranks: Collection[Rank]) -> None:
-        pass
-
-    def prefill_way(self) -> Rank | None:
-        return None
 
     @property
     def num_used_blocks(self) -> int:

@@ -1,5 +1,5 @@
 """What a scheduler needs of the memory under it: its home pool's rBlocks, borrowing, and the
-gManager's prefill claims. The plain ``RManager`` serves a cluster that does not borrow; a
+gManager's prefill claims. ``LocalAllocator`` serves a cluster that does not borrow; a
 ``kvcache.borrow.Borrower`` one that does."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterable
 from typing import Protocol
 
 from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.scheduler.order import Rank
 
 
@@ -50,3 +51,41 @@ class BlockAllocator(Protocol):
     def prefill_way(self) -> Rank | None:
         """The oldest claim another instance holds now (None: none)."""
         ...
+
+
+class LocalAllocator:
+    """A scheduler's rBlocks from its home pool alone (a cluster that does not borrow): the
+    ``RManager``'s allocate, free and reserve. It borrows nothing and, admitting nothing longer
+    than its pool, competes with no other instance's prefill: every claim holds, none elsewhere."""
+
+    def __init__(self, rmanager: RManager) -> None:
+        self.rmanager = rmanager
+
+    def allocate(self, num_blocks: int) -> list[BlockRef] | None:
+        return self.rmanager.allocate(num_blocks)
+
+    def free(self, refs: Iterable[BlockRef]) -> None:
+        self.rmanager.free(refs)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.rmanager.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.rmanager.num_free_blocks
+
+    def reserve(self, num_blocks: int) -> None:
+        self.rmanager.reserve(num_blocks)
+
+    def can_borrow(self, num_blocks: int) -> bool:
+        return num_blocks <= 0
+
+    def claim_prefill(self, rank: Rank) -> bool:
+        return True
+
+    def sync_prefills(self, ranks: Collection[Rank]) -> None:
+        pass
+
+    def prefill_way(self) -> Rank | None:
+        return None
