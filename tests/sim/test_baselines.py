@@ -12,7 +12,6 @@ from infinite_llm.sim.baselines import compute_bound, same_layout_entry, tp_base
 from infinite_llm.sim.cluster import SimClusterConfig
 from infinite_llm.sim.presets import A100_80GB, PRESETS, Preset, Workload, regrouped
 from infinite_llm.sim.specs import DeviceSpec, InstanceSpec, ModelSpec, NetworkSpec
-from infinite_llm.sim.sweep import run_mode
 from infinite_llm.sim.trace import Trace, TraceRequest
 
 
@@ -99,8 +98,8 @@ def test_tp_baselines_size_the_group_to_the_longest_request():
         TraceRequest(2, 0.02, 20, 4, "t"),
     )
     trace = Trace("toy", 0, 100.0, 1.0, 1.0, None, reqs)
-    ours = run_mode(preset, 4, True, reqs, 60.0).summary()
-    same = run_mode(preset, 4, False, reqs, 60.0).summary()
+    ours = preset.simulate(4, True, reqs, 60.0).summary()
+    same = preset.simulate(4, False, reqs, 60.0).summary()
     assert ours["num_refused"] == 0 and same["num_refused"] == 1
     result = tp_baselines(preset, 4, trace, ours, same)
     sized = result["tp_sized"]

@@ -24,7 +24,6 @@ from typing import Any
 
 from infinite_llm.sim.metrics import ratio
 from infinite_llm.sim.presets import Preset, regrouped
-from infinite_llm.sim.simulator import simulate
 from infinite_llm.sim.trace import Trace
 
 
@@ -34,17 +33,6 @@ def with_utilization(summary: dict[str, Any], num_instances: int) -> dict[str, A
     serializes work loses)."""
     span = num_instances * summary["makespan_s"]
     return summary | {"utilization": summary.get("busy_s", 0.0) / span if span > 0 else 0.0}
-
-
-def _run(preset: Preset, num_instances: int, trace: Trace) -> dict[str, Any]:
-    summary = simulate(
-        preset.cluster_config(num_instances, enable_borrowing=False),
-        preset.costs(),
-        trace.requests,
-        execution=preset.execution,
-        horizon_s=preset.workload.horizon_s,
-    ).summary()
-    return with_utilization(summary, num_instances)
 
 
 def _entry(layout: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +82,10 @@ def tp_baselines(
         if t == preset.spec.tp_size:
             run = same_layout
         else:
-            run = _run(group, devices // t, trace)
+            summary = group.simulate(
+                devices // t, False, trace.requests, preset.workload.horizon_s
+            ).summary()
+            run = with_utilization(summary, devices // t)
             if on_run is not None:
                 on_run(f"N={num_instances} {trace.name} TP={t}")
         layouts[t] = {

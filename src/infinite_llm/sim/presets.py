@@ -41,7 +41,9 @@ Parameter sources (every number is a spec or a stated assumption; none is tuned 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,10 @@ from typing import Any
 from infinite_llm.scheduler.scheduler import SchedulerConfig
 from infinite_llm.sim.cluster import SimClusterConfig
 from infinite_llm.sim.costs import FEATURES, CostModel, LinearCosts, RooflineCosts
+from infinite_llm.sim.metrics import SimResult
+from infinite_llm.sim.simulator import simulate
 from infinite_llm.sim.specs import DeviceSpec, InstanceSpec, ModelSpec, NetworkSpec
+from infinite_llm.sim.trace import TraceRequest
 
 GiB = 1 << 30
 
@@ -109,6 +114,22 @@ class Preset:
 
     def cluster_config(self, num_instances: int, enable_borrowing: bool = True) -> SimClusterConfig:
         return replace(self.cluster, num_instances=num_instances, enable_borrowing=enable_borrowing)
+
+    def simulate(
+        self,
+        num_instances: int,
+        borrowing: bool,
+        requests: Sequence[TraceRequest],
+        horizon_s: float = math.inf,
+    ) -> SimResult:
+        """``requests`` on ``num_instances`` of this preset, borrowing on or off."""
+        return simulate(
+            self.cluster_config(num_instances, borrowing),
+            self.costs(),
+            requests,
+            execution=self.execution,
+            horizon_s=horizon_s,
+        )
 
     @property
     def pool_tokens(self) -> int:

@@ -19,7 +19,6 @@ instance) and on. Two figures per N:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,9 +28,8 @@ from infinite_llm.sim.baselines import (
     tp_baselines,
     with_utilization,
 )
-from infinite_llm.sim.metrics import SimResult, ratio
+from infinite_llm.sim.metrics import ratio
 from infinite_llm.sim.presets import Preset
-from infinite_llm.sim.simulator import simulate
 from infinite_llm.sim.trace import Trace, TraceRequest, generate_trace
 
 PROBE_OUTPUT_TOKENS = 16
@@ -53,22 +51,6 @@ def workload_trace(
     )
 
 
-def run_mode(
-    preset: Preset,
-    num_instances: int,
-    borrowing: bool,
-    requests: Sequence[TraceRequest],
-    horizon_s: float = math.inf,
-) -> SimResult:
-    return simulate(
-        preset.cluster_config(num_instances, borrowing),
-        preset.costs(),
-        requests,
-        execution=preset.execution,
-        horizon_s=horizon_s,
-    )
-
-
 def capacity_probe(
     preset: Preset, num_instances: int, borrowing: bool, output_tokens: int = PROBE_OUTPUT_TOKENS
 ) -> dict[str, Any]:
@@ -77,7 +59,7 @@ def capacity_probe(
     output_tokens = min(output_tokens, longest - 1)
     probe = TraceRequest(0, 0.0, longest - output_tokens, output_tokens, "probe")
     over = TraceRequest(1, 0.0, longest - output_tokens + 1, output_tokens, "probe")
-    result = run_mode(preset, num_instances, borrowing, [probe, over])
+    result = preset.simulate(num_instances, borrowing, [probe, over])
     served, refused = result.records
     return {
         "max_request_tokens": longest,
@@ -98,8 +80,8 @@ def compare(
     runs = {}
     for mode, borrowing in MODES:
         runs[mode] = with_utilization(
-            run_mode(
-                preset, num_instances, borrowing, trace.requests, preset.workload.horizon_s
+            preset.simulate(
+                num_instances, borrowing, trace.requests, preset.workload.horizon_s
             ).summary(),
             num_instances,
         )

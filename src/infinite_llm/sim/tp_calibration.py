@@ -30,10 +30,6 @@ import numpy as np
 from infinite_llm.sim.costs import RooflineCosts, ShardLoad, StepWork
 from infinite_llm.sim.specs import InstanceSpec
 
-SOURCE = (
-    "NVIDIA NeMo Framework user guide, Performance > Llama 2 > Inference performance "
-    "(TensorRT-LLM), https://docs.nvidia.com/nemo-framework/user-guide/latest/performance/llama.html"
-)
 INPUT_TOKENS, OUTPUT_TOKENS = 128, 20
 
 
@@ -78,15 +74,6 @@ class Fit:
     allreduce_latency_s: float
     allreduce_latency_per_doubling_s: float
     max_rel_error: float
-
-    def apply(self, spec: InstanceSpec) -> InstanceSpec:
-        """``spec`` with the fitted all-reduce latencies (its own step overhead kept)."""
-        device = replace(
-            spec.device,
-            allreduce_latency_s=self.allreduce_latency_s,
-            allreduce_latency_per_doubling_s=self.allreduce_latency_per_doubling_s,
-        )
-        return replace(spec, device=device)
 
 
 def _with(
