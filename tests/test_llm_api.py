@@ -80,7 +80,7 @@ def test_bad_prompts_are_refused_before_anything_is_allocated(
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 2}, "n must be 1"),
         ({"stop": [""]}, "stop strings"),
-        ({"logprobs": 100}, "logprobs"),
+        ({"logprobs": -3}, "logprobs"),
         ({"temperature": float("nan")}, "temperature"),
         ({"seed": 1.5}, "seed"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),

@@ -46,6 +46,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length, capped by KV capacity
     seed: int = 0
     attention_impl: str = "auto"
+    # Most logprobs a request may ask for per token (vLLM's default, 20); -1: the whole vocabulary.
+    max_logprobs: int = 20
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -57,3 +59,5 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be >= -1, got {self.max_logprobs}")

@@ -21,7 +21,9 @@ from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.scheduler.request import Request
 from infinite_llm.scheduler.scheduler import SchedulerConfig
 
-Prompt = str | Sequence[int]
+# A prompt: text, token ids, or vLLM's ``TextPrompt`` / ``TokensPrompt`` dicts
+# ({"prompt": text} / {"prompt_token_ids": [ids]}).
+Prompt = str | Sequence[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
@@ -45,6 +47,7 @@ class LLM:
         lending_cap: float = 1.0,
         seed: int = 0,
         attention_impl: str = "auto",
+        max_logprobs: int = 20,
         loaded_model: LoadedModel | None = None,
         progress: bool = True,
     ) -> None:
@@ -58,6 +61,7 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
             attention_impl=attention_impl,
+            max_logprobs=max_logprobs,
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=kv_blocks_per_instance,
@@ -88,10 +92,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs in the order of the prompts."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt (text, token ids, or a ``TextPrompt``/``TokensPrompt``
+        dict); outputs in the order of the prompts."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        prompt_list = list(prompts)  # type: ignore[arg-type]
+        prompt_list = [_prompt_of(p, i) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
         params = self._params_list(sampling_params, len(prompt_list))
         # Validate everything before adding anything: a bad prompt leaves nothing behind.
         requests = [self.engine.make_request(p, sp) for p, sp in zip(prompt_list, params)]
@@ -168,3 +173,29 @@ class LLM:
                 if request_id not in finished:
                     engine.abort_request(request_id)
         return [finished[r.request_id] for r in requests]
+
+
+def _prompt_of(prompt: Prompt, index: int) -> str | list[int]:
+    """Text or token ids from any prompt form ``generate`` takes; ``ValueError`` naming the
+    prompt otherwise."""
+    if isinstance(prompt, dict):
+        keys = set(prompt)
+        if keys == {"prompt_token_ids"}:
+            prompt = prompt["prompt_token_ids"]
+        elif keys == {"prompt"}:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError(
+                f"prompts[{index}]: a prompt dict holds exactly one of 'prompt' (text) or "
+                f"'prompt_token_ids', got keys {sorted(keys)}"
+            )
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        return list(prompt)
+    raise ValueError(
+        f"prompts[{index}] must be text, a list of token ids or a prompt dict, "
+        f"got {type(prompt).__name__}"
+    )

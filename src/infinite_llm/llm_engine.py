@@ -71,6 +71,7 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> Request:
         """Tokenize and validate; raises ValueError naming the problem (nothing is allocated)."""
+        self.check_params(params)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -84,6 +85,7 @@ class LLMEngine:
             raise ValueError(
                 f"prompt token ids out of range [0, {self.arch.vocab_size}): {bad[:5]}"
             )
+        token_ids = self._truncate(token_ids, params)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(token_ids)} tokens, but this engine's max_model_len is {self.max_model_len} "
@@ -100,6 +102,43 @@ class LLMEngine:
             max_tokens=max_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
         )
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What only the engine can check: token ids inside the vocabulary, logprobs within
+        ``max_logprobs``, truncation within ``max_model_len``."""
+        vocab = self.arch.vocab_size
+        for name, ids in params.token_ids_used().items():
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(
+                    f"{name} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+                )
+        cap = vocab if self.config.max_logprobs == -1 else self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = getattr(params, name)
+            if wanted is not None and (vocab if wanted == -1 else wanted) > cap:
+                raise ValueError(
+                    f"{name}: requested {vocab if wanted == -1 else wanted} logprobs per token, "
+                    f"more than this engine's max_logprobs ({cap}; raise it with --max-logprobs)"
+                )
+        truncate = params.truncate_prompt_tokens
+        if truncate is not None and truncate > self.max_model_len:
+            raise ValueError(
+                f"truncate_prompt_tokens ({truncate}) is greater than max_model_len "
+                f"({self.max_model_len})"
+            )
+
+    def _truncate(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return token_ids
+        if keep == -1:
+            keep = self.max_model_len - 1  # room for one generated token
+        if keep == 0:
+            raise ValueError("truncate_prompt_tokens=0 leaves an empty prompt")
+        if len(token_ids) <= keep:
+            return token_ids
+        return token_ids[-keep:] if params.truncation_side == "left" else token_ids[:keep]
 
     def add_request(
         self, request: Request, prompt_text: str | None = None, home: int | None = None

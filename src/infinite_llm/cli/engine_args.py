@@ -63,6 +63,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="most logprobs a request may ask for per token (-1: the whole vocabulary)",
+    )
+    g.add_argument(
         "--attention-impl", default="auto", help="auto, flash, reference (or native when built)"
     )
 
@@ -77,6 +83,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ray_address=args.ray_address,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        max_logprobs=args.max_logprobs,
         attention_impl=args.attention_impl,
         cache=CacheConfig(
             block_size=args.block_size,

@@ -1,4 +1,5 @@
-"""Pick the next token of each request from its logits: greedy, temperature, top-k/p, min-p, seeds."""
+"""Pick the next token of each request from its logits: the request's logits processing, then
+greedy, temperature, top-k/p, min-p, seeds; logprobs of the model's own distribution."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infinite_llm.engine.logits_processing import process_logits
 from infinite_llm.scheduler.request import Request
 
 
@@ -43,17 +45,10 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
 def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
     """logits: [N, vocab] float32, row i for requests[i]."""
     logits = logits.float()
-    # min_tokens: forbid stopping tokens until enough output exists.
-    for i, request in enumerate(requests):
-        params = request.sampling_params
-        if request.num_output_tokens < params.min_tokens:
-            banned = list(params.stop_token_ids or [])
-            if not params.ignore_eos and request.eos_token_id is not None:
-                banned.append(request.eos_token_id)
-            if banned:
-                logits[i, banned] = float("-inf")
+    # Logprobs are the model's own (before the request's processing), as vLLM reports them.
     want_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    process_logits(logits, requests)
 
     token_ids = [0] * len(requests)
     greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
@@ -78,8 +73,8 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledTok
             continue
         row = logprobs[i]
         top: dict[int, float] = {}
-        if k > 0:
-            values, indices = torch.topk(row, k)
+        if k != 0:
+            values, indices = torch.topk(row, row.shape[0] if k < 0 else k)  # -1: every token
             top = dict(zip(indices.tolist(), values.tolist()))
         chosen = float(row[token_ids[i]])
         top[token_ids[i]] = chosen
