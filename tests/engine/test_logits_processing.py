@@ -220,3 +220,37 @@ def test_prompt_dicts_as_vllm_takes_them() -> None:
         engine.generate([{"prompt_ids": prompt}], use_tqdm=False)
     with pytest.raises(ValueError, match="prompts\\[0\\]"):
         engine.generate([[1.5, 2]], use_tqdm=False)
+
+
+@pytest.mark.parametrize("chunk", [2048, 16])  # one prefill step, or chunks of 16 tokens
+def test_prompt_logprobs_match_transformers(tiny_dir, chunk) -> None:
+    prompt = random_prompts(1, (70, 70), 256, seed=6)[0]
+    engine = llm(max_num_batched_tokens=chunk)
+    (out,) = engine.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2), use_tqdm=False
+    )
+    with torch.inference_mode():
+        expected = torch.log_softmax(hf_model(tiny_dir)(torch.tensor([prompt])).logits[0], -1)
+    got = out.prompt_logprobs
+    assert got[0] is None and len(got) == len(prompt)
+    for pos in range(1, len(prompt)):
+        entry, row = got[pos], expected[pos - 1]
+        assert entry[prompt[pos]] == pytest.approx(float(row[prompt[pos]]), abs=1e-4)
+        top = row.topk(2)
+        for token, lp in zip(top.indices.tolist(), top.values.tolist()):
+            assert entry[token] == pytest.approx(lp, abs=1e-4)
+        assert len(entry) in (2, 3)  # the top 2, plus the prompt's token when not among them
+
+
+def test_prompt_logprobs_are_reported_once_across_preemption() -> None:
+    prompts = random_prompts(6, (30, 40), 256, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=0)
+    roomy = llm(block_size=4, kv_blocks_per_instance=400).generate(prompts, params, use_tqdm=False)
+    tight_engine = llm(block_size=4, kv_blocks_per_instance=40, max_num_batched_tokens=32)
+    tight = tight_engine.generate(prompts, params, use_tqdm=False)
+    assert tight_engine.cluster_stats()["instances"][0]["preemptions"] > 0
+    for a, b in zip(roomy, tight):
+        assert len(b.prompt_logprobs) == len(b.prompt_token_ids)
+        assert [None if e is None else list(e) for e in a.prompt_logprobs] == [
+            None if e is None else list(e) for e in b.prompt_logprobs
+        ]

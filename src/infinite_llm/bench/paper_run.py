@@ -92,11 +92,11 @@ class StepProbe:
     def _wrap(self, inst: Any) -> None:
         step, execute, block_size = inst.step, inst.runner.execute, self.cluster.block_size
 
-        def probed_execute(out: Any) -> Any:
+        def probed_execute(out: Any, *args: Any) -> Any:
             t0 = self.clock()
             self._work = step_work(out, inst.instance_id, block_size)
             self._feature_s += self.clock() - t0
-            return execute(out)
+            return execute(out, *args)
 
         def probed_step() -> Any:
             self._work, self._feature_s = None, 0.0

@@ -14,3 +14,6 @@ class StepEvent:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None: still running
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # {token: logprob} (the prompt's token and the top k) for the prompt tokens this step's
+    # chunk reached, when the request asked for prompt_logprobs.
+    prompt_logprobs: list[dict[int, float]] | None = None

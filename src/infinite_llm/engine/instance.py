@@ -14,7 +14,7 @@ import torch
 from infinite_llm.attention.dist import LocalExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.engine.events import StepEvent
-from infinite_llm.engine.model_runner import ModelRunner
+from infinite_llm.engine.model_runner import ModelRunner, PromptLogprobs
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.rmanager import RManager
@@ -59,7 +59,8 @@ class Instance:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        sampled = self.runner.execute(out)
+        prompt_logprobs: PromptLogprobs = {}
+        sampled = self.runner.execute(out, prompt_logprobs)
         results = self.scheduler.update_from_output(
             out, {rid: s.token_id for rid, s in sampled.items()}
         )
@@ -70,6 +71,7 @@ class Instance:
                 r.request.status.finish_reason,
                 r.request.stop_reason,
                 r.request.num_preemptions,
+                prompt_logprobs.get(r.request.request_id),
             )
             for r in results
         ]

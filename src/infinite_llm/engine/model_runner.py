@@ -8,6 +8,11 @@ from infinite_llm.attention.dist import DistAttention, DistPlan, MAExecutor, Ste
 from infinite_llm.engine.sampler import SampledToken, make_generator, sample
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.scheduler.output import SchedulerOutput
+from infinite_llm.scheduler.request import Request
+
+# Per request id: {token: logprob} for each prompt token from the second on, in order.
+PromptLogprobs = dict[str, list[dict[int, float]]]
+PROMPT_LOGITS_ROWS = 256
 
 
 class ModelRunner:
@@ -22,17 +27,31 @@ class ModelRunner:
         self._seed_source = torch.Generator().manual_seed(seed)  # seeds requests that bring none
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
-        """One forward pass over every scheduled chunk; returns the sampled token per request that samples."""
+    def execute(
+        self, out: SchedulerOutput, prompt_logprobs: PromptLogprobs | None = None
+    ) -> dict[str, SampledToken]:
+        """One forward pass over every scheduled chunk; returns the sampled token per request
+        that samples. Requests that asked for ``prompt_logprobs`` get the ones this step's
+        chunk computed added to ``prompt_logprobs`` (by request id), when it is given."""
         input_ids: list[int] = []
         positions: list[int] = []
         spans: list[StepSpan] = []
         sample_rows: list[int] = []
         samplers = []
+        prompt_spans: list[tuple[Request, int, int, int]] = []  # request, row, position, rows
         for item in out.scheduled:
             request = item.request
             start = request.num_computed_tokens
             end = start + item.num_new_tokens
+            if prompt_logprobs is not None and request.sampling_params.prompt_logprobs is not None:
+                # Row i predicts token i + 1: rows up to the prompt's last token but one, each
+                # once (a recomputed request does not report them again).
+                first = max(start, request.num_prompt_logprobs)
+                last = min(end, request.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_spans.append(
+                        (request, len(input_ids) + first - start, first, last - first)
+                    )
             input_ids.extend(request.token_ids(start, end))
             positions.extend(range(start, end))
             spans.append(StepSpan(request.block_table.refs(), start, item.num_new_tokens))
@@ -49,8 +68,39 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, attention)
+        if prompt_spans and prompt_logprobs is not None:
+            self._prompt_logprobs(hidden, prompt_spans, prompt_logprobs)
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         sampled = sample(logits.cpu(), samplers)
         return {request.request_id: token for request, token in zip(samplers, sampled)}
+
+    def _prompt_logprobs(
+        self,
+        hidden: torch.Tensor,
+        spans: list[tuple[Request, int, int, int]],
+        into: PromptLogprobs,
+    ) -> None:
+        """``{prompt token: logprob}`` plus the top k, for each row of each span, computed
+        ``PROMPT_LOGITS_ROWS`` rows at a time (a chunk's full logits would not fit in memory)."""
+        for request, first, position, count in spans:
+            k = request.sampling_params.prompt_logprobs
+            base = position + 1  # the token the span's first row predicts
+            entries = into.setdefault(request.request_id, [])
+            for lo in range(0, count, PROMPT_LOGITS_ROWS):
+                hi = min(count, lo + PROMPT_LOGITS_ROWS)
+                rows = hidden[first + lo : first + hi]
+                logprobs = torch.log_softmax(self.model.compute_logits(rows).cpu(), dim=-1)
+                targets = request.prompt_token_ids[base + lo : base + hi]
+                chosen = logprobs[torch.arange(hi - lo), torch.tensor(targets)].tolist()
+                if k:
+                    width = logprobs.shape[1] if k == -1 else k
+                    values, indices = torch.topk(logprobs, width, dim=-1)
+                    tops = [dict(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+                else:
+                    tops = [{} for _ in targets]
+                for token, lp, top in zip(targets, chosen, tops):
+                    top[token] = lp
+                    entries.append(top)
+            request.num_prompt_logprobs = position + count

@@ -32,6 +32,8 @@ class TrackedRequest:
     num_preemptions: int = 0
     first_token_time: float | None = None
     finished_time: float | None = None
+    # vLLM's shape: None for the first prompt token, then {token: logprob} per prompt token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_streamed_chars: int = 0
     num_streamed_tokens: int = 0
 
@@ -61,6 +63,7 @@ class OutputProcessor:
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params),
             logprobs=[] if want else None,
             cumulative_logprob=0.0 if want else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         self.requests[request_id] = tracked
         return tracked
@@ -71,6 +74,8 @@ class OutputProcessor:
         if tracked is None:
             return None, False
         tracked.num_preemptions = event.num_preemptions
+        if event.prompt_logprobs and tracked.prompt_logprobs is not None:
+            tracked.prompt_logprobs.extend(event.prompt_logprobs)
         stopped = False
         if event.sampled is not None:
             sampled = event.sampled
@@ -134,6 +139,9 @@ class OutputProcessor:
             request_id=tracked.request_id,
             prompt=tracked.prompt,
             prompt_token_ids=tracked.prompt_token_ids,
+            prompt_logprobs=list(tracked.prompt_logprobs)
+            if tracked.prompt_logprobs is not None
+            else None,
             outputs=[
                 CompletionOutput(
                     index=0,

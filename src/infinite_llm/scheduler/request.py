@@ -47,6 +47,8 @@ class Request:
     arrival_seq: int = field(default_factory=lambda: next(_arrival_seq))
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Prompt positions whose logprobs were reported (``sampling_params.prompt_logprobs``).
+    num_prompt_logprobs: int = 0
     status: RequestStatus = RequestStatus.WAITING
     block_table: BlockTable = field(default_factory=BlockTable)
     home_instance_id: int = 0
