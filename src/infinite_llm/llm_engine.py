@@ -69,13 +69,15 @@ class LLMEngine:
         prompt: str | Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
+        add_special_tokens: bool = True,
     ) -> Request:
-        """Tokenize and validate; raises ValueError naming the problem (nothing is allocated)."""
+        """Tokenize and validate; raises ValueError naming the problem (nothing is allocated).
+        ``add_special_tokens``: whether encoding a text prompt adds the tokenizer's own (BOS)."""
         self.check_params(params)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             token_ids = [int(t) for t in prompt]
         if not token_ids:

@@ -126,7 +126,7 @@ def test_outputs_a_slow_consumer_missed_are_merged() -> None:
 
     async def main() -> None:
         aborted: list[str] = []
-        stream = RequestStream("r", 1, aborted.append)
+        stream = RequestStream("r", [1], aborted.append)
         stream._push(_output("a", [5], "a", [5]))
         stream._push(_output("ab", [5, 6], "b", [6]))
         stream._push(_output("abc", [5, 6, 7], "c", [7]))

@@ -73,8 +73,27 @@ def test_malformed_bodies(tiny_server: ServerProcess, content: bytes, words: lis
         ({"prompt": "hi", "logprobs": 99}, "logprobs", ["logprobs"]),
         ({"prompt": "hi", "n": 3}, "n", ["n must be 1"]),
         ({"prompt": "hi", "stop": ["ok", ""]}, "stop", ["stop strings must not be empty"]),
-        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", ["not supported"]),
-        ({"prompt": "hi", "echo": True}, "echo", ["echo"]),
+        ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty", ["[-2, 2]"]),
+        ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty", ["greater than zero"]),
+        ({"prompt": "hi", "logit_bias": {"100000": 1}}, "logit_bias", ["vocabulary"]),
+        ({"prompt": "hi", "logit_bias": {"a": 1}}, "logit_bias", ["not a token id"]),
+        ({"prompt": "hi", "stop_token_ids": [100000]}, "stop_token_ids", ["vocabulary"]),
+        ({"prompt": "hi", "allowed_token_ids": [1, 100000]}, "allowed_token_ids", ["vocabulary"]),
+        ({"prompt": "hi", "seed": 2**64}, "seed", ["64-bit"]),
+        ({"prompt": "hi", "logprobs": -1}, "logprobs", ["max_logprobs"]),
+        ({"prompt": "hi", "prompt_logprobs": -5}, "prompt_logprobs", ["-1"]),
+        (
+            {"prompt": "hi", "prompt_logprobs": 1, "stream": True},
+            "prompt_logprobs",
+            ["stream"],
+        ),
+        (
+            {"prompt": "hi", "truncate_prompt_tokens": 5000},
+            "truncate_prompt_tokens",
+            ["max_model_len"],
+        ),
+        ({"prompt": "hi", "truncation_side": "middle"}, "truncation_side", ["left"]),
+        ({"prompt": "hi", "suffix": "x"}, "suffix", ["not supported"]),
         ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", ["stream"]),
         ({"prompt": ""}, "prompt", ["prompt is empty"]),
         ({"prompt": []}, "prompt", ["prompt is empty"]),
@@ -114,6 +133,26 @@ def test_completion_bad_fields_name_the_problem(
         ),
         ({"messages": CHAT, "max_completion_tokens": -1}, "max_completion_tokens", ["at least 1"]),
         ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools", ["not supported"]),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages", ["role"]),
+        (
+            {
+                "messages": [*CHAT, {"role": "assistant", "content": "Hel"}],
+                "continue_final_message": True,
+            },
+            "continue_final_message",
+            ["add_generation_prompt"],
+        ),
+        (
+            {"messages": CHAT, "continue_final_message": True, "add_generation_prompt": False},
+            "continue_final_message",
+            ["assistant"],
+        ),
+        ({"messages": CHAT, "chat_template": "{{ messages }}"}, "chat_template", ["trust"]),
+        (
+            {"messages": CHAT, "chat_template_kwargs": {"tokenize": True}},
+            "chat_template_kwargs",
+            ["tokenize"],
+        ),
         (
             {"messages": [{"role": "user", "content": "x" * 2100}]},
             "messages",
@@ -215,3 +254,38 @@ def test_non_streaming_client_disconnect_aborts_and_frees(tiny_server: ServerPro
         sock.sendall(head + body)
         _wait_running(tiny_server)
     wait_clean(tiny_server.base_url, timeout_s=10)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("use_beam_search", True),
+        ("length_penalty", 0.5),
+        ("bad_words", ["hello"]),
+        ("logprob_token_ids", [5]),
+        ("spaces_between_special_tokens", False),
+        ("priority", 3),
+        ("kv_transfer_params", {"do_remote_decode": True}),
+        ("vllm_xargs", {"a": 1}),
+        ("mm_processor_kwargs", {"a": 1}),
+        ("thinking_token_budget", 10),
+        ("include_reasoning", False),
+        ("return_token_offsets", True),
+    ],
+)
+def test_vllm_fields_not_supported_are_refused_by_name(
+    tiny_server: ServerProcess, name: str, value: object
+) -> None:
+    for path, body in (
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": CHAT}),
+    ):
+        response = post(tiny_server, path, {**body, "max_tokens": 2, name: value})
+        assert_error(response, 400, name, "not supported", param=name)
+        # The neutral value asks for nothing, so it is accepted.
+    assert post(tiny_server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, name: None})
+
+
+def test_unknown_fields_are_ignored_as_vllm_does(tiny_server: ServerProcess) -> None:
+    response = post(tiny_server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "foo": 1})
+    assert response.status_code == 200, response.text

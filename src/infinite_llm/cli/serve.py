@@ -63,6 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
     )
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
+    g.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render chat requests with a chat_template field they bring (a client's Jinja)",
+    )
     add_engine_args(p)
     p.set_defaults(func=run, num_instances=DEFAULT_NUM_INSTANCES)
 
@@ -103,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             api_key=args.api_key or None,
             max_waiting_requests=args.max_waiting_requests or None,
             max_body_bytes=args.max_request_body_bytes,
+            trust_request_chat_template=args.trust_request_chat_template,
         )
         config = engine_config_from_args(args)
         engine = LLMEngine(config)

@@ -53,6 +53,7 @@ def create_app(
         metrics=metrics,
         formatter=LogprobFormatter(engine.tokenizer),
         model_source=engine.loaded.source.name,
+        trust_request_chat_template=settings.trust_request_chat_template,
     )
 
     @asynccontextmanager

@@ -162,10 +162,16 @@ class AsyncLLMEngine:
         return await self._loop.run_in_executor(self._tokenizer_pool, fn, *args)
 
     async def make_request(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        add_special_tokens: bool = True,
     ) -> Request:
         """Tokenize and validate (``ValueError`` names the problem); nothing is queued yet."""
-        return await self.run_in_tokenizer(self.engine.make_request, prompt, params, request_id)
+        return await self.run_in_tokenizer(
+            self.engine.make_request, prompt, params, request_id, add_special_tokens
+        )
 
     def generate(self, request: Request, prompt_text: str | None = None) -> RequestStream:
         """Queue a request and return its stream; raises at once when it cannot be accepted."""
@@ -177,7 +183,7 @@ class AsyncLLMEngine:
             )
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        stream = RequestStream(request.request_id, request.num_prompt_tokens, self._abort)
+        stream = RequestStream(request.request_id, request.prompt_token_ids, self._abort)
         self._streams[request.request_id] = stream
         self._send(_Add(request, prompt_text))
         return stream

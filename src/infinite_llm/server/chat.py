@@ -3,6 +3,11 @@
 Streaming follows OpenAI: a first chunk with the assistant role, content deltas, the finish
 reason in the last choice chunk, then (with ``stream_options.include_usage``) one chunk with
 no choices and the usage, then ``data: [DONE]``.
+
+vLLM's template fields are honoured: ``add_generation_prompt``, ``continue_final_message``
+(the reply continues the last assistant message; with ``echo`` that message's text comes
+first), ``documents``, ``chat_template_kwargs``, and ``chat_template`` when the server trusts
+request templates (``--trust-request-chat-template``).
 """
 
 from __future__ import annotations
@@ -38,20 +43,27 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     model = check_model(body.model, state.served_model_names)
     params = body.sampling_params()
     messages = body.template_messages()
+    template_kwargs = body.template_kwargs()
+    if body.chat_template is not None and not state.trust_request_chat_template:
+        raise bad_request(
+            "chat_template in a request is refused unless the server runs with "
+            "--trust-request-chat-template",
+            "chat_template",
+        )
     tokenizer = state.engine.engine.tokenizer
-    if not tokenizer.has_chat_template:
+    if not tokenizer.has_chat_template and body.chat_template is None:
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
     try:
         prompt = await state.engine.run_in_tokenizer(
             lambda: tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt
+                messages, add_special_tokens=body.add_special_tokens, **template_kwargs
             )
         )
     except EngineDeadError:
         raise
     except Exception as exc:  # a template may raise anything (jinja errors, its own checks)
         raise bad_request(f"messages: the chat template failed: {exc}", "messages") from exc
-    response_id = new_id("chatcmpl")
+    response_id = new_id("chatcmpl", body.request_id)
     (stream,) = await start_requests(state, [prompt], params, response_id, "messages")
     meta = {"id": response_id, "created": int(time.time()), "model": model}
     top_k = (body.top_logprobs or 0) if body.logprobs else None
@@ -65,31 +77,37 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
     (output,) = outputs
     completion = output.outputs[0]
-    choice = {
+    choice: dict[str, Any] = {
         "index": 0,
-        "message": {"role": "assistant", "content": completion.text},
-        "logprobs": _logprobs(state, output, completion.token_ids, top_k),
+        "message": {"role": "assistant", "content": body.echoed_text + completion.text},
+        "logprobs": _logprobs(state, body, output, completion.token_ids, top_k),
         "finish_reason": completion.finish_reason,
         "stop_reason": completion.stop_reason,
     }
-    return JSONResponse(
-        {
-            **meta,
-            "object": "chat.completion",
-            "choices": [choice],
-            "usage": usage(len(output.prompt_token_ids), len(completion.token_ids)),
-        }
-    )
+    answer: dict[str, Any] = {**meta, "object": "chat.completion", "choices": [choice]}
+    answer["usage"] = usage(len(output.prompt_token_ids), len(completion.token_ids))
+    if body.prompt_logprobs is not None:
+        answer["prompt_logprobs"] = state.formatter.prompt(output.prompt_logprobs)
+    if body.return_token_ids:
+        answer["prompt_token_ids"] = output.prompt_token_ids
+        choice["token_ids"] = completion.token_ids
+    return JSONResponse(answer)
 
 
 def _logprobs(
-    state: ServerState, output: RequestOutput, token_ids: list[int], top_k: int | None
+    state: ServerState,
+    body: ChatCompletionRequest,
+    output: RequestOutput,
+    token_ids: list[int],
+    top_k: int | None,
 ) -> Any:
     completion = output.outputs[0]
     if top_k is None or completion.logprobs is None:
         return None
     start = len(completion.token_ids) - len(token_ids)
-    return state.formatter.chat(token_ids, completion.logprobs[start:], top_k)
+    return state.formatter.chat(
+        token_ids, completion.logprobs[start:], top_k, bool(body.return_tokens_as_token_ids)
+    )
 
 
 async def _events(
@@ -108,43 +126,46 @@ async def _events(
         logprobs: Any = None,
         finish_reason: str | None = None,
         stop_reason: int | str | None = None,
+        token_ids: list[int] | None = None,
     ) -> str:
-        data: dict[str, Any] = {
-            **meta,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": logprobs,
-                    "finish_reason": finish_reason,
-                    "stop_reason": stop_reason,
-                }
-            ],
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
         }
+        if body.return_token_ids:
+            choice["token_ids"] = token_ids or []
+        data: dict[str, Any] = {**meta, "choices": [choice]}
+        if body.return_token_ids and delta.get("role"):  # the first chunk
+            data["prompt_token_ids"] = stream.prompt_token_ids
         if body.include_usage:
             data["usage"] = usage(num_prompt, num_completion) if body.continuous_usage else None
         return sse(data)
 
+    sent = 0
     try:
         yield chunk({"role": "assistant", "content": ""})
+        if body.echoed_text:
+            yield chunk({"content": body.echoed_text})
         async for output in stream:
             completion = output.outputs[0]
             num_completion = len(completion.token_ids)
-            new_tokens = output.delta_token_ids
-            if (
-                not output.delta_text
-                and not output.finished
-                and not (top_k is not None and new_tokens)
-            ):
+            # Tokens since the last chunk sent (an output whose text is held back sends none).
+            new_tokens = completion.token_ids[sent:]
+            if not (output.delta_text or output.finished or (top_k is not None and new_tokens)):
                 continue
-            logprobs = _logprobs(state, output, new_tokens, top_k)
-            delta = (
-                {"content": output.delta_text} if output.delta_text or not output.finished else {}
-            )
+            sent = len(completion.token_ids)
+            logprobs = _logprobs(state, body, output, new_tokens, top_k)
+            content = output.delta_text
+            delta: dict[str, Any] = {"content": content} if content or not output.finished else {}
             if output.finished:
-                yield chunk(delta, logprobs, completion.finish_reason, completion.stop_reason)
+                yield chunk(
+                    delta, logprobs, completion.finish_reason, completion.stop_reason, new_tokens
+                )
             else:
-                yield chunk(delta, logprobs)
+                yield chunk(delta, logprobs, token_ids=new_tokens)
         if body.include_usage:
             yield sse({**meta, "choices": [], "usage": usage(num_prompt, num_completion)})
     except STREAM_ERRORS as exc:

@@ -1,6 +1,9 @@
 """``POST /v1/completions``: text completions, streamed by SSE or in one JSON answer.
 
 A prompt is a string, token ids, or a list of either (one choice per prompt, as vLLM does).
+``echo`` puts the prompt before the completion (its tokens with logprobs when asked; with
+``max_tokens: 0`` the prompt alone, to score it); ``return_token_ids`` adds the prompt's and
+the completion's token ids to each choice, as vLLM does.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     model = check_model(body.model, state.served_model_names)
     params = body.sampling_params()
     prompts = body.prompts()
-    response_id = new_id("cmpl")
-    streams = await start_requests(state, prompts, params, response_id, "prompt")
+    response_id = new_id("cmpl", body.request_id)
+    streams = await start_requests(
+        state, prompts, params, response_id, "prompt", body.add_special_tokens
+    )
     meta = {
         "id": response_id,
         "object": "text_completion",
@@ -52,26 +57,55 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         raise APIError(500, str(exc)) from exc
     if outputs is None:
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
-    choices = [_choice(state, i, out, body.logprobs is not None) for i, out in enumerate(outputs)]
+    choices = [_choice(state, body, i, out) for i, out in enumerate(outputs)]
     num_prompt = sum(len(out.prompt_token_ids) for out in outputs)
-    num_completion = sum(len(out.outputs[0].token_ids) for out in outputs)
+    num_completion = sum(_num_completion(body, out) for out in outputs)
     return JSONResponse({**meta, "choices": choices, "usage": usage(num_prompt, num_completion)})
 
 
+def _num_completion(body: CompletionRequest, output: RequestOutput) -> int:
+    return 0 if body.prompt_only else len(output.outputs[0].token_ids)
+
+
+def _prompt_text(state: ServerState, output: RequestOutput) -> str:
+    if output.prompt is not None:
+        return output.prompt
+    return state.engine.engine.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
+
+
 def _choice(
-    state: ServerState, index: int, output: RequestOutput, want_logprobs: bool
+    state: ServerState, body: CompletionRequest, index: int, output: RequestOutput
 ) -> dict[str, Any]:
     completion = output.outputs[0]
+    text, token_ids, entries = completion.text, completion.token_ids, completion.logprobs
+    finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
+    if body.prompt_only:  # the one token computed to reach the prompt's end is not shown
+        text, token_ids = "", []
+        entries = [] if entries is not None else None
+        finish_reason, stop_reason = "length", None
+    if body.echo:
+        text = _prompt_text(state, output) + text
+        if entries is not None:
+            entries = [*(output.prompt_logprobs or []), *entries]
+        token_ids = output.prompt_token_ids + token_ids
     logprobs = None
-    if want_logprobs and completion.logprobs is not None:
-        logprobs = state.formatter.completion(completion.token_ids, completion.logprobs)
-    return {
+    if body.logprobs is not None and entries is not None:
+        logprobs = state.formatter.completion(
+            token_ids, entries, as_ids=bool(body.return_tokens_as_token_ids)
+        )
+    choice: dict[str, Any] = {
         "index": index,
-        "text": completion.text,
+        "text": text,
         "logprobs": logprobs,
-        "finish_reason": completion.finish_reason,
-        "stop_reason": completion.stop_reason,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
     }
+    if body.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = state.formatter.prompt(output.prompt_logprobs)
+    if body.return_token_ids:
+        choice["prompt_token_ids"] = output.prompt_token_ids
+        choice["token_ids"] = [] if body.prompt_only else completion.token_ids
+    return choice
 
 
 async def _events(
@@ -83,33 +117,53 @@ async def _events(
     num_prompt = [s.num_prompt_tokens for s in streams]
     num_completion = [0] * len(streams)
     text_offset = [0] * len(streams)
+    started = [False] * len(streams)  # the first chunk (echoed prompt, prompt ids) went out
+    sent = [0] * len(streams)  # completion tokens sent so far
     want_logprobs = body.logprobs is not None
+    as_ids = bool(body.return_tokens_as_token_ids)
     try:
         async for index, output in merged(streams):
             completion = output.outputs[0]
-            new_tokens = output.delta_token_ids
-            num_completion[index] = len(completion.token_ids)
-            if not output.delta_text and not output.finished and not (want_logprobs and new_tokens):
-                continue  # text held back (it may become a stop string): nothing to show yet
-            logprobs = None
+            # Tokens since the last chunk sent (an output whose text is held back sends none).
+            text, new_tokens = output.delta_text, completion.token_ids[sent[index] :]
+            entries = None
             if want_logprobs and completion.logprobs is not None:
-                start = len(completion.token_ids) - len(new_tokens)
-                logprobs = state.formatter.completion(
-                    new_tokens, completion.logprobs[start:], text_offset[index]
-                )
-            text_offset[index] += len(output.delta_text)
-            chunk: dict[str, Any] = {
-                **meta,
-                "choices": [
-                    {
-                        "index": index,
-                        "text": output.delta_text,
-                        "logprobs": logprobs,
-                        "finish_reason": completion.finish_reason if output.finished else None,
-                        "stop_reason": completion.stop_reason if output.finished else None,
-                    }
-                ],
-            }
+                entries = completion.logprobs[sent[index] :]
+            finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
+            if body.prompt_only:
+                if not output.finished:
+                    continue
+                text, new_tokens = "", []
+                entries = [] if entries is not None else None
+                finish_reason, stop_reason = "length", None
+            else:
+                num_completion[index] = len(completion.token_ids)
+            first = not started[index]
+            if not (text or output.finished or first or (want_logprobs and new_tokens)):
+                continue  # text held back (it may become a stop string): nothing to show yet
+            sent[index] = len(completion.token_ids)
+            choice: dict[str, Any] = {"index": index}
+            shown = new_tokens
+            if first:
+                started[index] = True
+                if body.echo:
+                    text = _prompt_text(state, output) + text
+                    shown = output.prompt_token_ids + new_tokens
+                    if entries is not None:
+                        entries = [*(output.prompt_logprobs or []), *entries]
+                if body.return_token_ids:
+                    choice["prompt_token_ids"] = output.prompt_token_ids
+            logprobs = None
+            if entries is not None:
+                logprobs = state.formatter.completion(shown, entries, text_offset[index], as_ids)
+                text_offset[index] += state.formatter.text_length(shown)
+            choice["text"] = text
+            choice["logprobs"] = logprobs
+            choice["finish_reason"] = finish_reason if output.finished else None
+            choice["stop_reason"] = stop_reason if output.finished else None
+            if body.return_token_ids:
+                choice["token_ids"] = new_tokens
+            chunk: dict[str, Any] = {**meta, "choices": [choice]}
             if body.include_usage:
                 chunk["usage"] = (
                     usage(num_prompt[index], num_completion[index])

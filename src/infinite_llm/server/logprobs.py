@@ -1,7 +1,11 @@
 """Logprobs in the two OpenAI shapes: completions (parallel lists) and chat (one entry per token).
 
-The engine gives, per generated token, ``{token_id: logprob}`` holding the sampled token and
-the top-k asked for; tokens are shown as their own decoded text, as vLLM does.
+The engine gives, per token, ``{token_id: logprob}`` holding the token and the top-k asked
+for (None for the first token of an echoed prompt, which has no logprob); tokens are shown as
+their own decoded text, as vLLM does, or as ``token_id:<id>`` when the request asks
+(``return_tokens_as_token_ids``: a token that is not valid UTF-8 on its own stays exact).
+``text_offset`` counts the tokens' own text, so streamed and whole answers agree whatever a
+stop string held back.
 """
 
 from __future__ import annotations
@@ -23,28 +27,41 @@ class LogprobFormatter:
     def token_text(self, token_id: int) -> str:
         return self._token_text(token_id)
 
+    def text_length(self, token_ids: Sequence[int]) -> int:
+        """Characters the tokens' own texts take: what ``text_offset`` advances by."""
+        return sum(len(self._token_text(t)) for t in token_ids)
+
+    def _shown(self, token_id: int, as_ids: bool) -> str:
+        return f"token_id:{token_id}" if as_ids else self._token_text(token_id)
+
     def completion(
-        self, token_ids: Sequence[int], logprobs: Sequence[dict[int, float]], text_offset: int = 0
+        self,
+        token_ids: Sequence[int],
+        logprobs: Sequence[dict[int, float] | None],
+        text_offset: int = 0,
+        as_ids: bool = False,
     ) -> dict[str, Any]:
         """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (``text_offset`` counts
-        characters from the start of the completion text, plus ``text_offset`` given)."""
+        characters from the start of the text, plus ``text_offset`` given)."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
-        top: list[dict[str, float | None]] = []
+        top: list[dict[str, float | None] | None] = []
         offsets: list[int] = []
         offset = text_offset
         for token_id, entry in zip(token_ids, logprobs):
-            text = self.token_text(token_id)
-            tokens.append(text)
+            tokens.append(self._shown(token_id, as_ids))
+            offsets.append(offset)
+            offset += len(self._token_text(token_id))
+            if entry is None:
+                token_logprobs.append(None)
+                top.append(None)
+                continue
             token_logprobs.append(_finite(entry.get(token_id)))
             ranked: dict[str, float | None] = {}
             for t, lp in sorted(entry.items(), key=lambda kv: -kv[1]):
-                ranked.setdefault(
-                    self.token_text(t), _finite(lp)
-                )  # same text twice: keep the likelier
+                # the same text twice: keep the likelier
+                ranked.setdefault(self._shown(t, as_ids), _finite(lp))
             top.append(ranked)
-            offsets.append(offset)
-            offset += len(text)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
@@ -53,25 +70,49 @@ class LogprobFormatter:
         }
 
     def chat(
-        self, token_ids: Sequence[int], logprobs: Sequence[dict[int, float]], top_k: int
+        self,
+        token_ids: Sequence[int],
+        logprobs: Sequence[dict[int, float]],
+        top_k: int,
+        as_ids: bool = False,
     ) -> dict[str, Any]:
-        """``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...top_k]}]}``."""
+        """``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...top_k]}]}``
+        (``top_k`` -1: every token the engine gave)."""
         content = []
         for token_id, entry in zip(token_ids, logprobs):
-            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:top_k]
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+            if top_k >= 0:
+                ranked = ranked[:top_k]
             content.append(
                 {
-                    **self._chat_entry(token_id, entry.get(token_id)),
-                    "top_logprobs": [self._chat_entry(t, lp) for t, lp in ranked],
+                    **self._chat_entry(token_id, entry.get(token_id), as_ids),
+                    "top_logprobs": [self._chat_entry(t, lp, as_ids) for t, lp in ranked],
                 }
             )
         return {"content": content}
 
-    def _chat_entry(self, token_id: int, logprob: float | None) -> dict[str, Any]:
-        text = self.token_text(token_id)
+    def prompt(
+        self, logprobs: Sequence[dict[int, float] | None] | None
+    ) -> list[dict[str, dict[str, Any]] | None] | None:
+        """vLLM's ``prompt_logprobs``: per prompt token None (the first) or
+        ``{token_id: {"logprob", "decoded_token"}}``."""
+        if logprobs is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                str(t): {"logprob": _finite(lp), "decoded_token": self._token_text(t)}
+                for t, lp in entry.items()
+            }
+            for entry in logprobs
+        ]
+
+    def _chat_entry(self, token_id: int, logprob: float | None, as_ids: bool) -> dict[str, Any]:
+        text = self._token_text(token_id)
         value = _finite(logprob)
         return {
-            "token": text,
+            "token": self._shown(token_id, as_ids),
             "logprob": -9999.0 if value is None else value,
             "bytes": list(text.encode("utf-8")),
         }

@@ -1,20 +1,55 @@
 """The OpenAI request bodies we accept (vLLM's field names and extras), as pydantic models.
 
-Unknown fields are ignored, as vLLM does; fields we know but cannot honour (``n`` > 1,
-penalties, ``echo``, tools, images) are refused with a 400 naming them rather than silently
-changing the answer. ``to_sampling_params`` turns a body into ``SamplingParams``.
+Fields neither OpenAI nor vLLM define are ignored with a warning in the log, as vLLM does.
+Fields vLLM defines that this server cannot honour (``REFUSED``: beam search, bad words,
+multimodal and disaggregation parameters, ...) get a 400 naming them unless left at their
+neutral value: a client never gets an answer that silently ignored what it asked for.
+``to_sampling_params`` turns a body into ``SamplingParams``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.server.errors import APIError, bad_request
 
+logger = logging.getLogger(__name__)
+
 TokenIds = list[int]
+
+# vLLM request fields this server does not implement, with the values that ask for nothing.
+REFUSED: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),
+    "early_stopping": (False,),
+    "watermarking": (False,),
+    "bad_words": ([],),
+    "logprob_token_ids": (),
+    "spaces_between_special_tokens": (True,),
+    "priority": (0,),
+    "session_id": (),
+    "stream_interval": (1,),
+    "suffix": ("",),
+    "prompt_embeds": (),
+    "include_reasoning": (True,),
+    "reasoning_effort": (),
+    "thinking_token_budget": (),
+    "return_token_offsets": (False,),
+    "return_prompt_text": (False,),
+    "routed_experts_prompt_start": (0,),
+    "repetition_detection": (),
+    "kv_transfer_params": (),
+    "ec_transfer_params": (),
+    "vllm_xargs": (),
+    "mm_processor_kwargs": (),
+    "media_io_kwargs": (),
+    "mm_payload": (),
+    "return_mm_kwargs": (False,),
+}
 
 
 class StreamOptions(BaseModel):
@@ -25,7 +60,7 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """Fields completions and chat share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -44,13 +79,33 @@ class _GenerationRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
-    # Known but not supported: refused unless left at their neutral value.
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    echo: bool = False
+    request_id: str | None = None
+    # Isolates prefix-cache hits between tenants: this server shares no KV between requests,
+    # so every salt is already isolated.
+    cache_salt: str | None = None
     best_of: int | None = None
-    use_beam_search: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _GenerationRequest:
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            if name in REFUSED and value is not None and value not in REFUSED[name]:
+                raise bad_request(f"`{name}` is not supported by this server", name)
+        unknown = sorted(set(extra) - set(REFUSED))
+        if unknown:
+            logger.warning("ignoring request fields this server does not know: %s", unknown)
+        return self
 
     def check_supported(self) -> None:
         if self.n not in (None, 1):
@@ -61,17 +116,10 @@ class _GenerationRequest(BaseModel):
             raise bad_request(
                 f"best_of must be 1 (got {self.best_of}); it is not supported", "best_of"
             )
-        if self.use_beam_search:
-            raise bad_request("beam search is not supported", "use_beam_search")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise bad_request(f"{name} is not supported (leave it at 0)", name)
-        if self.repetition_penalty not in (None, 1, 1.0):
+        if self.prompt_logprobs is not None and self.stream and self.prompt_logprobs != 0:
             raise bad_request(
-                "repetition_penalty is not supported (leave it at 1)", "repetition_penalty"
+                "prompt_logprobs are not available when stream is true", "prompt_logprobs"
             )
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
 
     @property
     def wants_stream(self) -> bool:
@@ -85,7 +133,9 @@ class _GenerationRequest(BaseModel):
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
-    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """``SamplingParams`` from the body (OpenAI defaults for what is left out)."""
         self.check_supported()
         if self.stream_options is not None and not self.stream:
@@ -104,14 +154,24 @@ class _GenerationRequest(BaseModel):
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0
+            if self.repetition_penalty is None
+            else self.repetition_penalty,
+            "logit_bias": self.logit_bias,
+            "allowed_token_ids": self.allowed_token_ids,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens,
+            "truncation_side": self.truncation_side or "left",
         }
         try:
             return SamplingParams(**kwargs)
         except ValueError as exc:
             message = str(exc)
-            first = message.split(" ", 1)[0]
+            first = message.split(" ", 1)[0].rstrip(":")
             param = first if first in kwargs or first == "n" else None
             if param == "max_tokens" and "max_completion_tokens" in self.model_fields_set:
                 param = "max_completion_tokens"
@@ -121,8 +181,7 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
+    add_special_tokens: bool = True
 
     def prompts(self) -> list[str | TokenIds]:
         """The prompts of the body: a string, token ids, or a list of either."""
@@ -135,15 +194,19 @@ class CompletionRequest(_GenerationRequest):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
 
+    @property
+    def prompt_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: score the prompt, generate nothing."""
+        return self.echo and self.max_tokens == 0
+
     def sampling_params(self) -> SamplingParams:
-        if self.echo:
-            raise bad_request("echo is not supported", "echo")
-        if self.suffix:
-            raise bad_request("suffix is not supported", "suffix")
-        max_tokens = (
-            16 if self.max_tokens is None else self.max_tokens
-        )  # OpenAI's and vLLM's default
-        return self.to_sampling_params(max_tokens, self.logprobs)
+        max_tokens = 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and prompt_logprobs is None:
+            prompt_logprobs = self.logprobs  # the echoed prompt's tokens carry logprobs too
+        if self.prompt_only:
+            max_tokens = 1  # one step computes the prompt; its token is not returned
+        return self.to_sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
 class ContentPart(BaseModel):
@@ -156,7 +219,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -190,12 +253,64 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # the template holds the special tokens
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: ResponseFormat | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message(i) for i, m in enumerate(self.messages)]
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the chat template; 400 for a clash or a bad combination."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise bad_request(
+                "continue_final_message cannot be used with add_generation_prompt "
+                "(send add_generation_prompt: false)",
+                "continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise bad_request(
+                "continue_final_message needs the last message to be the assistant's",
+                "continue_final_message",
+            )
+        kwargs: dict[str, Any] = dict(self.chat_template_kwargs or {})
+        reserved = {
+            "tokenize",
+            "conversation",
+            "messages",
+            "add_generation_prompt",
+            "continue_final_message",
+            "chat_template",
+            "documents",
+            "tools",
+        }
+        clash = sorted(reserved & set(kwargs))
+        if clash:
+            raise bad_request(
+                f"chat_template_kwargs may not set {', '.join(clash)} (use the request fields)",
+                "chat_template_kwargs",
+            )
+        kwargs["add_generation_prompt"] = self.add_generation_prompt
+        if self.continue_final_message:
+            kwargs["continue_final_message"] = True
+        if self.documents is not None:
+            kwargs["documents"] = self.documents
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        return kwargs
+
+    @property
+    def echoed_text(self) -> str:
+        """With ``echo``: the last message's text when it is the assistant's (the reply
+        continues it), else nothing."""
+        if not self.echo or self.messages[-1].role != "assistant":
+            return ""
+        return str(self.messages[-1].as_template_message(len(self.messages) - 1)["content"])
 
     def sampling_params(self) -> SamplingParams:
         if self.tools:
@@ -206,14 +321,9 @@ class ChatCompletionRequest(_GenerationRequest):
             raise bad_request("response_format other than text is not supported", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        if (
-            self.top_logprobs is not None
-            and not 0 <= self.top_logprobs <= SamplingParams.MAX_LOGPROBS
-        ):
+        if self.top_logprobs is not None and self.top_logprobs < -1:
             raise bad_request(
-                f"top_logprobs must be between 0 and {SamplingParams.MAX_LOGPROBS}, "
-                f"got {self.top_logprobs}",
-                "top_logprobs",
+                f"top_logprobs must be non-negative or -1, got {self.top_logprobs}", "top_logprobs"
             )
         max_tokens = (
             self.max_completion_tokens
@@ -221,7 +331,8 @@ class ChatCompletionRequest(_GenerationRequest):
             else self.max_tokens
         )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.to_sampling_params(max_tokens, logprobs)  # None: up to max_model_len
+        # None: up to max_model_len
+        return self.to_sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 def check_model(requested: str | None, served: list[str]) -> str:

@@ -45,11 +45,13 @@ class ServerState:
     metrics: ServerMetrics
     formatter: LogprobFormatter
     model_source: str = ""
+    trust_request_chat_template: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, request_id: str | None = None) -> str:
+    """``prefix-<request_id>`` (the client's, as vLLM names it), or a fresh one."""
+    return f"{prefix}-{request_id or uuid.uuid4().hex}"
 
 
 def _reject_constant(name: str) -> Any:
@@ -79,14 +81,22 @@ async def start_requests(
     params: SamplingParams,
     request_id: str,
     param: str,
+    add_special_tokens: bool = True,
 ) -> list[RequestStream]:
     """Tokenize and validate every prompt, then queue them all (or none)."""
     engine = state.engine
+    try:
+        engine.engine.check_params(params)
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0].rstrip(":")
+        if param == "messages" and field == "logprobs":  # chat asks for them as top_logprobs
+            raise bad_request(f"top_{exc}", "top_logprobs") from exc
+        raise bad_request(str(exc), field) from exc
     requests = []
     for i, prompt in enumerate(prompts):
         rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         try:
-            request = await engine.make_request(prompt, params, rid)
+            request = await engine.make_request(prompt, params, rid, add_special_tokens)
         except ValueError as exc:
             where = param if len(prompts) == 1 else f"{param}[{i}]"
             message = (

@@ -14,6 +14,9 @@ class ServerSettings:
     api_key: str | None = None  # required as a bearer token on /v1/* when set
     max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS  # None: no limit
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Render chat requests with a chat_template they bring (a Jinja template from the client;
+    # off by default, as in vLLM).
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -24,10 +24,11 @@ class RequestStream:
     """
 
     def __init__(
-        self, request_id: str, num_prompt_tokens: int, on_abort: Callable[[str], None]
+        self, request_id: str, prompt_token_ids: list[int], on_abort: Callable[[str], None]
     ) -> None:
         self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
+        self.prompt_token_ids = prompt_token_ids
+        self.num_prompt_tokens = len(prompt_token_ids)
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
