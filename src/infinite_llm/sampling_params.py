@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from infinite_llm.structured_outputs import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -28,6 +30,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match it
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     MAX_LOGPROBS = 20
@@ -95,6 +98,11 @@ class SamplingParams:
             self.logprobs is None
             or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
             f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}",
+        )
+        check(
+            self.structured_outputs is None
+            or isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs must be a StructuredOutputsParams",
         )
 
     @property
