@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infinite_llm.engine.structured import StructuredOutputs
 from infinite_llm.scheduler.request import Request
 
 
@@ -40,8 +41,13 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
     return logits
 
 
-def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
-    """logits: [N, vocab] float32, row i for requests[i]."""
+def sample(
+    logits: torch.Tensor,
+    requests: Sequence[Request],
+    structured: StructuredOutputs | None = None,
+) -> list[SampledToken]:
+    """logits: [N, vocab] float32, row i for requests[i]; ``structured`` masks the rows of
+    grammar-constrained requests (their matchers advance after sampling: ``accept``)."""
     logits = logits.float()
     # min_tokens: forbid stopping tokens until enough output exists.
     for i, request in enumerate(requests):
@@ -52,6 +58,8 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledTok
                 banned.append(request.eos_token_id)
             if banned:
                 logits[i, banned] = float("-inf")
+    if structured is not None:
+        structured.apply_bitmask(logits, requests)
     want_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
