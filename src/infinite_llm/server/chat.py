@@ -31,20 +31,29 @@ from infinite_llm.server.serving import (
     usage,
 )
 from infinite_llm.server.stream import RequestStream
+from infinite_llm.server.tools import (
+    ToolSetup,
+    assistant_message,
+    template_inputs,
+    tool_finish_reason,
+)
 
 
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     model = check_model(body.model, state.served_model_names)
     params = body.sampling_params()
-    messages = body.template_messages()
+    tools = body.tool_setup()
     tokenizer = state.engine.engine.tokenizer
     if not tokenizer.has_chat_template:
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
+    messages, template_kwargs = template_inputs(
+        body.template_messages(), tools, tokenizer.chat_template
+    )
     try:
         prompt = await state.engine.run_in_tokenizer(
             lambda: tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt
+                messages, add_generation_prompt=body.add_generation_prompt, **template_kwargs
             )
         )
     except EngineDeadError:
@@ -56,7 +65,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     meta = {"id": response_id, "created": int(time.time()), "model": model}
     top_k = (body.top_logprobs or 0) if body.logprobs else None
     if body.wants_stream:
-        return EngineStreamingResponse(_events(state, body, stream, meta, top_k), [stream])
+        return EngineStreamingResponse(_events(state, body, stream, meta, top_k, tools), [stream])
     try:
         outputs = await final_outputs(request, [stream])
     except STREAM_ERRORS as exc:
@@ -65,11 +74,12 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
     (output,) = outputs
     completion = output.outputs[0]
+    message, finish_reason = assistant_message(tools, completion.text, completion.finish_reason)
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": completion.text},
+        "message": message,
         "logprobs": _logprobs(state, output, completion.token_ids, top_k),
-        "finish_reason": completion.finish_reason,
+        "finish_reason": finish_reason,
         "stop_reason": completion.stop_reason,
     }
     return JSONResponse(
@@ -98,6 +108,7 @@ async def _events(
     stream: RequestStream,
     meta: dict[str, Any],
     top_k: int | None,
+    tools: ToolSetup | None = None,
 ) -> AsyncIterator[str]:
     meta = {**meta, "object": "chat.completion.chunk"}
     num_prompt = stream.num_prompt_tokens
@@ -127,10 +138,25 @@ async def _events(
 
     try:
         yield chunk({"role": "assistant", "content": ""})
+        parser = tools.parser() if tools is not None else None
+        called = False
         async for output in stream:
             completion = output.outputs[0]
             num_completion = len(completion.token_ids)
             new_tokens = output.delta_token_ids
+            if parser is not None:  # tool calls: the parser's deltas, the last one finishing
+                deltas = parser.feed(output.delta_text)
+                deltas += parser.finish() if output.finished else []
+                called = called or any("tool_calls" in d for d in deltas)
+                logprobs = _logprobs(state, output, new_tokens, top_k)
+                last = deltas.pop() if output.finished and deltas else None
+                for delta in deltas:
+                    yield chunk(delta, logprobs)
+                    logprobs = None
+                if output.finished:
+                    reason = tool_finish_reason(completion.finish_reason, called)
+                    yield chunk(last or {}, logprobs, reason, completion.stop_reason)
+                continue
             if (
                 not output.delta_text
                 and not output.finished

@@ -1,8 +1,9 @@
 """The OpenAI request bodies we accept (vLLM's field names and extras), as pydantic models.
 
 Unknown fields are ignored, as vLLM does; fields we know but cannot honour (``n`` > 1,
-penalties, ``echo``, tools, images) are refused with a 400 naming them rather than silently
-changing the answer. ``to_sampling_params`` turns a body into ``SamplingParams``.
+penalties, ``echo``, images) are refused with a 400 naming them rather than silently
+changing the answer. ``to_sampling_params`` turns a body into ``SamplingParams``; the fields
+that constrain the output are gathered by ``structured.py``, tools by ``tools.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.server.errors import APIError, bad_request
+from infinite_llm.server.structured import (
+    JsonSchemaFormat,
+    StructuredOutputsBody,
+    guided_sources,
+    response_format_source,
+    structured_outputs_from,
+)
+from infinite_llm.server.tools import ChatTool, ToolChoice, ToolSetup, tool_setup
+from infinite_llm.structured_outputs import StructuredOutputsParams
 
 TokenIds = list[int]
 
@@ -44,6 +54,12 @@ class _GenerationRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
+    # Output constraints (structured.py): vLLM's object and its older guided_* fields.
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Known but not supported: refused unless left at their neutral value.
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
@@ -72,6 +88,12 @@ class _GenerationRequest(BaseModel):
             )
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
+
+    def constraint_sources(self) -> dict[str, dict[str, Any]]:
+        return guided_sources(self)
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        return structured_outputs_from(self.constraint_sources())
 
     @property
     def wants_stream(self) -> bool:
@@ -106,6 +128,7 @@ class _GenerationRequest(BaseModel):
             "logprobs": logprobs,
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "structured_outputs": self.structured_outputs_params(),
         }
         try:
             return SamplingParams(**kwargs)
@@ -159,6 +182,8 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's past calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def as_template_message(self, index: int) -> dict[str, Any]:
         content = self.content
@@ -175,6 +200,10 @@ class ChatMessage(BaseModel):
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -182,6 +211,7 @@ class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -190,20 +220,25 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message(i) for i, m in enumerate(self.messages)]
 
+    def tool_setup(self) -> ToolSetup | None:
+        return tool_setup(self.tools, self.tool_choice)
+
+    def constraint_sources(self) -> dict[str, dict[str, Any]]:
+        setup = self.tool_setup()
+        return {
+            **guided_sources(self),
+            **response_format_source(self.response_format),
+            **(setup.structured_source() if setup else {}),
+        }
+
     def sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported", "tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("response_format other than text is not supported", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         if (
