@@ -45,7 +45,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import torch
 
 from infinite_llm.scheduler.request import Request
@@ -89,6 +88,8 @@ class StructuredOutputs:
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
+            import llguidance.hf  # imports transformers, which a Ray actor otherwise never loads
+
             hf = self._load_tokenizer()
             self._tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab_size)
             self._executor = llguidance.LLExecutor()
