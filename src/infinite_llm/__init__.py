@@ -9,18 +9,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 
 if TYPE_CHECKING:
     from infinite_llm.llm import LLM
     from infinite_llm.outputs import CompletionOutput, RequestOutput
     from infinite_llm.sampling_params import SamplingParams
+    from infinite_llm.structured_outputs import StructuredOutputsParams
 
 _LAZY = {
     "LLM": "infinite_llm.llm",
     "CompletionOutput": "infinite_llm.outputs",
     "RequestOutput": "infinite_llm.outputs",
     "SamplingParams": "infinite_llm.sampling_params",
+    "StructuredOutputsParams": "infinite_llm.structured_outputs",
 }
 
 

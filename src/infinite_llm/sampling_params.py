@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from infinite_llm.structured_outputs import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -41,6 +43,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     truncation_side: str = "left"
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match it
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     MAX_LOGPROBS = 20
@@ -140,6 +143,11 @@ class SamplingParams:
         check(
             self.truncation_side in ("left", "right"),
             f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}",
+        )
+        check(
+            self.structured_outputs is None
+            or isinstance(self.structured_outputs, StructuredOutputsParams),
+            "structured_outputs must be a StructuredOutputsParams",
         )
 
     @property

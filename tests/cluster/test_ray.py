@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import time
 
 import pytest
@@ -235,4 +236,19 @@ def test_creditor_killed_while_a_step_waits_on_it_ends_the_step_and_keeps_output
         engine.check_integrity()
     assert victim not in cluster.instance_ids and cluster.stats()["failed_instances"] == 1
     assert done[request.request_id] == expected(prompts, 30)[0]
+    assert_all_free(engine)
+
+
+def test_structured_output_through_actors(ray_engine) -> None:
+    # the grammar runs in the actor that owns the request (its tokenizer loaded on demand)
+    from infinite_llm.structured_outputs import StructuredOutputsParams
+
+    engine = ray_engine(num_instances=2, num_blocks=32, block_size=8)
+    regex = r"[a-z]{4}-[0-9]{3}"
+    params = SamplingParams(
+        temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(regex=regex)
+    )
+    got = run(engine, [[5] * 12, [9] * 12], params, homes=[0, 1])
+    for ids in got:
+        assert re.fullmatch(regex, bytes(ids[:-1]).decode()) and ids[-1] == 257
     assert_all_free(engine)

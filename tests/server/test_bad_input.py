@@ -132,7 +132,8 @@ def test_completion_bad_fields_name_the_problem(
             ["top_logprobs"],
         ),
         ({"messages": CHAT, "max_completion_tokens": -1}, "max_completion_tokens", ["at least 1"]),
-        ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools", ["not supported"]),
+        ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools", ["function"]),
+        ({"messages": CHAT, "tool_choice": "sometimes"}, "tool_choice", ["required"]),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages", ["role"]),
         (
             {

@@ -27,6 +27,7 @@ from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
+from infinite_llm.engine.structured import StructuredOutputs
 from infinite_llm.kvcache.gmanager import GManager
 from infinite_llm.kvcache.integrity import check_cluster, pool_counts, pool_state
 from infinite_llm.kvcache.messages import Heartbeat
@@ -129,6 +130,8 @@ class InProcessCluster(Cluster):
             journal=journal,
         )
         arch, dtype, device = loaded.arch, parse_dtype(config.dtype), torch.device(config.device)
+        # one grammar compiler and cache for the process: the instances step in turn
+        structured = StructuredOutputs(lambda: loaded.tokenizer.hf, arch.vocab_size)
         for i in range(config.num_instances):
             pool = KVPool(
                 arch.num_layers,
@@ -143,7 +146,7 @@ class InProcessCluster(Cluster):
             allocator = self.core.allocator(rmanager, self.transport.lend, self.transport.release)
             scheduler = Scheduler(config.scheduler, self.block_size, allocator)
             runner = ModelRunner(
-                loaded.model, self.block_size, self.transport, seed=config.seed + i
+                loaded.model, self.block_size, self.transport, config.seed + i, structured
             )
             instance = Instance(i, runner, pool, rmanager, scheduler, config.attention_impl)
             self.instances[i] = instance

@@ -27,6 +27,7 @@ cannot deadlock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -59,6 +60,7 @@ from infinite_llm.config import EngineConfig
 from infinite_llm.engine.events import StepEvent
 from infinite_llm.engine.instance import Instance
 from infinite_llm.engine.model_runner import ModelRunner
+from infinite_llm.engine.structured import StructuredOutputs
 from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
@@ -66,7 +68,7 @@ from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader import model_dir_for, parse_dtype
-from infinite_llm.model.loader.hf_loader import iter_safetensors, read_hf_arch
+from infinite_llm.model.loader.hf_loader import iter_safetensors, load_hf_tokenizer, read_hf_arch
 from infinite_llm.model.registry import resolve_model
 from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.order import OrderReport
@@ -164,7 +166,14 @@ class InstanceActor:
             else LocalAllocator(rmanager)
         )
         scheduler = Scheduler(config.scheduler, block_size, allocator)
-        runner = ModelRunner(model, block_size, self.transport, seed=config.seed + instance_id)
+        # the tokenizer is loaded only if a grammar-constrained request comes
+        model_dir = model_dir_for(resolve_model(config.model), progress=False)
+        structured = StructuredOutputs(
+            functools.partial(load_hf_tokenizer, model_dir), arch.vocab_size
+        )
+        runner = ModelRunner(
+            model, block_size, self.transport, config.seed + instance_id, structured
+        )
         self.instance = Instance(
             instance_id, runner, pool, rmanager, scheduler, config.attention_impl
         )

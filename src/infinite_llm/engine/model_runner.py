@@ -6,6 +6,7 @@ import torch
 
 from infinite_llm.attention.dist import DistAttention, DistPlan, MAExecutor, StepSpan
 from infinite_llm.engine.sampler import SampledToken, make_generator, sample
+from infinite_llm.engine.structured import StructuredOutputs
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.scheduler.output import SchedulerOutput
 from infinite_llm.scheduler.request import Request
@@ -17,9 +18,15 @@ PROMPT_LOGITS_ROWS = 256
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, block_size: int, executor: MAExecutor, seed: int = 0
+        self,
+        model: LlamaForCausalLM,
+        block_size: int,
+        executor: MAExecutor,
+        seed: int = 0,
+        structured: StructuredOutputs | None = None,
     ) -> None:
         self.model = model
+        self.structured = structured  # None: no grammar-constrained requests on this runner
         self.block_size = block_size
         self.executor = executor
         self.device = model.device
@@ -73,7 +80,9 @@ class ModelRunner:
         if not sample_rows:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        sampled = sample(logits.cpu(), samplers)
+        sampled = sample(logits.cpu(), samplers, self.structured)
+        if self.structured is not None:
+            self.structured.accept(samplers, [s.token_id for s in sampled])
         return {request.request_id: token for request, token in zip(samplers, sampled)}
 
     def _prompt_logprobs(

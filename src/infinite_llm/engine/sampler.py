@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from infinite_llm.engine.logits_processing import process_logits
+from infinite_llm.engine.structured import StructuredOutputs
 from infinite_llm.scheduler.request import Request
 
 
@@ -42,13 +43,30 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
     return logits
 
 
-def sample(logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
-    """logits: [N, vocab] float32, row i for requests[i]."""
+def sample(
+    logits: torch.Tensor,
+    requests: Sequence[Request],
+    structured: StructuredOutputs | None = None,
+) -> list[SampledToken]:
+    """logits: [N, vocab] float32, row i for requests[i]; ``structured`` masks the rows of
+    grammar-constrained requests (their matchers advance after sampling: ``accept``)."""
     logits = logits.float()
-    # Logprobs are the model's own (before the request's processing), as vLLM reports them.
+    # The grammar's mask first: logprobs are over the tokens it allows (as vLLM reports them),
+    # before the request's own processing.
+    constrained = [] if structured is None else structured.rows(requests)
+    if structured is not None and constrained:
+        structured.apply_bitmask(logits, requests)
     want_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    grammar_only = logits[constrained].clone() if constrained else None
     process_logits(logits, requests)
+    if grammar_only is not None:
+        # A row the request's own rules left empty (min_tokens forbidding the EOS that completes
+        # the grammar, allowed_token_ids outside it): the grammar wins.
+        dead = torch.isneginf(logits[constrained]).all(dim=-1)
+        if bool(dead.any()):
+            rows = torch.tensor(constrained)[dead]
+            logits[rows] = grammar_only[dead]
 
     token_ids = [0] * len(requests)
     greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]

@@ -33,8 +33,13 @@ class Tokenizer:
         return self.hf.convert_tokens_to_string(tokens)
 
     @property
+    def chat_template(self) -> str:
+        """The template's source ("" for none)."""
+        return getattr(self.hf, "chat_template", None) or ""
+
+    @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
+        return bool(self.chat_template)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any

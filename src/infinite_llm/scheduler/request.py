@@ -60,6 +60,9 @@ class Request:
     # Opaque to the scheduler: the sampler's per-request random generator (kept across preemption,
     # so a resumed request draws the same numbers it would have drawn).
     generator: Any = None
+    # Opaque to the scheduler too: the sampler's grammar matcher of a constrained request
+    # (engine/structured.py); it mirrors output_token_ids, so it survives preemption as they do.
+    structured: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -36,14 +36,20 @@ from infinite_llm.server.serving import (
     usage,
 )
 from infinite_llm.server.stream import RequestStream
+from infinite_llm.server.tools import (
+    ToolSetup,
+    assistant_message,
+    template_inputs,
+    tool_finish_reason,
+)
 
 
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     model = check_model(body.model, state.served_model_names)
     params = body.sampling_params()
-    messages = body.template_messages()
-    template_kwargs = body.template_kwargs()
+    tools = body.tool_setup()
+    own_kwargs = body.template_kwargs()
     if body.chat_template is not None and not state.trust_request_chat_template:
         raise bad_request(
             "chat_template in a request is refused unless the server runs with "
@@ -53,6 +59,10 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     tokenizer = state.engine.engine.tokenizer
     if not tokenizer.has_chat_template and body.chat_template is None:
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
+    messages, tool_kwargs = template_inputs(
+        body.template_messages(), tools, body.chat_template or tokenizer.chat_template
+    )
+    template_kwargs = {**own_kwargs, **tool_kwargs}
     try:
         prompt = await state.engine.run_in_tokenizer(
             lambda: tokenizer.apply_chat_template(
@@ -68,7 +78,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     meta = {"id": response_id, "created": int(time.time()), "model": model}
     top_k = (body.top_logprobs or 0) if body.logprobs else None
     if body.wants_stream:
-        return EngineStreamingResponse(_events(state, body, stream, meta, top_k), [stream])
+        return EngineStreamingResponse(_events(state, body, stream, meta, top_k, tools), [stream])
     try:
         outputs = await final_outputs(request, [stream])
     except STREAM_ERRORS as exc:
@@ -77,11 +87,14 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
     (output,) = outputs
     completion = output.outputs[0]
+    message, finish_reason = assistant_message(tools, completion.text, completion.finish_reason)
+    if body.echoed_text and message.get("content") is not None:
+        message["content"] = body.echoed_text + message["content"]
     choice: dict[str, Any] = {
         "index": 0,
-        "message": {"role": "assistant", "content": body.echoed_text + completion.text},
+        "message": message,
         "logprobs": _logprobs(state, body, output, completion.token_ids, top_k),
-        "finish_reason": completion.finish_reason,
+        "finish_reason": finish_reason,
         "stop_reason": completion.stop_reason,
     }
     answer: dict[str, Any] = {**meta, "object": "chat.completion", "choices": [choice]}
@@ -116,6 +129,7 @@ async def _events(
     stream: RequestStream,
     meta: dict[str, Any],
     top_k: int | None,
+    tools: ToolSetup | None = None,
 ) -> AsyncIterator[str]:
     meta = {**meta, "object": "chat.completion.chunk"}
     num_prompt = stream.num_prompt_tokens
@@ -149,11 +163,27 @@ async def _events(
         yield chunk({"role": "assistant", "content": ""})
         if body.echoed_text:
             yield chunk({"content": body.echoed_text})
+        parser = tools.parser() if tools is not None else None
+        called = False
         async for output in stream:
             completion = output.outputs[0]
             num_completion = len(completion.token_ids)
             # Tokens since the last chunk sent (an output whose text is held back sends none).
             new_tokens = completion.token_ids[sent:]
+            if parser is not None:  # tool calls: the parser's deltas, the last one finishing
+                sent = len(completion.token_ids)
+                deltas = parser.feed(output.delta_text)
+                deltas += parser.finish() if output.finished else []
+                called = called or any("tool_calls" in d for d in deltas)
+                logprobs = _logprobs(state, body, output, new_tokens, top_k)
+                last = deltas.pop() if output.finished and deltas else None
+                for delta in deltas:
+                    yield chunk(delta, logprobs, token_ids=new_tokens)
+                    logprobs, new_tokens = None, []
+                if output.finished:
+                    reason = tool_finish_reason(completion.finish_reason, called)
+                    yield chunk(last or {}, logprobs, reason, completion.stop_reason, new_tokens)
+                continue
             if not (output.delta_text or output.finished or (top_k is not None and new_tokens)):
                 continue
             sent = len(completion.token_ids)

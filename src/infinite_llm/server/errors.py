@@ -96,6 +96,7 @@ _UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
     "stop": "must be a string or a list of strings",
     "messages": "must be a list of {role, content} objects whose content is a string or a list of text parts",
+    "tool_choice": 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
 }
 
 

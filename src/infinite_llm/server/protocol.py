@@ -4,7 +4,8 @@ Fields neither OpenAI nor vLLM define are ignored with a warning in the log, as 
 Fields vLLM defines that this server cannot honour (``REFUSED``: beam search, bad words,
 multimodal and disaggregation parameters, ...) get a 400 naming them unless left at their
 neutral value: a client never gets an answer that silently ignored what it asked for.
-``to_sampling_params`` turns a body into ``SamplingParams``.
+``to_sampling_params`` turns a body into ``SamplingParams``; the fields that constrain the
+output are gathered by ``structured.py``, tools by ``tools.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.server.errors import APIError, bad_request
+from infinite_llm.server.structured import (
+    JsonSchemaFormat,
+    StructuredOutputsBody,
+    guided_sources,
+    response_format_source,
+    structured_outputs_from,
+)
+from infinite_llm.server.tools import ChatTool, ToolChoice, ToolSetup, tool_setup
+from infinite_llm.structured_outputs import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +89,12 @@ class _GenerationRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     user: str | None = None
+    # Output constraints (structured.py): vLLM's object and its older guided_* fields.
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -120,6 +136,12 @@ class _GenerationRequest(BaseModel):
             raise bad_request(
                 "prompt_logprobs are not available when stream is true", "prompt_logprobs"
             )
+
+    def constraint_sources(self) -> dict[str, dict[str, Any]]:
+        return guided_sources(self)
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        return structured_outputs_from(self.constraint_sources())
 
     @property
     def wants_stream(self) -> bool:
@@ -166,6 +188,7 @@ class _GenerationRequest(BaseModel):
             "allowed_token_ids": self.allowed_token_ids,
             "truncate_prompt_tokens": self.truncate_prompt_tokens,
             "truncation_side": self.truncation_side or "left",
+            "structured_outputs": self.structured_outputs_params(),
         }
         try:
             return SamplingParams(**kwargs)
@@ -222,6 +245,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's past calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def as_template_message(self, index: int) -> dict[str, Any]:
         content = self.content
@@ -238,6 +263,10 @@ class ChatMessage(BaseModel):
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -245,6 +274,7 @@ class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -258,8 +288,8 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, str]] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
@@ -312,13 +342,18 @@ class ChatCompletionRequest(_GenerationRequest):
             return ""
         return str(self.messages[-1].as_template_message(len(self.messages) - 1)["content"])
 
+    def tool_setup(self) -> ToolSetup | None:
+        return tool_setup(self.tools, self.tool_choice)
+
+    def constraint_sources(self) -> dict[str, dict[str, Any]]:
+        setup = self.tool_setup()
+        return {
+            **guided_sources(self),
+            **response_format_source(self.response_format),
+            **(setup.structured_source() if setup else {}),
+        }
+
     def sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported", "tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("response_format other than text is not supported", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         if self.top_logprobs is not None and self.top_logprobs < -1:

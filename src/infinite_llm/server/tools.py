@@ -1,0 +1,219 @@
+"""Tools on ``/v1/chat/completions``: how ``tools`` and ``tool_choice`` shape the prompt, the
+output constraint and the parsing of the answer.
+
+* ``auto`` (the default with tools): the tools are rendered, the model may answer with
+  ``<tool_call>`` blocks, which ``HermesToolParser`` turns into ``tool_calls``.
+* ``required``: the output is constrained to a JSON array of one or more
+  ``{"name": <a tool>, "parameters": <its parameters>}`` (vLLM's schema), so it always parses.
+* a named function: the output is constrained to that function's parameters schema and
+  returned as a call of it.
+* ``none``: tools are neither rendered nor parsed.
+
+Rendering: a chat template that knows tools (its source mentions ``tools``) gets them through
+``apply_chat_template(tools=...)``, and the history's calls with their arguments as objects, as
+Hugging Face templates expect. Otherwise (SmolLM2's template ignores tools, calls and tool
+messages) they are written into the messages in the Hermes style: the signatures in a
+``<tools>`` block of the system message with the instruction to answer with ``<tool_call>``
+blocks, past calls as those blocks in the assistant's content, tool results in
+``<tool_response>`` blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from infinite_llm.server.errors import bad_request
+from infinite_llm.server.tool_parsers import (
+    HermesToolParser,
+    NamedToolParser,
+    RequiredToolParser,
+    ToolParser,
+    parse,
+)
+
+HERMES_SYSTEM = (
+    "You are a function calling AI model. You are provided with function signatures within "
+    "<tools></tools> XML tags. You may call one or more functions to assist with the user "
+    "query. Don't make assumptions about what values to plug into functions. Here are the "
+    "available tools: <tools>\n{tools}\n</tools>\nFor each function call, return a json "
+    "object with function name and arguments within <tool_call></tool_call> XML tags as "
+    'follows:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n'
+    "</tool_call>"
+)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+@dataclass(frozen=True)
+class ToolSetup:
+    """What a chat request's tools mean for it; ``mode``: auto, required or named."""
+
+    tools: list[ChatTool]
+    mode: str
+    name: str | None = None
+
+    def structured_source(self) -> dict[str, dict[str, Any]]:
+        """The output constraint that forces the call (none for auto), as a source for
+        ``structured.structured_outputs_from``."""
+        if self.mode == "named":
+            tool = next(t for t in self.tools if t.function.name == self.name)
+            return {"tool_choice": {"json": _parameters(tool)}}
+        if self.mode == "required":
+            calls = [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": [t.function.name]},
+                        "parameters": _parameters(t),
+                    },
+                    "required": ["name", "parameters"],
+                }
+                for t in self.tools
+            ]
+            schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+            return {"tool_choice": {"json": schema}}
+        return {}
+
+    def parser(self) -> ToolParser:
+        if self.mode == "named":
+            assert self.name is not None
+            return NamedToolParser(self.name)
+        if self.mode == "required":
+            return RequiredToolParser()
+        return HermesToolParser()
+
+
+def assistant_message(
+    setup: ToolSetup | None, text: str, finish_reason: str | None
+) -> tuple[dict[str, Any], str | None]:
+    """The answer's message and finish reason: ``tool_calls`` when it stopped on calls."""
+    if setup is None:
+        return {"role": "assistant", "content": text}, finish_reason
+    content, calls = parse(setup.parser(), text)
+    return {"role": "assistant", "content": content, "tool_calls": calls}, tool_finish_reason(
+        finish_reason, bool(calls)
+    )
+
+
+def tool_finish_reason(finish_reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
+
+
+def tool_setup(tools: list[ChatTool] | None, tool_choice: ToolChoice | None) -> ToolSetup | None:
+    """None when the request has no tools to use (none given, or ``tool_choice`` none); 400 for
+    a choice that names no given tool or needs tools that are not there."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return None
+    if tool_choice == "none":
+        return None
+    if isinstance(tool_choice, NamedToolChoice):
+        name = tool_choice.function.name
+        if name not in {t.function.name for t in tools}:
+            raise bad_request(
+                f"tool_choice names function {name!r}, which is not among the tools", "tool_choice"
+            )
+        return ToolSetup(tools, "named", name)
+    return ToolSetup(tools, tool_choice or "auto")
+
+
+def template_inputs(
+    messages: list[dict[str, Any]], setup: ToolSetup | None, template: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages and extra ``apply_chat_template`` arguments that render the tools (when
+    ``setup``) and the history's tool calls and results, for the model's ``template``."""
+    if "tools" in template:  # the template renders tools itself
+        rendered = [_with_argument_objects(m) for m in messages]
+        tools = [t.model_dump(exclude_none=True) for t in setup.tools] if setup else None
+        return rendered, ({"tools": tools} if tools else {})
+    rendered = [_hermes_message(m) for m in messages]
+    if setup is not None:
+        signatures = "\n".join(json.dumps(t.model_dump(exclude_none=True)) for t in setup.tools)
+        system = HERMES_SYSTEM.format(tools=signatures)
+        if rendered and rendered[0]["role"] == "system":
+            rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{system}"}
+        else:
+            rendered.insert(0, {"role": "system", "content": system})
+    return rendered, {}
+
+
+def _parameters(tool: ChatTool) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def _with_argument_objects(message: dict[str, Any]) -> dict[str, Any]:
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    fixed = []
+    for call in calls:
+        function = dict(call.get("function", {}))
+        function["arguments"] = _loads(function.get("arguments"))
+        fixed.append({**call, "function": function})
+    return {**message, "tool_calls": fixed}
+
+
+def _hermes_message(message: dict[str, Any]) -> dict[str, Any]:
+    if message["role"] == "tool":
+        return {
+            "role": "tool",
+            "content": f"<tool_response>\n{message['content']}\n</tool_response>",
+        }
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    blocks = [
+        "<tool_call>\n"
+        + json.dumps(
+            {
+                "name": call.get("function", {}).get("name"),
+                "arguments": _loads(call.get("function", {}).get("arguments")),
+            }
+        )
+        + "\n</tool_call>"
+        for call in calls
+    ]
+    content = "\n".join([message["content"], *blocks] if message["content"] else blocks)
+    return {"role": message["role"], "content": content}
+
+
+def _loads(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments if arguments is not None else {}
