@@ -12,9 +12,13 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0 and top_p = 1 and min_p = 0 disable those filters.
     ``seed`` makes a request's random choices reproducible on its own, whatever else is batched.
     ``logprobs``: None for none, k >= 0 for the sampled token's logprob plus the k most likely.
+    ``n`` samples are returned per prompt; ``best_of`` (None: ``n``) are generated and the ``n``
+    with the highest cumulative logprob returned, best first. With a ``seed``, sample i draws
+    from ``seed + i``.
     """
 
     n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -52,8 +56,17 @@ class SamplingParams:
                 raise ValueError(message)
 
         check(
-            isinstance(self.n, int) and self.n == 1,
-            f"n must be 1 (got {self.n!r}); parallel sampling is not supported",
+            isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1,
+            f"n must be at least 1, got {self.n!r}",
+        )
+        check(
+            self.best_of is None
+            or (
+                isinstance(self.best_of, int)
+                and not isinstance(self.best_of, bool)
+                and self.best_of >= self.n
+            ),
+            f"best_of must be at least n ({self.n}), got {self.best_of!r}",
         )
         check(
             _is_number(self.temperature) and self.temperature >= 0.0,
@@ -96,6 +109,11 @@ class SamplingParams:
             or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
             f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}",
         )
+
+    @property
+    def num_samples(self) -> int:
+        """How many samples are generated: ``best_of``, else ``n``."""
+        return self.n if self.best_of is None else self.best_of
 
     @property
     def greedy(self) -> bool:
