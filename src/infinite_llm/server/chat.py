@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from infinite_llm.outputs import RequestOutput
+from infinite_llm.outputs import CompletionOutput
 from infinite_llm.server.async_engine import EngineDeadError
 from infinite_llm.server.errors import APIError, bad_request, error_response
 from infinite_llm.server.protocol import ChatCompletionRequest, check_model
@@ -28,6 +28,7 @@ from infinite_llm.server.serving import (
     sse,
     sse_error,
     start_requests,
+    streamed,
     usage,
 )
 from infinite_llm.server.stream import RequestStream
@@ -64,28 +65,30 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if outputs is None:
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
     (output,) = outputs
-    completion = output.outputs[0]
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": completion.text},
-        "logprobs": _logprobs(state, output, completion.token_ids, top_k),
-        "finish_reason": completion.finish_reason,
-        "stop_reason": completion.stop_reason,
-    }
+    choices = [
+        {
+            "index": completion.index,
+            "message": {"role": "assistant", "content": completion.text},
+            "logprobs": _logprobs(state, completion, completion.token_ids, top_k),
+            "finish_reason": completion.finish_reason,
+            "stop_reason": completion.stop_reason,
+        }
+        for completion in output.outputs
+    ]
+    num_completion = sum(len(c.token_ids) for c in output.outputs)
     return JSONResponse(
         {
             **meta,
             "object": "chat.completion",
-            "choices": [choice],
-            "usage": usage(len(output.prompt_token_ids), len(completion.token_ids)),
+            "choices": choices,
+            "usage": usage(len(output.prompt_token_ids), num_completion),
         }
     )
 
 
 def _logprobs(
-    state: ServerState, output: RequestOutput, token_ids: list[int], top_k: int | None
+    state: ServerState, completion: CompletionOutput, token_ids: list[int], top_k: int | None
 ) -> Any:
-    completion = output.outputs[0]
     if top_k is None or completion.logprobs is None:
         return None
     start = len(completion.token_ids) - len(token_ids)
@@ -101,19 +104,20 @@ async def _events(
 ) -> AsyncIterator[str]:
     meta = {**meta, "object": "chat.completion.chunk"}
     num_prompt = stream.num_prompt_tokens
-    num_completion = 0
+    num_completion = [0] * (body.n or 1)  # per choice
 
     def chunk(
         delta: dict[str, Any],
         logprobs: Any = None,
         finish_reason: str | None = None,
         stop_reason: int | str | None = None,
+        index: int = 0,
     ) -> str:
         data: dict[str, Any] = {
             **meta,
             "choices": [
                 {
-                    "index": 0,
+                    "index": index,
                     "delta": delta,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
@@ -122,31 +126,34 @@ async def _events(
             ],
         }
         if body.include_usage:
-            data["usage"] = usage(num_prompt, num_completion) if body.continuous_usage else None
+            data["usage"] = (
+                usage(num_prompt, num_completion[index]) if body.continuous_usage else None
+            )
         return sse(data)
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        for index in range(len(num_completion)):
+            yield chunk({"role": "assistant", "content": ""}, index=index)
         async for output in stream:
-            completion = output.outputs[0]
-            num_completion = len(completion.token_ids)
-            new_tokens = output.delta_token_ids
-            if (
-                not output.delta_text
-                and not output.finished
-                and not (top_k is not None and new_tokens)
-            ):
+            if not streamed(output):
                 continue
-            logprobs = _logprobs(state, output, new_tokens, top_k)
-            delta = (
-                {"content": output.delta_text} if output.delta_text or not output.finished else {}
-            )
-            if output.finished:
-                yield chunk(delta, logprobs, completion.finish_reason, completion.stop_reason)
+            completion = output.outputs[0]
+            index = completion.index
+            num_completion[index] = len(completion.token_ids)
+            new_tokens = output.delta_token_ids
+            done = completion.finished()
+            if not output.delta_text and not done and not (top_k is not None and new_tokens):
+                continue
+            logprobs = _logprobs(state, completion, new_tokens, top_k)
+            delta = {"content": output.delta_text} if output.delta_text or not done else {}
+            if done:
+                yield chunk(
+                    delta, logprobs, completion.finish_reason, completion.stop_reason, index
+                )
             else:
-                yield chunk(delta, logprobs)
+                yield chunk(delta, logprobs, index=index)
         if body.include_usage:
-            yield sse({**meta, "choices": [], "usage": usage(num_prompt, num_completion)})
+            yield sse({**meta, "choices": [], "usage": usage(num_prompt, sum(num_completion))})
     except STREAM_ERRORS as exc:
         yield sse_error(exc)
     yield sse("[DONE]")

@@ -1,6 +1,7 @@
 """``POST /v1/completions``: text completions, streamed by SSE or in one JSON answer.
 
-A prompt is a string, token ids, or a list of either (one choice per prompt, as vLLM does).
+A prompt is a string, token ids, or a list of either (``n`` choices per prompt, as vLLM
+does: choice ``prompt_index * n + sample_index``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from infinite_llm.outputs import RequestOutput
+from infinite_llm.outputs import CompletionOutput
 from infinite_llm.server.errors import APIError, error_response
 from infinite_llm.server.protocol import CompletionRequest, check_model
 from infinite_llm.server.serving import (
@@ -26,6 +27,7 @@ from infinite_llm.server.serving import (
     sse,
     sse_error,
     start_requests,
+    streamed,
     usage,
 )
 from infinite_llm.server.stream import RequestStream
@@ -52,16 +54,20 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         raise APIError(500, str(exc)) from exc
     if outputs is None:
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
-    choices = [_choice(state, i, out, body.logprobs is not None) for i, out in enumerate(outputs)]
+    want_logprobs, n = body.logprobs is not None, params.n
+    choices = [
+        _choice(state, i * n + c.index, c, want_logprobs)
+        for i, out in enumerate(outputs)
+        for c in out.outputs
+    ]
     num_prompt = sum(len(out.prompt_token_ids) for out in outputs)
-    num_completion = sum(len(out.outputs[0].token_ids) for out in outputs)
+    num_completion = sum(len(c.token_ids) for out in outputs for c in out.outputs)
     return JSONResponse({**meta, "choices": choices, "usage": usage(num_prompt, num_completion)})
 
 
 def _choice(
-    state: ServerState, index: int, output: RequestOutput, want_logprobs: bool
+    state: ServerState, index: int, completion: CompletionOutput, want_logprobs: bool
 ) -> dict[str, Any]:
-    completion = output.outputs[0]
     logprobs = None
     if want_logprobs and completion.logprobs is not None:
         logprobs = state.formatter.completion(completion.token_ids, completion.logprobs)
@@ -80,16 +86,21 @@ async def _events(
     streams: Sequence[RequestStream],
     meta: dict[str, Any],
 ) -> AsyncIterator[str]:
+    n = body.n or 1
     num_prompt = [s.num_prompt_tokens for s in streams]
-    num_completion = [0] * len(streams)
-    text_offset = [0] * len(streams)
+    num_completion = [0] * (len(streams) * n)
+    text_offset = [0] * (len(streams) * n)
     want_logprobs = body.logprobs is not None
     try:
-        async for index, output in merged(streams):
+        async for prompt_index, output in merged(streams):
+            if not streamed(output):
+                continue
             completion = output.outputs[0]
+            index = prompt_index * n + completion.index
             new_tokens = output.delta_token_ids
             num_completion[index] = len(completion.token_ids)
-            if not output.delta_text and not output.finished and not (want_logprobs and new_tokens):
+            done = completion.finished()
+            if not output.delta_text and not done and not (want_logprobs and new_tokens):
                 continue  # text held back (it may become a stop string): nothing to show yet
             logprobs = None
             if want_logprobs and completion.logprobs is not None:
@@ -105,14 +116,14 @@ async def _events(
                         "index": index,
                         "text": output.delta_text,
                         "logprobs": logprobs,
-                        "finish_reason": completion.finish_reason if output.finished else None,
-                        "stop_reason": completion.stop_reason if output.finished else None,
+                        "finish_reason": completion.finish_reason if done else None,
+                        "stop_reason": completion.stop_reason if done else None,
                     }
                 ],
             }
             if body.include_usage:
                 chunk["usage"] = (
-                    usage(num_prompt[index], num_completion[index])
+                    usage(num_prompt[prompt_index], num_completion[index])
                     if body.continuous_usage
                     else None
                 )

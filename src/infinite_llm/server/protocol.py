@@ -1,13 +1,13 @@
 """The OpenAI request bodies we accept (vLLM's field names and extras), as pydantic models.
 
-Unknown fields are ignored, as vLLM does; fields we know but cannot honour (``n`` > 1,
-penalties, ``echo``, tools, images) are refused with a 400 naming them rather than silently
+Unknown fields are ignored, as vLLM does; fields we know but cannot honour (penalties,
+``echo``, tools, images, ``best_of`` on chat or with ``stream``) are refused with a 400 naming them rather than silently
 changing the answer. ``to_sampling_params`` turns a body into ``SamplingParams``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,7 @@ class _GenerationRequest(BaseModel):
     """Fields completions and chat share."""
 
     model_config = ConfigDict(extra="ignore")
+    supports_best_of: ClassVar[bool] = False  # only /v1/completions has it (vLLM)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -53,14 +54,10 @@ class _GenerationRequest(BaseModel):
     use_beam_search: bool = False
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise bad_request(
-                f"n must be 1 (got {self.n}); parallel sampling is not supported", "n"
-            )
-        if self.best_of not in (None, 1):
-            raise bad_request(
-                f"best_of must be 1 (got {self.best_of}); it is not supported", "best_of"
-            )
+        if self.best_of not in (None, 1) and not self.supports_best_of:
+            raise bad_request("best_of is only supported by /v1/completions", "best_of")
+        if self.best_of not in (None, 1) and self.stream:
+            raise bad_request("best_of is not supported when streaming", "best_of")
         if self.use_beam_search:
             raise bad_request("beam search is not supported", "use_beam_search")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -93,6 +90,8 @@ class _GenerationRequest(BaseModel):
                 "stream_options is only allowed when stream is true", "stream_options"
             )
         kwargs: dict[str, Any] = {
+            "n": 1 if self.n is None else self.n,
+            "best_of": self.best_of,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "top_k": 0 if self.top_k is None else self.top_k,
@@ -119,6 +118,7 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
+    supports_best_of: ClassVar[bool] = True
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: int | None = None
     echo: bool = False
