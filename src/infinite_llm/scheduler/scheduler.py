@@ -34,8 +34,8 @@ Parallel sampling: the samples of one request (same ``Request.parent_id``, all h
 share the prompt's full rBlocks, reference counted by the allocator (``kvcache.shared``). The
 first sample is admitted as any request; the others wait in the queue until a running sample has
 computed those rBlocks, then each holds them too and gets its own rBlock for the rest of the
-prompt, which it recomputes (fewer tokens than a rBlock: vLLM's fan-out over its prefix cache
-does the same), so each sample's first token comes from its own logits and no KV is copied
+prompt, which it recomputes (at most one rBlock of tokens; vLLM's fan-out over its prefix
+cache does the same), so each sample's first token comes from its own logits and no KV is copied
 between pools. A preempted sample frees only what it alone holds and comes back the same way
 (alone when no sibling runs).
 
@@ -285,8 +285,8 @@ class Scheduler:
     def _admit_fork(self, request: Request, source: Request) -> bool:
         """Admit a sample on the prompt rBlocks ``source`` (a sibling) computed: it holds
         them too (``allocator.shared``) and gets its own rBlocks from the prompt's last partial
-        rBlock on, where it recomputes the rest of the prompt (under one rBlock of tokens; all
-        its tokens after a preemption)."""
+        rBlock on, where it recomputes the rest of the prompt (at most one rBlock of tokens;
+        after a preemption, its output too)."""
         num_shared = self._num_shared_tokens(request)
         shared = source.block_table.refs()[: num_shared // self.block_size]
         own = self.allocator.allocate(-(-request.num_tokens // self.block_size) - len(shared))
