@@ -1,7 +1,9 @@
 """``LLMEngine``: the front end of the cluster: tokenize and validate, step, detokenize.
 
 Used by ``LLM`` (offline) and by the server (online). Requests are refused with a
-``ValueError`` naming the problem before any memory is taken.
+``ValueError`` naming the problem before any memory is taken. A request of several samples
+(``n`` or ``best_of`` > 1) fans out here into one request per sample, all on one home instance
+(``engine.parallel_sampling``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from infinite_llm.cluster import create_cluster
 from infinite_llm.config import EngineConfig
 from infinite_llm.engine.output_processor import OutputProcessor
+from infinite_llm.engine.parallel_sampling import ParentRequest
 from infinite_llm.model.loader import LoadedModel, load_model
 from infinite_llm.outputs import RequestOutput
 from infinite_llm.sampling_params import SamplingParams
@@ -34,6 +37,8 @@ class LLMEngine:
         self.cluster = create_cluster(config, self.loaded)
         self.max_model_len = self._resolve_max_model_len()
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.parents: dict[str, ParentRequest] = {}  # requests of several samples, by id
+        self._parent_of: dict[str, ParentRequest] = {}  # by the id of each of their samples
         self._ids = itertools.count()
 
     def _resolve_max_model_len(self) -> int:
@@ -145,27 +150,52 @@ class LLMEngine:
     def add_request(
         self, request: Request, prompt_text: str | None = None, home: int | None = None
     ) -> None:
-        """Queue a request made by ``make_request`` (its id must be new); ``home`` pins its instance."""
-        if request.request_id in self.output_processor.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        """Queue a request made by ``make_request`` (its id must be new); ``home`` pins its
+        instance. A request of several samples is queued as one request per sample, every one on
+        the home the first is routed to."""
+        rid = request.request_id
+        if rid in self.output_processor.requests or rid in self.parents:
+            raise ValueError(f"request id {rid!r} is already in use")
+        if request.sampling_params.num_samples == 1:
+            self._add(request, prompt_text, home)
+            return
+        parent = ParentRequest(request)
+        self.parents[rid] = parent
+        for child in parent.children:
+            self._parent_of[child.request_id] = parent
+            home = self._add(child, prompt_text, home)
+
+    def _add(self, request: Request, prompt_text: str | None, home: int | None) -> int:
         self.output_processor.add_request(
             request.request_id, prompt_text, list(request.prompt_token_ids), request.sampling_params
         )
-        self.cluster.add_request(request, home)
+        return self.cluster.add_request(request, home)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it runs and free its rBlocks; its final output, or None if unknown."""
-        output = self.output_processor.abort(request_id)
-        if output is not None:
-            self.cluster.abort_request(request_id)
-        return output
+        """Stop a request (every sample of it) wherever it runs and free its rBlocks; its final
+        output, or None if unknown."""
+        parent = self.parents.get(request_id)
+        if parent is None:
+            output = self.output_processor.abort(request_id)
+            if output is not None:
+                self.cluster.abort_request(request_id)
+            return output
+        final = None
+        for child_id in parent.unfinished_child_ids():
+            output = self.output_processor.abort(child_id)
+            if output is not None:
+                self.cluster.abort_request(child_id)
+                final = self._gather(output)[-1]
+        return final
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.requests)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.output_processor.requests)
+        """Unfinished requests, a request of several samples counted once."""
+        samples = len(self.output_processor.requests)
+        return samples - sum(len(p.unfinished_child_ids()) - 1 for p in self.parents.values())
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -176,8 +206,20 @@ class LLMEngine:
             if stopped:
                 self.cluster.finish_request(event.request_id, RequestStatus.FINISHED_STOPPED)
             if output is not None:
-                outputs.append(output)
+                outputs.extend(self._gather(output))
         return outputs
+
+    def _gather(self, output: RequestOutput) -> list[RequestOutput]:
+        """A sample's output as its parent emits it (itself when it has no parent)."""
+        parent = self._parent_of.get(output.request_id)
+        if parent is None:
+            return [output]
+        if output.finished:
+            del self._parent_of[output.request_id]
+        emitted = parent.add(output)
+        if emitted and emitted[-1].finished:
+            del self.parents[parent.request_id]
+        return emitted
 
     def check_integrity(self) -> None:
         self.cluster.check_integrity()

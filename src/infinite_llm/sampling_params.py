@@ -19,9 +19,13 @@ class SamplingParams:
     Penalties, ``logit_bias`` and ``allowed_token_ids`` act as in vLLM
     (``engine/logits_processing.py``). ``truncate_prompt_tokens``: keep only the last k prompt
     tokens (the first k with ``truncation_side="right"``; -1: as many as the model takes).
+    ``n`` samples are returned per prompt; ``best_of`` (None: ``n``) are generated and the ``n``
+    with the highest cumulative logprob returned, best first. With a ``seed``, sample i draws
+    from ``seed + i``.
     """
 
     n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -71,8 +75,17 @@ class SamplingParams:
                 raise ValueError(message)
 
         check(
-            isinstance(self.n, int) and self.n == 1,
-            f"n must be 1 (got {self.n!r}); parallel sampling is not supported",
+            isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1,
+            f"n must be at least 1, got {self.n!r}",
+        )
+        check(
+            self.best_of is None
+            or (
+                isinstance(self.best_of, int)
+                and not isinstance(self.best_of, bool)
+                and self.best_of >= self.n
+            ),
+            f"best_of must be at least n ({self.n}), got {self.best_of!r}",
         )
         check(
             _is_number(self.temperature) and self.temperature >= 0.0,
@@ -149,6 +162,11 @@ class SamplingParams:
             or isinstance(self.structured_outputs, StructuredOutputsParams),
             "structured_outputs must be a StructuredOutputsParams",
         )
+
+    @property
+    def num_samples(self) -> int:
+        """How many samples are generated: ``best_of``, else ``n``."""
+        return self.n if self.best_of is None else self.best_of
 
     @property
     def greedy(self) -> bool:

@@ -252,3 +252,38 @@ def test_structured_output_through_actors(ray_engine) -> None:
     for ids in got:
         assert re.fullmatch(regex, bytes(ids[:-1]).decode()) and ids[-1] == 257
     assert_all_free(engine)
+
+
+def test_parallel_samples_share_their_prompt_on_an_actor(ray_runtime) -> None:
+    # LLM(backend="ray"): a request of 3 samples on one actor, its prompt partly borrowed from
+    # the other; greedy samples exact, seeded ones as in process, nothing left behind.
+    from infinite_llm import LLM
+
+    prompt = random_prompts(1, (120, 120), 256, seed=40)[0]  # 15 rBlocks of 8, pools of 12
+    kwargs = dict(
+        loaded_model=loaded_model("tiny"),
+        num_instances=2,
+        kv_blocks_per_instance=12,
+        block_size=8,
+        max_num_batched_tokens=128,
+        progress=False,
+    )
+    greedy = SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(n=2, seed=9, max_tokens=12, ignore_eos=True)
+    with LLM("tiny", backend="ray", **kwargs) as llm:
+        engine = llm.engine
+        engine.add_request(engine.make_request(prompt, greedy, "r"), home=0)
+        engine.step()  # the first sample prefills 15 rBlocks, 3 of them borrowed
+        engine.step()  # the others hold its first 14 too, each with a tail of its own
+        engine.check_integrity()
+        used = [i["used"] + i["lent"] for i in llm.cluster_stats()["instances"]]
+        assert sum(used) == 14 + 2 + 2 * 1, used  # the first sample's 16th: its 2nd token
+        engine.abort_request("r")
+        (g,) = llm.generate([prompt], greedy, use_tqdm=False)
+        (s,) = llm.generate([prompt], seeded, use_tqdm=False)
+        llm.check_integrity()
+        for inst in llm.cluster_stats()["instances"]:
+            assert inst["free"] == inst["num_blocks"] and inst["borrowed"] == 0, inst
+    assert [c.token_ids for c in g.outputs] == expected([prompt], 12) * 3
+    local = LLM("tiny", **kwargs).generate([prompt], seeded, use_tqdm=False)[0]
+    assert [c.token_ids for c in s.outputs] == [c.token_ids for c in local.outputs]

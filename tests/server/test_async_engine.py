@@ -147,3 +147,27 @@ def test_outputs_a_slow_consumer_missed_are_merged() -> None:
         assert aborted == []  # it had already ended: nothing to abort
 
     asyncio.run(main())
+
+
+def test_pending_outputs_merge_per_sample() -> None:
+    from infinite_llm.outputs import CompletionOutput, RequestOutput
+    from infinite_llm.server.stream import RequestStream
+
+    async def main() -> None:
+        stream = RequestStream("r", [1, 2, 3], lambda rid: None)
+
+        def sample(index: int, text: str, finished: bool = False) -> RequestOutput:
+            completion = CompletionOutput(index, text, [len(text)])
+            return RequestOutput("r", None, [1], [completion], finished, delta_text=text[-1])
+
+        for out in (sample(0, "a"), sample(1, "x"), sample(0, "ab"), sample(1, "xy")):
+            stream._push(out)
+        final = RequestOutput(
+            "r", None, [1], [CompletionOutput(0, "ab", []), CompletionOutput(1, "xy", [])], True
+        )
+        stream._push(final)
+        got = [await stream.__anext__() for _ in range(3)]
+        assert [(o.outputs[0].index, o.delta_text) for o in got[:2]] == [(0, "ab"), (1, "xy")]
+        assert got[2] is final
+
+    asyncio.run(main())

@@ -71,7 +71,9 @@ def test_malformed_bodies(tiny_server: ServerProcess, content: bytes, words: lis
         ({"prompt": "hi", "min_p": 2}, "min_p", ["min_p"]),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens", ["max_tokens must be at least 1"]),
         ({"prompt": "hi", "logprobs": 99}, "logprobs", ["logprobs"]),
-        ({"prompt": "hi", "n": 3}, "n", ["n must be 1"]),
+        ({"prompt": "hi", "n": 0}, "n", ["n must be at least 1"]),
+        ({"prompt": "hi", "n": 3, "best_of": 2}, "best_of", ["best_of must be at least n"]),
+        ({"prompt": "hi", "best_of": 2, "stream": True}, "best_of", ["streaming"]),
         ({"prompt": "hi", "stop": ["ok", ""]}, "stop", ["stop strings must not be empty"]),
         ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty", ["[-2, 2]"]),
         ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty", ["greater than zero"]),
@@ -154,6 +156,7 @@ def test_completion_bad_fields_name_the_problem(
             "chat_template_kwargs",
             ["tokenize"],
         ),
+        ({"messages": CHAT, "best_of": 2}, "best_of", ["/v1/completions"]),
         (
             {"messages": [{"role": "user", "content": "x" * 2100}]},
             "messages",

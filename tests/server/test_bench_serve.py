@@ -62,3 +62,18 @@ def test_bench_serve_reports_vllm_figures(
         assert row["request_throughput"] > 0 and row["output_throughput"] > 0
     assert "bench serve: tiny" in err  # the human table goes to stderr with --json
     wait_clean(tiny_server.base_url)
+
+
+def test_bench_serve_n_counts_every_sample(
+    tiny_server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--base-url", tiny_server.base_url, "--tokenizer", "tiny", "--num-prompts", "2"]
+    argv += ["--input-len", "16", "--output-len", "4", "--n", "3", "--json", "--no-progress"]
+    code = bench_serve.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["config"]["n"] == 3
+    (row,) = result["results"]
+    assert row["completed"] == 2 and row["total_output_tokens"] == 2 * 3 * 4
+    wait_clean(tiny_server.base_url)

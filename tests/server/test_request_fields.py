@@ -125,28 +125,29 @@ def test_echo_puts_the_prompt_first(tiny_server: ServerProcess) -> None:
     wait_clean(tiny_server.base_url)
 
 
-def joined(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One completion choice from streamed chunks: texts and logprob lists concatenated."""
-    out: dict[str, Any] = {"text": "", "token_ids": [], "logprobs": None}
+def joined(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Completion choices from streamed chunks, by index: texts and logprob lists concatenated."""
+    out: dict[int, dict[str, Any]] = {}
     for chunk in chunks:
         for choice in chunk["choices"]:
-            out["text"] += choice["text"]
-            out["token_ids"] += choice.get("token_ids") or []
+            got = out.setdefault(choice["index"], {"text": "", "token_ids": [], "logprobs": None})
+            got["text"] += choice["text"]
+            got["token_ids"] += choice.get("token_ids") or []
             if "prompt_token_ids" in choice:
-                out["prompt_token_ids"] = choice["prompt_token_ids"]
+                got["prompt_token_ids"] = choice["prompt_token_ids"]
             if choice["logprobs"] is not None:
-                if out["logprobs"] is None:
-                    out["logprobs"] = {k: [] for k in choice["logprobs"]}
+                if got["logprobs"] is None:
+                    got["logprobs"] = {k: [] for k in choice["logprobs"]}
                 for key, values in choice["logprobs"].items():
-                    out["logprobs"][key] += values
+                    got["logprobs"][key] += values
             if choice["finish_reason"] is not None:
-                out["finish_reason"] = choice["finish_reason"]
+                got["finish_reason"] = choice["finish_reason"]
     return out
 
 
-@pytest.mark.parametrize("echo", [False, True])
+@pytest.mark.parametrize(("echo", "n"), [(False, 1), (True, 1), (True, 2)])
 def test_streamed_and_whole_agree_field_for_field_with_stop_strings(
-    tiny_server: ServerProcess, offline_llm: LLM, echo: bool
+    tiny_server: ServerProcess, offline_llm: LLM, echo: bool, n: int
 ) -> None:
     text = (
         offline_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[
@@ -161,17 +162,22 @@ def test_streamed_and_whole_agree_field_for_field_with_stop_strings(
         body = {
             "prompt": PROMPT,
             "max_tokens": 30,
-            "temperature": 0,
+            "temperature": 0.8 if n > 1 else 0,
+            "seed": 3,
+            "n": n,
             "logprobs": 2,
             "stop": stop,
             "echo": echo,
             "return_token_ids": True,
         }
-        whole = post(tiny_server.base_url, "/v1/completions", body)["choices"][0]
+        whole = post(tiny_server.base_url, "/v1/completions", body)["choices"]
         streamed = joined(stream(tiny_server.base_url, "/v1/completions", body))
-        for key in ("text", "token_ids", "prompt_token_ids", "finish_reason"):
-            assert streamed[key] == whole[key], (stop, key)
-        assert streamed["logprobs"] == whole["logprobs"], stop
+        assert sorted(streamed) == [c["index"] for c in whole] == list(range(n))
+        for choice in whole:
+            got = streamed[choice["index"]]
+            for key in ("text", "token_ids", "prompt_token_ids", "finish_reason"):
+                assert got[key] == choice[key], (stop, key)
+            assert got["logprobs"] == choice["logprobs"], stop
 
 
 def test_return_token_ids_and_tokens_as_ids(tiny_server: ServerProcess, offline_llm: LLM) -> None:
@@ -271,3 +277,29 @@ def test_request_chat_template_and_every_logprob(trusting_server: ThreadServer) 
     assert got["prompt_token_ids"] == [ord(c) for c in "hi!?"]
     for entry in got["choices"][0]["logprobs"]["content"]:
         assert len(entry["top_logprobs"]) == 320  # the whole tiny vocabulary
+
+
+def test_response_format_on_completions(tiny_server: ServerProcess) -> None:
+    # vLLM takes response_format on /v1/completions too: the answer must be the JSON object.
+    got = post(
+        tiny_server.base_url,
+        "/v1/completions",
+        {
+            "prompt": PROMPT,
+            "max_tokens": 40,
+            "temperature": 0,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "pick",
+                    "schema": {
+                        "type": "object",
+                        "properties": {"a": {"enum": ["x", "y"]}},
+                        "required": ["a"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+        },
+    )
+    assert json.loads(got["choices"][0]["text"])["a"] in ("x", "y")

@@ -5,7 +5,9 @@ asking for exactly ``--output-len`` tokens (``ignore_eos``, greedy), sent to ``/
 with streaming, arrivals a Poisson process at each ``--request-rate`` (``inf``: all at once).
 Per request: TTFT (first token), ITL (between streamed chunks), TPOT ((latency - TTFT) /
 (output tokens - 1)), end-to-end latency; per run: request and token throughput. Output
-tokens are the server's own count (``stream_options.include_usage``). ``--launch`` starts
+tokens are the server's own count (``stream_options.include_usage``). ``--n`` asks for that many
+samples per request (parallel sampling: output tokens count every sample, TTFT and ITL any
+sample's chunks; ``bench sampling`` compares it with separate requests). ``--launch`` starts
 ``infinite-llm serve`` with ``--server-args`` for the run; otherwise ``--base-url`` is used.
 
     infinite-llm bench serve --launch --server-args "--model tiny" --request-rate 4 inf --json
@@ -141,7 +143,8 @@ async def run_rate(
                 "model": model,
                 "prompt": prompt,
                 "max_tokens": args.output_len,
-                "temperature": 0.0,
+                "n": args.n,
+                "temperature": 0.0 if args.n == 1 else 1.0,  # n greedy samples would be equal
                 "ignore_eos": True,
                 "stream": True,
                 "stream_options": {"include_usage": True},
@@ -318,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--n", type=int, default=1, help="samples per request (parallel sampling)")
     p.add_argument(
         "--request-rate",
         type=float,
@@ -344,9 +348,10 @@ COLUMNS = ["request_rate", "completed", "failed", "duration_s", "request_through
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+    if min(args.num_prompts, args.input_len, args.output_len, args.n) < 1:
         print(
-            "error: --num-prompts, --input-len and --output-len must be at least 1", file=sys.stderr
+            "error: --num-prompts, --input-len, --output-len and --n must be at least 1",
+            file=sys.stderr,
         )
         return 2
     server_args = shlex.split(args.server_args)
@@ -374,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "num_prompts": args.num_prompts,
             "input_len": args.input_len,
             "output_len": args.output_len,
+            "n": args.n,
             "seed": args.seed,
             "max_concurrency": args.max_concurrency,
             "vocab_size": vocab,

@@ -254,6 +254,7 @@ class InProcessCluster(Cluster):
                 pool_state(
                     inst.rmanager,
                     ((rid, r.block_table) for rid, r in inst.scheduler.requests.items()),
+                    inst.scheduler.allocator.shared.ref_cnts(),
                 )
                 for inst in self.instances.values()
             ],

@@ -386,6 +386,7 @@ class InstanceActor:
                 block_owners=rm.block_owners(),
                 lent_counts=rm.lent_counts(),
                 block_tables={rid: req.block_table.refs() for rid, req in sched.requests.items()},
+                ref_cnts=sched.allocator.shared.ref_cnts(),
                 borrow=borrow,
                 borrow_latency_s=latency.values(),
                 transport=self.transport.counters() | {"view_refreshes": self.views.num_refreshes},

@@ -33,6 +33,7 @@ class InstanceSnapshot:
     block_owners: list[int | None]
     lent_counts: dict[int, int]
     block_tables: dict[str, list[BlockRef]]  # this instance's own requests
+    ref_cnts: dict[BlockRef, int]  # rBlocks several of them share (``SharedBlocks.ref_cnts``)
     borrow: dict[str, Any]  # BorrowStats counters
     borrow_latency_s: list[float]
     transport: dict[str, int]

@@ -104,16 +104,18 @@ class Instance:
         self.pool.write_blocks(block_ids, k, v)
 
     def relocate(self, relocations: Iterable[Relocation]) -> int:
-        """Point this instance's requests at the new homes of moved rBlocks; returns how many moved."""
+        """Point this instance's requests at the new homes of moved rBlocks; returns how many
+        rBlocks moved. A shared rBlock (the samples of one request) moves for every holder."""
         moves = {r.old: r.new for r in relocations}
-        moved = 0
+        moved = set()
         for request in self.scheduler.requests.values():
             for index, ref in enumerate(request.block_table):
                 new = moves.get(ref)
                 if new is not None:
                     request.block_table.replace(index, new)
-                    moved += 1
-        return moved
+                    moved.add(ref)
+        self.scheduler.allocator.shared.relocate(moves)
+        return len(moved)
 
     def drop_instance(self, dead_id: int) -> list[str]:
         """Another instance died with its pool: forget what it borrowed from us, and restart from

@@ -31,6 +31,7 @@ from infinite_llm.kvcache.claims import Rank
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Recommendation, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.kvcache.shared import SharedBlocks
 
 SendLend = Callable[[int, LendRequest], LendReply]
 SendRelease = Callable[[int, Release], None]
@@ -187,7 +188,9 @@ class Borrower:
     """One debtor's borrowing, with its transport, gManager and counters bound once.
 
     ``allocate``/``free`` make it a block allocator for the scheduler: local rBlocks first,
-    borrowed ones for the rest, and every rBlock of a request freed where it lives.
+    borrowed ones for the rest, and every rBlock of a request freed where it lives, once its
+    last holder here lets go (``shared``: a borrowed rBlock several requests here share is
+    lent to this instance once and released once).
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class Borrower:
         self.send_release = send_release
         self.config = config or BorrowConfig()
         self.stats = stats if stats is not None else BorrowStats()
+        self.shared = SharedBlocks()
 
     def borrow(self, num_blocks: int) -> list[BlockRef] | None:
         return borrow(
@@ -264,8 +268,9 @@ class Borrower:
         return local + remote
 
     def free(self, refs: Iterable[BlockRef]) -> None:
-        """Free a request's rBlocks: local ones to the pool, remote ones to their creditors."""
-        refs = list(refs)
+        """Free a request's rBlocks: local ones to the pool, remote ones to their creditors
+        (those another request here still holds stay)."""
+        refs = self.shared.release(refs)
         home = self.debtor.instance_id
         self.debtor.free([r for r in refs if r.instance_id == home])
         remote = [r for r in refs if r.instance_id != home]

@@ -1,7 +1,8 @@
 """The cluster-wide invariants, over one consistent view of every instance.
 
 Every cluster (in-process, Ray, the simulator) checks the same things after a heartbeat
-round: no rBlock is held by two requests; each manager's used + lent equals the rBlocks the
+round: no rBlock is held by two requests unless its instance counts them as sharing it (the
+samples of one request share their prompt's rBlocks, ``kvcache.shared``); each manager's used + lent equals the rBlocks the
 requests hold on its pool; borrowed and lent counts equal what the block tables say; the
 counts add up to the pool; and the gManager's ledger equals what creditors have lent.
 """
@@ -15,6 +16,7 @@ from typing import Any
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.ledger import Edge
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.kvcache.shared import check_holders
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,13 @@ class PoolState:
     num_borrowed: int
     lent_counts: Mapping[int, int]
     block_tables: Mapping[str, Sequence[BlockRef]]  # the instance's own requests
+    ref_cnts: Mapping[BlockRef, int]  # rBlocks several of them hold (``SharedBlocks.ref_cnts``)
 
 
 def pool_state(
-    rmanager: RManager, block_tables: Iterable[tuple[str, Iterable[BlockRef]]]
+    rmanager: RManager,
+    block_tables: Iterable[tuple[str, Iterable[BlockRef]]],
+    ref_cnts: Mapping[BlockRef, int],
 ) -> PoolState:
     """A live instance's view (after ``rmanager.check_integrity()`` has passed)."""
     return PoolState(
@@ -44,6 +49,7 @@ def pool_state(
         rmanager.num_borrowed_blocks,
         rmanager.lent_counts(),
         {rid: list(refs) for rid, refs in block_tables},
+        dict(ref_cnts),
     )
 
 
@@ -67,18 +73,21 @@ def check_cluster(pools: Sequence[PoolState | Any], edges: Mapping[Edge, int]) -
     lent = dict.fromkeys(ids, 0)
     for p in pools:
         i = p.instance_id
-        for refs in p.block_tables.values():
-            for ref in refs:
-                assert ref.instance_id in held, (
-                    f"instance {i} holds an rBlock on dead instance {ref.instance_id}"
-                )
-                held[ref.instance_id].append(ref.block_id)
-                if ref.instance_id != i:
-                    borrowed[i] += 1
-                    lent[ref.instance_id] += 1
+        check_holders(p.block_tables.values(), p.ref_cnts)
+        distinct = {ref for refs in p.block_tables.values() for ref in refs}  # shared ones once
+        for ref in sorted(distinct):
+            assert ref.instance_id in held, (
+                f"instance {i} holds an rBlock on dead instance {ref.instance_id}"
+            )
+            held[ref.instance_id].append(ref.block_id)
+            if ref.instance_id != i:
+                borrowed[i] += 1
+                lent[ref.instance_id] += 1
     for p in pools:
         i, blocks = p.instance_id, held[p.instance_id]
-        assert len(blocks) == len(set(blocks)), f"instance {i}: an rBlock is held by two requests"
+        assert len(blocks) == len(set(blocks)), (
+            f"instance {i}: an rBlock is held by requests of two instances"
+        )
         assert len(blocks) == p.num_used + p.num_lent, (
             f"instance {i}: requests hold {len(blocks)} of its rBlocks, "
             f"its manager counts {p.num_used} used + {p.num_lent} lent"

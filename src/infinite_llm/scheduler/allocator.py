@@ -9,17 +9,26 @@ from typing import Protocol
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.kvcache.shared import SharedBlocks
 from infinite_llm.scheduler.order import Rank
 
 
 class BlockAllocator(Protocol):
-    """Where a request's rBlocks come from: the local RManager, or one that also borrows."""
+    """Where a request's rBlocks come from: the local RManager, or one that also borrows.
+
+    ``shared`` counts the rBlocks several requests here hold (the samples of one request share
+    their prompt's): ``free`` drops one holder of each rBlock and returns to its pool only those
+    whose last holder it was."""
+
+    shared: SharedBlocks
 
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         """All ``num_blocks`` or None."""
         ...
 
-    def free(self, refs: Iterable[BlockRef]) -> None: ...
+    def free(self, refs: Iterable[BlockRef]) -> None:
+        """One holder lets go of each rBlock; those it held last go back to their pools."""
+        ...
 
     @property
     def num_blocks(self) -> int:
@@ -60,12 +69,13 @@ class LocalAllocator:
 
     def __init__(self, rmanager: RManager) -> None:
         self.rmanager = rmanager
+        self.shared = SharedBlocks()
 
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         return self.rmanager.allocate(num_blocks)
 
     def free(self, refs: Iterable[BlockRef]) -> None:
-        self.rmanager.free(refs)
+        self.rmanager.free(self.shared.release(refs))
 
     @property
     def num_blocks(self) -> int:

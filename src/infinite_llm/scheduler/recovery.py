@@ -19,7 +19,8 @@ def drop_instance(rmanager: Any, scheduler: Scheduler, dead_id: int) -> list[str
     lost = []
     for request in list(scheduler.running):
         if request.block_table.num_blocks_on(dead_id):
-            request.block_table.remove_instance(dead_id)  # that memory is gone; free the rest
+            gone = request.block_table.remove_instance(dead_id)  # that memory is gone
+            scheduler.allocator.shared.release(gone)  # nothing to free there; free the rest
             scheduler.preempt(request)
             lost.append(request.request_id)
     return lost

@@ -57,6 +57,9 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # One sample of a parallel-sampling request (``n`` > 1): the parent's id, the same for
+    # every sample. The home scheduler lets the samples share the prompt's full rBlocks.
+    parent_id: str | None = None
     # Opaque to the scheduler: the sampler's per-request random generator (kept across preemption,
     # so a resumed request draws the same numbers it would have drawn).
     generator: Any = None

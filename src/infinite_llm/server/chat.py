@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from infinite_llm.outputs import RequestOutput
+from infinite_llm.outputs import CompletionOutput
 from infinite_llm.server.async_engine import EngineDeadError
 from infinite_llm.server.errors import APIError, bad_request, error_response
 from infinite_llm.server.protocol import ChatCompletionRequest, check_model
@@ -33,6 +33,7 @@ from infinite_llm.server.serving import (
     sse,
     sse_error,
     start_requests,
+    streamed,
     usage,
 )
 from infinite_llm.server.stream import RequestStream
@@ -86,35 +87,38 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if outputs is None:
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
     (output,) = outputs
-    completion = output.outputs[0]
-    message, finish_reason = assistant_message(tools, completion.text, completion.finish_reason)
-    if body.echoed_text and message.get("content") is not None:
-        message["content"] = body.echoed_text + message["content"]
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": message,
-        "logprobs": _logprobs(state, body, output, completion.token_ids, top_k),
-        "finish_reason": finish_reason,
-        "stop_reason": completion.stop_reason,
-    }
-    answer: dict[str, Any] = {**meta, "object": "chat.completion", "choices": [choice]}
-    answer["usage"] = usage(len(output.prompt_token_ids), len(completion.token_ids))
+    choices = []
+    for completion in output.outputs:
+        message, finish_reason = assistant_message(tools, completion.text, completion.finish_reason)
+        if body.echoed_text and message.get("content") is not None:
+            message["content"] = body.echoed_text + message["content"]
+        choice: dict[str, Any] = {
+            "index": completion.index,
+            "message": message,
+            "logprobs": _logprobs(state, body, completion, completion.token_ids, top_k),
+            "finish_reason": finish_reason,
+            "stop_reason": completion.stop_reason,
+        }
+        if body.return_token_ids:
+            choice["token_ids"] = completion.token_ids
+        choices.append(choice)
+    num_completion = sum(len(c.token_ids) for c in output.outputs)
+    answer: dict[str, Any] = {**meta, "object": "chat.completion", "choices": choices}
+    answer["usage"] = usage(len(output.prompt_token_ids), num_completion)
     if body.prompt_logprobs is not None:
         answer["prompt_logprobs"] = state.formatter.prompt(output.prompt_logprobs)
     if body.return_token_ids:
         answer["prompt_token_ids"] = output.prompt_token_ids
-        choice["token_ids"] = completion.token_ids
     return JSONResponse(answer)
 
 
 def _logprobs(
     state: ServerState,
     body: ChatCompletionRequest,
-    output: RequestOutput,
+    completion: CompletionOutput,
     token_ids: list[int],
     top_k: int | None,
 ) -> Any:
-    completion = output.outputs[0]
     if top_k is None or completion.logprobs is None:
         return None
     start = len(completion.token_ids) - len(token_ids)
@@ -132,10 +136,12 @@ async def _events(
     tools: ToolSetup | None = None,
 ) -> AsyncIterator[str]:
     meta = {**meta, "object": "chat.completion.chunk"}
+    n = body.n or 1
     num_prompt = stream.num_prompt_tokens
-    num_completion = 0
+    num_completion = [0] * n
 
     def chunk(
+        index: int,
         delta: dict[str, Any],
         logprobs: Any = None,
         finish_reason: str | None = None,
@@ -143,7 +149,7 @@ async def _events(
         token_ids: list[int] | None = None,
     ) -> str:
         choice = {
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
@@ -152,52 +158,60 @@ async def _events(
         if body.return_token_ids:
             choice["token_ids"] = token_ids or []
         data: dict[str, Any] = {**meta, "choices": [choice]}
-        if body.return_token_ids and delta.get("role"):  # the first chunk
+        if body.return_token_ids and delta.get("role"):  # a choice's first chunk
             data["prompt_token_ids"] = stream.prompt_token_ids
         if body.include_usage:
-            data["usage"] = usage(num_prompt, num_completion) if body.continuous_usage else None
+            data["usage"] = (
+                usage(num_prompt, sum(num_completion)) if body.continuous_usage else None
+            )
         return sse(data)
 
-    sent = 0
+    sent = [0] * n  # per choice: tokens sent (an output whose text is held back sends none)
+    parsers = [tools.parser() if tools is not None else None for _ in range(n)]
+    called = [False] * n
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        if body.echoed_text:
-            yield chunk({"content": body.echoed_text})
-        parser = tools.parser() if tools is not None else None
-        called = False
+        for index in range(n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+            if body.echoed_text:
+                yield chunk(index, {"content": body.echoed_text})
         async for output in stream:
+            if not streamed(output):
+                continue
             completion = output.outputs[0]
-            num_completion = len(completion.token_ids)
-            # Tokens since the last chunk sent (an output whose text is held back sends none).
-            new_tokens = completion.token_ids[sent:]
+            index = completion.index
+            done = completion.finished()
+            num_completion[index] = len(completion.token_ids)
+            new_tokens = completion.token_ids[sent[index] :]
+            parser = parsers[index]
             if parser is not None:  # tool calls: the parser's deltas, the last one finishing
-                sent = len(completion.token_ids)
+                sent[index] = len(completion.token_ids)
                 deltas = parser.feed(output.delta_text)
-                deltas += parser.finish() if output.finished else []
-                called = called or any("tool_calls" in d for d in deltas)
-                logprobs = _logprobs(state, body, output, new_tokens, top_k)
-                last = deltas.pop() if output.finished and deltas else None
+                deltas += parser.finish() if done else []
+                called[index] = called[index] or any("tool_calls" in d for d in deltas)
+                logprobs = _logprobs(state, body, completion, new_tokens, top_k)
+                last = deltas.pop() if done and deltas else None
                 for delta in deltas:
-                    yield chunk(delta, logprobs, token_ids=new_tokens)
+                    yield chunk(index, delta, logprobs, token_ids=new_tokens)
                     logprobs, new_tokens = None, []
-                if output.finished:
-                    reason = tool_finish_reason(completion.finish_reason, called)
-                    yield chunk(last or {}, logprobs, reason, completion.stop_reason, new_tokens)
+                if done:
+                    reason = tool_finish_reason(completion.finish_reason, called[index])
+                    yield chunk(
+                        index, last or {}, logprobs, reason, completion.stop_reason, new_tokens
+                    )
                 continue
-            if not (output.delta_text or output.finished or (top_k is not None and new_tokens)):
+            if not (output.delta_text or done or (top_k is not None and new_tokens)):
                 continue
-            sent = len(completion.token_ids)
-            logprobs = _logprobs(state, body, output, new_tokens, top_k)
+            sent[index] = len(completion.token_ids)
+            logprobs = _logprobs(state, body, completion, new_tokens, top_k)
             content = output.delta_text
-            delta: dict[str, Any] = {"content": content} if content or not output.finished else {}
-            if output.finished:
-                yield chunk(
-                    delta, logprobs, completion.finish_reason, completion.stop_reason, new_tokens
-                )
+            delta: dict[str, Any] = {"content": content} if content or not done else {}
+            if done:
+                reason, stop_reason = completion.finish_reason, completion.stop_reason
+                yield chunk(index, delta, logprobs, reason, stop_reason, new_tokens)
             else:
-                yield chunk(delta, logprobs, token_ids=new_tokens)
+                yield chunk(index, delta, logprobs, token_ids=new_tokens)
         if body.include_usage:
-            yield sse({**meta, "choices": [], "usage": usage(num_prompt, num_completion)})
+            yield sse({**meta, "choices": [], "usage": usage(num_prompt, sum(num_completion))})
     except STREAM_ERRORS as exc:
         yield sse_error(exc)
     yield sse("[DONE]")

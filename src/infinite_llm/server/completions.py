@@ -1,6 +1,7 @@
 """``POST /v1/completions``: text completions, streamed by SSE or in one JSON answer.
 
-A prompt is a string, token ids, or a list of either (one choice per prompt, as vLLM does).
+A prompt is a string, token ids, or a list of either (``n`` choices per prompt, as vLLM
+does: choice ``prompt_index * n + sample_index``).
 ``echo`` puts the prompt before the completion (its tokens with logprobs when asked; with
 ``max_tokens: 0`` the prompt alone, to score it); ``return_token_ids`` adds the prompt's and
 the completion's token ids to each choice, as vLLM does.
@@ -15,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from infinite_llm.outputs import RequestOutput
+from infinite_llm.outputs import CompletionOutput, RequestOutput
 from infinite_llm.server.errors import APIError, error_response
 from infinite_llm.server.protocol import CompletionRequest, check_model
 from infinite_llm.server.serving import (
@@ -29,6 +30,7 @@ from infinite_llm.server.serving import (
     sse,
     sse_error,
     start_requests,
+    streamed,
     usage,
 )
 from infinite_llm.server.stream import RequestStream
@@ -57,14 +59,17 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         raise APIError(500, str(exc)) from exc
     if outputs is None:
         return error_response(499, "client disconnected", err_type="ClientClosedRequest")
-    choices = [_choice(state, body, i, out) for i, out in enumerate(outputs)]
+    n = params.n
+    choices = [
+        _choice(state, body, i * n + c.index, out, c)
+        for i, out in enumerate(outputs)
+        for c in out.outputs
+    ]
     num_prompt = sum(len(out.prompt_token_ids) for out in outputs)
-    num_completion = sum(_num_completion(body, out) for out in outputs)
+    num_completion = 0
+    if not body.prompt_only:
+        num_completion = sum(len(c.token_ids) for out in outputs for c in out.outputs)
     return JSONResponse({**meta, "choices": choices, "usage": usage(num_prompt, num_completion)})
-
-
-def _num_completion(body: CompletionRequest, output: RequestOutput) -> int:
-    return 0 if body.prompt_only else len(output.outputs[0].token_ids)
 
 
 def _prompt_text(state: ServerState, output: RequestOutput) -> str:
@@ -74,9 +79,12 @@ def _prompt_text(state: ServerState, output: RequestOutput) -> str:
 
 
 def _choice(
-    state: ServerState, body: CompletionRequest, index: int, output: RequestOutput
+    state: ServerState,
+    body: CompletionRequest,
+    index: int,
+    output: RequestOutput,
+    completion: CompletionOutput,
 ) -> dict[str, Any]:
-    completion = output.outputs[0]
     text, token_ids, entries = completion.text, completion.token_ids, completion.logprobs
     finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
     if body.prompt_only:  # the one token computed to reach the prompt's end is not shown
@@ -114,16 +122,22 @@ async def _events(
     streams: Sequence[RequestStream],
     meta: dict[str, Any],
 ) -> AsyncIterator[str]:
+    n = body.n or 1
     num_prompt = [s.num_prompt_tokens for s in streams]
-    num_completion = [0] * len(streams)
-    text_offset = [0] * len(streams)
-    started = [False] * len(streams)  # the first chunk (echoed prompt, prompt ids) went out
-    sent = [0] * len(streams)  # completion tokens sent so far
+    choices = len(streams) * n
+    num_completion = [0] * choices
+    text_offset = [0] * choices
+    started = [False] * choices  # the first chunk (echoed prompt, prompt ids) went out
+    sent = [0] * choices  # completion tokens sent so far
     want_logprobs = body.logprobs is not None
     as_ids = bool(body.return_tokens_as_token_ids)
     try:
-        async for index, output in merged(streams):
+        async for prompt_index, output in merged(streams):
+            if not streamed(output):
+                continue
             completion = output.outputs[0]
+            index = prompt_index * n + completion.index
+            done = completion.finished()
             # Tokens since the last chunk sent (an output whose text is held back sends none).
             text, new_tokens = output.delta_text, completion.token_ids[sent[index] :]
             entries = None
@@ -131,7 +145,7 @@ async def _events(
                 entries = completion.logprobs[sent[index] :]
             finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
             if body.prompt_only:
-                if not output.finished:
+                if not done:
                     continue
                 text, new_tokens = "", []
                 entries = [] if entries is not None else None
@@ -139,7 +153,7 @@ async def _events(
             else:
                 num_completion[index] = len(completion.token_ids)
             first = not started[index]
-            if not (text or output.finished or first or (want_logprobs and new_tokens)):
+            if not (text or done or first or (want_logprobs and new_tokens)):
                 continue  # text held back (it may become a stop string): nothing to show yet
             sent[index] = len(completion.token_ids)
             choice: dict[str, Any] = {"index": index}
@@ -159,14 +173,14 @@ async def _events(
                 text_offset[index] += state.formatter.text_length(shown)
             choice["text"] = text
             choice["logprobs"] = logprobs
-            choice["finish_reason"] = finish_reason if output.finished else None
-            choice["stop_reason"] = stop_reason if output.finished else None
+            choice["finish_reason"] = finish_reason if done else None
+            choice["stop_reason"] = stop_reason if done else None
             if body.return_token_ids:
                 choice["token_ids"] = new_tokens
             chunk: dict[str, Any] = {**meta, "choices": [choice]}
             if body.include_usage:
                 chunk["usage"] = (
-                    usage(num_prompt[index], num_completion[index])
+                    usage(num_prompt[prompt_index], num_completion[index])
                     if body.continuous_usage
                     else None
                 )

@@ -11,7 +11,7 @@ output are gathered by ``structured.py``, tools by ``tools.py``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,10 +67,18 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _GenerationRequest(BaseModel):
     """Fields completions and chat share."""
 
     model_config = ConfigDict(extra="allow")
+    supports_best_of: ClassVar[bool] = False  # only /v1/completions has it (vLLM)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -110,6 +118,7 @@ class _GenerationRequest(BaseModel):
     # Isolates prefix-cache hits between tenants: this server shares no KV between requests,
     # so every salt is already isolated.
     cache_salt: str | None = None
+    response_format: ResponseFormat | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
@@ -124,21 +133,17 @@ class _GenerationRequest(BaseModel):
         return self
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise bad_request(
-                f"n must be 1 (got {self.n}); parallel sampling is not supported", "n"
-            )
-        if self.best_of not in (None, 1):
-            raise bad_request(
-                f"best_of must be 1 (got {self.best_of}); it is not supported", "best_of"
-            )
+        if self.best_of not in (None, 1) and not self.supports_best_of:
+            raise bad_request("best_of is only supported by /v1/completions", "best_of")
+        if self.best_of not in (None, 1) and self.stream:
+            raise bad_request("best_of is not supported when streaming", "best_of")
         if self.prompt_logprobs is not None and self.stream and self.prompt_logprobs != 0:
             raise bad_request(
                 "prompt_logprobs are not available when stream is true", "prompt_logprobs"
             )
 
     def constraint_sources(self) -> dict[str, dict[str, Any]]:
-        return guided_sources(self)
+        return {**guided_sources(self), **response_format_source(self.response_format)}
 
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
         return structured_outputs_from(self.constraint_sources())
@@ -165,6 +170,8 @@ class _GenerationRequest(BaseModel):
                 "stream_options is only allowed when stream is true", "stream_options"
             )
         kwargs: dict[str, Any] = {
+            "n": 1 if self.n is None else self.n,
+            "best_of": self.best_of,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "top_k": 0 if self.top_k is None else self.top_k,
@@ -202,6 +209,7 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
+    supports_best_of: ClassVar[bool] = True
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: int | None = None
     add_special_tokens: bool = True
@@ -270,13 +278,6 @@ class ChatMessage(BaseModel):
         return message
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: JsonSchemaFormat | None = None
-
-
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -290,7 +291,6 @@ class ChatCompletionRequest(_GenerationRequest):
     documents: list[dict[str, str]] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
-    response_format: ResponseFormat | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.as_template_message(i) for i, m in enumerate(self.messages)]
@@ -348,8 +348,7 @@ class ChatCompletionRequest(_GenerationRequest):
     def constraint_sources(self) -> dict[str, dict[str, Any]]:
         setup = self.tool_setup()
         return {
-            **guided_sources(self),
-            **response_format_source(self.response_format),
+            **super().constraint_sources(),
             **(setup.structured_source() if setup else {}),
         }
 

@@ -155,6 +155,13 @@ def sse_error(exc: BaseException) -> str:
 STREAM_ERRORS = (EngineStepError, EngineDeadError)
 
 
+def streamed(output: RequestOutput) -> bool:
+    """Whether a stream shows ``output``: every output but the last of a request of several
+    samples, which gathers what each sample's own outputs already streamed
+    (``engine.parallel_sampling``)."""
+    return not (output.finished and len(output.outputs) > 1)
+
+
 async def merged(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several streams as they come, tagged with the stream's index."""
     if len(streams) == 1:

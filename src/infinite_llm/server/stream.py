@@ -19,8 +19,9 @@ class RequestStream:
     """One request's outputs in order: an async iterator, and an async context manager that
     aborts the request (freeing its rBlocks) when left before the request finished.
 
-    Outputs a slow consumer has not taken yet are merged into one (deltas concatenated, as
-    vLLM's output collector does), so memory stays bounded whatever the client's pace.
+    Outputs a slow consumer has not taken yet are merged into one per sample (deltas
+    concatenated, as vLLM's output collector does), so memory stays bounded whatever the
+    client's pace.
     """
 
     def __init__(
@@ -83,11 +84,20 @@ class RequestStream:
     def _push(self, output: RequestOutput) -> None:
         if output.finished:
             self._done = True
-        last = self._items[-1] if self._items else None
-        if isinstance(last, RequestOutput):  # not taken yet: merge, the newest carries the totals
-            output.delta_text = last.delta_text + output.delta_text
-            output.delta_token_ids = last.delta_token_ids + output.delta_token_ids
-            self._items[-1] = output
+        # Not taken yet: merged into the pending output of the same sample(s) (a request of
+        # several samples streams each on its own, then all of them once), the newest carrying
+        # the totals; at most one pending output per sample, in each sample's order.
+        samples = [c.index for c in output.outputs]
+        for i in range(len(self._items) - 1, -1, -1):
+            last = self._items[i]
+            if not isinstance(last, RequestOutput):
+                self._items.append(output)  # never merged across an error
+                break
+            if [c.index for c in last.outputs] == samples:
+                output.delta_text = last.delta_text + output.delta_text
+                output.delta_token_ids = last.delta_token_ids + output.delta_token_ids
+                self._items[i] = output
+                break
         else:
             self._items.append(output)
         self._ready.set()

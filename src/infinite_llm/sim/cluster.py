@@ -232,7 +232,9 @@ class SimCluster:
         self.gmanager.check_integrity()
         pools = [
             pool_state(
-                inst.rmanager, ((rid, r.block_table) for rid, r in inst.scheduler.requests.items())
+                inst.rmanager,
+                ((rid, r.block_table) for rid, r in inst.scheduler.requests.items()),
+                inst.scheduler.allocator.shared.ref_cnts(),
             )
             for inst in self.instances.values()
         ]
