@@ -293,3 +293,9 @@ def test_vllm_fields_not_supported_are_refused_by_name(
 def test_unknown_fields_are_ignored_as_vllm_does(tiny_server: ServerProcess) -> None:
     response = post(tiny_server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "foo": 1})
     assert response.status_code == 200, response.text
+
+
+def test_structured_outputs_fields_we_do_not_honour_are_refused(tiny_server: ServerProcess) -> None:
+    body = {"prompt": "hi", "structured_outputs": {"json_object": True, "whitespace_pattern": " "}}
+    response = post(tiny_server, "/v1/completions", body)
+    assert response.status_code == 400 and "whitespace_pattern" in response.text

@@ -9,8 +9,12 @@ tokens are the server's own count (``stream_options.include_usage``). ``--n`` as
 samples per request (parallel sampling: output tokens count every sample, TTFT and ITL any
 sample's chunks; ``bench sampling`` compares it with separate requests). ``--launch`` starts
 ``infinite-llm serve`` with ``--server-args`` for the run; otherwise ``--base-url`` is used.
+``--peer vllm`` (and ``vllm-eager``) then serves the same model from vLLM's own server (its
+venv from ``make bench-peers``; compiled, or with ``--enforce-eager``) and runs the same
+prompts at the same rates, one server at a time, so the table holds both and their ratios.
 
     infinite-llm bench serve --launch --server-args "--model tiny" --request-rate 4 inf --json
+    infinite-llm bench serve --launch --peer vllm vllm-eager --input-len 256 --request-rate 4 inf
     infinite-llm bench serve --base-url http://127.0.0.1:8011 --model /tmp/smollm2-hf --tokenizer smollm2
 """
 
@@ -209,6 +213,65 @@ def summarize(
     return row
 
 
+def run_rates(
+    base_url: str,
+    headers: dict[str, str],
+    model: str,
+    prompts: Sequence[list[int]],
+    args: argparse.Namespace,
+    server: str,
+) -> list[dict[str, Any]]:
+    rows = []
+    for rate in args.request_rate:
+        results, duration = asyncio.run(run_rate(base_url, headers, model, prompts, args, rate))
+        rows.append({"server": server, **summarize(results, duration, args.input_len, rate)})
+    return rows
+
+
+def run_peer(
+    peer: str, model: str, prompts: Sequence[list[int]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The same prompts and rates against vLLM's server on ``model`` exported to HF format."""
+    from infinite_llm.bench.peers.vllm import start_vllm_server
+    from infinite_llm.model.export import export_hf
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-peer-") as tmp:
+        hf_dir = export_hf(model, os.path.join(tmp, "hf"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = os.path.join(tempfile.gettempdir(), f"bench-serve-{peer}-{port}.log")
+        print(f"launching {peer} on port {port} (log: {log})", file=sys.stderr)
+        proc = start_vllm_server(
+            hf_dir, port=port, log_path=log, timeout=900.0, eager=peer == "vllm-eager"
+        )
+        try:
+            return run_rates(f"http://127.0.0.1:{port}", {}, hf_dir, prompts, args, peer)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per peer and rate: ours / the peer's output throughput, mean TTFT and mean TPOT."""
+    ours = {row["request_rate"]: row for row in rows if row["server"] == "infinite-llm"}
+    out = []
+    for row in rows:
+        base = ours.get(row["request_rate"])
+        if row["server"] == "infinite-llm" or base is None:
+            continue
+        entry: dict[str, Any] = {"peer": row["server"], "request_rate": row["request_rate"]}
+        for key in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms"):
+            if base.get(key) and row.get(key):
+                entry[f"{key}_ours_over_peer"] = base[key] / row[key]
+        out.append(entry)
+    return out
+
+
 # -- our own server, for --launch --------------------------------------------------------------
 class LaunchedServer:
     def __init__(self, server_args: list[str], timeout_s: float = 600.0) -> None:
@@ -334,13 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
+        "--peer",
+        nargs="*",
+        default=[],
+        choices=["vllm", "vllm-eager"],
+        help="also serve the model with vLLM (compiled / --enforce-eager) on the same workload "
+        "(needs `make bench-peers`; with --launch or --tokenizer naming our model)",
+    )
+    p.add_argument(
         "--json", action="store_true", help="print one JSON object (the table goes to stderr)"
     )
     return p
 
 
 # fmt: off
-COLUMNS = ["request_rate", "completed", "failed", "duration_s", "request_throughput",
+COLUMNS = ["server", "request_rate", "completed", "failed", "duration_s", "request_throughput",
            "output_throughput", "total_token_throughput", "mean_ttft_ms", "p99_ttft_ms",
            "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms"]
 # fmt: on
@@ -360,17 +431,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_url = launched.base_url if launched else args.base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = args.model or served_model(base_url, headers)
-        vocab = args.vocab_size or vocab_size_of(
-            args.tokenizer or (_launch_model(server_args) if launched else model)
-        )
+        our_model = args.tokenizer or (_launch_model(server_args) if launched else model)
+        vocab = args.vocab_size or vocab_size_of(our_model)
         prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
-        rows = []
-        for rate in args.request_rate:
-            results, duration = asyncio.run(run_rate(base_url, headers, model, prompts, args, rate))
-            rows.append(summarize(results, duration, args.input_len, rate))
+        rows = run_rates(base_url, headers, model, prompts, args, "infinite-llm")
     finally:
         if launched is not None:
             launched.stop()
+    for peer in args.peer:
+        rows += run_peer(peer, our_model, prompts, args)
     result = {
         "bench": "serve",
         "base_url": "launched: infinite-llm serve " + args.server_args if launched else base_url,
@@ -386,10 +455,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "machine": machine_info(),
         "results": rows,
+        "ratios": ratios(rows),
     }
     title = (
         f"bench serve: {model}, {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out "
         f"(times in ms, throughput per s)"
     )
-    emit(result, format_table(rows, COLUMNS, title), args.json)
+    table = format_table(rows, COLUMNS, title)
+    if result["ratios"]:
+        table += "\n" + format_table(result["ratios"], list(result["ratios"][0]), "ours / peer")
+    emit(result, table, args.json)
     return 0 if all(row["failed"] == 0 for row in rows) else 1

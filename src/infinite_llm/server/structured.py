@@ -24,11 +24,12 @@ GUIDED_FIELDS = {
 
 
 class StructuredOutputsBody(BaseModel):
-    """vLLM's ``structured_outputs`` request object (the fields we honour)."""
+    """vLLM's ``structured_outputs`` request object: the fields we honour; any other of vLLM's
+    (``whitespace_pattern``, ``structural_tag``, ...) is a 400 naming it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    json: dict[str, Any] | str | None = None
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
     json_object: bool | None = None
     regex: str | None = None
     choice: list[str] | None = None
@@ -50,7 +51,9 @@ def guided_sources(body: Any) -> dict[str, dict[str, Any]]:
     on a completions or chat body."""
     sources: dict[str, dict[str, Any]] = {}
     if body.structured_outputs is not None:
-        sources["structured_outputs"] = body.structured_outputs.model_dump(exclude_none=True)
+        sources["structured_outputs"] = body.structured_outputs.model_dump(
+            exclude_none=True, by_alias=True
+        )
     for name, kind in GUIDED_FIELDS.items():
         value = getattr(body, name)
         if value is not None:

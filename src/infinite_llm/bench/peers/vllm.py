@@ -145,10 +145,15 @@ def _tail(log: Any, num_chars: int = 4000) -> str:
 
 
 def vllm_server_command(
-    hf_dir: str, port: int = 8011, host: str = "127.0.0.1", extra_args: Sequence[str] = ()
+    hf_dir: str,
+    port: int = 8011,
+    host: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    eager: bool = True,
 ) -> list[str]:
     """The command line of vLLM's OpenAI-compatible server on ``hf_dir`` (run it with
-    ``vllm_env()``); the model is addressed by ``hf_dir`` in requests."""
+    ``vllm_env()``); the model is addressed by ``hf_dir`` in requests. ``eager``: without
+    ``torch.compile`` (vLLM's ``--enforce-eager``); otherwise its default, compiled."""
     return [
         _require_python(),
         "-m",
@@ -163,7 +168,7 @@ def vllm_server_command(
         "float32",
         "--max-model-len",
         str(MAX_MODEL_LEN),
-        "--enforce-eager",
+        *(["--enforce-eager"] if eager else []),
         "--kv-cache-memory-bytes",
         str(KV_CACHE_BYTES),
         "--no-enable-prefix-caching",
@@ -177,11 +182,12 @@ def start_vllm_server(
     host: str = "127.0.0.1",
     log_path: str | None = None,
     timeout: float = 300.0,
+    eager: bool = True,
 ) -> subprocess.Popen[bytes]:
     """Start the server and wait until ``/health`` answers; the caller terminates it."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        vllm_server_command(hf_dir, port, host),
+        vllm_server_command(hf_dir, port, host, eager=eager),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=vllm_env(),
