@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from infinite_llm.cluster import create_cluster
 from infinite_llm.config import EngineConfig
@@ -200,14 +200,21 @@ class LLMEngine:
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step on every instance; outputs for the requests that made progress."""
-        outputs: list[RequestOutput] = []
-        for event in self.cluster.step():
-            output, stopped = self.output_processor.process(event)
-            if stopped:
-                self.cluster.finish_request(event.request_id, RequestStatus.FINISHED_STOPPED)
-            if output is not None:
-                outputs.extend(self._gather(output))
-        return outputs
+        return [output for part in self.step_in_parts() for output in part]
+
+    def step_in_parts(self) -> Iterator[list[RequestOutput]]:
+        """``step()`` as its outputs come: one part per instance where instances step in turn
+        (``Cluster.step_in_parts``), so a server sends an instance's tokens before the next
+        instance's step ends. Run it to its end."""
+        for events in self.cluster.step_in_parts():
+            outputs: list[RequestOutput] = []
+            for event in events:
+                output, stopped = self.output_processor.process(event)
+                if stopped:
+                    self.cluster.finish_request(event.request_id, RequestStatus.FINISHED_STOPPED)
+                if output is not None:
+                    outputs.extend(self._gather(output))
+            yield outputs
 
     def _gather(self, output: RequestOutput) -> list[RequestOutput]:
         """A sample's output as its parent emits it (itself when it has no parent)."""

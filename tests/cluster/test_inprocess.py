@@ -314,3 +314,24 @@ def test_requests_pack_into_one_batch_and_borrow_before_a_second_instance_steps(
             engine.check_integrity()
         assert [done[i] for i in ids] == expected(prompts)
         assert_all_free(engine)
+
+
+def test_step_in_parts_hands_out_each_instance_as_it_steps() -> None:
+    """An instance's outputs come out before the next instance steps (a server sends them at
+    once), and the parts of a step are exactly ``step()``'s outputs."""
+    prompts = random_prompts(2, (20, 20), 256, seed=24)
+    engine = make_engine(2, num_blocks=32, block_size=8, budget=256, borrowing=False)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(engine.make_request(prompt, GREEDY, f"r{i}"), home=i)
+    second = engine.cluster.instances[1].scheduler.requests["r1"]
+    parts = engine.step_in_parts()
+    first = next(parts)
+    assert [o.request_id for o in first] == ["r0"] and second.num_computed_tokens == 0
+    assert [o.request_id for o in next(parts)] == ["r1"] and second.num_computed_tokens == 20
+    assert next(parts, None) is None
+    done: dict[str, list[int]] = {o.request_id: o.outputs[0].token_ids for o in first}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out.outputs[0].token_ids
+    assert [done["r0"], done["r1"]] == expected(prompts)
+    assert_all_free(engine)

@@ -76,13 +76,13 @@ def test_small_body_limit(serve) -> None:
 def test_full_waiting_queue_answers_503(serve) -> None:
     engine = make_engine()
     gate = threading.Event()
-    real_step = engine.step
+    real_parts = engine.step_in_parts
 
-    def gated_step():
+    def gated_parts():
         gate.wait()
-        return real_step()
+        yield from real_parts()
 
-    engine.step = gated_step  # the engine thread stalls: accepted requests stay waiting
+    engine.step_in_parts = gated_parts  # the engine thread stalls: accepted requests stay waiting
     server = serve(engine, max_waiting_requests=2)
     url = server.base_url + "/v1/completions"
     results: list[int] = []
@@ -114,16 +114,16 @@ def test_full_waiting_queue_answers_503(serve) -> None:
 
 def test_engine_errors_fail_the_requests_in_flight_and_serving_goes_on(serve) -> None:
     engine = make_engine()
-    real_step = engine.step
+    real_parts = engine.step_in_parts
     failures = {"left": 0}
 
-    def flaky_step():
+    def flaky_parts():
         if failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("injected failure")
-        return real_step()
+        yield from real_parts()
 
-    engine.step = flaky_step
+    engine.step_in_parts = flaky_parts
     server = serve(engine)
     url = server.base_url + "/v1/completions"
     failures["left"] = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from infinite_llm.attention.kv_pool import KVPool
@@ -98,6 +99,12 @@ class Cluster(abc.ABC):
     @abc.abstractmethod
     def step(self) -> list[StepEvent]:
         """One iteration on every instance (heartbeats and defragmentation in between)."""
+
+    def step_in_parts(self) -> Iterator[list[StepEvent]]:
+        """``step()`` as the events come: a cluster whose instances step one after another
+        yields each instance's as soon as it stepped, so that its tokens go out before the next
+        instance's step (run the iterator to its end: the step's housekeeping closes it)."""
+        yield self.step()
 
     @abc.abstractmethod
     def has_unfinished_requests(self) -> bool: ...

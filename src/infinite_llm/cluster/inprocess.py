@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -185,17 +185,21 @@ class InProcessCluster(Cluster):
         return any(inst.has_unfinished_requests() for inst in self.instances.values())
 
     def step(self) -> list[StepEvent]:
-        """Every instance in turn (one device), each told the others' fresh order reports."""
+        return [event for part in self.step_in_parts() for event in part]
+
+    def step_in_parts(self) -> Iterator[list[StepEvent]]:
+        """Every instance in turn (one device), each told the others' fresh order reports;
+        each instance's events as soon as it stepped."""
         self.core.heartbeat()
-        events: list[StepEvent] = []
         for inst in list(self.instances.values()):
             self.core.grant({i: x.scheduler for i, x in self.instances.items()})
-            events.extend(inst.step())
-        for event in events:
-            if event.finish_reason is not None:
-                self._home.pop(event.request_id, None)
+            events = inst.step()
+            for event in events:
+                if event.finish_reason is not None:
+                    self._home.pop(event.request_id, None)
+            if events:
+                yield events
         self.core.end_step()
-        return events
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -242,7 +242,16 @@ class AsyncLLMEngine:
                 self._apply(command, results)
             if self._live:
                 try:
-                    outputs = engine.step()
+                    # Each part's outputs go out at once (an instance's tokens do not wait
+                    # for the next instance's step).
+                    for outputs in engine.step_in_parts():
+                        for output in outputs:
+                            if output.finished:
+                                self._live.discard(output.request_id)
+                            results.append((output.request_id, output))
+                        if results:
+                            self._post(self._dispatch, results)
+                            results = []
                 except Exception as exc:
                     self.num_step_errors += 1
                     logger.exception(
@@ -250,10 +259,6 @@ class AsyncLLMEngine:
                     )
                     results.extend(self._fail_live(exc))
                 else:
-                    for output in outputs:
-                        if output.finished:
-                            self._live.discard(output.request_id)
-                        results.append((output.request_id, output))
                     if self._live and not engine.has_unfinished_requests():  # never spin on nothing
                         results.extend(
                             self._fail_live(EngineStepError("the engine dropped the request"))
