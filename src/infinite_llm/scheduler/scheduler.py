@@ -30,14 +30,8 @@ still are, so the other instances keep working (holding those back as well leave
 as long as such a prompt takes: simulated, 16 instances, 370 of 1,024 requests finished within
 the hour against 650).
 
-Parallel sampling: the samples of one request (same ``Request.parent_id``, all homed here)
-share the prompt's full rBlocks, reference counted by the allocator (``kvcache.shared``). The
-first sample is admitted as any request; the others wait in the queue until a running sample has
-computed those rBlocks, then each holds them too and gets its own rBlock for the rest of the
-prompt, which it recomputes (at most one rBlock of tokens; vLLM's fan-out over its prefix
-cache does the same), so each sample's first token comes from its own logits and no KV is copied
-between pools. A preempted sample frees only what it alone holds and comes back the same way
-(alone when no sibling runs).
+Parallel sampling: the samples of one request share the prompt's full rBlocks
+(``scheduler.forks``).
 
 Across a borrowing cluster memory is one pool, so the same order holds cluster-wide
 (``scheduler.order``: what each scheduler reports of its step, what it is told of the others,
@@ -53,17 +47,11 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from infinite_llm.scheduler import forks
 from infinite_llm.scheduler.allocator import BlockAllocator
 from infinite_llm.scheduler.order import OrderReport, Rank
 from infinite_llm.scheduler.output import ScheduledRequest, SchedulerOutput
 from infinite_llm.scheduler.request import Request, RequestStatus
-
-
-class _Prefilling:
-    """``Scheduler._prompt_source``'s answer while a sibling sample computes the shared prompt."""
-
-
-_PREFILLING = _Prefilling()
 
 
 @dataclass(frozen=True)
@@ -189,11 +177,11 @@ class Scheduler:
             request = self.waiting[0]
             if self.right_of_way is not None and self.rank(request) > self.right_of_way:
                 break  # an older request elsewhere waits for memory: it goes first
-            source = self._prompt_source(request)
-            if source is _PREFILLING:
+            source = forks.prompt_source(request, self.running, self.block_size)
+            if source is forks.PREFILLING:
                 break  # a sample of the same request still prefills the prompt they share
             if source is not None:
-                if not self._admit_fork(request, source):
+                if not forks.admit(request, source, self.allocator, self.block_size):
                     blocked.append(self.rank(request))
                     break
                 num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -255,47 +243,6 @@ class Scheduler:
                 refs[need:]
             )  # local rBlocks come first: the spare are borrowed ones
         request.block_table.append(refs[:need])
-        return True
-
-    def _prompt_source(self, request: Request) -> Request | _Prefilling | None:
-        """For a sample of a parallel-sampling request: a running sample of the same parent
-        whose prompt's shared rBlocks are computed (``_admit_fork`` shares them), or
-        ``_PREFILLING`` while one still computes them (this one waits for it, so the prompt is
-        computed once); None: admitted on its own rBlocks (no sibling runs here: it is the
-        first sample, the others were preempted or finished, or the prompt fills no rBlock)."""
-        if request.parent_id is None:
-            return None
-        num_shared = self._num_shared_tokens(request)
-        if num_shared == 0:
-            return None
-        prefilling = False
-        for other in self.running:
-            if other.parent_id == request.parent_id:
-                if other.num_computed_tokens >= num_shared:
-                    return other
-                prefilling = True
-        return _PREFILLING if prefilling else None
-
-    def _num_shared_tokens(self, request: Request) -> int:
-        """Prompt tokens whose rBlocks the samples of one request share: every full rBlock of
-        the prompt but the one holding its last token, which each sample computes itself (to
-        get its own logits)."""
-        return (request.num_prompt_tokens - 1) // self.block_size * self.block_size
-
-    def _admit_fork(self, request: Request, source: Request) -> bool:
-        """Admit a sample on the prompt rBlocks ``source`` (a sibling) computed: it holds
-        them too (``allocator.shared``) and gets its own rBlocks from the prompt's last partial
-        rBlock on, where it recomputes the rest of the prompt (at most one rBlock of tokens;
-        after a preemption, its output too)."""
-        num_shared = self._num_shared_tokens(request)
-        shared = source.block_table.refs()[: num_shared // self.block_size]
-        own = self.allocator.allocate(-(-request.num_tokens // self.block_size) - len(shared))
-        if own is None:
-            return False
-        self.allocator.shared.share(shared)
-        request.block_table.append(shared)
-        request.block_table.append(own)
-        request.num_computed_tokens = num_shared
         return True
 
     def _room_for_prompt(self, request: Request) -> bool:
