@@ -194,7 +194,8 @@ async def _events(
                     yield chunk(index, delta, logprobs, token_ids=new_tokens)
                     logprobs, new_tokens = None, []
                 if done:
-                    reason = tool_finish_reason(completion.finish_reason, called[index])
+                    assert tools is not None
+                    reason = tool_finish_reason(tools, completion.finish_reason, called[index])
                     yield chunk(
                         index, last or {}, logprobs, reason, completion.stop_reason, new_tokens
                     )

@@ -118,17 +118,21 @@ class ToolSetup:
 def assistant_message(
     setup: ToolSetup | None, text: str, finish_reason: str | None
 ) -> tuple[dict[str, Any], str | None]:
-    """The answer's message and finish reason: ``tool_calls`` when it stopped on calls."""
+    """The answer's message and finish reason (``tool_finish_reason``)."""
     if setup is None:
         return {"role": "assistant", "content": text}, finish_reason
     content, calls = parse(setup.parser(), text)
     return {"role": "assistant", "content": content, "tool_calls": calls}, tool_finish_reason(
-        finish_reason, bool(calls)
+        setup, finish_reason, bool(calls)
     )
 
 
-def tool_finish_reason(finish_reason: str | None, called: bool) -> str | None:
-    return "tool_calls" if called and finish_reason == "stop" else finish_reason
+def tool_finish_reason(setup: ToolSetup, finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's rule, as vLLM applies it: ``tool_calls`` when an answer stopped on calls it
+    chose (``auto``, ``required``); ``stop`` for a named function's forced call."""
+    if called and setup.mode != "named" and finish_reason == "stop":
+        return "tool_calls"
+    return finish_reason
 
 
 def tool_setup(tools: list[ChatTool] | None, tool_choice: ToolChoice | None) -> ToolSetup | None:
