@@ -122,3 +122,22 @@ def test_engine_config_errors() -> None:
         LLM("tiny", loaded_model=loaded_model("tiny"), num_instances=0, progress=False)
     with pytest.raises(ValueError, match="holds no rBlock"):
         LLM("tiny", loaded_model=loaded_model("tiny"), kv_memory_per_instance=10, progress=False)
+
+
+def test_chat_continues_the_final_message_and_takes_a_template(llm: LLM) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yes"}]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    (out,) = llm.chat(
+        messages, params, use_tqdm=False, add_generation_prompt=False, continue_final_message=True
+    )
+    assert llm.get_tokenizer().decode(out.prompt_token_ids).endswith("assistant: Yes")
+    (own,) = llm.chat(
+        messages[:1],
+        params,
+        use_tqdm=False,
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}{{ tail }}",
+        chat_template_kwargs={"tail": "!"},
+    )
+    assert own.prompt_token_ids == [ord(c) for c in "hi!"]
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        llm.chat(messages, params, continue_final_message=True)

@@ -109,12 +109,28 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template (or ``chat_template``) to one conversation or a list
+        of them, then generate. ``continue_final_message``: the last (assistant) message stays
+        open and the answer continues it (not with ``add_generation_prompt``);
+        ``chat_template_kwargs`` reach the template as variables (vLLM's arguments)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError(
+                "continue_final_message cannot be used with add_generation_prompt "
+                "(pass add_generation_prompt=False)"
+            )
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
         prompts = [
             self.engine.tokenizer.apply_chat_template(
-                list(conv), add_generation_prompt=add_generation_prompt
+                list(conv), add_generation_prompt=add_generation_prompt, **kwargs
             )
             for conv in conversations  # type: ignore[arg-type]
         ]

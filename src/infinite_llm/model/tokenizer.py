@@ -42,13 +42,18 @@ class Tokenizer:
         return bool(self.chat_template)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        **kwargs: Any,
     ) -> list[int]:
-        """Render the conversation with the model's own template and tokenize it."""
-        if not self.has_chat_template:
+        """Render the conversation with the model's own template (or ``chat_template=``) and
+        tokenize it. The template holds the special tokens (BOS, role markers);
+        ``add_special_tokens`` adds the tokenizer's own on top (vLLM's flag, off by default)."""
+        if not self.has_chat_template and kwargs.get("chat_template") is None:
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         text = self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
-        # The template already holds the special tokens (BOS, role markers).
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=add_special_tokens)
