@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from infinite_llm.attention.dist import DistAttention, DistPlan, MAExecutor, StepSpan
+from infinite_llm.engine.cpu_heap import keep_freed_memory
 from infinite_llm.engine.sampler import SampledToken, make_generator, sample
 from infinite_llm.engine.structured import StructuredOutputs
 from infinite_llm.model.llama import LlamaForCausalLM
@@ -32,6 +33,8 @@ class ModelRunner:
         self.device = model.device
         self.scale = model.arch.head_dim**-0.5
         self._seed_source = torch.Generator().manual_seed(seed)  # seeds requests that bring none
+        if torch.device(self.device).type == "cpu":
+            keep_freed_memory()  # a step's tensors reuse pages (cpu_heap)
 
     @torch.inference_mode()
     def execute(

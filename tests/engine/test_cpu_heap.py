@@ -1,0 +1,42 @@
+"""A SmolLM2 prefill reuses freed heap pages (``engine.cpu_heap``): page faults per forward,
+counted by the kernel, with the thresholds raised and with glibc's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import json, resource
+from infinite_llm import LLM, SamplingParams
+llm = LLM("smollm2", num_instances=1, progress=False)
+prompts = [[1000 + (7 * i + j) % 20000 for j in range(256)] for i in range(4)]
+params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+llm.generate(prompts, params, use_tqdm=False)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    llm.generate(prompts, params, use_tqdm=False)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
+"""
+
+
+def faults(keep: str) -> int:
+    env = {**os.environ, "INFINITE_LLM_KEEP_FREED_MEMORY": keep}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_prefill_reuses_freed_pages() -> None:
+    kept, default = faults("1"), faults("0")
+    # glibc's own thresholds: tens of thousands of fresh pages a forward on this model
+    assert default > 5_000, default
+    assert kept < default / 10, (kept, default)
