@@ -77,3 +77,37 @@ def test_bench_serve_n_counts_every_sample(
     (row,) = result["results"]
     assert row["completed"] == 2 and row["total_output_tokens"] == 2 * 3 * 4
     wait_clean(tiny_server.base_url)
+
+
+def test_ratios_pair_each_peer_row_with_ours_at_its_rate() -> None:
+    rows = [
+        {
+            "server": "infinite-llm",
+            "request_rate": 4.0,
+            "output_throughput": 90.0,
+            "mean_ttft_ms": 4000.0,
+            "mean_tpot_ms": 200.0,
+        },
+        {
+            "server": "infinite-llm",
+            "request_rate": "inf",
+            "output_throughput": 100.0,
+            "mean_ttft_ms": 8000.0,
+            "mean_tpot_ms": 180.0,
+        },
+        {
+            "server": "vllm",
+            "request_rate": 4.0,
+            "output_throughput": 100.0,
+            "mean_ttft_ms": 3200.0,
+            "mean_tpot_ms": 250.0,
+        },
+    ]
+    (only,) = bench_serve.ratios(rows)
+    assert only == {
+        "peer": "vllm",
+        "request_rate": 4.0,
+        "output_throughput_ours_over_peer": 0.9,
+        "mean_ttft_ms_ours_over_peer": 1.25,
+        "mean_tpot_ms_ours_over_peer": 0.8,
+    }

@@ -27,11 +27,7 @@ import math
 import os
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +38,13 @@ import numpy as np
 from tqdm import tqdm
 
 from infinite_llm.bench.common import emit, format_table, machine_info
+from infinite_llm.bench.serve_servers import (
+    LaunchedServer,
+    launch_model,
+    peer_server,
+    served_model,
+    vocab_size_of,
+)
 
 
 @dataclass
@@ -231,29 +234,9 @@ def run_rates(
 def run_peer(
     peer: str, model: str, prompts: Sequence[list[int]], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """The same prompts and rates against vLLM's server on ``model`` exported to HF format."""
-    from infinite_llm.bench.peers.vllm import start_vllm_server
-    from infinite_llm.model.export import export_hf
-
-    with tempfile.TemporaryDirectory(prefix="bench-serve-peer-") as tmp:
-        hf_dir = export_hf(model, os.path.join(tmp, "hf"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = os.path.join(tempfile.gettempdir(), f"bench-serve-{peer}-{port}.log")
-        print(f"launching {peer} on port {port} (log: {log})", file=sys.stderr)
-        proc = start_vllm_server(
-            hf_dir, port=port, log_path=log, timeout=900.0, eager=peer == "vllm-eager"
-        )
-        try:
-            return run_rates(f"http://127.0.0.1:{port}", {}, hf_dir, prompts, args, peer)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """The same prompts and rates against vLLM's server (``peer``) on ``model``."""
+    with peer_server(peer, model) as (base_url, served_name):
+        return run_rates(base_url, {}, served_name, prompts, args, peer)
 
 
 def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -270,91 +253,6 @@ def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry[f"{key}_ours_over_peer"] = base[key] / row[key]
         out.append(entry)
     return out
-
-
-# -- our own server, for --launch --------------------------------------------------------------
-class LaunchedServer:
-    def __init__(self, server_args: list[str], timeout_s: float = 600.0) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        # The log outlives this object (its path is printed on failure): no context manager.
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            "w+", prefix="bench-serve-", suffix=".log", delete=False
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "infinite_llm.cli.main",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--disable-uvicorn-access-log",
-            *server_args,
-        ]
-        print(f"launching: {shlex.join(cmd)} (log: {self.log.name})", file=sys.stderr)
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the server exited with {self.proc.returncode}; see {self.log.name}"
-                )
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"the server did not start in {timeout_s} s; see {self.log.name}"
-                )
-            time.sleep(0.25)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def served_model(base_url: str, headers: dict[str, str]) -> str:
-    response = httpx.get(base_url + "/v1/models", headers=headers, timeout=30)
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]
-
-
-def vocab_size_of(name: str) -> int:
-    """The vocabulary of a model our registry knows (embedded name, tiny, GGUF, HF directory)."""
-    from infinite_llm.model.loader import model_dir_for
-    from infinite_llm.model.loader.hf_loader import read_hf_arch
-    from infinite_llm.model.registry import resolve_model
-
-    return read_hf_arch(model_dir_for(resolve_model(name), progress=False)).vocab_size
-
-
-def _launch_model(server_args: list[str]) -> str:
-    for i, arg in enumerate(server_args):
-        if arg == "--model" and i + 1 < len(server_args):
-            return server_args[i + 1]
-        if arg.startswith("--model="):
-            return arg.split("=", 1)[1]
-    from infinite_llm.model.registry import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_url = launched.base_url if launched else args.base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = args.model or served_model(base_url, headers)
-        our_model = args.tokenizer or (_launch_model(server_args) if launched else model)
+        our_model = args.tokenizer or (launch_model(server_args) if launched else model)
         vocab = args.vocab_size or vocab_size_of(our_model)
         prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
         rows = run_rates(base_url, headers, model, prompts, args, "infinite-llm")
