@@ -54,8 +54,8 @@ def sample(
     # The grammar's mask first: logprobs are over the tokens it allows (as vLLM reports them),
     # before the request's own processing.
     constrained = [] if structured is None else structured.rows(requests)
-    if structured is not None and constrained:
-        structured.apply_bitmask(logits, requests)
+    if structured is not None:
+        structured.apply_bitmask(logits, requests, constrained)
     want_logprobs = any(r.sampling_params.logprobs is not None for r in requests)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     grammar_only = logits[constrained].clone() if constrained else None

@@ -134,12 +134,11 @@ class StructuredOutputs:
             i for i, r in enumerate(requests) if r.sampling_params.structured_outputs is not None
         ]
 
-    def apply_bitmask(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
-        """logits: [N, vocab] float32 on the CPU, row i for requests[i]; the rows of constrained
-        requests get -inf on every token their grammar forbids next, in place. A row left with
-        nothing (min_tokens forbidding the EOS that completes the grammar) keeps the grammar's
-        tokens, uniformly: the grammar wins."""
-        rows = self.rows(requests)
+    def apply_bitmask(
+        self, logits: torch.Tensor, requests: Sequence[Request], rows: Sequence[int]
+    ) -> None:
+        """logits: [N, vocab] float32 on the CPU, row i for requests[i]; ``rows`` (``rows()``)
+        get -inf on every token their grammar forbids next, in place, in one op."""
         if not rows:
             return
         matchers = [(self.matcher(requests[i]), k) for k, i in enumerate(rows)]
@@ -151,17 +150,14 @@ class StructuredOutputs:
         vocab = logits.shape[-1]
         # bit j of word w allows token 32 * w + j: [R, W] -> [R, W, 32] -> [R, vocab]
         allowed = ((bitmask.unsqueeze(-1) >> self._bits) & 1).view(len(rows), -1)[:, :vocab]
-        allowed = allowed.bool()
-        every = len(rows) == logits.shape[0]
-        index = None if every else torch.tensor(rows)
-        masked = logits if index is None else logits.index_select(0, index)
-        masked.masked_fill_(~allowed, float("-inf"))
-        dead = torch.isneginf(masked).all(dim=-1)
-        if bool(dead.any()):
-            keep = allowed[dead]  # never empty: a matcher in error allows only EOS
-            masked[dead] = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
-        if index is not None:
-            logits.index_copy_(0, index, masked)
+        forbidden = allowed == 0
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(forbidden, float("-inf"))
+        else:
+            index = torch.tensor(rows)
+            logits.index_copy_(
+                0, index, logits.index_select(0, index).masked_fill_(forbidden, float("-inf"))
+            )
 
     def accept(self, requests: Sequence[Request], token_ids: Sequence[int]) -> None:
         """Advance the matcher of each constrained request with its sampled token."""
