@@ -139,9 +139,9 @@ class OutputProcessor:
             request_id=tracked.request_id,
             prompt=tracked.prompt,
             prompt_token_ids=tracked.prompt_token_ids,
-            prompt_logprobs=list(tracked.prompt_logprobs)
-            if tracked.prompt_logprobs is not None
-            else None,
+            # Not copied per token: an output exists once the prompt is computed (or the request
+            # ended), and the list never grows after that (preemption reports nothing again).
+            prompt_logprobs=tracked.prompt_logprobs,
             outputs=[
                 CompletionOutput(
                     index=0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -78,6 +79,47 @@ def _prompt_text(state: ServerState, output: RequestOutput) -> str:
     return state.engine.engine.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
 
 
+@dataclass
+class _Shown:
+    """What a choice shows of a completion (or of its newest part, streamed): ``max_tokens: 0``
+    with ``echo`` shows no generated token; ``echo`` puts the prompt first."""
+
+    text: str
+    token_ids: list[int]
+    entries: list[dict[int, float] | None] | None  # logprobs, one per token id
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+    @classmethod
+    def of(
+        cls,
+        state: ServerState,
+        body: CompletionRequest,
+        output: RequestOutput,
+        completion: CompletionOutput,
+        part: tuple[str, list[int], list[dict[int, float]] | None],
+        with_prompt: bool,
+    ) -> _Shown:
+        text, token_ids, entries = part
+        shown = cls(
+            text,
+            token_ids,
+            list(entries) if entries is not None else None,
+            completion.finish_reason,
+            completion.stop_reason,
+        )
+        if body.prompt_only:  # the one token computed to reach the prompt's end is not shown
+            shown.text, shown.token_ids = "", []
+            shown.entries = [] if entries is not None else None
+            shown.finish_reason, shown.stop_reason = "length", None
+        if body.echo and with_prompt:
+            shown.text = _prompt_text(state, output) + shown.text
+            shown.token_ids = output.prompt_token_ids + shown.token_ids
+            if shown.entries is not None:
+                shown.entries = [*(output.prompt_logprobs or []), *shown.entries]
+        return shown
+
+
 def _choice(
     state: ServerState,
     body: CompletionRequest,
@@ -85,28 +127,19 @@ def _choice(
     output: RequestOutput,
     completion: CompletionOutput,
 ) -> dict[str, Any]:
-    text, token_ids, entries = completion.text, completion.token_ids, completion.logprobs
-    finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
-    if body.prompt_only:  # the one token computed to reach the prompt's end is not shown
-        text, token_ids = "", []
-        entries = [] if entries is not None else None
-        finish_reason, stop_reason = "length", None
-    if body.echo:
-        text = _prompt_text(state, output) + text
-        if entries is not None:
-            entries = [*(output.prompt_logprobs or []), *entries]
-        token_ids = output.prompt_token_ids + token_ids
+    whole = (completion.text, completion.token_ids, completion.logprobs)
+    shown = _Shown.of(state, body, output, completion, whole, with_prompt=True)
     logprobs = None
-    if body.logprobs is not None and entries is not None:
+    if body.logprobs is not None and shown.entries is not None:
         logprobs = state.formatter.completion(
-            token_ids, entries, as_ids=bool(body.return_tokens_as_token_ids)
+            shown.token_ids, shown.entries, as_ids=bool(body.return_tokens_as_token_ids)
         )
     choice: dict[str, Any] = {
         "index": index,
-        "text": text,
+        "text": shown.text,
         "logprobs": logprobs,
-        "finish_reason": finish_reason,
-        "stop_reason": stop_reason,
+        "finish_reason": shown.finish_reason,
+        "stop_reason": shown.stop_reason,
     }
     if body.prompt_logprobs is not None:
         choice["prompt_logprobs"] = state.formatter.prompt(output.prompt_logprobs)
@@ -138,45 +171,38 @@ async def _events(
             completion = output.outputs[0]
             index = prompt_index * n + completion.index
             done = completion.finished()
+            if body.prompt_only and not done:
+                continue
             # Tokens since the last chunk sent (an output whose text is held back sends none).
-            text, new_tokens = output.delta_text, completion.token_ids[sent[index] :]
+            new_tokens = completion.token_ids[sent[index] :]
             entries = None
             if want_logprobs and completion.logprobs is not None:
                 entries = completion.logprobs[sent[index] :]
-            finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
-            if body.prompt_only:
-                if not done:
-                    continue
-                text, new_tokens = "", []
-                entries = [] if entries is not None else None
-                finish_reason, stop_reason = "length", None
-            else:
-                num_completion[index] = len(completion.token_ids)
             first = not started[index]
-            if not (text or done or first or (want_logprobs and new_tokens)):
+            shown = _Shown.of(
+                state, body, output, completion, (output.delta_text, new_tokens, entries), first
+            )
+            if not body.prompt_only:
+                num_completion[index] = len(completion.token_ids)
+            if not (shown.text or done or first or (want_logprobs and new_tokens)):
                 continue  # text held back (it may become a stop string): nothing to show yet
             sent[index] = len(completion.token_ids)
+            started[index] = True
             choice: dict[str, Any] = {"index": index}
-            shown = new_tokens
-            if first:
-                started[index] = True
-                if body.echo:
-                    text = _prompt_text(state, output) + text
-                    shown = output.prompt_token_ids + new_tokens
-                    if entries is not None:
-                        entries = [*(output.prompt_logprobs or []), *entries]
-                if body.return_token_ids:
-                    choice["prompt_token_ids"] = output.prompt_token_ids
+            if first and body.return_token_ids:
+                choice["prompt_token_ids"] = output.prompt_token_ids
             logprobs = None
-            if entries is not None:
-                logprobs = state.formatter.completion(shown, entries, text_offset[index], as_ids)
-                text_offset[index] += state.formatter.text_length(shown)
-            choice["text"] = text
+            if shown.entries is not None:
+                logprobs = state.formatter.completion(
+                    shown.token_ids, shown.entries, text_offset[index], as_ids
+                )
+                text_offset[index] += state.formatter.text_length(shown.token_ids)
+            choice["text"] = shown.text
             choice["logprobs"] = logprobs
-            choice["finish_reason"] = finish_reason if done else None
-            choice["stop_reason"] = stop_reason if done else None
+            choice["finish_reason"] = shown.finish_reason if done else None
+            choice["stop_reason"] = shown.stop_reason if done else None
             if body.return_token_ids:
-                choice["token_ids"] = new_tokens
+                choice["token_ids"] = [] if body.prompt_only else new_tokens
             chunk: dict[str, Any] = {**meta, "choices": [choice]}
             if body.include_usage:
                 chunk["usage"] = (
