@@ -23,6 +23,9 @@ class CacheConfig:
     enable_borrowing: bool = (
         True  # False: the vLLM-style baseline (a request lives on one instance)
     )
+    # Reuse the KV of prompts' leading full rBlocks wherever it is cached (``kvcache.prefix``);
+    # on by default, as in vLLM.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -45,6 +45,7 @@ class LLM:
         ray_address: str | None = None,
         enable_borrowing: bool = True,
         lending_cap: float = 1.0,
+        enable_prefix_caching: bool = True,
         seed: int = 0,
         attention_impl: str = "auto",
         max_logprobs: int = 20,
@@ -68,6 +69,7 @@ class LLM:
                 memory_bytes=kv_memory_per_instance,
                 lending_cap=lending_cap,
                 enable_borrowing=enable_borrowing,
+                enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs

@@ -13,7 +13,7 @@ import pytest
 SCRIPT = """
 import json, resource
 from infinite_llm import LLM, SamplingParams
-llm = LLM("smollm2", num_instances=1, progress=False)
+llm = LLM("smollm2", num_instances=1, enable_prefix_caching=False, progress=False)
 prompts = [[1000 + (7 * i + j) % 20000 for j in range(256)] for i in range(4)]
 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 llm.generate(prompts, params, use_tqdm=False)

@@ -153,7 +153,7 @@ def test_waiting_queue_is_in_arrival_order_whatever_the_order_of_adds() -> None:
 
 def test_running_requests_keep_what_they_are_about_to_need_from_lending() -> None:
     rm = RManager(0, 12, lending_cap=1.0)
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=6, max_num_seqs=8), BS, rm)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=6, max_num_seqs=8), BS, LocalAllocator(rm))
     a, b = req("a", 10, max_tokens=2), req("b", 3, max_tokens=20)
     s.add_request(a)
     s.add_request(b)

@@ -111,7 +111,12 @@ def _engine(
         num_instances=num_instances,
         backend=backend,
         attention_impl=args.attention_impl,
-        cache=CacheConfig(block_size=args.block_size, num_blocks=num_blocks, lending_cap=1.0),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=num_blocks,
+            lending_cap=1.0,
+            enable_prefix_caching=False,  # every placement prefills the same prompts afresh
+        ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.batch * args.context, max_num_seqs=args.batch
         ),

@@ -93,6 +93,7 @@ def make_ours(args: argparse.Namespace) -> Any:
         max_num_seqs=max(max_batch, 1),
         max_num_batched_tokens=args.max_num_batched_tokens,
         attention_impl=args.attention_impl,
+        enable_prefix_caching=False,  # the batches repeat prompts; vLLM's peer runs without too
         progress=False,
     )
 

@@ -2,7 +2,8 @@
 with the same prompt, on the same engine: peak rBlocks in use and output throughput.
 
 The samples of one request share the prompt's full rBlocks (``kvcache.shared``); ``n``
-separate requests each hold and compute the whole prompt. Both runs draw the same tokens
+separate requests each hold and compute the whole prompt (the prefix cache is off here: with it
+they would share the prompt too, which ``bench prefix`` measures). Both runs draw the same tokens
 (sample i and separate request i both sample from ``seed + i``, ``ignore_eos``), so they do the
 same decoding work. rBlocks are counted after every step (used + lent, every instance).
 
@@ -98,7 +99,9 @@ COLUMNS = ["mode", "peak_used_blocks", "output_tokens", "duration_s", "output_th
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    engine = LLMEngine(engine_config_from_args(args), progress=False)
+    config = engine_config_from_args(args)
+    config = replace(config, cache=replace(config.cache, enable_prefix_caching=False))
+    engine = LLMEngine(config, progress=False)
     try:
         result = compare(engine, args.n, args.input_len, args.output_len, args.seed)
     finally:

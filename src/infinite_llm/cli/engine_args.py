@@ -61,6 +61,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="largest share of a pool lent to other instances at once (1.0: any free rBlock)",
     )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of prompts' cached prefixes, wherever in the cluster they are "
+        "(default: on; --no-enable-prefix-caching computes every prompt whole)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
         "--max-logprobs",
@@ -91,6 +98,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             memory_bytes=args.kv_memory,
             lending_cap=args.lending_cap,
             enable_borrowing=not args.no_borrow,
+            enable_prefix_caching=args.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs

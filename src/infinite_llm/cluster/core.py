@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from infinite_llm.kvcache.gmanager import GManagerConfig
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation, execute_plan
+from infinite_llm.kvcache.prefix import block_hashes
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.order import Ordered, OrderReport, cluster_order, grant_right_of_way
@@ -103,6 +104,8 @@ class GManagerView(Protocol):
 
     def free_blocks(self) -> dict[int, int]: ...
 
+    def prefix_matches(self, hashes: list[bytes]) -> dict[int, int]: ...
+
     def available(self, instance_id: int) -> int | None: ...
 
     def edges(self) -> dict[tuple[int, int], int]: ...
@@ -138,11 +141,13 @@ class ClusterCore:
         config: ClusterConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         journal: Journal | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         config = config or ClusterConfig()
         self.members = members
         self.gmanager = gmanager
         self.borrowing = borrowing
+        self.prefix_caching = prefix_caching
         self.router = Router(block_size, policy=routing)
         self.heartbeat_interval_s = config.heartbeat_interval_s
         self.defrag_interval_steps = config.defrag_interval_steps
@@ -158,8 +163,11 @@ class ClusterCore:
         self.num_failed_instances = 0
 
     # -- requests -----------------------------------------------------------------------------
-    def route(self, num_tokens: int, request_id: str | None = None) -> int:
-        """The home of a new request of ``num_tokens`` (``Router``)."""
+    def route(
+        self, num_tokens: int, request_id: str | None = None, hashes: Sequence[bytes] = ()
+    ) -> int:
+        """The home of a new request of ``num_tokens`` (``Router``); ``hashes``: its leading
+        full rBlocks' (``kvcache.prefix``), to weigh where they are cached."""
         pooled = self.borrowing
         loads = self.members.loads()
         free = self.gmanager.free_blocks()
@@ -168,7 +176,8 @@ class ClusterCore:
             if pooled and self.router.policy == "pack"
             else {}
         )
-        home = self.router.route(loads, free, lendable, num_tokens, pooled)
+        cached = self.gmanager.prefix_matches(list(hashes)) if hashes else {}
+        home = self.router.route(loads, free, lendable, num_tokens, pooled, cached)
         self._record("home", request_id, home)
         return home
 
@@ -179,9 +188,11 @@ class ClusterCore:
         send_release: SendRelease,
     ) -> Borrower | LocalAllocator:
         """Where an instance's scheduler gets rBlocks: its RManager alone, or with borrowing a
-        ``Borrower`` over the core's refreshing view of the gManager."""
+        ``Borrower`` over the core's refreshing view of the gManager; with ``prefix_caching``,
+        reusing cached prefixes (``kvcache.prefix``; with borrowing, other instances' too)."""
+        prefix_block_size = self.router.block_size if self.prefix_caching else None
         if not self.borrowing:
-            return LocalAllocator(rmanager)
+            return LocalAllocator(rmanager, prefix_block_size=prefix_block_size)
 
         def lend(creditor_id: int, request: LendRequest) -> LendReply:
             reply = send_lend(creditor_id, request)
@@ -189,7 +200,22 @@ class ClusterCore:
                 self._record("borrow", request.debtor_id, creditor_id, len(reply.granted))
             return reply
 
-        return Borrower(rmanager, self.views, lend, send_release, stats=self.borrow_stats)
+        return Borrower(
+            rmanager,
+            self.views,
+            lend,
+            send_release,
+            stats=self.borrow_stats,
+            prefix_block_size=prefix_block_size,
+        )
+
+    def prefix_hashes(self, request: Request) -> list[bytes]:
+        """The hashes ``route`` weighs for ``request``: its full rBlocks but the last token's
+        (none when prefix caching is off)."""
+        if not self.prefix_caching:
+            return []
+        bs = self.router.block_size
+        return block_hashes(request, (request.num_tokens - 1) // bs, bs)
 
     # -- one step -----------------------------------------------------------------------------
     def grant(self, schedulers: Mapping[int, Ordered]) -> None:
@@ -276,7 +302,7 @@ class ClusterCore:
         affected = self.members.drop_instance(instance_id)
         self.heartbeat(force=True)
         for request in sorted(orphans, key=lambda r: r.arrival_time):
-            home = self.route(request.num_tokens, request.request_id)
+            home = self.route(request.num_tokens, request.request_id, self.prefix_hashes(request))
             self.members.adopt(home, request)
             affected.append(request.request_id)
         return affected

@@ -128,6 +128,7 @@ class InProcessCluster(Cluster):
             config=config.cluster,
             clock=clock,
             journal=journal,
+            prefix_caching=cache.enable_prefix_caching,
         )
         arch, dtype, device = loaded.arch, parse_dtype(config.dtype), torch.device(config.device)
         # one grammar compiler and cache for the process: the instances step in turn
@@ -143,7 +144,11 @@ class InProcessCluster(Cluster):
                 device,
             )
             rmanager = RManager(i, self.num_blocks_per_instance, lending_cap=lending_cap)
-            allocator = self.core.allocator(rmanager, self.transport.lend, self.transport.release)
+            allocator = self.core.allocator(
+                rmanager,
+                self.transport.lend,
+                self.transport.release,
+            )
             scheduler = Scheduler(config.scheduler, self.block_size, allocator)
             runner = ModelRunner(
                 loaded.model, self.block_size, self.transport, config.seed + i, structured
@@ -164,7 +169,9 @@ class InProcessCluster(Cluster):
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
-            home = self.core.route(request.num_tokens, request.request_id)
+            home = self.core.route(
+                request.num_tokens, request.request_id, self.core.prefix_hashes(request)
+            )
         elif home not in self.instances:
             raise ValueError(f"no live instance {home}")
         self.instances[home].add_request(request)
@@ -252,6 +259,7 @@ class InProcessCluster(Cluster):
         self.core.heartbeat(force=True)  # the ledger must equal reality after a heartbeat round
         for inst in self.instances.values():
             inst.rmanager.check_integrity()
+            inst.scheduler.check_prefix_cache()
         self.gmanager.check_integrity()
         check_cluster(
             [

@@ -154,6 +154,7 @@ class InstanceActor:
         # A failed borrow refreshes the gManager's view once a step, as in every runtime.
         self.views = RefreshOnEmpty(self.gmanager, self._refresh_view)
         self.borrow_stats = BorrowStats(latency=SampleRecorder())
+        prefix_block_size = block_size if config.cache.enable_prefix_caching else None
         allocator = (
             Borrower(
                 rmanager,
@@ -161,9 +162,10 @@ class InstanceActor:
                 self.transport.lend,
                 self.transport.release,
                 stats=self.borrow_stats,
+                prefix_block_size=prefix_block_size,
             )
             if spec.borrowing
-            else LocalAllocator(rmanager)
+            else LocalAllocator(rmanager, prefix_block_size=prefix_block_size)
         )
         scheduler = Scheduler(config.scheduler, block_size, allocator)
         # the tokenizer is loaded only if a grammar-constrained request comes
@@ -367,6 +369,7 @@ class InstanceActor:
             rm, sched = inst.rmanager, inst.scheduler
             if check:
                 rm.check_integrity()
+                sched.check_prefix_cache()
             borrow = self.borrow_stats.as_dict()
             borrow.pop("latency", None)
             latency = self.borrow_stats.latency

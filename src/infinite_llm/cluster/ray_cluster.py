@@ -123,6 +123,7 @@ class RayCluster(Cluster):
             borrowing=self.borrowing,
             routing="load",
             config=config.cluster,
+            prefix_caching=config.cache.enable_prefix_caching,
         )
         self.members.on_dead = self.core.fail_instance
         self._records = self.members.records
@@ -153,7 +154,9 @@ class RayCluster(Cluster):
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
-            home = self.core.route(request.num_tokens, request.request_id)
+            home = self.core.route(
+                request.num_tokens, request.request_id, self.core.prefix_hashes(request)
+            )
         elif home not in self._actors:
             raise ValueError(f"no live instance {home}")
         copy = dataclasses.replace(

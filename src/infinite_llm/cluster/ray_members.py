@@ -111,6 +111,9 @@ class DriverGManager:
     def can_lend(self, debtor_id: int, num_blocks: int) -> bool:
         return self._call("can_lend", debtor_id, num_blocks)
 
+    def prefix_matches(self, hashes: list[bytes]) -> dict[int, int]:
+        return self._call("prefix_matches", hashes)
+
 
 class RayMembers:
     """The cluster core's ``Members`` over instance actors (calls awaited by the driver)."""

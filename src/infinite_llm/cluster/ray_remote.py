@@ -84,6 +84,10 @@ class RemoteGManager:
     def report_false(self, creditor_id: int, num_lendable: int = 0) -> None:
         self._call("report_false", creditor_id, num_lendable)
 
+    def prefix_holders(self, hashes: list[bytes]) -> list[tuple[int, ...]]:
+        """``GManager.prefix_holders``; nobody where the gManager cannot be reached."""
+        return self._call("prefix_holders", list(hashes)) or []
+
     def record_lend(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None:
         self._call("record_lend", debtor_id, creditor_id, num_blocks)
 

@@ -115,6 +115,8 @@ class Instance:
                     request.block_table.replace(index, new)
                     moved.add(ref)
         self.scheduler.allocator.shared.relocate(moves)
+        if self.scheduler.allocator.prefix is not None:
+            self.scheduler.allocator.prefix.relocate(moves)
         return len(moved)
 
     def drop_instance(self, dead_id: int) -> list[str]:

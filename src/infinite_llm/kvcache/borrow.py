@@ -22,7 +22,7 @@ Policy (our reading; the paper leaves it open):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.claims import Rank
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Recommendation, Release
 from infinite_llm.kvcache.metrics import BorrowStats
+from infinite_llm.kvcache.prefix import PrefixCache
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.kvcache.shared import SharedBlocks
 
@@ -55,6 +56,8 @@ class GManagerLike(Protocol):
     def sync_prefills(self, instance_id: int, ranks: Collection[Rank]) -> None: ...
 
     def prefill_way(self, instance_id: int) -> Rank | None: ...
+
+    def prefix_holders(self, hashes: Sequence[bytes]) -> list[tuple[int, ...]]: ...
 
 
 class RefreshOnEmpty:
@@ -157,8 +160,10 @@ def release(
     send_release: SendRelease,
     *,
     stats: BorrowStats | None = None,
+    hashes: Sequence[bytes | None] | None = None,
 ) -> None:
     """Give borrowed rBlocks back to their creditors (one ``Release`` per creditor).
+    ``hashes``, one per ref: the content hash the creditor may keep the rBlock cached under.
 
     Validates every ref first. The debtor forgets a creditor's refs *before* sending: once
     the creditor frees them it may lend the same blocks to this debtor again at once (from
@@ -166,16 +171,22 @@ def release(
     still holds them lent, so nobody else can have them) and the error propagates.
     """
     refs = list(refs)
+    names = list(hashes) if hashes is not None else [None] * len(refs)
+    if len(names) != len(refs):
+        raise ValueError(f"{len(names)} hashes for {len(refs)} rBlocks")
     by_creditor: dict[int, list[BlockRef]] = {}
-    for ref in refs:
+    named: dict[int, list[bytes | None]] = {}
+    for ref, h in zip(refs, names, strict=True):
         by_creditor.setdefault(ref.instance_id, []).append(ref)
+        named.setdefault(ref.instance_id, []).append(h)
     if not debtor.has_borrowed(refs):
         raise ValueError(f"instance {debtor.instance_id} did not borrow all of {refs}")
     for creditor_id in sorted(by_creditor):
         group = by_creditor[creditor_id]
+        group_hashes = tuple(named[creditor_id]) if any(named[creditor_id]) else ()
         debtor.record_returned(group)
         try:
-            send_release(creditor_id, Release(debtor.instance_id, group))
+            send_release(creditor_id, Release(debtor.instance_id, group, group_hashes))
         except BaseException:
             debtor.record_borrowed(group)
             raise
@@ -190,7 +201,8 @@ class Borrower:
     ``allocate``/``free`` make it a block allocator for the scheduler: local rBlocks first,
     borrowed ones for the rest, and every rBlock of a request freed where it lives, once its
     last holder here lets go (``shared``: a borrowed rBlock several requests here share is
-    lent to this instance once and released once).
+    lent to this instance once and released once). ``prefix``: the prefix cache (None when
+    off), which takes cached rBlocks of other instances through ``borrow_cached``.
     """
 
     def __init__(
@@ -202,6 +214,7 @@ class Borrower:
         *,
         config: BorrowConfig | None = None,
         stats: BorrowStats | None = None,
+        prefix_block_size: int | None = None,
     ) -> None:
         self.debtor = debtor
         self.gmanager = gmanager
@@ -210,6 +223,11 @@ class Borrower:
         self.config = config or BorrowConfig()
         self.stats = stats if stats is not None else BorrowStats()
         self.shared = SharedBlocks()
+        self.prefix = (
+            PrefixCache(debtor, prefix_block_size, remote=self.borrow_cached)
+            if prefix_block_size is not None
+            else None
+        )
 
     def borrow(self, num_blocks: int) -> list[BlockRef] | None:
         return borrow(
@@ -222,8 +240,41 @@ class Borrower:
             stats=self.stats,
         )
 
-    def release(self, refs: Iterable[BlockRef]) -> None:
-        release(self.debtor, self.gmanager, refs, self.send_release, stats=self.stats)
+    def release(
+        self, refs: Iterable[BlockRef], hashes: Sequence[bytes | None] | None = None
+    ) -> None:
+        release(
+            self.debtor, self.gmanager, refs, self.send_release, stats=self.stats, hashes=hashes
+        )
+
+    def borrow_cached(self, hashes: list[bytes]) -> list[BlockRef]:
+        """rBlocks another instance keeps cached with the KV of ``hashes``' leading run, lent
+        to this one in place (maybe none): the creditor the gManager's prefix index names for
+        the longest run is asked for exactly those; it lends what it still has."""
+        me = self.debtor.instance_id
+        holders = self.gmanager.prefix_holders(hashes)
+        best, run = None, 0
+        for creditor_id in holders[0] if holders else ():
+            if creditor_id == me:
+                continue
+            n = 1
+            while n < len(holders) and creditor_id in holders[n]:
+                n += 1
+            if n > run:
+                best, run = creditor_id, n
+        if best is None:
+            return []
+        request = LendRequest(
+            me, run, self.debtor.new_lend_request(run).request_id, tuple(hashes[:run])
+        )
+        reply = self.send_lend(best, request)
+        granted = list(reply.granted or ())
+        if len(granted) > run or any(ref.instance_id != best for ref in granted):
+            raise ValueError(f"malformed reply from creditor {best} to {request}: {reply}")
+        if granted:
+            self.debtor.record_borrowed(granted)
+            self.gmanager.record_lend(me, best, len(granted))
+        return granted
 
     @property
     def num_blocks(self) -> int:
@@ -271,11 +322,13 @@ class Borrower:
         """Free a request's rBlocks: local ones to the pool, remote ones to their creditors
         (those another request here still holds stay)."""
         refs = self.shared.release(refs)
+        names = self.prefix.forget(refs) if self.prefix else [None] * len(refs)
         home = self.debtor.instance_id
-        self.debtor.free([r for r in refs if r.instance_id == home])
-        remote = [r for r in refs if r.instance_id != home]
+        local = [i for i, r in enumerate(refs) if r.instance_id == home]
+        self.debtor.free([refs[i] for i in local], [names[i] for i in local])
+        remote = [i for i, r in enumerate(refs) if r.instance_id != home]
         if remote:
-            self.release(remote)
+            self.release([refs[i] for i in remote], [names[i] for i in remote])
 
 
 def _ask(

@@ -22,7 +22,8 @@ the debtor come last: lending back to one's own creditor makes a debt cycle, whi
 locality until defragmentation undoes it. Instances that gained room since the last sort are
 seen after the next one. All methods take one lock, so queries may come from any thread.
 
-It also holds the prefill claims (``kvcache.claims``): which instance may start prefilling a
+It also keeps the cluster's prefix index (``kvcache.prefix_index``: which instances serve a
+cached rBlock's content, from the heartbeats' changes), and holds the prefill claims (``kvcache.claims``): which instance may start prefilling a
 request longer than its home pool, decided here at once for instances that step concurrently.
 """
 
@@ -30,13 +31,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from infinite_llm.kvcache.claims import PrefillClaims, Rank
 from infinite_llm.kvcache.defrag import DefragPlan, plan_defragmentation
 from infinite_llm.kvcache.ledger import DebtLedger, Edge
 from infinite_llm.kvcache.messages import BorrowQuery, Heartbeat, Recommendation
+from infinite_llm.kvcache.prefix_index import PrefixIndex
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class GManager:
         self._needs_sort = True
         self._stats = GManagerStats()
         self._claims = PrefillClaims()
+        self._prefix = PrefixIndex()
 
     # ---- heartbeats and membership ------------------------------------------------------
 
@@ -122,6 +125,7 @@ class GManager:
             self._ledger.forget_instance(instance_id)
             self._views.pop(instance_id, None)
             self._claims.forget_instance(instance_id)
+            self._prefix.forget_instance(instance_id)
             self._needs_sort = True
 
     def reset(self) -> None:
@@ -129,6 +133,7 @@ class GManager:
             self._ledger.reset()
             self._views.clear()
             self._claims.reset()
+            self._prefix.reset()
             self._needs_sort = True
 
     def rebuild(self, heartbeats: Iterable[Heartbeat]) -> None:
@@ -222,6 +227,18 @@ class GManager:
                 v.blocked_below = num_lendable
                 v.lendable = num_lendable
                 v.reserved = 0
+
+    # ---- the prefix index (``kvcache.prefix_index``) ------------------------------------
+
+    def prefix_holders(self, hashes: Sequence[bytes]) -> list[tuple[int, ...]]:
+        """Per leading hash, the instances that advertise it (``PrefixIndex.holders``)."""
+        with self._lock:
+            return self._prefix.holders(hashes)
+
+    def prefix_matches(self, hashes: Sequence[bytes]) -> dict[int, int]:
+        """Per instance, how many leading hashes it advertises (``PrefixIndex.matches``)."""
+        with self._lock:
+            return self._prefix.matches(hashes)
 
     # ---- prefill claims (``kvcache.claims``) --------------------------------------------
 
@@ -338,6 +355,9 @@ class GManager:
     # ---- internals (caller holds the lock) ----------------------------------------------
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> None:
+        # The index takes every heartbeat's changes, even one overtaken in transit: an
+        # entry out of date only costs a miss (``kvcache.prefix_index``).
+        self._prefix.apply(hb.instance_id, hb.prefix_added, hb.prefix_removed)
         if not self._ledger.on_heartbeat(hb, now):
             self._stats.num_ignored_heartbeats += 1
             return

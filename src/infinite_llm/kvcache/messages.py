@@ -9,6 +9,9 @@ One borrow, as the paper describes it (the gManager recommends, it never allocat
     debtor --Release----------> creditor      later: give the rBlocks back
     every rManager --Heartbeat--> gManager    regularly: free/lent/borrowed counts
 
+A ``LendRequest`` with ``hashes`` asks for cached rBlocks by content (the prefix cache): the
+creditor lends those it keeps free with that KV, the longest leading run of them.
+
 Only ``cluster/`` moves these between processes; everything here is data.
 """
 
@@ -48,11 +51,17 @@ class Recommendation:
 
 @dataclass(frozen=True, slots=True)
 class LendRequest:
-    """A debtor asks one creditor for exactly ``num_blocks`` rBlocks (never fewer)."""
+    """A debtor asks one creditor for exactly ``num_blocks`` rBlocks (never fewer).
+
+    With ``hashes`` (``num_blocks`` of them, one per rBlock of a prompt's prefix): the rBlocks
+    the creditor keeps cached with that content, the longest leading run of them (maybe
+    none: a stale index entry), so the debtor attends them in place instead of computing them.
+    """
 
     debtor_id: int
     num_blocks: int
     request_id: int = 0
+    hashes: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +86,14 @@ class LendReply:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """A debtor gives rBlocks back to the creditor that lent them (all refs name it)."""
+    """A debtor gives rBlocks back to the creditor that lent them (all refs name it).
+
+    ``hashes``, when given, has one entry per ref: the content hash of a full rBlock whose KV
+    the creditor may keep cached (``CachedBlocks``), or None."""
 
     debtor_id: int
     refs: list[BlockRef]
+    hashes: tuple[bytes | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +102,9 @@ class Heartbeat:
 
     The per-peer counts let a restarted gManager rebuild the whole debt ledger from one
     round of heartbeats: ``lent_to[debtor_id]`` on the creditor is the authority, and
-    ``borrowed_from[creditor_id]`` on the debtor is the cross-check.
+    ``borrowed_from[creditor_id]`` on the debtor is the cross-check. ``num_cached`` of the
+    free rBlocks keep a prefix's KV; ``prefix_added`` / ``prefix_removed``: the content hashes
+    the instance began / stopped serving since its last heartbeat (``kvcache.prefix_index``).
     """
 
     instance_id: int
@@ -102,3 +117,6 @@ class Heartbeat:
     lendable: int
     lent_to: dict[int, int] = field(default_factory=dict)
     borrowed_from: dict[int, int] = field(default_factory=dict)
+    num_cached: int = 0
+    prefix_added: tuple[bytes, ...] = ()
+    prefix_removed: tuple[bytes, ...] = ()

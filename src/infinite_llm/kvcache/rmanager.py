@@ -2,7 +2,9 @@
 
 Every physical block ``0..num_blocks-1`` of the instance's pool is in exactly one state::
 
-    FREE  -> in the free heap (lowest id handed out first)
+    FREE  -> in the free heap (lowest id handed out first), or cached: it keeps a full
+             rBlock's KV under its content hash (``CachedBlocks``, the prefix cache) until
+             the heap is empty and it is taken, least recently freed first
     USED  -> allocated for one of this instance's own requests
     LENT  -> allocated on behalf of a remote debtor (``lend``), until it is released
 
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.borrowed import BorrowedBlocks
+from infinite_llm.kvcache.cached import CachedBlocks
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
+from infinite_llm.kvcache.prefix_index import Advertised
 
 _FREE, _USED, _LENT = 0, 1, 2
 
@@ -65,6 +69,8 @@ class RManager:
         # Every FREE block is in the heap exactly once, so no lazy deletion is needed:
         # blocks leave it only by heappop and come back only by heappush.
         self._free_heap = list(range(num_blocks))
+        self._cached = CachedBlocks()  # the other FREE blocks
+        self._advertised = Advertised()  # hashes cached here or held by own requests
         self._num_used = 0
         self._lent_to: dict[int, set[int]] = {}  # debtor_id -> block ids lent to it
         self._debtor_of: dict[int, int] = {}  # lent block id -> debtor_id
@@ -92,7 +98,13 @@ class RManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_heap)
+        """Free blocks, the cached ones included (they are taken when needed)."""
+        return len(self._free_heap) + len(self._cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks that keep a prefix's KV."""
+        return len(self._cached)
 
     @property
     def num_used_blocks(self) -> int:
@@ -119,7 +131,7 @@ class RManager:
             return self._lendable()
 
     def _lendable(self) -> int:
-        free = len(self._free_heap) - self._reserve
+        free = len(self._free_heap) + len(self._cached) - self._reserve
         return max(0, min(free, self.max_lent_blocks - len(self._debtor_of)))
 
     def reserve(self, num_blocks: int) -> None:
@@ -133,7 +145,7 @@ class RManager:
 
     def can_allocate(self, num_blocks: int) -> bool:
         _check_count(num_blocks)
-        return num_blocks <= len(self._free_heap)
+        return num_blocks <= self.num_free_blocks
 
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         """Take ``num_blocks`` local blocks for an own request, lowest ids first.
@@ -148,16 +160,42 @@ class RManager:
             self._num_used += num_blocks
         return [BlockRef(self.instance_id, b) for b in block_ids]
 
-    def free(self, refs: Iterable[BlockRef]) -> None:
-        """Free local blocks of own requests. Validates every ref before freeing any."""
+    def free(self, refs: Iterable[BlockRef], hashes: Iterable[bytes | None] | None = None) -> None:
+        """Free local blocks of own requests. Validates every ref before freeing any.
+        ``hashes``, one per ref: the content hash of a full rBlock to keep cached, or None."""
         refs = list(refs)
         with self._lock:
             block_ids = self._local_ids(refs)
             for b in block_ids:
                 if self._state[b] != _USED:
                     raise ValueError(f"{BlockRef(self.instance_id, b)} is not in use here")
-            self._give_back(block_ids)
+            self._give_back(block_ids, hashes)
             self._num_used -= len(block_ids)
+
+    def take_cached(self, hashes: Iterable[bytes]) -> list[BlockRef]:
+        """For an own request: the cached blocks holding ``hashes``' KV, the longest leading
+        run of them, now in use (the prefix cache's hit here)."""
+        with self._lock:
+            block_ids = self._take_cached(hashes, len(self._free_heap) + len(self._cached))
+            for b in block_ids:
+                self._state[b] = _USED
+            self._num_used += len(block_ids)
+        return [BlockRef(self.instance_id, b) for b in block_ids]
+
+    def advertise(self, block_hash: bytes) -> None:
+        """An own request holds a full rBlock of this content (``kvcache.prefix_index``)."""
+        with self._lock:
+            self._advertised.add(block_hash)
+
+    def unadvertise(self, block_hash: bytes) -> None:
+        """``advertise`` undone: no own request holds that rBlock any longer."""
+        with self._lock:
+            self._advertised.remove(block_hash)
+
+    def cached_block_ids(self) -> list[int]:
+        """The free blocks that keep a prefix's KV, least recently freed first."""
+        with self._lock:
+            return self._cached.block_ids()
 
     # ---- creditor side ------------------------------------------------------------------
 
@@ -170,18 +208,29 @@ class RManager:
         """Serve a remote debtor: exactly ``request.num_blocks`` free local blocks, or false.
 
         Never partial, never beyond the lending cap, and never by borrowing on the debtor's
-        behalf: only this pool's free blocks are considered.
+        behalf: only this pool's free blocks are considered. A request with ``hashes`` is
+        granted the cached blocks holding that KV, the longest leading run of them within
+        the cap (maybe none); the debtor attends them in place.
         """
         if request.num_blocks <= 0:
             raise ValueError(f"a lend request needs num_blocks > 0, got {request.num_blocks}")
         if request.debtor_id == self.instance_id:
             raise ValueError(f"instance {self.instance_id} cannot lend to itself")
+        if request.hashes and len(request.hashes) != request.num_blocks:
+            raise ValueError(f"{request.num_blocks} rBlocks asked by {len(request.hashes)} hashes")
         with self._lock:
             granted = None
-            if request.num_blocks <= self._lendable():
+            block_ids: list[int] | None = None
+            if request.hashes:
+                block_ids = self._take_cached(request.hashes, self._lendable())
+                for b in block_ids:
+                    self._state[b] = _LENT
+            elif request.num_blocks <= self._lendable():
                 block_ids = self._take(request.num_blocks, _LENT)
                 assert block_ids is not None  # lendable <= free
-                self._lent_to.setdefault(request.debtor_id, set()).update(block_ids)
+            if block_ids is not None:
+                if block_ids:
+                    self._lent_to.setdefault(request.debtor_id, set()).update(block_ids)
                 for b in block_ids:
                     self._debtor_of[b] = request.debtor_id
                 granted = [BlockRef(self.instance_id, b) for b in block_ids]
@@ -195,11 +244,12 @@ class RManager:
         )
 
     def reclaim(self, release: Release) -> None:
-        """Take back blocks lent to ``release.debtor_id``; validates all before freeing any."""
+        """Take back blocks lent to ``release.debtor_id``; validates all before freeing any.
+        Those the debtor gives a content hash for stay cached here."""
         with self._lock:
             block_ids = self._lent_ids(release.debtor_id, release.refs)
             self._untrack_lent(release.debtor_id, block_ids)
-            self._give_back(block_ids)
+            self._give_back(block_ids, release.hashes or None)
 
     def reclaim_all(self, debtor_id: int) -> int:
         """Free everything lent to ``debtor_id`` (the debtor died). Returns how many."""
@@ -280,17 +330,21 @@ class RManager:
     def heartbeat(self) -> Heartbeat:
         """A consistent snapshot of this instance's memory for the gManager."""
         with self._lock:
+            added, removed = self._advertised.drain()
             return Heartbeat(
                 instance_id=self.instance_id,
                 seq=next(self._heartbeat_seq),
                 num_blocks=self.num_blocks,
-                num_free=len(self._free_heap),
+                num_free=len(self._free_heap) + len(self._cached),
                 num_used=self._num_used,
                 num_lent=len(self._debtor_of),
                 num_borrowed=len(self._borrowed),
                 lendable=self._lendable(),
                 lent_to={d: len(ids) for d, ids in self._lent_to.items()},
                 borrowed_from=self._borrowed.counts(),
+                num_cached=len(self._cached),
+                prefix_added=added,
+                prefix_removed=removed,
             )
 
     def owner_of(self, block_id: int) -> int | None:
@@ -320,9 +374,18 @@ class RManager:
                 f"instance {iid}: a block in the free heap is not FREE"
             )
             counts = [self._state.count(s) for s in (_FREE, _USED, _LENT)]
-            assert counts[0] == len(heap), (
-                f"instance {iid}: {counts[0]} FREE blocks but {len(heap)} in the free heap"
+            cached = self._cached.block_ids()
+            self._cached.check_integrity()
+            assert not set(cached) & set(heap), f"instance {iid}: a cached block is in the heap"
+            assert all(self._state[b] == _FREE for b in cached), (
+                f"instance {iid}: a cached block is not FREE"
             )
+            assert counts[0] == len(heap) + len(cached), (
+                f"instance {iid}: {counts[0]} FREE blocks but {len(heap)} in the free heap"
+                f" and {len(cached)} cached"
+            )
+            for h in self._cached.hashes():
+                assert h in self._advertised, f"instance {iid}: a cached hash is not advertised"
             assert counts[1] == self._num_used, (
                 f"instance {iid}: {counts[1]} USED blocks, counter says {self._num_used}"
             )
@@ -349,17 +412,45 @@ class RManager:
     # ---- internals (caller holds the lock) ----------------------------------------------
 
     def _take(self, num_blocks: int, state: int) -> list[int] | None:
-        if num_blocks > len(self._free_heap):
+        """Free blocks from the heap, then cached ones (evicted, least recently freed first)."""
+        heap = self._free_heap
+        if num_blocks > len(heap) + len(self._cached):
             return None
-        block_ids = [heapq.heappop(self._free_heap) for _ in range(num_blocks)]
+        block_ids = [heapq.heappop(heap) for _ in range(min(num_blocks, len(heap)))]
+        while len(block_ids) < num_blocks:
+            b, h = self._cached.evict()
+            self._advertised.remove(h)
+            block_ids.append(b)
         for b in block_ids:
             self._state[b] = state
         return block_ids
 
-    def _give_back(self, block_ids: list[int]) -> None:
-        for b in block_ids:
+    def _take_cached(self, hashes: Iterable[bytes], limit: int) -> list[int]:
+        """The cached blocks of the leading run of ``hashes`` found here, at most ``limit``,
+        out of the cache (the caller sets their state)."""
+        block_ids = []
+        for h in hashes:
+            if len(block_ids) >= limit:
+                break
+            b = self._cached.take(h)
+            if b is None:
+                break
+            self._advertised.remove(h)
+            block_ids.append(b)
+        return block_ids
+
+    def _give_back(
+        self, block_ids: list[int], hashes: Iterable[bytes | None] | None = None
+    ) -> None:
+        hashes = list(hashes) if hashes is not None else [None] * len(block_ids)
+        if len(hashes) != len(block_ids):
+            raise ValueError(f"{len(hashes)} hashes for {len(block_ids)} rBlocks")
+        for b, h in zip(block_ids, hashes, strict=True):
             self._state[b] = _FREE
-            heapq.heappush(self._free_heap, b)
+            if h is not None and self._cached.add(b, h):
+                self._advertised.add(h)
+            else:
+                heapq.heappush(self._free_heap, b)
 
     def _local_ids(self, refs: list[BlockRef]) -> list[int]:
         block_ids = []

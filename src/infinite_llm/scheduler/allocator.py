@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterable
 from typing import Protocol
 
 from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.kvcache.prefix import PrefixCache
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.kvcache.shared import SharedBlocks
 from infinite_llm.scheduler.order import Rank
@@ -17,10 +18,12 @@ class BlockAllocator(Protocol):
     """Where a request's rBlocks come from: the local RManager, or one that also borrows.
 
     ``shared`` counts the rBlocks several requests here hold (the samples of one request share
-    their prompt's): ``free`` drops one holder of each rBlock and returns to its pool only those
-    whose last holder it was."""
+    their prompt's; requests with a common prefix share its rBlocks): ``free`` drops one holder
+    of each rBlock and returns to its pool only those whose last holder it was, cached when
+    ``prefix`` (the prefix cache, None when off) named them."""
 
     shared: SharedBlocks
+    prefix: PrefixCache | None
 
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         """All ``num_blocks`` or None."""
@@ -67,15 +70,19 @@ class LocalAllocator:
     ``RManager``'s allocate, free and reserve. It borrows nothing and, admitting nothing longer
     than its pool, competes with no other instance's prefill: every claim holds, none elsewhere."""
 
-    def __init__(self, rmanager: RManager) -> None:
+    def __init__(self, rmanager: RManager, *, prefix_block_size: int | None = None) -> None:
         self.rmanager = rmanager
         self.shared = SharedBlocks()
+        self.prefix = (
+            PrefixCache(rmanager, prefix_block_size) if prefix_block_size is not None else None
+        )
 
     def allocate(self, num_blocks: int) -> list[BlockRef] | None:
         return self.rmanager.allocate(num_blocks)
 
     def free(self, refs: Iterable[BlockRef]) -> None:
-        self.rmanager.free(self.shared.release(refs))
+        last = self.shared.release(refs)
+        self.rmanager.free(last, self.prefix.forget(last) if self.prefix else None)
 
     @property
     def num_blocks(self) -> int:

@@ -23,6 +23,8 @@ def drop_instance(rmanager: Any, scheduler: Scheduler, dead_id: int) -> list[str
             scheduler.allocator.shared.release(gone)  # nothing to free there; free the rest
             scheduler.preempt(request)
             lost.append(request.request_id)
+    if scheduler.allocator.prefix is not None:
+        scheduler.allocator.prefix.drop_instance(dead_id)  # no request holds them now
     return lost
 
 

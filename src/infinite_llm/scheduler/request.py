@@ -60,6 +60,12 @@ class Request:
     # One sample of a parallel-sampling request (``n`` > 1): the parent's id, the same for
     # every sample. The home scheduler lets the samples share the prompt's full rBlocks.
     parent_id: str | None = None
+    # The prefix cache's (``kvcache.prefix``): the chained hashes of the full rBlocks of prompt +
+    # output computed so far, how many of the block table's leading rBlocks are named in the
+    # cache, and how many prompt tokens the first admission found cached (None: not admitted).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    num_cached_tokens: int | None = None
     # Opaque to the scheduler: the sampler's per-request random generator (kept across preemption,
     # so a resumed request draws the same numbers it would have drawn).
     generator: Any = None

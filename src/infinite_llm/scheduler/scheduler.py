@@ -33,6 +33,12 @@ the hour against 650).
 Parallel sampling: the samples of one request share the prompt's full rBlocks
 (``scheduler.forks``).
 
+Prefix cache (``kvcache.prefix``, when the allocator has one): a request about to be admitted
+first takes the rBlocks that already hold its leading full rBlocks' KV (held by requests here,
+cached in the home pool, or cached on another instance and lent in place), starts computing
+after them, and gives them back if it is not admitted after all. Each step names the full
+rBlocks computed, so the next request with the same prefix finds them.
+
 Across a borrowing cluster memory is one pool, so the same order holds cluster-wide
 (``scheduler.order``: what each scheduler reports of its step, what it is told of the others,
 and the claims the gManager decides at once). The oldest starved request thus always gets the
@@ -195,9 +201,17 @@ class Scheduler:
                         break
                     if not self.allocator.claim_prefill(self.rank(request)):
                         break  # another instance prefills past its pool: this one waits its turn
+                self._reuse_prefix(request)
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
                 if not self._admit_blocks(request, self._admission_tokens(request, num_new)):
+                    self._release_prefix(request)
                     blocked.append(self.rank(request))
                     break  # FCFS: later requests wait behind the head of the queue
+                if request.num_cached_tokens is None and self.allocator.prefix is not None:
+                    self.allocator.prefix.count(request.num_tokens, request.num_computed_tokens)
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = request.num_computed_tokens
+            request.num_hashed_blocks = request.num_computed_tokens // self.block_size
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
@@ -244,6 +258,23 @@ class Scheduler:
             )  # local rBlocks come first: the spare are borrowed ones
         request.block_table.append(refs[:need])
         return True
+
+    def _reuse_prefix(self, request: Request) -> None:
+        """Admitting ``request``: hold the rBlocks that already have its leading KV (prefix
+        cache), and start computing after them."""
+        prefix = self.allocator.prefix
+        if prefix is None or request.block_table:
+            return
+        refs = prefix.lookup(request, self.allocator.shared)
+        if refs:
+            request.block_table.append(refs)
+            request.num_computed_tokens = len(refs) * self.block_size
+
+    def _release_prefix(self, request: Request) -> None:
+        """``request`` was not admitted after all: give back what ``_reuse_prefix`` held."""
+        if self.allocator.prefix is not None and request.block_table:
+            self._free_blocks(request)
+            request.num_computed_tokens = 0
 
     def _room_for_prompt(self, request: Request) -> bool:
         """A request longer than the home pool is admitted (its first chunk too, even where it
@@ -339,6 +370,8 @@ class Scheduler:
                 continue
             samples = item.samples
             request.num_computed_tokens += item.num_new_tokens
+            if self.allocator.prefix is not None:
+                self.allocator.prefix.register(request)
             if not samples:
                 results.append(StepResult(request, None, False))
                 continue
@@ -362,6 +395,11 @@ class Scheduler:
             return False
         request.block_table.append(refs)
         return True
+
+    def check_prefix_cache(self) -> None:
+        """Raise AssertionError unless the prefix cache names only rBlocks requests here hold."""
+        if self.allocator.prefix is not None:
+            self.allocator.prefix.check(r.block_table for r in self.requests.values())
 
     def _free_blocks(self, request: Request) -> None:
         refs = request.block_table.clear()

@@ -229,6 +229,7 @@ class SimCluster:
         self.core.heartbeat(force=True)
         for inst in self.instances.values():
             inst.rmanager.check_integrity()
+            inst.scheduler.check_prefix_cache()
         self.gmanager.check_integrity()
         pools = [
             pool_state(
