@@ -43,3 +43,5 @@ class RequestOutput:
     # Only set when streaming: the text and tokens added since the previous output.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    # Prompt tokens whose KV came from the prefix cache (vLLM's name); None until admitted.
+    num_cached_tokens: int | None = None

@@ -17,3 +17,5 @@ class StepEvent:
     # {token: logprob} (the prompt's token and the top k) for the prompt tokens this step's
     # chunk reached, when the request asked for prompt_logprobs.
     prompt_logprobs: list[dict[int, float]] | None = None
+    # Prompt tokens the request found cached when first admitted (None: not admitted yet).
+    num_cached_tokens: int | None = None

@@ -72,6 +72,7 @@ class Instance:
                 r.request.stop_reason,
                 r.request.num_preemptions,
                 prompt_logprobs.get(r.request.request_id),
+                r.request.num_cached_tokens,
             )
             for r in results
         ]

@@ -30,6 +30,7 @@ class TrackedRequest:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
     # vLLM's shape: None for the first prompt token, then {token: logprob} per prompt token.
@@ -74,6 +75,8 @@ class OutputProcessor:
         if tracked is None:
             return None, False
         tracked.num_preemptions = event.num_preemptions
+        if tracked.num_cached_tokens is None:
+            tracked.num_cached_tokens = event.num_cached_tokens
         if event.prompt_logprobs and tracked.prompt_logprobs is not None:
             tracked.prompt_logprobs.extend(event.prompt_logprobs)
         stopped = False
@@ -162,4 +165,5 @@ class OutputProcessor:
             ),
             delta_text=delta_text,
             delta_token_ids=delta_tokens,
+            num_cached_tokens=tracked.num_cached_tokens,
         )

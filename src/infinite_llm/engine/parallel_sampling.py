@@ -127,6 +127,7 @@ class ParentRequest:
             outputs=completions,
             finished=True,
             metrics=_merged(metrics) if metrics else None,
+            num_cached_tokens=first.num_cached_tokens,
         )
 
 
