@@ -22,11 +22,12 @@ from collections.abc import Iterable, Sequence
 class Advertised:
     """The hashes one instance serves, with the changes not yet reported."""
 
-    __slots__ = ("_changed", "_count")
+    __slots__ = ("_changed", "_count", "_reported")
 
     def __init__(self) -> None:
         self._count: Counter[bytes] = Counter()
         self._changed: set[bytes] = set()
+        self._reported: set[bytes] = set()  # as the last drain left them
 
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._count
@@ -49,9 +50,12 @@ class Advertised:
             self._changed.add(block_hash)
 
     def drain(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-        """(added, removed) since the last drain."""
-        added = tuple(h for h in self._changed if h in self._count)
-        removed = tuple(h for h in self._changed if h not in self._count)
+        """(added, removed) since the last drain (a hash that came and went is neither)."""
+        count, reported = self._count, self._reported
+        added = tuple(h for h in self._changed if h in count and h not in reported)
+        removed = tuple(h for h in self._changed if h not in count and h in reported)
+        reported.update(added)
+        reported.difference_update(removed)
         self._changed.clear()
         return added, removed
 
