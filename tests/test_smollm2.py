@@ -71,3 +71,35 @@ def test_tokenizer_round_trip_and_eos() -> None:
     text = "Infinite-LLM pools KV memory — across instances! 你好"
     assert tok.decode(tok.encode(text)) == text
     assert tok.eos_token_id == 2 and tok.has_chat_template
+
+
+@torch.inference_mode()
+def test_questions_about_a_shared_document_reuse_its_cached_prefix_exactly(reference) -> None:
+    # Two instances: the first question computes the document on instance 0; the second, homed
+    # on instance 1, attends those rBlocks in place; the third asks on instance 0 again.
+    tok, ref = reference
+    llm = LLM(
+        "smollm2",
+        loaded_model=loaded_model("smollm2"),
+        num_instances=2,
+        kv_blocks_per_instance=128,
+        progress=False,
+    )
+    engine = llm.engine
+    doc = "The history of the lighthouse: " + " ".join(
+        f"In year {1800 + i} the keeper wrote entry number {i} about the weather and ships."
+        for i in range(24)
+    )
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for home, question in enumerate(["Who kept it?", "What did they write?", "When?"]):
+        prompt = tok(f"{doc}\nQuestion: {question}\nAnswer:")["input_ids"]
+        request = engine.make_request(prompt, params)
+        engine.add_request(request, home=home % 2)
+        out = None
+        while out is None:
+            out = next((o for o in engine.step() if o.finished), None)
+        engine.cluster.core.heartbeat(force=True)
+        want = hf_greedy_with(ref, prompt, 16)
+        assert out.outputs[0].token_ids == want
+        assert (out.num_cached_tokens > 300) == (home > 0), out.num_cached_tokens
+    llm.check_integrity()

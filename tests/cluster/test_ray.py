@@ -287,3 +287,31 @@ def test_parallel_samples_share_their_prompt_on_an_actor(ray_runtime) -> None:
     assert [c.token_ids for c in g.outputs] == expected([prompt], 12) * 3
     local = LLM("tiny", **kwargs).generate([prompt], seeded, use_tqdm=False)[0]
     assert [c.token_ids for c in s.outputs] == [c.token_ids for c in local.outputs]
+
+
+def test_a_cached_prefix_on_another_actor_is_attended_in_place(ray_engine) -> None:
+    # The document's KV stays cached on actor 0; a question about it homed on actor 1 borrows
+    # those cached rBlocks across processes (the gManager's index names actor 0) and computes
+    # only the rest; asked again on actor 0, the hit is local. Greedy tokens exact throughout.
+    engine = ray_engine(num_instances=2, num_blocks=32, block_size=8, budget=64)
+    engine.cluster.defrag_interval_steps = 10**9  # repatriation would copy them to actor 1
+    doc = random_prompts(1, (57, 57), 256, seed=41)[0]
+    question = [*doc, 9, 8, 7]
+
+    def ask(prompt, home):
+        request = engine.make_request(
+            prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        )
+        engine.add_request(request, home=home)
+        while True:
+            for out in engine.step():
+                if out.finished:
+                    engine.check_integrity()
+                    return out.outputs[0].token_ids, out.num_cached_tokens
+
+    assert ask(doc, 0) == (expected([doc])[0], 0)
+    engine.cluster.core.heartbeat(force=True)
+    assert ask(question, 1) == (expected([question])[0], 56)
+    engine.cluster.core.heartbeat(force=True)
+    assert ask(question, 0) == (expected([question])[0], 56)
+    assert_all_free(engine)

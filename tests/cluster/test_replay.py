@@ -83,7 +83,10 @@ def test_the_simulator_replays_an_in_process_run_decision_for_decision() -> None
     config = EngineConfig(
         model="tiny",
         num_instances=NUM_INSTANCES,
-        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
+        # the simulator's traces carry lengths, not tokens: it runs without the prefix cache
+        cache=CacheConfig(
+            block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS, enable_prefix_caching=False
+        ),
         scheduler=SCHEDULER,
         cluster=ClusterConfig(defrag_interval_steps=4),
     )

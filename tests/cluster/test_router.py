@@ -106,3 +106,22 @@ def test_pack_with_pooled_memory_counts_every_promise_against_every_instance() -
     assert router.pick([0, 1, 2], free, pending, 5 * 16, room, pooled=True) == 1  # 44 - 40 < 5
     with pytest.raises(ValueError, match="routing policy"):
         Router(block_size=16, policy="random")
+
+
+def test_a_cached_prefix_counts_as_work_the_instance_will_not_do() -> None:
+    """``load``: the instance serving 100 of the request's rBlocks (1,600 tokens) wins while it
+    is busier by less than that, and loses once it is busier by more."""
+    router = Router(block_size=16)
+    free = {0: 1000, 1: 1000}
+    cached = {1: 100}
+    assert router.pick([0, 1], free, {0: 0, 1: 1500}, 2000, cached=cached) == 1
+    assert router.pick([0, 1], free, {0: 0, 1: 1700}, 2000, cached=cached) == 0
+
+
+def test_pack_prefers_the_longest_cached_prefix_among_instances_with_room() -> None:
+    router = Router(block_size=16, policy="pack")
+    free = {0: 100, 1: 100, 2: 100}
+    room = {0: 100, 1: 100, 2: 5}
+    pending = {0: 900, 1: 10, 2: 0}
+    assert router.pick([0, 1, 2], free, pending, 320, room, cached={1: 12, 2: 19}) == 1
+    assert router.pick([0, 1, 2], free, pending, 320, room) == 0  # no prefix: the busiest
