@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.helpers import assert_all_free, run
+from cluster.helpers import assert_all_free, assert_prefix_cached, run
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.sampling_params import SamplingParams
 
@@ -287,3 +287,7 @@ def test_parallel_samples_share_their_prompt_on_an_actor(ray_runtime) -> None:
     assert [c.token_ids for c in g.outputs] == expected([prompt], 12) * 3
     local = LLM("tiny", **kwargs).generate([prompt], seeded, use_tqdm=False)[0]
     assert [c.token_ids for c in s.outputs] == [c.token_ids for c in local.outputs]
+
+
+def test_snapshots_show_cached_rblocks_and_prefix_cache_counters(ray_engine) -> None:
+    assert_prefix_cached(ray_engine(num_instances=2, num_blocks=16, block_size=8))
