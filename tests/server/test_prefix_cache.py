@@ -1,5 +1,6 @@
 """The prefix cache as clients see it, through the official ``openai`` client:
-``usage.prompt_tokens_details.cached_tokens`` (whole, streamed, ``n`` > 1, chat); a server
+``usage.prompt_tokens_details.cached_tokens`` (whole, streamed, ``n`` > 1, chat), the
+``prefix_cache_*`` counters and cached rBlocks on ``/metrics``, and ``/v1/cluster``; a server
 without the cache reports 0.
 
 The tiny server's rBlocks hold 8 tokens: a prompt sent again finds every full rBlock of it
@@ -22,7 +23,7 @@ from infinite_llm.llm_engine import LLMEngine
 from infinite_llm.server.app import create_app
 from infinite_llm.server.settings import ServerSettings
 
-from .helpers import ServerProcess, ThreadServer, wait_clean
+from .helpers import ServerProcess, ThreadServer, cluster, wait_clean
 
 BLOCK_SIZE = 8  # the tiny server's
 
@@ -149,6 +150,39 @@ def test_several_samples_and_prompts_report_each_prompt_once(
     wait_clean(tiny_server.base_url)
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's series over its labels."""
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(f"infinite_llm:{name}{{")
+    )
+
+
+def test_metrics_count_prefix_cache_queries_and_hits(
+    client: openai.OpenAI, tiny_server: ServerProcess
+) -> None:
+    url = tiny_server.base_url
+    wait_clean(url)
+    before = httpx.get(url + "/metrics").text
+    prompt = random_prompts(1, (50, 50), 256, seed=104)[0]
+    complete(client, prompt)
+    complete(client, prompt)
+    snap = wait_clean(url)
+    text = httpx.get(url + "/metrics").text
+    queries = metric(text, "prefix_cache_queries_total") - metric(
+        before, "prefix_cache_queries_total"
+    )
+    hits = metric(text, "prefix_cache_hits_total") - metric(before, "prefix_cache_hits_total")
+    assert (queries, hits) == (100, full_blocks(50))
+    for inst in snap["instances"]:  # /v1/cluster and /metrics agree, per instance
+        labels = f'{{instance="{inst["instance_id"]}",model_name="tiny"}}'
+        assert f"infinite_llm:rblocks_cached{labels} {float(inst['cached'])}" in text
+        assert f"infinite_llm:prefix_cache_hits_total{labels} " in text
+        assert inst["cached"] == len(inst["cached_block_ids"])
+    assert sum(i["cached"] for i in snap["instances"]) >= full_blocks(50) // BLOCK_SIZE
+
+
 def test_without_the_prefix_cache_nothing_is_cached(uncached_server: ThreadServer) -> None:
     client = client_of(uncached_server.base_url)
     prompt = random_prompts(1, (61, 61), 256, seed=105)[0]
@@ -156,4 +190,10 @@ def test_without_the_prefix_cache_nothing_is_cached(uncached_server: ThreadServe
         assert cached_tokens(complete(client, prompt).usage) == 0
     assert cached_tokens(streamed_usage(client, prompt=prompt)) == 0
     assert cached_tokens(complete(client, prompt, n=2).usage) == 0
-    wait_clean(uncached_server.base_url)
+    url = uncached_server.base_url
+    snap = wait_clean(url)
+    assert all(i["cached"] == 0 and i["cached_block_ids"] == [] for i in snap["instances"])
+    text = httpx.get(url + "/metrics").text
+    assert metric(text, "prefix_cache_queries_total") == 0
+    assert metric(text, "prefix_cache_hits_total") == metric(text, "rblocks_cached") == 0
+    assert cluster(url)["instances"][0]["prefix_cache_hits"] == 0
