@@ -22,6 +22,7 @@ def make_engine(
     lending_cap: float = 1.0,
     backend: str = "inprocess",
     model: str = "tiny",
+    prefix_caching: bool = True,
     **kwargs,
 ) -> LLMEngine:
     config = EngineConfig(
@@ -33,6 +34,7 @@ def make_engine(
             num_blocks=num_blocks,
             enable_borrowing=borrowing,
             lending_cap=lending_cap,
+            enable_prefix_caching=prefix_caching,
         ),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=64),
         **kwargs,
@@ -78,3 +80,24 @@ def assert_all_free(engine: LLMEngine) -> None:
         assert inst["free"] == inst["num_blocks"], inst
         assert inst["lent"] == inst["borrowed"] == 0, inst
     assert stats["ledger"] == [] or all(e["blocks"] == 0 for e in stats["ledger"]), stats["ledger"]
+
+
+def assert_prefix_cached(engine: LLMEngine) -> None:
+    """The same 45-token prompt twice on instance 0 (8-token rBlocks): the first leaves its 5
+    full rBlocks cached, the second finds 40 tokens there; ``stats()`` says which rBlocks are
+    cached (free, owned by nobody) and counts the tokens looked up and found."""
+    prompt = list(range(3, 48))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for num_hits in (0, 40):
+        run(engine, [prompt], params, homes=[0])
+        first, *others = engine.cluster.stats()["instances"]
+        assert (first["prefix_cache_queries"], first["prefix_cache_hits"]) == (
+            45 * (1 + bool(num_hits)),
+            num_hits,
+        )
+        assert first["cached"] == len(first["cached_block_ids"]) == 5, first
+        assert all(first["block_owners"][b] is None for b in first["cached_block_ids"])
+        assert first["free"] == first["num_blocks"]
+        for inst in others:
+            assert inst["cached"] == inst["prefix_cache_queries"] == 0
+            assert inst["cached_block_ids"] == []

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cluster.helpers import GREEDY, assert_all_free, make_engine, run
+from cluster.helpers import GREEDY, assert_all_free, assert_prefix_cached, make_engine, run
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.kvcache.messages import Recommendation
 from infinite_llm.sampling_params import SamplingParams
@@ -335,3 +335,11 @@ def test_step_in_parts_hands_out_each_instance_as_it_steps() -> None:
             done[out.request_id] = out.outputs[0].token_ids
     assert [done["r0"], done["r1"]] == expected(prompts)
     assert_all_free(engine)
+
+
+def test_stats_show_cached_rblocks_and_prefix_cache_counters() -> None:
+    assert_prefix_cached(make_engine(num_instances=2, num_blocks=16, block_size=8))
+    off = make_engine(num_instances=1, num_blocks=16, block_size=8, prefix_caching=False)
+    run(off, [list(range(3, 48))] * 2, homes=[0, 0])
+    (inst,) = off.cluster.stats()["instances"]
+    assert inst["cached"] == inst["prefix_cache_hits"] == 0 and inst["cached_block_ids"] == []

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.helpers import assert_all_free, run
+from cluster.helpers import assert_all_free, assert_prefix_cached, run
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.sampling_params import SamplingParams
 
@@ -315,3 +315,7 @@ def test_a_cached_prefix_on_another_actor_is_attended_in_place(ray_engine) -> No
     engine.cluster.core.heartbeat(force=True)
     assert ask(question, 0) == (expected([question])[0], 56)
     assert_all_free(engine)
+
+
+def test_snapshots_show_cached_rblocks_and_prefix_cache_counters(ray_engine) -> None:
+    assert_prefix_cached(ray_engine(num_instances=2, num_blocks=16, block_size=8))

@@ -210,3 +210,20 @@ def test_random_workload_with_samples_aborts_and_preemptions_stays_exact(seed: i
         if rid not in aborted:
             assert [c.token_ids for c in out.outputs] == [wanted[rid]] * len(out.outputs), rid
     assert_all_free(engine)
+
+
+def test_every_output_of_the_parent_carries_sample_0s_cached_tokens() -> None:
+    # The samples after the first share its prompt rBlocks (no cache hit): the parent's outputs
+    # all report what sample 0 found in the prefix cache, 0 at first, then the prompt's 5 full
+    # rBlocks but the last token's when the same prompt comes again.
+    engine = make_engine(num_instances=1, num_blocks=40, block_size=8)
+    prompt = random_prompts(1, (45, 45), 256, seed=9)[0]
+    params = SamplingParams(n=3, temperature=0, max_tokens=4, ignore_eos=True)
+    for rid, cached in (("first", 0), ("again", 40)):
+        engine.add_request(engine.make_request(prompt, params, rid))
+        seen = []
+        while engine.has_unfinished_requests():
+            seen += [(out.outputs[0].index, out.num_cached_tokens) for out in engine.step()]
+        assert {index for index, _ in seen} == {0, 1, 2}
+        assert {n for _, n in seen} == {cached}, seen
+    assert_all_free(engine)

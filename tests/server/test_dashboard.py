@@ -1,5 +1,6 @@
 """``/dashboard`` in headless Chromium while long prompts borrow: the page must draw each
-instance's rBlock grid in the owners' colours, lent blocks included, and the debt graph.
+instance's rBlock grid in the owners' colours, lent blocks included, and the debt graph; once
+they are done, the rBlocks their prompts left in the prefix cache in a colour of their own.
 
 Chromium comes from Debian (``make test-deps``); the test skips, saying so, only when absent.
 """
@@ -20,7 +21,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from infinite_llm.server.dashboard import FREE_COLOUR, PALETTE
+from infinite_llm.server.dashboard import CACHED_COLOUR, FREE_COLOUR, PALETTE
 
 from .helpers import ServerProcess, cluster, wait_clean
 
@@ -130,7 +131,11 @@ def _run(line: np.ndarray) -> int:
 def blocks_by_panel(image: np.ndarray, num_instances: int) -> list[dict[str, int]]:
     """Per instance panel (left to right), how many blocks of each colour it shows."""
     side = GRID_CELL - 2
-    colours = {"free": FREE_COLOUR, **{str(i): PALETTE[i] for i in range(num_instances)}}
+    colours = {
+        "free": FREE_COLOUR,
+        "cached": CACHED_COLOUR,
+        **{str(i): PALETTE[i] for i in range(num_instances)},
+    }
     blocks = [(x, name) for name, c in colours.items() for _, x in find_blocks(image, c, side)]
     blocks.sort()
     panels: list[dict[str, int]] = []
@@ -155,6 +160,20 @@ def lent_in_dom(dom: str) -> list[tuple[int, int]]:
             if owner != instance:
                 lent.append((int(instance), int(owner)))
     return lent
+
+
+def cached_in_dom(dom: str) -> dict[int, set[int]]:
+    """Per instance, the rBlocks the page drew as cached (rects are in block id order)."""
+    return {
+        int(instance): {
+            b
+            for b, owner in enumerate(re.findall(r'data-owner="(\w+)"', body))
+            if owner == "cached"
+        }
+        for instance, body in re.findall(
+            r'<svg[^>]*data-instance="(\d+)"[^>]*>(.*?)</svg>', dom, flags=re.S
+        )
+    }
 
 
 def test_dashboard_draws_blocks_and_borrowing_live(
@@ -194,4 +213,14 @@ def test_dashboard_draws_blocks_and_borrowing_live(
     finally:
         workload.close()
     assert not workload.errors, workload.errors[:3]
-    wait_clean(small_server.base_url)
+    snap = wait_clean(small_server.base_url)
+    # The clients repeated their prompts: what the last ones left stays cached, drawn as such.
+    cached = {i["instance_id"]: set(i["cached_block_ids"]) for i in snap["instances"]}
+    assert [len(c) for c in cached.values()] == [i["cached"] for i in snap["instances"]]
+    assert any(cached.values()), "the repeated prompts left no rBlock cached"
+    url = small_server.base_url + "/dashboard"
+    assert cached_in_dom(run_chromium(url, tmp_path, "--dump-dom")[0].decode()) == cached
+    shot = tmp_path / "cached.png"
+    run_chromium(url, tmp_path, f"--screenshot={shot}")
+    panels = blocks_by_panel(np.round(matplotlib.image.imread(shot) * 255).astype(np.int64), 2)
+    assert [p.get("cached", 0) for p in panels] == [len(c) for c in cached.values()], panels

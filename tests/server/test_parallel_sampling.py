@@ -69,7 +69,11 @@ def test_streamed_and_whole_completions_agree_per_choice(
     assert texts == {c.index: c.text for c in whole.choices}
     assert finish == {c.index: c.finish_reason for c in whole.choices}
     assert whole.choices[0].text != whole.choices[1].text  # two samples, two seeds
-    assert usage_chunk.usage.model_dump() == whole.usage.model_dump()
+    streamed, once = usage_chunk.usage.model_dump(), whole.usage.model_dump()
+    # the same prompts again: the stream finds at least what the first found cached, and theirs
+    cached = streamed.pop("prompt_tokens_details")["cached_tokens"]
+    assert cached % 8 == 0 and cached >= once.pop("prompt_tokens_details")["cached_tokens"]
+    assert streamed == once
     wait_clean(tiny_server.base_url)
 
 
@@ -92,7 +96,12 @@ def test_chat_n_streamed_and_whole_agree(client: openai.OpenAI, tiny_server: Ser
         texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
     assert roles == [0, 1]
     assert texts == {c.index: c.message.content for c in whole.choices}
-    assert usage_chunk.usage.model_dump() == whole.usage.model_dump()
+    streamed, once = usage_chunk.usage.model_dump(), whole.usage.model_dump()
+    # the same prompt again: the stream found its full rBlocks (8 tokens) in the prefix cache
+    cached = streamed.pop("prompt_tokens_details")["cached_tokens"]
+    assert cached == (whole.usage.prompt_tokens - 1) // 8 * 8 > 0
+    once.pop("prompt_tokens_details")
+    assert streamed == once
     wait_clean(tiny_server.base_url)
 
 

@@ -111,7 +111,8 @@ class Cluster(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> dict[str, Any]:
-        """Per instance free/used/lent/borrowed rBlocks, ledger edges, locality, counters."""
+        """Per instance free/used/lent/borrowed rBlocks (and the free ones cached: how many,
+        which), the prefix cache's counters; ledger edges, locality, counters."""
 
     @abc.abstractmethod
     def check_integrity(self) -> None:

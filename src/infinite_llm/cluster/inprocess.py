@@ -33,6 +33,7 @@ from infinite_llm.kvcache.integrity import check_cluster, pool_counts, pool_stat
 from infinite_llm.kvcache.messages import Heartbeat
 from infinite_llm.kvcache.metrics import locality
 from infinite_llm.kvcache.migration import Relocation
+from infinite_llm.kvcache.prefix import prefix_counters
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.model.loader import LoadedModel, parse_dtype
 from infinite_llm.scheduler.request import Request, RequestStatus
@@ -227,7 +228,9 @@ class InProcessCluster(Cluster):
                     "waiting": inst.scheduler.num_waiting,
                     "preemptions": inst.scheduler.num_preemptions,
                     "block_owners": inst.rmanager.block_owners(),
+                    "cached_block_ids": inst.rmanager.cached_block_ids(),
                 }
+                | prefix_counters(inst.scheduler.allocator.prefix)
                 for _, inst in sorted(self.instances.items())
             ],
             "ledger": [

@@ -65,6 +65,7 @@ from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation
+from infinite_llm.kvcache.prefix import prefix_counters
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader import model_dir_for, parse_dtype
@@ -383,14 +384,17 @@ class InstanceActor:
                 num_used=rm.num_used_blocks,
                 num_lent=rm.num_lent_blocks,
                 num_borrowed=rm.num_borrowed_blocks,
+                num_cached=rm.num_cached_blocks,
                 num_running=sched.num_running,
                 num_waiting=sched.num_waiting,
                 num_preemptions=sched.num_preemptions,
                 block_owners=rm.block_owners(),
+                cached_block_ids=rm.cached_block_ids(),
                 lent_counts=rm.lent_counts(),
                 block_tables={rid: req.block_table.refs() for rid, req in sched.requests.items()},
                 ref_cnts=sched.allocator.shared.ref_cnts(),
                 borrow=borrow,
+                prefix_cache=prefix_counters(sched.allocator.prefix),
                 borrow_latency_s=latency.values(),
                 transport=self.transport.counters() | {"view_refreshes": self.views.num_refreshes},
                 layer_round_trip_s=self.transport.layer_round_trip.values(),

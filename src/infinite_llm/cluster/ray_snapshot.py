@@ -27,14 +27,17 @@ class InstanceSnapshot:
     num_used: int
     num_lent: int
     num_borrowed: int
+    num_cached: int  # free rBlocks that keep a prefix's KV
     num_running: int
     num_waiting: int
     num_preemptions: int
     block_owners: list[int | None]
+    cached_block_ids: list[int]
     lent_counts: dict[int, int]
     block_tables: dict[str, list[BlockRef]]  # this instance's own requests
     ref_cnts: dict[BlockRef, int]  # rBlocks several of them share (``SharedBlocks.ref_cnts``)
     borrow: dict[str, Any]  # BorrowStats counters
+    prefix_cache: dict[str, int]  # ``prefix_counters``
     borrow_latency_s: list[float]
     transport: dict[str, int]
     layer_round_trip_s: list[float]  # per layer with remote shards: issue -> all (out, lse) back
@@ -75,11 +78,14 @@ def merged_stats(
                 "used": s.num_used,
                 "lent": s.num_lent,
                 "borrowed": s.num_borrowed,
+                "cached": s.num_cached,
                 "running": s.num_running,
                 "waiting": s.num_waiting,
                 "preemptions": s.num_preemptions,
                 "block_owners": s.block_owners,
+                "cached_block_ids": s.cached_block_ids,
             }
+            | s.prefix_cache
             for s in snaps
         ],
         "ledger": [

@@ -70,6 +70,9 @@ class ParentRequest:
         # Sample 0's: it prefills the prompt before the others start, so its first output has
         # them all; every sample's output carries them (an echo of the prompt shows them).
         self._prompt_logprobs: list[dict[int, float] | None] | None = None
+        # Sample 0's too: the prompt tokens it found in the prefix cache are the request's (the
+        # others share its rBlocks, which is no cache hit); every output of the parent says so.
+        self._num_cached_tokens: int | None = None
 
     @property
     def streams(self) -> bool:
@@ -87,6 +90,8 @@ class ParentRequest:
         self._latest[index] = output
         if index == 0 and output.prompt_logprobs is not None:
             self._prompt_logprobs = output.prompt_logprobs
+        if index == 0 and output.num_cached_tokens is not None:
+            self._num_cached_tokens = output.num_cached_tokens
         if output.finished:
             self._unfinished.discard(output.request_id)
         emitted = []
@@ -98,6 +103,7 @@ class ParentRequest:
                     finished=False,
                     outputs=[completion],
                     prompt_logprobs=self._prompt_logprobs,
+                    num_cached_tokens=self._num_cached_tokens,
                 )
             )
         if not self._unfinished:
@@ -127,7 +133,7 @@ class ParentRequest:
             outputs=completions,
             finished=True,
             metrics=_merged(metrics) if metrics else None,
-            num_cached_tokens=first.num_cached_tokens,
+            num_cached_tokens=self._num_cached_tokens,
         )
 
 

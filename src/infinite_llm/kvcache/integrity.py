@@ -54,7 +54,8 @@ def pool_state(
 
 
 def pool_counts(rmanager: RManager) -> dict[str, int]:
-    """An instance's rBlock counts as every cluster's ``stats()`` reports them."""
+    """An instance's rBlock counts as every cluster's ``stats()`` reports them (``cached``: the
+    free ones that keep a prefix's KV, counted in ``free`` too)."""
     return {
         "instance_id": rmanager.instance_id,
         "num_blocks": rmanager.num_blocks,
@@ -62,6 +63,7 @@ def pool_counts(rmanager: RManager) -> dict[str, int]:
         "used": rmanager.num_used_blocks,
         "lent": rmanager.num_lent_blocks,
         "borrowed": rmanager.num_borrowed_blocks,
+        "cached": rmanager.num_cached_blocks,
     }
 
 

@@ -58,6 +58,15 @@ def block_hashes(request: Any, num_blocks: int, block_size: int) -> list[bytes]:
     return hashes[:num_blocks]
 
 
+def prefix_counters(cache: PrefixCache | None) -> dict[str, int]:
+    """``cache``'s counters under vLLM's metric names, as every cluster's ``stats()`` reports
+    them per instance (0 when prefix caching is off)."""
+    return {
+        "prefix_cache_queries": cache.num_queries if cache is not None else 0,
+        "prefix_cache_hits": cache.num_hits if cache is not None else 0,
+    }
+
+
 class PrefixCache:
     """One instance's view of the prefix cache (module docstring). ``rmanager`` is the home
     pool's; ``remote``, where the instance borrows, gets cached rBlocks from other instances

@@ -1,7 +1,7 @@
 """The FastAPI app: vLLM's OpenAI endpoints plus ``/v1/cluster`` and ``/dashboard``.
 
 POST /v1/completions       POST /v1/chat/completions      GET /v1/models
-GET  /v1/cluster (memory map + debt ledger, JSON)         GET /dashboard (live view)
+GET  /v1/cluster (memory map, cached rBlocks + debt ledger, JSON)   GET /dashboard (live view)
 GET  /health               GET  /metrics (Prometheus)     GET /version
 """
 

@@ -104,7 +104,9 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         choices.append(choice)
     num_completion = sum(len(c.token_ids) for c in output.outputs)
     answer: dict[str, Any] = {**meta, "object": "chat.completion", "choices": choices}
-    answer["usage"] = usage(len(output.prompt_token_ids), num_completion)
+    answer["usage"] = usage(
+        len(output.prompt_token_ids), num_completion, output.num_cached_tokens or 0
+    )
     if body.prompt_logprobs is not None:
         answer["prompt_logprobs"] = state.formatter.prompt(output.prompt_logprobs)
     if body.return_token_ids:
@@ -138,6 +140,7 @@ async def _events(
     meta = {**meta, "object": "chat.completion.chunk"}
     n = body.n or 1
     num_prompt = stream.num_prompt_tokens
+    num_cached = 0  # once admitted
     num_completion = [0] * n
 
     def chunk(
@@ -162,7 +165,9 @@ async def _events(
             data["prompt_token_ids"] = stream.prompt_token_ids
         if body.include_usage:
             data["usage"] = (
-                usage(num_prompt, sum(num_completion)) if body.continuous_usage else None
+                usage(num_prompt, sum(num_completion), num_cached)
+                if body.continuous_usage
+                else None
             )
         return sse(data)
 
@@ -175,6 +180,8 @@ async def _events(
             if body.echoed_text:
                 yield chunk(index, {"content": body.echoed_text})
         async for output in stream:
+            if output.num_cached_tokens is not None:
+                num_cached = output.num_cached_tokens
             if not streamed(output):
                 continue
             completion = output.outputs[0]
@@ -212,7 +219,8 @@ async def _events(
             else:
                 yield chunk(index, delta, logprobs, token_ids=new_tokens)
         if body.include_usage:
-            yield sse({**meta, "choices": [], "usage": usage(num_prompt, sum(num_completion))})
+            total = usage(num_prompt, sum(num_completion), num_cached)
+            yield sse({**meta, "choices": [], "usage": total})
     except STREAM_ERRORS as exc:
         yield sse_error(exc)
     yield sse("[DONE]")

@@ -67,10 +67,12 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         for c in out.outputs
     ]
     num_prompt = sum(len(out.prompt_token_ids) for out in outputs)
+    num_cached = sum(out.num_cached_tokens or 0 for out in outputs)
     num_completion = 0
     if not body.prompt_only:
         num_completion = sum(len(c.token_ids) for out in outputs for c in out.outputs)
-    return JSONResponse({**meta, "choices": choices, "usage": usage(num_prompt, num_completion)})
+    answer_usage = usage(num_prompt, num_completion, num_cached)
+    return JSONResponse({**meta, "choices": choices, "usage": answer_usage})
 
 
 def _prompt_text(state: ServerState, output: RequestOutput) -> str:
@@ -157,6 +159,7 @@ async def _events(
 ) -> AsyncIterator[str]:
     n = body.n or 1
     num_prompt = [s.num_prompt_tokens for s in streams]
+    num_cached = [0] * len(streams)  # per prompt, once admitted
     choices = len(streams) * n
     num_completion = [0] * choices
     text_offset = [0] * choices
@@ -166,6 +169,8 @@ async def _events(
     as_ids = bool(body.return_tokens_as_token_ids)
     try:
         async for prompt_index, output in merged(streams):
+            if output.num_cached_tokens is not None:
+                num_cached[prompt_index] = output.num_cached_tokens
             if not streamed(output):
                 continue
             completion = output.outputs[0]
@@ -206,13 +211,14 @@ async def _events(
             chunk: dict[str, Any] = {**meta, "choices": [choice]}
             if body.include_usage:
                 chunk["usage"] = (
-                    usage(num_prompt[prompt_index], num_completion[index])
+                    usage(num_prompt[prompt_index], num_completion[index], num_cached[prompt_index])
                     if body.continuous_usage
                     else None
                 )
             yield sse(chunk)
         if body.include_usage:
-            yield sse({**meta, "choices": [], "usage": usage(sum(num_prompt), sum(num_completion))})
+            total = usage(sum(num_prompt), sum(num_completion), sum(num_cached))
+            yield sse({**meta, "choices": [], "usage": total})
     except STREAM_ERRORS as exc:
         yield sse_error(exc)
     yield sse("[DONE]")

@@ -2,7 +2,8 @@
 
 It polls ``/v1/cluster`` and draws, live, every instance's rBlocks as a grid coloured by the
 instance whose request occupies each block (a block of another colour is lent: borrowing
-made visible), and the debt graph: instances as nodes, ledger edges debtor -> creditor with
+made visible; a free block that keeps a prefix's KV for the prefix cache has a colour of its
+own: free, yet worth a prefill to the next request with that prefix), and the debt graph: instances as nodes, ledger edges debtor -> creditor with
 the number of rBlocks owed. ``#key=<api key>`` in the URL is sent as the bearer token;
 ``?interval=<ms>`` sets the polling period.
 """
@@ -22,6 +23,7 @@ PALETTE = (
     "#7f7f7f",
 )
 FREE_COLOUR = "#e6e6e6"
+CACHED_COLOUR = "#f5dc82"
 
 
 def dashboard_html(title: str) -> str:
@@ -30,6 +32,7 @@ def dashboard_html(title: str) -> str:
         _PAGE.replace("__TITLE__", _escape(title))
         .replace("__PALETTE__", palette)
         .replace("__FREE__", FREE_COLOUR)
+        .replace("__CACHED__", CACHED_COLOUR)
     )
 
 
@@ -55,7 +58,7 @@ _PAGE = """<!doctype html>
   .legend span { display: inline-block; margin-right: 12px; }
   .swatch { display: inline-block; width: 12px; height: 12px; vertical-align: -2px; margin-right: 4px;
             border: 1px solid #999; }
-  .counts { color: #444; font-size: 12px; margin-top: 4px; }
+  .counts { color: #444; font-size: 12px; margin-top: 4px; white-space: pre-line; }
   table { border-collapse: collapse; font-size: 12px; }
   td { padding: 1px 8px 1px 0; }
 </style>
@@ -74,6 +77,7 @@ _PAGE = """<!doctype html>
 "use strict";
 const PALETTE = [__PALETTE__];
 const FREE = "__FREE__";
+const CACHED = "__CACHED__";
 const SVGNS = "http://www.w3.org/2000/svg";
 const params = new URLSearchParams(location.search);
 const interval = Math.max(100, parseInt(params.get("interval") || "500", 10));
@@ -82,6 +86,8 @@ const headers = keyMatch ? {"Authorization": "Bearer " + decodeURIComponent(keyM
 const grids = {};  // instance id -> {svg, rects, counts, n}
 
 function colour(owner) { return owner === null ? FREE : PALETTE[owner % PALETTE.length]; }
+// A block's state: the instance whose request holds it, "cached" (free, keeps a prefix's KV) or "free".
+function fill(state) { return state === "cached" ? CACHED : colour(state === "free" ? null : Number(state)); }
 
 function el(tag, attrs, parent) {
   const node = document.createElementNS(SVGNS, tag);
@@ -114,7 +120,7 @@ function makeGrid(inst) {
   counts.className = "counts";
   panel.appendChild(counts);
   document.getElementById("grids").appendChild(panel);
-  return {svg, rects, counts, n, owners: new Array(n).fill(null)};
+  return {svg, rects, counts, n, states: new Array(n).fill("free")};
 }
 
 function drawGrids(snap) {
@@ -127,19 +133,22 @@ function drawGrids(snap) {
       g = grids[inst.instance_id] = makeGrid(inst);
     }
     const owners = inst.block_owners || [];
+    const cached = new Set(inst.cached_block_ids || []);
     for (let b = 0; b < g.n; b++) {
       const owner = owners[b] === undefined ? null : owners[b];
-      if (owner !== g.owners[b]) {
-        g.owners[b] = owner;
+      const state = owner !== null ? String(owner) : cached.has(b) ? "cached" : "free";
+      if (state !== g.states[b]) {
+        g.states[b] = state;
         const r = g.rects[b];
-        r.setAttribute("fill", colour(owner));
-        r.setAttribute("data-owner", owner === null ? "free" : String(owner));
+        r.setAttribute("fill", fill(state));
+        r.setAttribute("data-owner", state);
         r.setAttribute("stroke", owner !== null && owner !== inst.instance_id ? "#000" : "none");
       }
     }
-    g.counts.textContent = "free " + inst.free + " · used " + inst.used + " · lent " + inst.lent
-      + " · borrowed " + inst.borrowed + " · running " + inst.running + " · waiting " + inst.waiting
-      + " · preemptions " + inst.preemptions;
+    // two lines: one would widen the panel until two grids no longer fit side by side
+    g.counts.textContent = "free " + inst.free + " (cached " + (inst.cached ?? 0) + ") · used "
+      + inst.used + " · lent " + inst.lent + " · borrowed " + inst.borrowed + "\\nrunning "
+      + inst.running + " · waiting " + inst.waiting + " · preemptions " + inst.preemptions;
   }
   for (const id of Object.keys(grids)) {
     if (!seen.has(id)) { grids[id].svg.parentNode.remove(); delete grids[id]; }
@@ -182,6 +191,8 @@ function drawGraph(snap) {
   }
 }
 
+function sum(items, key) { return items.reduce((s, i) => s + (i[key] ?? 0), 0); }
+
 function drawTotals(snap) {
   const loc = snap.locality || {};
   const req = snap.requests || {};
@@ -190,6 +201,8 @@ function drawTotals(snap) {
                 ["rBlocks owed", snap.ledger.reduce((s, e) => s + e.blocks, 0)],
                 ["borrows / false replies", (snap.borrows ?? 0) + " / " + (snap.false_replies ?? 0)],
                 ["migrated rBlocks", snap.migrated_blocks ?? 0],
+                ["prefix cache hits / queries (tokens)",
+                 sum(snap.instances, "prefix_cache_hits") + " / " + sum(snap.instances, "prefix_cache_queries")],
                 ["locality (mean)", loc.mean === undefined ? "-" : Number(loc.mean).toFixed(3)]];
   document.getElementById("totals").innerHTML = rows.map(
     ([k, v]) => "<tr><td>" + k + "</td><td><b>" + v + "</b></td></tr>").join("");
@@ -199,6 +212,8 @@ function drawLegend(snap) {
   const parts = snap.instances.map((i) => '<span><span class="swatch" style="background:' + colour(i.instance_id)
     + '"></span>request of instance ' + i.instance_id + "</span>");
   parts.push('<span><span class="swatch" style="background:' + FREE + '"></span>free</span>');
+  parts.push('<span><span class="swatch" style="background:' + CACHED
+    + '"></span>cached (free, keeps a prefix&rsquo;s KV)</span>');
   parts.push("<span>black outline: lent to another instance</span>");
   document.getElementById("legend").innerHTML = parts.join("");
 }

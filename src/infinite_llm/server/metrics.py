@@ -3,6 +3,10 @@
 Request metrics (running, waiting, TTFT, time per output token, end-to-end latency, tokens)
 come from the request streams; the cluster's (rBlocks per instance and state, ledger edges,
 false replies, migrations, locality, preemptions) from a cluster snapshot taken at scrape time.
+So do the prefix cache's (vLLM v1's ``prefix_cache_queries`` / ``prefix_cache_hits``, in
+tokens, per instance, and the cached rBlocks): each scheduler counts a request where it looks
+its prompt up, once, at its first admission, on either backend, so the server shows what the
+caches did (for a request aborted before its first token too) and counts nothing twice.
 """
 
 from __future__ import annotations
@@ -87,7 +91,24 @@ E2E_BUCKETS = (
     240.0,
     480.0,
 )
-BLOCK_STATES = ("free", "used", "lent", "borrowed")
+BLOCK_STATES = {
+    "free": "free rBlocks of each instance's pool (the cached ones included)",
+    "used": "used rBlocks of each instance's pool",
+    "lent": "lent rBlocks of each instance's pool",
+    "borrowed": "borrowed rBlocks of each instance's pool",
+    "cached": "free rBlocks of each instance's pool that keep a prefix's KV (prefix cache)",
+}
+INSTANCE_COUNTERS = {
+    "num_preemptions": ("preemptions", "requests preempted (recomputed later)"),
+    "prefix_cache_queries": (
+        "prefix_cache_queries",
+        "prompt tokens looked up in the prefix cache (at each request's first admission)",
+    ),
+    "prefix_cache_hits": (
+        "prefix_cache_hits",
+        "prompt tokens found in the prefix cache (at each request's first admission)",
+    ),
+}
 CLUSTER_COUNTERS = {
     "false_replies": "creditor replies that refused a borrow (false)",
     "borrows": "borrow attempts by debtors",
@@ -112,11 +133,9 @@ class ClusterCollector(Collector):
         model = self.model_name
         per_state = {
             state: GaugeMetricFamily(
-                f"{PREFIX}rblocks_{state}",
-                f"{state} rBlocks of each instance's pool",
-                labels=["model_name", "instance"],
+                f"{PREFIX}rblocks_{state}", doc, labels=["model_name", "instance"]
             )
-            for state in BLOCK_STATES
+            for state, doc in BLOCK_STATES.items()
         }
         running = GaugeMetricFamily(
             f"{PREFIX}instance_requests_running",
@@ -128,22 +147,22 @@ class ClusterCollector(Collector):
             "requests waiting on each instance",
             labels=["model_name", "instance"],
         )
-        preemptions = CounterMetricFamily(
-            f"{PREFIX}num_preemptions",
-            "requests preempted (recomputed later)",
-            labels=["model_name", "instance"],
-        )
+        counters = {
+            name: CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name", "instance"])
+            for name, (_, doc) in INSTANCE_COUNTERS.items()
+        }
         for inst in snap.get("instances", []):
             labels = [model, str(inst["instance_id"])]
             for state in BLOCK_STATES:
                 per_state[state].add_metric(labels, inst.get(state, 0))
             running.add_metric(labels, inst.get("running", 0))
             waiting.add_metric(labels, inst.get("waiting", 0))
-            preemptions.add_metric(labels, inst.get("preemptions", 0))
+            for name, (key, _) in INSTANCE_COUNTERS.items():
+                counters[name].add_metric(labels, inst.get(key, 0))
         yield from per_state.values()
         yield running
         yield waiting
-        yield preemptions
+        yield from counters.values()
         ledger = snap.get("ledger", [])
         edges = GaugeMetricFamily(
             f"{PREFIX}ledger_blocks",

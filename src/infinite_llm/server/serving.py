@@ -134,11 +134,19 @@ def check_context_length(
         )
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+def usage(
+    num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int
+) -> dict[str, Any]:
+    """OpenAI's usage object. ``prompt_tokens_details.cached_tokens``: the prompt tokens found
+    in the prefix cache (``RequestOutput.num_cached_tokens``, 0 when none were or the cache is
+    off). It is always there, as OpenAI always sends it: clients read it without asking, and 0
+    says "nothing cached" where a missing field says nothing (vLLM sends it only when started
+    with ``--enable-prompt-tokens-details``; here it costs a few bytes per response)."""
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
     }
 
 
