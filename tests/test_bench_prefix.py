@@ -131,34 +131,32 @@ TINY_SIZES = ["--num-docs", "2", "--doc-len", "48", "--num-users", "3", "--turns
 TINY_SIZES += ["--question-len", "6", "--output-len", "4", "--repeat-len", "32", "--no-progress"]
 
 
-def test_bench_prefix_against_a_launched_tiny_server(
+def test_bench_prefix_against_launched_tiny_servers(
     capsys: pytest.CaptureFixture[str], tmp_path
 ) -> None:
-    argv = ["--launch", "--server-args", "--model tiny --block-size 8", "--no-baseline"]
+    argv = ["--launch", "--server-args", "--model tiny --block-size 8"]
     code = prefix.main([*argv, *TINY_SIZES, "--json", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
     assert result["bench"] == "prefix" and result["model"] == "tiny"
     assert result["config"]["vocab_size"] == 320 and result["config"]["turns"] == 2
-    assert result["server_errors"] == [] and result["ratios"] == []
-    (row,) = result["results"]
-    assert row["server"] == "ours" and row["requests"] == 6 and row["failed"] == 0
-    assert "errors" not in row and row["output_tokens"] == 6 * 4  # ignore_eos honoured
-    for key in ("p50_ttft_ms", "p99_ttft_ms", "first_turn_ttft_ms", "later_turn_ttft_ms"):
-        assert row[key] > 0
-    assert row["repeat_cold_ttft_ms"] > 0 and row["repeat_warm_ttft_ms"] > 0
-    assert row["output_throughput"] > 0 and row["makespan_s"] > 0
-    details = row["requests_detail"]
-    assert all(d["ok"] for d in details) and sorted(d["turn"] for d in details) == [
-        1,
-        1,
-        1,
-        2,
-        2,
-        2,
-    ]
-    assert {d["prompt_tokens"] for d in details} == {48 + 6, 48 + 6 + 4 + 6}
+    assert result["server_errors"] == []
+    assert [row["server"] for row in result["results"]] == ["ours", "ours-no-cache"]
+    (ratio,) = result["ratios"]
+    assert ratio["peer"] == "ours-no-cache" and ratio["mean_ttft_ms_ours_over_peer"] > 0
+    for row in result["results"]:
+        assert row["requests"] == 6 and row["failed"] == 0 and "errors" not in row
+        assert row["output_tokens"] == 6 * 4  # ignore_eos honoured
+        for key in ("p50_ttft_ms", "p99_ttft_ms", "first_turn_ttft_ms", "later_turn_ttft_ms"):
+            assert row[key] > 0
+        assert row["repeat_cold_ttft_ms"] > 0 and row["repeat_warm_ttft_ms"] > 0
+        assert row["output_throughput"] > 0 and row["makespan_s"] > 0
+        assert row["hit_rate"] is None or 0 <= row["hit_rate"] <= 1
+        details = row["requests_detail"]
+        assert all(d["ok"] for d in details)
+        assert sorted(d["turn"] for d in details) == [1, 1, 1, 2, 2, 2]
+        assert {d["prompt_tokens"] for d in details} == {48 + 6, 48 + 6 + 4 + 6}
     assert (tmp_path / "prefix.png").stat().st_size > 0
     assert "bench prefix: tiny" in err
 
