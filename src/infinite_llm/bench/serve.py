@@ -55,6 +55,8 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     num_output_tokens: int = 0
+    num_prompt_tokens: int = 0  # the server's count (usage), 0 without one
+    num_cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if reported
 
 
 def make_prompts(n: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -97,8 +99,11 @@ async def send_one(
                 if "error" in event:
                     result.error = str(event["error"])[:300]
                     return result
-                if event.get("usage"):
-                    result.num_output_tokens = int(event["usage"].get("completion_tokens") or 0)
+                if usage := event.get("usage"):
+                    result.num_output_tokens = int(usage.get("completion_tokens") or 0)
+                    result.num_prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+                    result.num_cached_tokens = None if cached is None else int(cached)
                 choices = event.get("choices") or []
                 if not choices or not choices[0].get("text"):
                     continue

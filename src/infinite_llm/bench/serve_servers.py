@@ -24,6 +24,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def log_tail(path: str, num_lines: int = 5) -> str:
+    """The last lines of a server's log (why it exited: an argparse error, a traceback's end)."""
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-num_lines:]).rstrip()
+
+
 class LaunchedServer:
     """``infinite-llm serve`` with ``server_args`` on a free local port, ready when made."""
 
@@ -56,8 +62,10 @@ class LaunchedServer:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
+                self.log.close()
                 raise RuntimeError(
-                    f"the server exited with {self.proc.returncode}; see {self.log.name}"
+                    f"the server exited with {self.proc.returncode}; see {self.log.name}, "
+                    f"which ends:\n{log_tail(self.log.name)}"
                 )
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
@@ -83,10 +91,13 @@ class LaunchedServer:
 
 
 @contextmanager
-def peer_server(peer: str, model: str) -> Iterator[tuple[str, str]]:
+def peer_server(
+    peer: str, model: str, prefix_caching: bool = False, max_model_len: int | None = None
+) -> Iterator[tuple[str, str]]:
     """vLLM's server (``peer``: ``vllm`` compiled, ``vllm-eager``) on ``model`` exported to a
-    Hugging Face directory; yields (base URL, the name requests send), stops it on exit."""
-    from infinite_llm.bench.peers.vllm import start_vllm_server
+    Hugging Face directory; yields (base URL, the name requests send), stops it on exit.
+    ``prefix_caching`` and ``max_model_len`` (default: the peer's): see ``vllm_server_command``."""
+    from infinite_llm.bench.peers.vllm import MAX_MODEL_LEN, start_vllm_server
     from infinite_llm.model.export import export_hf
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-peer-") as tmp:
@@ -95,7 +106,13 @@ def peer_server(peer: str, model: str) -> Iterator[tuple[str, str]]:
         log = os.path.join(tempfile.gettempdir(), f"bench-serve-{peer}-{port}.log")
         print(f"launching {peer} on port {port} (log: {log})", file=sys.stderr)
         proc = start_vllm_server(
-            hf_dir, port=port, log_path=log, timeout=900.0, eager=peer == "vllm-eager"
+            hf_dir,
+            port=port,
+            log_path=log,
+            timeout=900.0,
+            eager=peer == "vllm-eager",
+            prefix_caching=prefix_caching,
+            max_model_len=max_model_len or MAX_MODEL_LEN,
         )
         try:
             yield f"http://127.0.0.1:{port}", hf_dir

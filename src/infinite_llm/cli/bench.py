@@ -10,6 +10,7 @@ BENCHES = {
     "attention": "infinite_llm.bench.attention",
     "memory": "infinite_llm.bench.memory",
     "serve": "infinite_llm.bench.serve",
+    "prefix": "infinite_llm.bench.prefix",
     "sampling": "infinite_llm.bench.parallel_sampling",
     "capacity": "infinite_llm.bench.capacity",
     "distributed": "infinite_llm.bench.distributed",

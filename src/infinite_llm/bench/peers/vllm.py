@@ -150,10 +150,20 @@ def vllm_server_command(
     host: str = "127.0.0.1",
     extra_args: Sequence[str] = (),
     eager: bool = True,
+    prefix_caching: bool = False,
+    max_model_len: int = MAX_MODEL_LEN,
 ) -> list[str]:
     """The command line of vLLM's OpenAI-compatible server on ``hf_dir`` (run it with
     ``vllm_env()``); the model is addressed by ``hf_dir`` in requests. ``eager``: without
-    ``torch.compile`` (vLLM's ``--enforce-eager``); otherwise its default, compiled."""
+    ``torch.compile`` (vLLM's ``--enforce-eager``); otherwise its default, compiled.
+    ``prefix_caching``: vLLM's prefix cache on, and the cached tokens of each prompt reported
+    in ``usage.prompt_tokens_details`` (off: every prompt computed, as our engine does without
+    its cache)."""
+    cache_args = (
+        ["--enable-prefix-caching", "--enable-prompt-tokens-details"]
+        if prefix_caching
+        else ["--no-enable-prefix-caching"]
+    )
     return [
         _require_python(),
         "-m",
@@ -167,11 +177,11 @@ def vllm_server_command(
         "--dtype",
         "float32",
         "--max-model-len",
-        str(MAX_MODEL_LEN),
+        str(max_model_len),
         *(["--enforce-eager"] if eager else []),
         "--kv-cache-memory-bytes",
         str(KV_CACHE_BYTES),
-        "--no-enable-prefix-caching",
+        *cache_args,
         *extra_args,
     ]
 
@@ -183,11 +193,17 @@ def start_vllm_server(
     log_path: str | None = None,
     timeout: float = 300.0,
     eager: bool = True,
+    prefix_caching: bool = False,
+    max_model_len: int = MAX_MODEL_LEN,
 ) -> subprocess.Popen[bytes]:
-    """Start the server and wait until ``/health`` answers; the caller terminates it."""
+    """Start the server (``vllm_server_command``'s options) and wait until ``/health``
+    answers; the caller terminates it."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    command = vllm_server_command(
+        hf_dir, port, host, eager=eager, prefix_caching=prefix_caching, max_model_len=max_model_len
+    )
     proc = subprocess.Popen(
-        vllm_server_command(hf_dir, port, host, eager=eager),
+        command,
         stdout=log,
         stderr=subprocess.STDOUT,
         env=vllm_env(),
