@@ -127,3 +127,17 @@ def test_the_gmanager_keeps_the_index_from_heartbeats_and_forgets_the_dead() -> 
     assert g.prefix_holders([b"a", b"x"]) == [(3,)]
     g.forget_instance(3)
     assert g.prefix_matches([b"a"]) == {}
+
+
+def test_a_freed_request_leaves_its_head_cached_longest() -> None:
+    from infinite_llm.scheduler.allocator import LocalAllocator
+
+    rm = RManager(0, 5)
+    alloc = LocalAllocator(rm, prefix_block_size=4)
+    table = alloc.allocate(3)
+    for ref, h in zip(table, [b"head", b"mid", b"tail"], strict=True):
+        alloc.prefix._hold(ref, h)
+    alloc.free(table)
+    assert rm.num_cached_blocks == 3
+    rm.allocate(3)  # the 2 plain free rBlocks, then the least recently freed cached one
+    assert rm.take_cached([b"tail"]) == [] and rm.take_cached([b"head", b"mid"]) == table[:2]

@@ -32,7 +32,7 @@ from infinite_llm.kvcache.messages import LendReply, LendRequest, Recommendation
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.prefix import PrefixCache
 from infinite_llm.kvcache.rmanager import RManager
-from infinite_llm.kvcache.shared import SharedBlocks
+from infinite_llm.kvcache.shared import SharedBlocks, tail_first
 
 SendLend = Callable[[int, LendRequest], LendReply]
 SendRelease = Callable[[int, Release], None]
@@ -321,7 +321,7 @@ class Borrower:
     def free(self, refs: Iterable[BlockRef]) -> None:
         """Free a request's rBlocks: local ones to the pool, remote ones to their creditors
         (those another request here still holds stay)."""
-        refs = self.shared.release(refs)
+        refs = self.shared.release(tail_first(refs))
         names = self.prefix.forget(refs) if self.prefix else [None] * len(refs)
         home = self.debtor.instance_id
         local = [i for i, r in enumerate(refs) if r.instance_id == home]

@@ -74,6 +74,14 @@ class SharedBlocks:
         self._ref_cnt.update(moved)
 
 
+def tail_first(refs: Iterable[BlockRef]) -> list[BlockRef]:
+    """A request's rBlocks in the order its allocator frees them: the last first. The pool
+    evicts cached rBlocks least recently freed first (``kvcache.cached``), and a cached prefix
+    is found from its head: evicting a head first would strand the rest (vLLM frees in reverse
+    too)."""
+    return list(refs)[::-1]
+
+
 def check_holders(tables: Iterable[Iterable[BlockRef]], ref_cnts: Mapping[BlockRef, int]) -> None:
     """Raise AssertionError unless every rBlock in ``tables`` (the block tables of one
     instance's requests) is held by exactly its ``ref_cnt`` of them (``ref_cnts``: a

@@ -10,7 +10,7 @@ from typing import Protocol
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.prefix import PrefixCache
 from infinite_llm.kvcache.rmanager import RManager
-from infinite_llm.kvcache.shared import SharedBlocks
+from infinite_llm.kvcache.shared import SharedBlocks, tail_first
 from infinite_llm.scheduler.order import Rank
 
 
@@ -81,7 +81,7 @@ class LocalAllocator:
         return self.rmanager.allocate(num_blocks)
 
     def free(self, refs: Iterable[BlockRef]) -> None:
-        last = self.shared.release(refs)
+        last = self.shared.release(tail_first(refs))
         self.rmanager.free(last, self.prefix.forget(last) if self.prefix else None)
 
     @property
