@@ -53,6 +53,11 @@ class EngineConfig:
     max_logprobs: int = 20
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Memory instances: a KV pool and MicroAttention, no weights; they lend every rBlock and
+    # never home a request. Their pool: ``kv_memory_per_memory_instance`` bytes (None: as
+    # large as a model instance's).
+    num_memory_instances: int = 0
+    kv_memory_per_memory_instance: int | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
@@ -64,3 +69,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be >= -1, got {self.max_logprobs}")
+        if self.num_memory_instances < 0:
+            raise ValueError(f"num_memory_instances must be >= 0, got {self.num_memory_instances}")
+        if self.num_memory_instances and not self.cache.enable_borrowing:
+            raise ValueError("memory instances only lend: they need borrowing (drop --no-borrow)")
+        if (
+            self.kv_memory_per_memory_instance is not None
+            and self.kv_memory_per_memory_instance < 1
+        ):
+            raise ValueError(
+                "kv_memory_per_memory_instance must be positive, got "
+                f"{self.kv_memory_per_memory_instance}"
+            )

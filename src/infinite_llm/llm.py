@@ -33,6 +33,8 @@ class LLM:
         model: str = "smollm2",
         *,
         num_instances: int = 1,
+        num_memory_instances: int = 0,
+        kv_memory_per_memory_instance: int | None = None,
         block_size: int = 16,
         kv_blocks_per_instance: int | None = None,
         kv_memory_per_instance: int | None = None,
@@ -63,6 +65,8 @@ class LLM:
             seed=seed,
             attention_impl=attention_impl,
             max_logprobs=max_logprobs,
+            num_memory_instances=num_memory_instances,
+            kv_memory_per_memory_instance=kv_memory_per_memory_instance,
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=kv_blocks_per_instance,

@@ -51,6 +51,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-num-seqs", type=int, default=128, help="running requests per instance")
     g.add_argument(
+        "--memory-instances",
+        type=int,
+        default=0,
+        help="instances that hold rBlocks for the others and run their MicroAttention, "
+        "without the model's weights (never home a request)",
+    )
+    g.add_argument(
+        "--memory-instance-kv-memory",
+        type=parse_bytes,
+        default=None,
+        help="KV memory per memory instance (e.g. 8G; default: a model instance's)",
+    )
+    g.add_argument(
         "--no-borrow",
         action="store_true",
         help="baseline: a request's KV stays on its home instance (no lending or borrowing)",
@@ -92,6 +105,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         attention_impl=args.attention_impl,
+        num_memory_instances=args.memory_instances,
+        kv_memory_per_memory_instance=args.memory_instance_kv_memory,
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.kv_blocks,

@@ -61,13 +61,66 @@ def resolve_num_blocks(config: EngineConfig, arch: ModelArchConfig) -> int:
     return num_blocks
 
 
+def resolve_memory_blocks(config: EngineConfig, arch: ModelArchConfig, model_blocks: int) -> int:
+    """rBlocks per memory instance: as many as ``kv_memory_per_memory_instance`` holds, or as
+    many as a model instance's pool (``model_blocks``)."""
+    memory = config.kv_memory_per_memory_instance
+    if memory is None:
+        return model_blocks
+    cache = config.cache
+    per_block = KVPool.bytes_per_block(
+        arch.num_layers,
+        arch.num_kv_heads,
+        arch.head_dim,
+        cache.block_size,
+        parse_dtype(config.dtype),
+    )
+    if memory < per_block:
+        raise ValueError(
+            f"a memory instance's KV memory of {memory} bytes holds no rBlock "
+            f"({per_block} bytes each)"
+        )
+    return memory // per_block
+
+
+def check_pools_fit(config: EngineConfig, arch: ModelArchConfig, pools: dict[str, int]) -> None:
+    """Refuse, before allocating any, KV pools that this machine's available memory cannot
+    hold (``pools``: what each kind of instance needs in all, in rBlocks)."""
+    per_block = KVPool.bytes_per_block(
+        arch.num_layers,
+        arch.num_kv_heads,
+        arch.head_dim,
+        config.cache.block_size,
+        parse_dtype(config.dtype),
+    )
+    total = sum(pools.values()) * per_block
+    available = available_memory()
+    if total > available:
+        parts = ", ".join(f"{what} {n * per_block / 2**30:.2f} GiB" for what, n in pools.items())
+        raise ValueError(
+            f"the KV pools need {total / 2**30:.2f} GiB ({parts}) but this machine has "
+            f"{available / 2**30:.2f} GiB available: give smaller --kv-memory / "
+            "--memory-instance-kv-memory, or fewer instances"
+        )
+
+
 def max_request_blocks(
-    num_blocks: int, num_instances: int, lending_cap: float, borrowing: bool
+    num_blocks: int,
+    num_instances: int,
+    lending_cap: float,
+    borrowing: bool,
+    memory_blocks: int = 0,
+    num_memory_instances: int = 0,
 ) -> int:
-    """The most rBlocks one request can ever hold: its home pool plus what the others may lend."""
+    """The most rBlocks one request can ever hold: its home pool plus what the other model
+    instances may lend and every memory instance's whole pool."""
     if not borrowing:
         return num_blocks
-    return num_blocks + (num_instances - 1) * int(lending_cap * num_blocks)
+    return (
+        num_blocks
+        + (num_instances - 1) * int(lending_cap * num_blocks)
+        + num_memory_instances * memory_blocks
+    )
 
 
 class Cluster(abc.ABC):

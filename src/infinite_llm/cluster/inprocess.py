@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from infinite_llm.attention.kv_pool import KVPool
-from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
+from infinite_llm.cluster.base import (
+    Cluster,
+    check_pools_fit,
+    max_request_blocks,
+    resolve_memory_blocks,
+    resolve_num_blocks,
+)
 from infinite_llm.cluster.core import ClusterCore, Journal
 from infinite_llm.cluster.router import InstanceLoad
 from infinite_llm.cluster.transport import InProcessTransport
@@ -36,6 +42,7 @@ from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.prefix import prefix_counters
 from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.model.loader import LoadedModel, parse_dtype
+from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.request import Request, RequestStatus
 from infinite_llm.scheduler.scheduler import Scheduler
 
@@ -57,7 +64,12 @@ class InProcessMembers:
         return [inst.heartbeat() for inst in self.instances.values()]
 
     def loads(self) -> dict[int, InstanceLoad]:
-        return {i: InstanceLoad.of(inst.scheduler) for i, inst in self.instances.items()}
+        """The model instances' (a memory instance homes no request)."""
+        return {
+            i: InstanceLoad.of(inst.scheduler)
+            for i, inst in self.instances.items()
+            if not inst.is_memory
+        }
 
     def rmanagers(self) -> dict[int, RManager]:
         return {i: inst.rmanager for i, inst in self.instances.items()}
@@ -113,7 +125,20 @@ class InProcessCluster(Cluster):
         cache = config.cache
         self.block_size = cache.block_size
         self.num_blocks_per_instance = resolve_num_blocks(config, loaded.arch)
-        self.borrowing = cache.enable_borrowing and config.num_instances > 1
+        num_memory = config.num_memory_instances
+        self.num_blocks_per_memory_instance = resolve_memory_blocks(
+            config, loaded.arch, self.num_blocks_per_instance
+        )
+        check_pools_fit(
+            config,
+            loaded.arch,
+            {
+                f"{config.num_instances} model instances": config.num_instances
+                * self.num_blocks_per_instance,
+                f"{num_memory} memory instances": num_memory * self.num_blocks_per_memory_instance,
+            },
+        )
+        self.borrowing = cache.enable_borrowing and config.num_instances + num_memory > 1
         lending_cap = cache.lending_cap if self.borrowing else 0.0
         self.gmanager = GManager(config.cluster.gmanager, clock=clock)
         self.transport = InProcessTransport(config.attention_impl)
@@ -157,8 +182,23 @@ class InProcessCluster(Cluster):
             instance = Instance(i, runner, pool, rmanager, scheduler, config.attention_impl)
             self.instances[i] = instance
             self.transport.attach(instance)
+        for i in range(config.num_instances, config.num_instances + num_memory):
+            n = self.num_blocks_per_memory_instance
+            pool = KVPool(
+                arch.num_layers, arch.num_kv_heads, arch.head_dim, n, self.block_size, dtype, device
+            )
+            rmanager = RManager(i, n, lending_cap=1.0)  # it holds rBlocks for others only
+            idle = Scheduler(config.scheduler, self.block_size, LocalAllocator(rmanager))
+            instance = Instance(i, None, pool, rmanager, idle, config.attention_impl)
+            self.instances[i] = instance
+            self.transport.attach(instance)
         self._max_blocks = max_request_blocks(
-            self.num_blocks_per_instance, config.num_instances, lending_cap, self.borrowing
+            self.num_blocks_per_instance,
+            config.num_instances,
+            lending_cap,
+            self.borrowing,
+            self.num_blocks_per_memory_instance,
+            num_memory,
         )
         self._home = self.members.homes
         self.core.heartbeat(force=True)
@@ -175,7 +215,7 @@ class InProcessCluster(Cluster):
             )
         elif home not in self.instances:
             raise ValueError(f"no live instance {home}")
-        self.instances[home].add_request(request)
+        self.instances[home].add_request(request)  # refused on a memory instance
         self._home[request.request_id] = home
         return home
 
@@ -229,6 +269,7 @@ class InProcessCluster(Cluster):
                     "preemptions": inst.scheduler.num_preemptions,
                     "block_owners": inst.rmanager.block_owners(),
                     "cached_block_ids": inst.rmanager.cached_block_ids(),
+                    "kind": "memory" if inst.is_memory else "model",
                 }
                 | prefix_counters(inst.scheduler.allocator.prefix)
                 for _, inst in sorted(self.instances.items())

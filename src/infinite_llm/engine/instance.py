@@ -3,6 +3,10 @@
 Both transports drive instances through these methods: its own requests (add, abort, step),
 its role as a creditor (lend, reclaim, serve MicroAttention on the rBlocks it lent) and as a
 debtor (through its scheduler's allocator, which borrows), plus heartbeats and migration.
+
+A *memory instance* has no model runner: a pool, its RManager and MicroAttention over the
+rBlocks it lends, and a scheduler that never gets a request (so every loop over instances
+works unchanged). It is only ever a creditor.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class Instance:
     def __init__(
         self,
         instance_id: int,
-        runner: ModelRunner,
+        runner: ModelRunner | None,
         pool: KVPool,
         rmanager: RManager,
         scheduler: Scheduler,
@@ -41,8 +45,18 @@ class Instance:
         self.attention_impl = attention_impl
         self._local = LocalExecutor({instance_id: pool}, impl=attention_impl)
 
+    @property
+    def is_memory(self) -> bool:
+        """A memory instance: no model, it holds rBlocks for others and homes no request."""
+        return self.runner is None
+
     # -- own requests -----------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        if self.runner is None:
+            raise ValueError(
+                f"instance {self.instance_id} is a memory instance: it lends rBlocks, it does "
+                "not run requests"
+            )
         request.home_instance_id = self.instance_id
         self.scheduler.add_request(request)
 
@@ -56,6 +70,8 @@ class Instance:
 
     def step(self) -> list[StepEvent]:
         """Schedule, run the model once, advance the requests; nothing to do -> []."""
+        if self.runner is None:
+            return []
         out = self.scheduler.schedule()
         if out.is_empty:
             return []

@@ -1,0 +1,79 @@
+"""Memory instances: a pool and MicroAttention, no model. One model instance and three memory
+instances serve a context 3.5x the model instance's own pool, exact against transformers; the
+router never homes a request there; a memory instance that dies loses its rBlocks and the
+requests that used them are recomputed, exact; sizes beyond the machine are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.helpers import GREEDY, assert_all_free, make_engine, run
+from conftest import hf_greedy, loaded_model, random_prompts
+from infinite_llm.config import EngineConfig
+
+
+def expected(prompts, n=GREEDY.max_tokens):
+    return [hf_greedy(loaded_model("tiny").model_dir, p, n) for p in prompts]
+
+
+def test_three_memory_instances_hold_most_of_a_context_3_5x_the_model_pool() -> None:
+    # The model instance: 12 rBlocks of 8 tokens (96 tokens); the request needs 43 (336 + 24).
+    engine = make_engine(1, 12, block_size=8, budget=64, num_memory_instances=3)
+    stats = engine.cluster.stats()
+    assert [i["kind"] for i in stats["instances"]] == ["model", "memory", "memory", "memory"]
+    assert engine.max_model_len == 4 * 12 * 8
+    prompts = random_prompts(1, (336, 336), 256, seed=50)
+    lent = []
+    got = run(
+        engine,
+        prompts,
+        on_step=lambda e, s: lent.append(sum(i["lent"] for i in e.cluster.stats()["instances"])),
+    )
+    assert got == expected(prompts)
+    assert max(lent) >= 31  # all but the model pool's 12 of its 43 rBlocks
+    assert_all_free(engine)
+
+
+def test_requests_are_never_homed_on_a_memory_instance() -> None:
+    engine = make_engine(1, 32, block_size=8, num_memory_instances=2)
+    prompts = random_prompts(6, (10, 40), 256, seed=51)
+    homes = [engine.cluster.core.route(len(p)) for p in prompts]
+    assert homes == [0] * 6
+    with pytest.raises(ValueError, match="memory instance"):
+        engine.add_request(engine.make_request(prompts[0], GREEDY), home=1)
+    assert run(engine, prompts) == expected(prompts)
+    assert_all_free(engine)
+
+
+def test_a_memory_instance_that_dies_takes_its_rblocks_and_the_request_is_recomputed() -> None:
+    # 28 rBlocks needed: they fit the model pool and two memory pools, after one died
+    engine = make_engine(1, 12, block_size=8, budget=64, num_memory_instances=3)
+    engine.cluster.defrag_interval_steps = 10**9
+    prompts = random_prompts(1, (200, 200), 256, seed=52)
+    killed = []
+
+    def kill_once(e, step):
+        if not killed and e.cluster.stats()["instances"][1]["lent"]:
+            killed.append(e.cluster.fail_instance(1))
+
+    assert run(engine, prompts, on_step=kill_once) == expected(prompts)
+    assert killed and killed[0]  # the request had rBlocks there
+    assert [i["instance_id"] for i in engine.cluster.stats()["instances"]] == [0, 2, 3]
+    assert_all_free(engine)
+
+
+def test_pools_the_machine_cannot_hold_are_refused_at_start() -> None:
+    from infinite_llm.llm_engine import LLMEngine
+
+    config = EngineConfig(
+        model="tiny", num_memory_instances=2, kv_memory_per_memory_instance=1 << 50
+    )
+    with pytest.raises(ValueError, match="available"):
+        LLMEngine(config, loaded_model("tiny"), progress=False)
+
+
+def test_memory_instances_need_borrowing() -> None:
+    from infinite_llm.config import CacheConfig
+
+    with pytest.raises(ValueError, match="borrowing"):
+        EngineConfig(num_memory_instances=1, cache=CacheConfig(enable_borrowing=False))
