@@ -203,3 +203,22 @@ def test_forgetting_or_rebuilding_drops_prefill_claims():
     assert gm.prefill_way(1) is None and gm.claim_prefill(1, (0, 7))
     gm.rebuild([lendable_hb(i, 4, seq=2) for i in (1, 2)])  # as a restarted gManager: none
     assert gm.prefill_way(2) is None and gm.claim_prefill(2, (0, 8))
+
+
+def test_recommendations_prefer_the_faster_memory_tier_then_the_debtors_own_host_pool() -> None:
+    from infinite_llm.kvcache import RManager
+    from infinite_llm.kvcache.tiers import Tier
+
+    g = GManager(GManagerConfig(resort_every_heartbeats=1, resort_interval_s=0.0))
+    pools = [
+        RManager(0, 8, lending_cap=1.0),  # the debtor
+        RManager(1, 30, lending_cap=1.0, tier=Tier.MEMORY),  # the most room, slowest
+        RManager(2, 10, lending_cap=1.0, tier=Tier.HOST, host_of=3),
+        RManager(3, 8, lending_cap=1.0),  # another model instance's device pool
+        RManager(4, 9, lending_cap=1.0, tier=Tier.HOST, host_of=0),  # the debtor's host pool
+    ]
+    for rm in pools:
+        g.on_heartbeat(rm.heartbeat())
+    assert g.recommend(0, 4).creditor_ids == (3, 4, 2, 1)
+    assert g.recommend(3, 4).creditor_ids == (0, 2, 4, 1)  # 2 is 3's own host pool
+    assert g.recommend(0, 9).creditor_ids == (4, 2, 1)  # the device pools have no room for 9

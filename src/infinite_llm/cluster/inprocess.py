@@ -41,6 +41,7 @@ from infinite_llm.kvcache.metrics import locality
 from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.prefix import prefix_counters
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.kvcache.tiers import Tier
 from infinite_llm.model.loader import LoadedModel, parse_dtype
 from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.request import Request, RequestStatus
@@ -187,7 +188,7 @@ class InProcessCluster(Cluster):
             pool = KVPool(
                 arch.num_layers, arch.num_kv_heads, arch.head_dim, n, self.block_size, dtype, device
             )
-            rmanager = RManager(i, n, lending_cap=1.0)  # it holds rBlocks for others only
+            rmanager = RManager(i, n, lending_cap=1.0, tier=Tier.MEMORY)  # it only lends
             idle = Scheduler(config.scheduler, self.block_size, LocalAllocator(rmanager))
             instance = Instance(i, None, pool, rmanager, idle, config.attention_impl)
             self.instances[i] = instance
@@ -270,6 +271,7 @@ class InProcessCluster(Cluster):
                     "block_owners": inst.rmanager.block_owners(),
                     "cached_block_ids": inst.rmanager.cached_block_ids(),
                     "kind": "memory" if inst.is_memory else "model",
+                    "tier": Tier(inst.rmanager.tier).label,
                 }
                 | prefix_counters(inst.scheduler.allocator.prefix)
                 for _, inst in sorted(self.instances.items())

@@ -17,9 +17,11 @@ Scalability: instances are sorted by estimated lendable memory *periodically* (e
 or when a query had to skip ``resort_after_skips`` exhausted entries), never per query. A
 query walks the sorted list from the top, stops where sort-time room falls below its need,
 collects the first ``window`` eligible instances and orders just those by their live
-estimate: O(window + skips) per query. Within the window, instances that themselves owe
-the debtor come last: lending back to one's own creditor makes a debt cycle, which costs
-locality until defragmentation undoes it. Instances that gained room since the last sort are
+estimate: O(window + skips) per query. Within the window the faster memory tier comes
+first (``kvcache.tiers``: model instances' pools, then host pools, the debtor's own first, then
+memory instances; a tier beyond the window's most-room candidates is not seen), then
+instances that do not themselves owe the debtor: lending back to one's own creditor makes a
+debt cycle, which costs locality until defragmentation undoes it. Instances that gained room since the last sort are
 seen after the next one. All methods take one lock, so queries may come from any thread.
 
 It also keeps the cluster's prefix index (``kvcache.prefix_index``: which instances serve a
@@ -82,6 +84,12 @@ class _View:
     seen_at: float
     reserved: int = 0
     blocked_below: int | None = None  # set by a false: skip until lendable > this
+    tier: int = 0  # ``kvcache.tiers.Tier``
+    host_of: int | None = None  # a host pool's model instance
+
+    def tier_rank(self, debtor_id: int) -> tuple[int, bool]:
+        """Fastest first: the tier, and within the host tier the debtor's own host pool."""
+        return self.tier, self.host_of != debtor_id
 
     @property
     def available(self) -> int:
@@ -164,7 +172,8 @@ class GManager:
             deadline = now - cfg.heartbeat_timeout_s
             views = self._views
             owes = self._ledger.lent
-            window: list[tuple[bool, int, int]] = []  # (owes the debtor, -available, id)
+            # (tier, not the debtor's own host pool, owes the debtor, -available, id)
+            window: list[tuple[int, bool, bool, int, int]] = []
             skipped = 0
             for creditor_id, available_at_sort in self._ranking:
                 if available_at_sort < num_blocks:
@@ -180,14 +189,19 @@ class GManager:
                     skipped += 1
                     continue
                 window.append(
-                    (owes(creditor_id, debtor_id) > 0, v.reserved - v.lendable, creditor_id)
+                    (
+                        *v.tier_rank(debtor_id),
+                        owes(creditor_id, debtor_id) > 0,
+                        v.reserved - v.lendable,
+                        creditor_id,
+                    )
                 )
                 if len(window) >= cfg.window:
                     break
             if skipped >= cfg.resort_after_skips:
                 self._needs_sort = True
             window.sort()
-            creditor_ids = tuple(c for _, _, c in window[: cfg.max_candidates])
+            creditor_ids = tuple(entry[-1] for entry in window[: cfg.max_candidates])
             split: tuple[tuple[int, int], ...] = ()
             if creditor_ids:
                 views[creditor_ids[0]].reserved += num_blocks
@@ -365,7 +379,7 @@ class GManager:
         self._heartbeats_since_sort += 1
         v = self._views.get(hb.instance_id)
         if v is None:
-            self._views[hb.instance_id] = _View(hb.lendable, now)
+            self._views[hb.instance_id] = _View(hb.lendable, now, tier=hb.tier, host_of=hb.host_of)
             self._needs_sort = True
             return
         if v.blocked_below is not None and hb.lendable > v.blocked_below:

@@ -119,4 +119,7 @@ class Heartbeat:
     borrowed_from: dict[int, int] = field(default_factory=dict)
     num_cached: int = 0
     prefix_added: tuple[bytes, ...] = ()
+    # The pool's memory tier (``kvcache.tiers.Tier``) and, for a host pool, its model instance.
+    tier: int = 0
+    host_of: int | None = None
     prefix_removed: tuple[bytes, ...] = ()

@@ -31,6 +31,7 @@ from infinite_llm.kvcache.borrowed import BorrowedBlocks
 from infinite_llm.kvcache.cached import CachedBlocks
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.prefix_index import Advertised
+from infinite_llm.kvcache.tiers import Tier
 
 _FREE, _USED, _LENT = 0, 1, 2
 
@@ -57,10 +58,20 @@ class RManagerConfig:
 class RManager:
     """Owns one instance's physical rBlocks ``0..num_blocks-1``."""
 
-    def __init__(self, instance_id: int, num_blocks: int, *, lending_cap: float = 0.5) -> None:
+    def __init__(
+        self,
+        instance_id: int,
+        num_blocks: int,
+        *,
+        lending_cap: float = 0.5,
+        tier: Tier = Tier.DEVICE,
+        host_of: int | None = None,
+    ) -> None:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.instance_id = instance_id
+        self.tier = tier  # the pool's memory tier (``kvcache.tiers``)
+        self.host_of = host_of  # a host pool's model instance
         self.config = RManagerConfig(lending_cap=lending_cap)
         self._num_blocks = num_blocks
         self._max_lent = self.config.max_lent_blocks(num_blocks)
@@ -345,6 +356,8 @@ class RManager:
                 num_cached=len(self._cached),
                 prefix_added=added,
                 prefix_removed=removed,
+                tier=int(self.tier),
+                host_of=self.host_of,
             )
 
     def owner_of(self, block_id: int) -> int | None:
