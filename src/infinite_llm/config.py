@@ -58,6 +58,9 @@ class EngineConfig:
     # large as a model instance's).
     num_memory_instances: int = 0
     kv_memory_per_memory_instance: int | None = None
+    # A host tier: each model instance also gets a pool of this many bytes in its host's
+    # memory (``kvcache.tiers``), its MicroAttention run by the host's cores. None: none.
+    host_kv_memory: int | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,10 @@ class EngineConfig:
             raise ValueError(f"num_memory_instances must be >= 0, got {self.num_memory_instances}")
         if self.num_memory_instances and not self.cache.enable_borrowing:
             raise ValueError("memory instances only lend: they need borrowing (drop --no-borrow)")
+        if self.host_kv_memory is not None and not self.cache.enable_borrowing:
+            raise ValueError("a host tier is reached by borrowing (drop --no-borrow)")
+        if self.host_kv_memory is not None and self.host_kv_memory < 1:
+            raise ValueError(f"host_kv_memory must be positive, got {self.host_kv_memory}")
         if (
             self.kv_memory_per_memory_instance is not None
             and self.kv_memory_per_memory_instance < 1

@@ -35,6 +35,7 @@ class LLM:
         num_instances: int = 1,
         num_memory_instances: int = 0,
         kv_memory_per_memory_instance: int | None = None,
+        host_kv_memory: int | None = None,
         block_size: int = 16,
         kv_blocks_per_instance: int | None = None,
         kv_memory_per_instance: int | None = None,
@@ -67,6 +68,7 @@ class LLM:
             max_logprobs=max_logprobs,
             num_memory_instances=num_memory_instances,
             kv_memory_per_memory_instance=kv_memory_per_memory_instance,
+            host_kv_memory=host_kv_memory,
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=kv_blocks_per_instance,

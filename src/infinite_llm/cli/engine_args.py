@@ -64,6 +64,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="KV memory per memory instance (e.g. 8G; default: a model instance's)",
     )
     g.add_argument(
+        "--host-kv-memory",
+        type=parse_bytes,
+        default=None,
+        help="a second KV pool per instance in its host's memory (e.g. 16G), its "
+        "MicroAttention on the host's cores: the host tier",
+    )
+    g.add_argument(
         "--no-borrow",
         action="store_true",
         help="baseline: a request's KV stays on its home instance (no lending or borrowing)",
@@ -107,6 +114,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_impl=args.attention_impl,
         num_memory_instances=args.memory_instances,
         kv_memory_per_memory_instance=args.memory_instance_kv_memory,
+        host_kv_memory=args.host_kv_memory,
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.kv_blocks,

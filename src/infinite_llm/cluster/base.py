@@ -61,10 +61,11 @@ def resolve_num_blocks(config: EngineConfig, arch: ModelArchConfig) -> int:
     return num_blocks
 
 
-def resolve_memory_blocks(config: EngineConfig, arch: ModelArchConfig, model_blocks: int) -> int:
-    """rBlocks per memory instance: as many as ``kv_memory_per_memory_instance`` holds, or as
-    many as a model instance's pool (``model_blocks``)."""
-    memory = config.kv_memory_per_memory_instance
+def resolve_memory_blocks(
+    config: EngineConfig, arch: ModelArchConfig, model_blocks: int, memory: int | None
+) -> int:
+    """rBlocks of a pool of ``memory`` bytes (a memory instance's, a host pool's), or as many
+    as a model instance's pool (``model_blocks``) when None."""
     if memory is None:
         return model_blocks
     cache = config.cache
@@ -76,10 +77,7 @@ def resolve_memory_blocks(config: EngineConfig, arch: ModelArchConfig, model_blo
         parse_dtype(config.dtype),
     )
     if memory < per_block:
-        raise ValueError(
-            f"a memory instance's KV memory of {memory} bytes holds no rBlock "
-            f"({per_block} bytes each)"
-        )
+        raise ValueError(f"KV memory of {memory} bytes holds no rBlock ({per_block} bytes each)")
     return memory // per_block
 
 
@@ -109,18 +107,12 @@ def max_request_blocks(
     num_instances: int,
     lending_cap: float,
     borrowing: bool,
-    memory_blocks: int = 0,
-    num_memory_instances: int = 0,
 ) -> int:
     """The most rBlocks one request can ever hold: its home pool plus what the other model
-    instances may lend and every memory instance's whole pool."""
+    instances may lend (``PoolLayout`` adds the pools without a model)."""
     if not borrowing:
         return num_blocks
-    return (
-        num_blocks
-        + (num_instances - 1) * int(lending_cap * num_blocks)
-        + num_memory_instances * memory_blocks
-    )
+    return num_blocks + (num_instances - 1) * int(lending_cap * num_blocks)
 
 
 class Cluster(abc.ABC):

@@ -19,14 +19,9 @@ from typing import Any
 import torch
 
 from infinite_llm.attention.kv_pool import KVPool
-from infinite_llm.cluster.base import (
-    Cluster,
-    check_pools_fit,
-    max_request_blocks,
-    resolve_memory_blocks,
-    resolve_num_blocks,
-)
+from infinite_llm.cluster.base import Cluster
 from infinite_llm.cluster.core import ClusterCore, Journal
+from infinite_llm.cluster.layout import PoolLayout
 from infinite_llm.cluster.router import InstanceLoad
 from infinite_llm.cluster.transport import InProcessTransport
 from infinite_llm.config import EngineConfig
@@ -125,22 +120,10 @@ class InProcessCluster(Cluster):
         self.config = config
         cache = config.cache
         self.block_size = cache.block_size
-        self.num_blocks_per_instance = resolve_num_blocks(config, loaded.arch)
-        num_memory = config.num_memory_instances
-        self.num_blocks_per_memory_instance = resolve_memory_blocks(
-            config, loaded.arch, self.num_blocks_per_instance
-        )
-        check_pools_fit(
-            config,
-            loaded.arch,
-            {
-                f"{config.num_instances} model instances": config.num_instances
-                * self.num_blocks_per_instance,
-                f"{num_memory} memory instances": num_memory * self.num_blocks_per_memory_instance,
-            },
-        )
-        self.borrowing = cache.enable_borrowing and config.num_instances + num_memory > 1
-        lending_cap = cache.lending_cap if self.borrowing else 0.0
+        self.layout = layout = PoolLayout.of(config, loaded.arch)
+        self.num_blocks_per_instance = layout.model_blocks
+        self.borrowing = layout.borrowing
+        lending_cap = layout.lending_cap
         self.gmanager = GManager(config.cluster.gmanager, clock=clock)
         self.transport = InProcessTransport(config.attention_impl)
         self.members = InProcessMembers(self.transport)
@@ -183,24 +166,17 @@ class InProcessCluster(Cluster):
             instance = Instance(i, runner, pool, rmanager, scheduler, config.attention_impl)
             self.instances[i] = instance
             self.transport.attach(instance)
-        for i in range(config.num_instances, config.num_instances + num_memory):
-            n = self.num_blocks_per_memory_instance
+        for lender in layout.lenders:  # memory instances and host pools: no model, lend all
+            i, n = lender.instance_id, lender.num_blocks
             pool = KVPool(
                 arch.num_layers, arch.num_kv_heads, arch.head_dim, n, self.block_size, dtype, device
             )
-            rmanager = RManager(i, n, lending_cap=1.0, tier=Tier.MEMORY)  # it only lends
+            rmanager = RManager(i, n, lending_cap=1.0, tier=lender.tier, host_of=lender.host_of)
             idle = Scheduler(config.scheduler, self.block_size, LocalAllocator(rmanager))
             instance = Instance(i, None, pool, rmanager, idle, config.attention_impl)
             self.instances[i] = instance
             self.transport.attach(instance)
-        self._max_blocks = max_request_blocks(
-            self.num_blocks_per_instance,
-            config.num_instances,
-            lending_cap,
-            self.borrowing,
-            self.num_blocks_per_memory_instance,
-            num_memory,
-        )
+        self._max_blocks = layout.max_request_blocks
         self._home = self.members.homes
         self.core.heartbeat(force=True)
 
@@ -270,7 +246,7 @@ class InProcessCluster(Cluster):
                     "preemptions": inst.scheduler.num_preemptions,
                     "block_owners": inst.rmanager.block_owners(),
                     "cached_block_ids": inst.rmanager.cached_block_ids(),
-                    "kind": "memory" if inst.is_memory else "model",
+                    "kind": "model" if not inst.is_memory else Tier(inst.rmanager.tier).label,
                     "tier": Tier(inst.rmanager.tier).label,
                 }
                 | prefix_counters(inst.scheduler.allocator.prefix)
