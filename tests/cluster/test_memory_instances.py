@@ -113,3 +113,22 @@ def per_block() -> int:
     return KVPool.bytes_per_block(
         arch.num_layers, arch.num_kv_heads, arch.head_dim, 8, parse_dtype("float32")
     )
+
+
+def test_metrics_count_rblocks_per_tier() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from infinite_llm.server.metrics import ClusterCollector
+
+    engine = make_engine(1, 12, block_size=8, num_memory_instances=2, host_kv_memory=per_block())
+    collector = ClusterCollector("tiny")
+    collector.snapshot = engine.cluster.stats()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    want = {("device", "free"): 12, ("memory", "free"): 24, ("host", "free"): 1}
+    for (tier, state), n in want.items():
+        line = (
+            f'infinite_llm:rblocks_by_tier{{model_name="tiny",state="{state}",tier="{tier}"}} {n}.0'
+        )
+        assert line in text, text

@@ -106,8 +106,9 @@ function makeGrid(inst) {
   panel.className = "panel";
   panel.id = "instance-" + inst.instance_id;
   const h2 = document.createElement("h2");
+  const kind = inst.kind && inst.kind !== "model" ? ", " + inst.kind + " pool" : "";
   h2.innerHTML = '<span class="swatch" style="background:' + colour(inst.instance_id) + '"></span>instance '
-    + inst.instance_id + " (" + n + " rBlocks)";
+    + inst.instance_id + " (" + n + " rBlocks" + kind + ")";
   panel.appendChild(h2);
   const svg = el("svg", {width: cols * cell, height: rows * cell, "data-instance": inst.instance_id});
   const rects = [];

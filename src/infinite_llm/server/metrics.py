@@ -119,6 +119,24 @@ CLUSTER_COUNTERS = {
 }
 
 
+def tier_gauge(model: str, instances: list[dict[str, Any]]) -> GaugeMetricFamily:
+    """rBlocks per memory tier (``kvcache.tiers``: device, host, memory) and state, summed over
+    the instances of each tier."""
+    gauge = GaugeMetricFamily(
+        f"{PREFIX}rblocks_by_tier",
+        "rBlocks of every pool of a memory tier (device, host, memory), by state",
+        labels=["model_name", "tier", "state"],
+    )
+    totals: dict[tuple[str, str], int] = {}
+    for inst in instances:
+        for state in ("used", "lent", "free", "cached"):
+            key = (inst.get("tier", "device"), state)
+            totals[key] = totals.get(key, 0) + inst.get(state, 0)
+    for (tier, state), n in sorted(totals.items()):
+        gauge.add_metric([model, tier, state], n)
+    return gauge
+
+
 class ClusterCollector(Collector):
     """Reads the latest cluster snapshot at each scrape."""
 
@@ -160,6 +178,7 @@ class ClusterCollector(Collector):
             for name, (key, _) in INSTANCE_COUNTERS.items():
                 counters[name].add_metric(labels, inst.get(key, 0))
         yield from per_state.values()
+        yield tier_gauge(model, snap.get("instances", []))
         yield running
         yield waiting
         yield from counters.values()
