@@ -5,6 +5,10 @@ it accepts (its ``max_model_len``); the bench then proves it by serving a reques
 that length (prompt + ``--output-tokens`` generated tokens) to completion, and checks that one
 token more is refused with a clear error rather than crashing or hanging. The ratio of the two
 longest contexts is the paper's "x longer context" figure for this cluster.
+
+``--memory-instances`` and ``--host-kv-blocks`` add pools without a model to the borrowing
+run (memory instances; a host pool per instance: ``kvcache.tiers``); ``served/pooled`` is the
+longest context served over what every pool together holds.
 """
 
 from __future__ import annotations
@@ -19,9 +23,33 @@ from tqdm import tqdm
 from infinite_llm.bench.common import emit, format_table, machine_info
 
 
+def pooled_blocks(args: argparse.Namespace, borrowing: bool) -> int:
+    """rBlocks of every pool of the run: the model instances', and with borrowing the memory
+    instances' and the host pools'."""
+    n = args.instances * args.kv_blocks
+    if borrowing:
+        n += args.memory_instances * (args.memory_kv_blocks or args.kv_blocks)
+        n += args.instances * args.host_kv_blocks
+    return n
+
+
 def serve_longest(args: argparse.Namespace, borrowing: bool, loaded: Any) -> dict[str, Any]:
     from infinite_llm import LLM, SamplingParams
+    from infinite_llm.attention.kv_pool import KVPool
+    from infinite_llm.model.loader import parse_dtype
 
+    arch = loaded.arch
+    per_block = KVPool.bytes_per_block(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, args.block_size, parse_dtype("float32")
+    )
+    lenders: dict[str, Any] = {}
+    if borrowing and args.memory_instances:
+        lenders["num_memory_instances"] = args.memory_instances
+        lenders["kv_memory_per_memory_instance"] = (
+            args.memory_kv_blocks or args.kv_blocks
+        ) * per_block
+    if borrowing and args.host_kv_blocks:
+        lenders["host_kv_memory"] = args.host_kv_blocks * per_block
     llm = LLM(
         args.model,
         loaded_model=loaded,
@@ -29,6 +57,7 @@ def serve_longest(args: argparse.Namespace, borrowing: bool, loaded: Any) -> dic
         block_size=args.block_size,
         kv_blocks_per_instance=args.kv_blocks,
         enable_borrowing=borrowing,
+        **lenders,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         progress=False,
@@ -58,6 +87,7 @@ def serve_longest(args: argparse.Namespace, borrowing: bool, loaded: Any) -> dic
         "one_more_refused": refused is not None,
         "refusal": refused,
         "pool_tokens_per_instance": args.kv_blocks * args.block_size,
+        "pooled_tokens": pooled_blocks(args, borrowing) * args.block_size,
         "all_free_after": all(i["free"] == i["num_blocks"] for i in peak["instances"]),
     }
 
@@ -74,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--kv-blocks", type=int, default=64, help="rBlocks per instance")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--memory-instances", type=int, default=0, help="memory instances in the borrowing run"
+    )
+    parser.add_argument(
+        "--memory-kv-blocks", type=int, default=None, help="rBlocks per memory instance"
+    )
+    parser.add_argument(
+        "--host-kv-blocks", type=int, default=0, help="rBlocks of each instance's host pool"
+    )
     parser.add_argument("--output-tokens", type=int, default=8)
     parser.add_argument(
         "--max-model-len",
@@ -110,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 "borrowing": ours,
                 "context_ratio": ratio,
                 "ratio_over_instances": ratio / n,
+                "served_over_pooled": ours["served_tokens"] / ours["pooled_tokens"],
             }
         )
         rows.append(
@@ -120,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 "borrowing_tokens": ours["served_tokens"],
                 "ratio": ratio,
                 "ratio/N": ratio / n,
+                "pooled_tokens": ours["pooled_tokens"],
+                "served/pooled": ours["served_tokens"] / ours["pooled_tokens"],
                 "refused_past": base["one_more_refused"] and ours["one_more_refused"],
                 "s_borrowing": ours["seconds"],
             }
@@ -130,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "block_size": args.block_size,
         "kv_blocks_per_instance": args.kv_blocks,
+        "memory_instances": args.memory_instances,
+        "memory_kv_blocks": args.memory_kv_blocks or args.kv_blocks,
+        "host_kv_blocks": args.host_kv_blocks,
         "machine": machine_info(),
         "runs": runs,
     }
