@@ -20,15 +20,16 @@ def test_in_process_workloads_in_one_run(capsys, tmp_path) -> None:
     result = _run(capsys, "--backends", "inprocess", "--out", str(tmp_path))
     assert result["workloads"] == ["1x96", "2x40"]
     rows = result["results"]
-    assert [(r["workload"], r["instances"]) for r in rows] == [
-        ("1x96", 1),
-        ("1x96", 2),
-        ("2x40", 1),
-        ("2x40", 2),
+    assert [(r["workload"], r["instances"], r["placement"]) for r in rows] == [
+        (workload, n, placement)
+        for workload in ("1x96", "2x40")
+        for n, placement in ((1, "model"), (2, "model"), (2, "memory"), (2, "host"))
     ]
     for r in rows:
         assert r["same_tokens"] and r["step_ms"] > 0
         assert (r["remote_ma_per_step"] > 0) == (r["instances"] > 1)
+        if r["placement"] != "model":  # half the KV on the memory instance or the host pool
+            assert r["bytes_out_per_step"] > 0 and r["blocks_per_instance"][1] > 0
     assert any("inprocess x2" in k for k in result["target_checks"])
     assert (tmp_path / "distributed.png").stat().st_size > 0
 

@@ -7,6 +7,9 @@ step. With N instances every pool holds ceil(total rBlocks / N)
 others: the batch's KV is spread over N pools (N = 1: all local). Defragmentation is off (it
 would bring blocks home). Each configuration runs in-process and on Ray (one actor per
 instance). Decode steps that cross an rBlock boundary also borrow; the median hides them.
+``--lenders memory host`` adds configurations of two pools where the second is not another
+model instance's: a memory instance's (``placement`` memory) or the home's own host pool
+(``host``); ``placement`` model is N model instances.
 
 Figures per configuration: median wall time of ``LLMEngine.step()`` over the measured decode
 steps (min and max beside it; in-process configurations are alive together and their steps
@@ -37,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from infinite_llm.attention.dist import DistPlan, ShardWork
+from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.bench.common import emit, machine_info
 from infinite_llm.bench.distributed_report import (
     TARGETS,
@@ -47,7 +51,7 @@ from infinite_llm.bench.distributed_report import (
 )
 from infinite_llm.config import CacheConfig, EngineConfig
 from infinite_llm.llm_engine import LLMEngine
-from infinite_llm.model.loader import LoadedModel, load_model
+from infinite_llm.model.loader import LoadedModel, load_model, parse_dtype
 from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.scheduler.scheduler import SchedulerConfig
 
@@ -103,13 +107,37 @@ class _CountingExecutor:
 
 
 def _engine(
-    args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int, num_blocks: int
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    backend: str,
+    num_instances: int,
+    num_blocks: int,
+    placement: str = "model",
 ) -> LLMEngine:
+    """``num_instances`` pools of ``num_blocks``: model instances, or (``placement`` memory or
+    host) one model instance and one pool without a model of that kind."""
+    lenders: dict[str, Any] = {}
+    if placement != "model":
+        assert num_instances == 2, "a lender placement is one model instance and one lender"
+        arch = loaded.arch
+        nbytes = num_blocks * KVPool.bytes_per_block(
+            arch.num_layers,
+            arch.num_kv_heads,
+            arch.head_dim,
+            args.block_size,
+            parse_dtype(args.dtype),
+        )
+        num_instances = 1
+        if placement == "memory":
+            lenders = {"num_memory_instances": 1, "kv_memory_per_memory_instance": nbytes}
+        else:
+            lenders = {"host_kv_memory": nbytes}
     config = EngineConfig(
         model=args.model,
         dtype=args.dtype,
         num_instances=num_instances,
         backend=backend,
+        **lenders,
         attention_impl=args.attention_impl,
         cache=CacheConfig(
             block_size=args.block_size,
@@ -137,7 +165,12 @@ class _Run:
     """One configuration: an engine whose batch, all homed on instance 0, is spread over N pools."""
 
     def __init__(
-        self, args: argparse.Namespace, loaded: LoadedModel, backend: str, num_instances: int
+        self,
+        args: argparse.Namespace,
+        loaded: LoadedModel,
+        backend: str,
+        num_instances: int,
+        placement: str = "model",
     ) -> None:
         blocks_per_request = -(-(args.context + args.warmup + args.steps + 2) // args.block_size)
         self.num_blocks = math.ceil(args.batch * blocks_per_request / num_instances)
@@ -146,13 +179,15 @@ class _Run:
             num_instances,
             loaded.arch.num_layers,
         )
-        self.engine = _engine(args, loaded, backend, num_instances, self.num_blocks)
+        self.placement = placement
+        self.engine = _engine(args, loaded, backend, num_instances, self.num_blocks, placement)
         self.cluster: Any = self.engine.cluster
         self.counter = None
         if backend == "inprocess":
             self.counter = _CountingExecutor(self.cluster.transport)
             for inst in self.cluster.instances.values():
-                inst.runner.executor = self.counter
+                if not inst.is_memory:
+                    inst.runner.executor = self.counter
         self.times: list[float] = []
         self.tokens: dict[str, list[int]] = {}
 
@@ -193,6 +228,7 @@ class _Run:
         row: dict[str, Any] = {
             "backend": self.backend,
             "instances": self.num_instances,
+            "placement": self.placement,
             "blocks_per_pool": self.num_blocks,
             "step_ms": statistics.median(self.times) * 1e3,
             "step_ms_min": min(self.times) * 1e3,
@@ -225,13 +261,16 @@ def measure(
     instances: list[int],
     prompts: list[list[int]],
     bar: tqdm,
+    lenders: list[str] = (),  # type: ignore[assignment]
 ) -> list[dict[str, Any]]:
-    """These instance counts of one backend at once, their timed steps interleaved (round robin,
-    rotating who goes first) so that a noisy machine slows them all alike."""
+    """These instance counts (and two-pool lender placements) of one backend at once, their
+    timed steps interleaved (round robin, rotating who goes first) so that a noisy machine slows
+    them all alike."""
     runs: list[_Run] = []
     try:
-        for n in instances:
-            runs.append(_Run(args, loaded, backend, n))
+        configs = [(n, "model") for n in instances] + [(2, kind) for kind in lenders]
+        for n, placement in configs:
+            runs.append(_Run(args, loaded, backend, n, placement))
             bar.update(1)
         for run in runs:
             run.start(
@@ -314,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[(1, 4096), (4, 1024)],
         help="BATCHxCONTEXT: requests and prompt tokens each (default: 1x4096 4x1024)",
     )
+    parser.add_argument(
+        "--lenders",
+        nargs="*",
+        default=["memory", "host"],
+        choices=["memory", "host"],
+        help="two-pool configurations whose second pool has no model (in process)",
+    )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument(
         "--steps", type=int, default=16, help="decode steps timed (the median is reported)"
@@ -332,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     vocab = loaded.arch.vocab_size
     bar = tqdm(
-        total=3 * len(args.backends) * len(args.instances) * len(args.workloads),
+        total=3
+        * len(args.workloads)
+        * (
+            len(args.backends) * len(args.instances)
+            + (len(args.lenders) if "inprocess" in args.backends else 0)
+        ),
         desc="bench distributed",
         unit="stage",
     )
@@ -348,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "ray"
                 else [sorted(args.instances)]
             )
-            for group in groups:
-                for row in measure(run_args, loaded, backend, group, prompts, bar):
+            lenders = args.lenders if backend == "inprocess" else []
+            for k, group in enumerate(groups):
+                extra = lenders if k == len(groups) - 1 else []
+                for row in measure(run_args, loaded, backend, group, prompts, bar, extra):
                     rows.append({"workload": f"{batch}x{context}", **row})
     bar.close()
     add_ratios(rows)

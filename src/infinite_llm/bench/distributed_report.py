@@ -38,6 +38,8 @@ def target_checks(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r in results:
         key = f"{r['workload']} {r['backend']} x{r['instances']}"
+        if r.get("placement", "model") != "model":
+            key += f" ({r['placement']})"
         if r["backend"] == "ray" and r["instances"] > 1:
             wire = r.get("layer_wire_ms")
             out[f"{key} layer wire <= {TARGETS['ray_layer_wire_ms']} ms"] = (
@@ -58,6 +60,7 @@ def tables(results: list[dict[str, Any]], model: str, steps: int) -> str:
         "workload",
         "backend",
         "instances",
+        "placement",
         "step_ms",
         "step_ms_min",
         "step_ms_max",
@@ -113,7 +116,11 @@ def write_plot(results: list[dict[str, Any]], out_dir: Path) -> Path | None:
     workloads = list(dict.fromkeys(r["workload"] for r in results))
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
-        group = [r for r in results if r["workload"] == workload]
+        group = [
+            r
+            for r in results
+            if r["workload"] == workload and r.get("placement", "model") == "model"
+        ]
         backends = list(dict.fromkeys(r["backend"] for r in group))
         counts = sorted({r["instances"] for r in group})
         width = 0.8 / max(1, len(backends))
