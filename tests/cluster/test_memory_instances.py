@@ -10,6 +10,7 @@ import pytest
 from cluster.helpers import GREEDY, assert_all_free, make_engine, run
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.config import EngineConfig
+from infinite_llm.sampling_params import SamplingParams
 
 
 def expected(prompts, n=GREEDY.max_tokens):
@@ -132,3 +133,32 @@ def test_metrics_count_rblocks_per_tier() -> None:
             f'infinite_llm:rblocks_by_tier{{model_name="tiny",state="{state}",tier="{tier}"}} {n}.0'
         )
         assert line in text, text
+
+
+def test_rblocks_on_a_memory_instance_move_up_to_a_model_pool_when_it_has_room() -> None:
+    # Instance 1 is busy with a request of its own while instance 0's long request borrows: the
+    # memory instance (2) lends. Once instance 1's request is done, defragmentation moves those
+    # rBlocks up to instance 1's pool, live; the long request's tokens stay exact.
+    engine = make_engine(2, 16, block_size=8, budget=64, num_memory_instances=1)
+    engine.cluster.defrag_interval_steps = 4
+    short = random_prompts(1, (100, 100), 256, seed=54)[0]  # 16 of instance 1's 16 rBlocks
+    long = random_prompts(1, (200, 200), 256, seed=55)[0]  # 28 rBlocks: 12 borrowed
+    lent = []
+    got = run(
+        engine,
+        [short, long],
+        params=[
+            SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
+        ],
+        homes=[1, 0],
+        on_step=lambda e, s: lent.append(
+            tuple(i["lent"] for i in e.cluster.stats()["instances"][1:])
+        ),
+    )
+    assert got == [expected([short], 20)[0], expected([long], 48)[0]]
+    assert max(mem for _, mem in lent) > 0, lent  # first on the memory instance (1 was full)
+    promoted = next(k for k, (model, mem) in enumerate(lent) if model >= 12 and mem == 0)
+    assert all(mem == 0 for _, mem in lent[promoted:]), lent  # up a tier, and there for good
+    assert engine.cluster.core.num_migrated_blocks >= max(mem for _, mem in lent)
+    assert_all_free(engine)

@@ -133,3 +133,20 @@ def test_plans_keep_usage_and_strictly_reduce_remote_blocks(edges, own, free):
     # Nothing left that a debtor with free blocks could bring home.
     for (d, _), n in edges2.items():
         assert free2[d] == 0, (d, n)
+
+
+def test_debts_to_a_slower_tier_move_to_a_faster_one_with_room() -> None:
+    from infinite_llm.kvcache.defrag import Promotion, plan_promotions
+
+    # debtor 0 owes memory instance 3 (tier 2) 5 rBlocks and host pool 2 (tier 1) 4; model
+    # instance 1 (tier 0) can lend 6, host pool 4 (tier 1) 10
+    edges = {(0, 3): 5, (0, 2): 4}
+    tiers = {0: 0, 1: 0, 2: 1, 3: 2, 4: 1}
+    lendable = {0: 9, 1: 6, 2: 0, 3: 0, 4: 10}
+    assert plan_promotions(edges, tiers, lendable) == (
+        Promotion(0, 2, 1, 4),  # the host debt up to the device tier
+        Promotion(0, 3, 1, 2),  # what room is left there
+        Promotion(0, 3, 4, 3),  # the rest of the memory debt to a host pool
+    )
+    plan = DefragPlan(promotions=plan_promotions(edges, tiers, lendable))
+    assert plan.apply_to_edges(edges) == {(0, 1): 6, (0, 4): 3}

@@ -80,6 +80,9 @@ from infinite_llm.scheduler.scheduler import Scheduler
 RMANAGER_CALLS = frozenset(
     {
         "allocate",
+        "lend",
+        "new_lend_request",
+        "record_borrowed",
         "reclaim",
         "repossess",
         "record_returned",

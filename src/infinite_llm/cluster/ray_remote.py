@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.claims import Rank
-from infinite_llm.kvcache.messages import Heartbeat, Recommendation, Release
+from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Recommendation, Release
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,15 @@ class RemoteRManager:
 
     def reclaim(self, release: Release) -> None:
         self._call("reclaim", release)
+
+    def lend(self, request: LendRequest) -> LendReply:
+        return self._call("lend", request)
+
+    def new_lend_request(self, num_blocks: int) -> LendRequest:
+        return self._call("new_lend_request", num_blocks)
+
+    def record_borrowed(self, refs: list[BlockRef]) -> None:
+        self._call("record_borrowed", list(refs))
 
     def repossess(self, debtor_id: int, refs: list[BlockRef]) -> None:
         self._call("repossess", debtor_id, list(refs))

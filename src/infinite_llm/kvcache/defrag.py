@@ -31,6 +31,12 @@ Per debtor, the smallest debts go first, so whole edges vanish and requests span
 instances (fewer remote MicroAttentions per step); slots a move frees on its creditor count
 toward that creditor's own repatriations later in the plan.
 
+Promotion (memory tiers, ``kvcache.tiers``). What is still borrowed after that, from a pool of
+a slower tier (a memory instance, a host pool), moves to one of a faster tier with room (a
+model instance's pool, not the debtor's own: that was repatriation): the faster creditor lends
+n slots, the data is copied, the slower one reclaims its n. Remote rBlocks stay as many; each
+moves up a tier. Fastest targets first, then most room.
+
 Plans are data; ``migration.py`` executes them on in-process managers, ``cluster/`` on
 remote ones. Requests whose rBlocks move must not run a step while their move executes.
 """
@@ -69,15 +75,26 @@ class CycleSwap:
 
 
 @dataclass(frozen=True, slots=True)
+class Promotion:
+    """The debtor's ``num_blocks`` rBlocks on ``from_id`` move to ``to_id``, a faster tier."""
+
+    debtor_id: int
+    from_id: int
+    to_id: int
+    num_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
 class DefragPlan:
-    """Cycle swaps first, then repatriations, each in order."""
+    """Cycle swaps first, then repatriations, then promotions, each in order."""
 
     swaps: tuple[CycleSwap, ...] = ()
     repatriations: tuple[Move, ...] = ()
+    promotions: tuple[Promotion, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.swaps and not self.repatriations
+        return not self.swaps and not self.repatriations and not self.promotions
 
     @property
     def num_remote_blocks_removed(self) -> int:
@@ -97,6 +114,12 @@ class DefragPlan:
             if m.num_blocks <= 0 or left < 0:
                 raise ValueError(f"{m} does not fit the debt graph")
             edges[(m.debtor_id, m.creditor_id)] = left
+        for p in self.promotions:
+            left = edges.get((p.debtor_id, p.from_id), 0) - p.num_blocks
+            if p.num_blocks <= 0 or left < 0:
+                raise ValueError(f"{p} does not fit the debt graph")
+            edges[(p.debtor_id, p.from_id)] = left
+            edges[(p.debtor_id, p.to_id)] = edges.get((p.debtor_id, p.to_id), 0) + p.num_blocks
         return {e: n for e, n in edges.items() if n > 0}
 
     def usage_delta(self) -> dict[int, int]:
@@ -161,23 +184,58 @@ def plan_repatriation(
     return tuple(moves)
 
 
+def plan_promotions(
+    source: DebtLedger | Mapping[Edge, int],
+    tiers: Mapping[int, int],
+    lendable: Mapping[int, int],
+) -> tuple[Promotion, ...]:
+    """Debts to a slower tier move to faster-tier creditors with room (``lendable``; never the
+    debtor itself), fastest target first, then most room; debts in (debtor, creditor) order."""
+    room = {i: n for i, n in lendable.items() if n > 0}
+    promotions = []
+    for (debtor_id, from_id), n in sorted(edges_of(source).items()):
+        for to_id in sorted(room, key=lambda i: (tiers.get(i, 0), -room[i], i)):
+            if n == 0:
+                break
+            if to_id in (debtor_id, from_id) or tiers.get(to_id, 0) >= tiers.get(from_id, 0):
+                continue
+            take = min(n, room[to_id])
+            if take <= 0:
+                continue
+            promotions.append(Promotion(debtor_id, from_id, to_id, take))
+            room[to_id] -= take
+            n -= take
+    return tuple(promotions)
+
+
 def plan_defragmentation(
     source: DebtLedger | Mapping[Edge, int],
     *,
     free_blocks: Mapping[int, int] | None = None,
     reserve_blocks: int = 0,
+    tiers: Mapping[int, int] | None = None,
+    lendable: Mapping[int, int] | None = None,
 ) -> DefragPlan:
-    """Cycle swaps on the debt graph, then (given free blocks) repatriation of what is left.
+    """Cycle swaps on the debt graph, then (given free blocks) repatriation of what is left,
+    then (given ``tiers`` and ``lendable``) promotion of what is still on a slower tier.
 
     Swaps need no free memory and leave free counts unchanged, so the same free counts
-    plan the repatriations on the residual graph.
+    plan the repatriations on the residual graph. Promotions use the creditors' lendable room
+    less what the repatriations before them took.
     """
     swaps = plan_cycle_swaps(source)
     repatriations: tuple[Move, ...] = ()
+    promotions: tuple[Promotion, ...] = ()
     if free_blocks is not None:
         residual = DefragPlan(swaps).apply_to_edges(source)
         repatriations = plan_repatriation(free_blocks, residual, reserve_blocks=reserve_blocks)
-    return DefragPlan(swaps, repatriations)
+        if tiers and lendable is not None and len(set(tiers.values())) > 1:
+            plan = DefragPlan(swaps, repatriations)
+            room = dict(lendable)
+            for debtor_id, n in plan.usage_delta().items():
+                room[debtor_id] = room.get(debtor_id, 0) - max(0, n)
+            promotions = plan_promotions(plan.apply_to_edges(source), tiers, room)
+    return DefragPlan(swaps, repatriations, promotions)
 
 
 def _cancel_cycles(edges: dict[Edge, int], *, first_only: bool) -> list[CycleSwap]:

@@ -351,11 +351,18 @@ class GManager:
     def plan_defragmentation(
         self, *, with_repatriation: bool = False, reserve_blocks: int = 0
     ) -> DefragPlan:
-        """Plan cycle swaps (and, if asked, repatriations) from the current ledger."""
+        """Plan cycle swaps (and, if asked, repatriations, and promotions up a memory tier)
+        from the current ledger and view."""
         with self._lock:
             free = self._ledger.free_blocks() if with_repatriation else None
+            tiers = {i: v.tier for i, v in self._views.items()}
+            lendable = {i: max(0, v.available) for i, v in self._views.items()}
             return plan_defragmentation(
-                self._ledger, free_blocks=free, reserve_blocks=reserve_blocks
+                self._ledger,
+                free_blocks=free,
+                reserve_blocks=reserve_blocks,
+                tiers=tiers,
+                lendable=lendable,
             )
 
     def check_integrity(self) -> None:

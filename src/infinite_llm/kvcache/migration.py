@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from infinite_llm.kvcache.block import BlockRef
-from infinite_llm.kvcache.defrag import CycleSwap, DefragPlan, Move
-from infinite_llm.kvcache.messages import Release
+from infinite_llm.kvcache.defrag import CycleSwap, DefragPlan, Move, Promotion
+from infinite_llm.kvcache.messages import LendRequest, Release
 from infinite_llm.kvcache.rmanager import RManager
 
 # (debtor_id, creditor_id, num_blocks) -> which of the debtor's rBlocks on that creditor move
@@ -25,6 +25,8 @@ ChooseRefs = Callable[[int, int, int], list[BlockRef]]
 
 class LedgerSink(Protocol):
     def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
+
+    def record_lend(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,27 @@ def execute_repatriation(
     return [Relocation(o, n) for o, n in zip(refs, new, strict=True)]
 
 
+def execute_promotion(
+    managers: Mapping[int, RManager], promotion: Promotion, *, choose: ChooseRefs | None = None
+) -> list[Relocation] | None:
+    """Move ``promotion.num_blocks`` of the debtor's rBlocks up a tier: the faster creditor
+    lends that many slots (all or nothing; None, nothing changed, if it no longer can), the
+    slower one takes its slots back."""
+    d, src, dst = promotion.debtor_id, promotion.from_id, promotion.to_id
+    n = promotion.num_blocks
+    refs = _choose(managers, d, src, n, choose)
+    if not _consistent(managers, d, src, refs, n):
+        raise ValueError(f"{promotion} does not match what the managers hold")
+    debtor = managers[d]
+    reply = managers[dst].lend(LendRequest(d, n, debtor.new_lend_request(n).request_id))
+    if not reply.granted:
+        return None
+    debtor.record_borrowed(reply.granted)
+    debtor.record_returned(refs)
+    managers[src].reclaim(Release(d, refs))
+    return [Relocation(o, n) for o, n in zip(refs, reply.granted, strict=True)]
+
+
 def execute_plan(
     managers: Mapping[int, RManager],
     plan: DefragPlan,
@@ -95,6 +118,14 @@ def execute_plan(
         relocations += moved
         if gmanager is not None:
             gmanager.record_release(move.debtor_id, move.creditor_id, move.num_blocks)
+    for promotion in plan.promotions:
+        moved = execute_promotion(managers, promotion, choose=choose)
+        if moved is None:
+            continue
+        relocations += moved
+        if gmanager is not None:
+            gmanager.record_lend(promotion.debtor_id, promotion.to_id, promotion.num_blocks)
+            gmanager.record_release(promotion.debtor_id, promotion.from_id, promotion.num_blocks)
     return relocations
 
 
