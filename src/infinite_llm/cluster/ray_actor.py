@@ -1,5 +1,11 @@
 """``InstanceActor``: one instance in its own Ray worker process.
 
+A *lender* (``InstanceSpec.lender``: a memory instance, or a model instance's host pool; see
+``PoolLayout``) is the same class built without a model: no weights, no tokenizer, no runner;
+a pool, an RManager of its tier that lends every rBlock, the channel server that runs its
+debtors' MAs, lends, reclaims and heartbeats. The driver never steps it and never homes a
+request there.
+
 ``RayCluster`` wraps it with ``ray.remote(max_concurrency=...)``: a threaded actor, so while its
 step thread runs the model (and waits on its creditors), other threads serve its peers:
 
@@ -27,6 +33,7 @@ cannot deadlock.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -43,6 +50,7 @@ from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.attention.native_build import release_openmp_team, use_openmp_threads_here
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
+from infinite_llm.cluster.layout import Lender
 from infinite_llm.cluster.ray_placement import NodeCores, node_threads
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
@@ -67,6 +75,8 @@ from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.prefix import prefix_counters
 from infinite_llm.kvcache.rmanager import RManager
+from infinite_llm.kvcache.tiers import Tier
+from infinite_llm.model.config import ModelArchConfig
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader import model_dir_for, parse_dtype
 from infinite_llm.model.loader.hf_loader import iter_safetensors, load_hf_tokenizer, read_hf_arch
@@ -95,7 +105,8 @@ RMANAGER_CALLS = frozenset(
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """What every instance actor is built from (the same for all; each gets its own id)."""
+    """What an instance actor is built from: one for every model actor (each gets its own id),
+    one per lender."""
 
     config: EngineConfig
     num_blocks: int
@@ -103,6 +114,13 @@ class InstanceSpec:
     borrowing: bool
     cluster_token: str  # names this cluster's channel files on every node
     heartbeat_interval_s: float = 0.05  # a beat costs two processes some Python: keep them few
+    lender: Lender | None = None  # a pool without the model: no weights, lends every rBlock
+
+    def for_lender(self, lender: Lender) -> InstanceSpec:
+        """A lender's spec: its own pool size, every rBlock lendable."""
+        return dataclasses.replace(
+            self, num_blocks=lender.num_blocks, lending_cap=1.0, lender=lender
+        )
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,12 @@ class StepReply:
     gmanager_unreachable: bool = False
     # the scheduler's cluster-order report (scheduler module: blocked, youngest, prefilling)
     order: OrderReport = (None, None, None)
+
+
+def read_arch(config: EngineConfig) -> ModelArchConfig:
+    """The model's shape from its directory's config, without reading a weight (a lender's
+    pool needs only the layers, KV heads and head size)."""
+    return read_hf_arch(model_dir_for(resolve_model(config.model), progress=False))
 
 
 def load_weights(config: EngineConfig) -> LlamaForCausalLM:
@@ -131,6 +155,18 @@ def load_weights(config: EngineConfig) -> LlamaForCausalLM:
     return net
 
 
+def make_runner(
+    config: EngineConfig, model: LlamaForCausalLM, transport: RayTransport, seed: int
+) -> ModelRunner:
+    """A model actor's runner; the tokenizer is loaded only if a grammar-constrained request
+    comes."""
+    model_dir = model_dir_for(resolve_model(config.model), progress=False)
+    structured = StructuredOutputs(
+        functools.partial(load_hf_tokenizer, model_dir), model.arch.vocab_size
+    )
+    return ModelRunner(model, config.cache.block_size, transport, seed, structured)
+
+
 class InstanceActor:
     """One instance as a threaded Ray actor: its own requests for the driver, its pool and
     RManager for its debtors (see the module docstring for the threads)."""
@@ -139,8 +175,9 @@ class InstanceActor:
         logging.getLogger("infinite_llm").setLevel(logging.WARNING)
         torch.set_num_threads(node_threads())  # to load; each step then takes its share
         config = spec.config
-        model = load_weights(config)
-        arch = model.arch
+        lender = spec.lender
+        model = None if lender is not None else load_weights(config)
+        arch = read_arch(config) if model is None else model.arch
         block_size = config.cache.block_size
         pool = KVPool(
             arch.num_layers,
@@ -151,7 +188,13 @@ class InstanceActor:
             parse_dtype(config.dtype),
             torch.device(config.device),
         )
-        rmanager = RManager(instance_id, spec.num_blocks, lending_cap=spec.lending_cap)
+        rmanager = RManager(
+            instance_id,
+            spec.num_blocks,
+            lending_cap=spec.lending_cap,
+            tier=Tier.DEVICE if lender is None else lender.tier,
+            host_of=None if lender is None else lender.host_of,
+        )
         self.node_id = ray.get_runtime_context().get_node_id()
         self.transport = RayTransport(instance_id, pool, config.attention_impl, self.node_id)
         self.gmanager = RemoteGManager()
@@ -159,8 +202,10 @@ class InstanceActor:
         self.views = RefreshOnEmpty(self.gmanager, self._refresh_view)
         self.borrow_stats = BorrowStats(latency=SampleRecorder())
         prefix_block_size = block_size if config.cache.enable_prefix_caching else None
-        allocator = (
-            Borrower(
+        if model is None:  # a lender's scheduler never gets a request
+            allocator: Borrower | LocalAllocator = LocalAllocator(rmanager)
+        elif spec.borrowing:
+            allocator = Borrower(
                 rmanager,
                 self.views,
                 self.transport.lend,
@@ -168,18 +213,12 @@ class InstanceActor:
                 stats=self.borrow_stats,
                 prefix_block_size=prefix_block_size,
             )
-            if spec.borrowing
-            else LocalAllocator(rmanager, prefix_block_size=prefix_block_size)
-        )
+        else:
+            allocator = LocalAllocator(rmanager, prefix_block_size=prefix_block_size)
         scheduler = Scheduler(config.scheduler, block_size, allocator)
-        # the tokenizer is loaded only if a grammar-constrained request comes
-        model_dir = model_dir_for(resolve_model(config.model), progress=False)
-        structured = StructuredOutputs(
-            functools.partial(load_hf_tokenizer, model_dir), arch.vocab_size
-        )
-        runner = ModelRunner(
-            model, block_size, self.transport, config.seed + instance_id, structured
-        )
+        runner = None
+        if model is not None:
+            runner = make_runner(config, model, self.transport, config.seed + instance_id)
         self.instance = Instance(
             instance_id, runner, pool, rmanager, scheduler, config.attention_impl
         )
@@ -308,6 +347,18 @@ class InstanceActor:
         self.transport.channels.close()
         self.cores.close()
 
+    def resident_bytes(self) -> int:
+        """This process's resident memory now (Linux ``VmRSS``; 0 where unknown): the runtime,
+        the rBlocks written so far and, in a model actor alone, the weights."""
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
     def noop(self, payload: Any = None) -> None:
         """For latency probes: the cost of one actor call, with or without a payload."""
 
@@ -381,6 +432,8 @@ class InstanceActor:
             return InstanceSnapshot(
                 instance_id=self.instance_id,
                 node_id=self.node_id,
+                kind=Tier(rm.tier).label if inst.is_memory else "model",
+                tier=int(rm.tier),
                 num_threads=self.num_threads,
                 num_blocks=rm.num_blocks,
                 num_free=rm.num_free_blocks,

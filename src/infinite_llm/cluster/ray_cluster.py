@@ -3,7 +3,7 @@
 Where each message goes::
 
     driver --add/abort/finish/adopt--> home actor            (routed by the gManager's free view)
-    driver --step (all at once)------> every actor --> StepReply(events, unreachable peers)
+    driver --step (all at once)------> every model actor --> StepReply(events, unreachable)
     actor  ==channel (per layer)=====> each creditor actor   (queries + new K,V out; out, lse back)
     actor  --open_channel------------> a creditor actor      (once per pair, on first need)
     actor  --recommend/record_*------> gManager actor        (borrowing; waits for the answer)
@@ -31,6 +31,11 @@ greedy requests finish with the same tokens. ``restart_gmanager`` replaces the g
 and rebuilds its ledger from one round of heartbeats (a dead gManager found during a step is
 restarted the same way).
 
+The pools come from ``PoolLayout``, as in process: the memory instances and host pools are
+actors without the weights (``ray_actor``), a host pool on its model instance's node
+(``ray_placement``); never stepped, never a request's home, found dead by the debtors they
+fail and failed like any creditor.
+
 Ray itself starts (or is joined) in ``ray_runtime``.
 """
 
@@ -46,9 +51,10 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from infinite_llm.cluster.base import Cluster, max_request_blocks, resolve_num_blocks
+from infinite_llm.cluster.base import Cluster
 from infinite_llm.cluster.channel import remove_channel_dir
 from infinite_llm.cluster.core import ClusterCore
+from infinite_llm.cluster.layout import PoolLayout
 from infinite_llm.cluster.ray_actor import InstanceActor, InstanceSpec
 from infinite_llm.cluster.ray_gmanager import GManagerActor
 from infinite_llm.cluster.ray_members import DriverGManager, RayMembers, RequestRecord, alive
@@ -75,26 +81,30 @@ class RayCluster(Cluster):
         self.config = config
         cache = config.cache
         self.block_size = cache.block_size
-        self.num_blocks_per_instance = resolve_num_blocks(config, loaded.arch)
-        self.borrowing = cache.enable_borrowing and config.num_instances > 1
-        lending_cap = cache.lending_cap if self.borrowing else 0.0
-        self._max_blocks = max_request_blocks(
-            self.num_blocks_per_instance, config.num_instances, lending_cap, self.borrowing
-        )
+        self.layout = layout = PoolLayout.of(config, loaded.arch)
+        self.num_blocks_per_instance = layout.model_blocks
+        self.borrowing = layout.borrowing
+        self._max_blocks = layout.max_request_blocks
+        # memory instances and host pools: actors without the model, never stepped nor homes
+        self.lender_ids = frozenset(x.instance_id for x in layout.lenders)
+        self._num_actors = num_actors = config.num_instances + len(layout.lenders)
         cpus = os.cpu_count() or 1
-        self._started_ray = init_ray(config.ray_address, max(cpus, config.num_instances + 1))
-        self.max_concurrency = 8 + config.num_instances  # a step, every peer's MA, lends, probes
+        self._started_ray = init_ray(config.ray_address, max(cpus, num_actors + 1))
+        self.max_concurrency = 8 + num_actors  # a step, every peer's MA, lends, probes
         self._token = uuid.uuid4().hex[:12]
         spec = InstanceSpec(
-            config, self.num_blocks_per_instance, lending_cap, self.borrowing, self._token
+            config, layout.model_blocks, layout.lending_cap, self.borrowing, self._token
         )
+        specs = dict.fromkeys(range(config.num_instances), spec) | {
+            x.instance_id: spec.for_lender(x) for x in layout.lenders
+        }
         actor_class = ray.remote(concurrency_groups=STEP_GROUP)(InstanceActor)
         self._actors: dict[int, Any] = {}
-        self.members = RayMembers(self._actors, config.scheduler.max_num_seqs)
+        self.members = RayMembers(self._actors, config.scheduler.max_num_seqs, self.lender_ids)
         self.gmanager = DriverGManager(None)
         self._placement: InstancePlacement | None = None
         try:
-            self._placement = InstancePlacement(config.num_instances)
+            self._placement = InstancePlacement(layout)
             self.gmanager.handle = self._new_gmanager()
             self._actors.update(
                 {
@@ -103,7 +113,7 @@ class RayCluster(Cluster):
                         max_restarts=0,
                         **self._placement.options(i),
                     ).remote(i, spec)
-                    for i in range(config.num_instances)
+                    for i, spec in specs.items()
                 }
             )
             ray.get(
@@ -133,9 +143,7 @@ class RayCluster(Cluster):
 
     def _new_gmanager(self) -> Any:
         forgotten = (
-            frozenset(range(self.config.num_instances)) - set(self._actors)
-            if self._actors
-            else frozenset()
+            frozenset(range(self._num_actors)) - set(self._actors) if self._actors else frozenset()
         )
         return (
             ray.remote(GManagerActor)
@@ -159,6 +167,11 @@ class RayCluster(Cluster):
             )
         elif home not in self._actors:
             raise ValueError(f"no live instance {home}")
+        elif home in self.lender_ids:
+            raise ValueError(
+                f"instance {home} has no model (a memory instance or a host pool): it lends "
+                "rBlocks, it does not run requests"
+            )
         copy = dataclasses.replace(
             request, block_table=BlockTable(), output_token_ids=list(request.output_token_ids)
         )
@@ -186,11 +199,13 @@ class RayCluster(Cluster):
         return bool(self._records)
 
     def step(self) -> list[StepEvent]:
-        """Every actor at once, each told the others' order reports of the last round."""
+        """Every model actor at once, each told the others' order reports of the last round (an
+        actor without the model has nothing to step: it is found dead by the debtors it fails)."""
         self.members.flush()
         none: OrderReport = (None, None, None)
-        told = self.core.order_round({i: self._order.get(i, none) for i in self._actors})
-        refs = {i: a.step.remote(told[i]) for i, a in self._actors.items()}
+        stepping = {i: a for i, a in self._actors.items() if i not in self.lender_ids}
+        told = self.core.order_round({i: self._order.get(i, none) for i in stepping})
+        refs = {i: a.step.remote(told[i]) for i, a in stepping.items()}
         events: list[StepEvent] = []
         dead: set[int] = set()
         suspects: set[int] = set()
@@ -207,8 +222,8 @@ class RayCluster(Cluster):
             gmanager_down |= reply.gmanager_unreachable
         dead |= {i for i in suspects - dead if i in self._actors and not alive(self._actors[i])}
         self._track(events)
-        if dead >= set(self._actors):
-            raise RuntimeError(f"every instance actor died ({sorted(dead)})")
+        if dead >= set(stepping):
+            raise RuntimeError(f"every model instance actor died ({sorted(dead)})")
         for i in sorted(dead):
             self.fail_instance(i)
         if gmanager_down and not alive(self.gmanager.handle, "instance_ids"):

@@ -118,9 +118,12 @@ class DriverGManager:
 class RayMembers:
     """The cluster core's ``Members`` over instance actors (calls awaited by the driver)."""
 
-    def __init__(self, actors: dict[int, Any], max_num_seqs: int) -> None:
+    def __init__(
+        self, actors: dict[int, Any], max_num_seqs: int, lender_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.actors = actors
         self.max_num_seqs = max_num_seqs
+        self.lender_ids = lender_ids  # actors without the model: never a request's home
         self.records: dict[str, RequestRecord] = {}
         self.pending: list[Any] = []  # control calls sent since the last step
         self.on_dead: Callable[[int], object] = lambda i: None  # fails an instance found dead
@@ -158,13 +161,15 @@ class RayMembers:
         return list(self.gather("heartbeat").values())
 
     def loads(self) -> dict[int, InstanceLoad]:
-        pending = dict.fromkeys(self.actors, 0)
-        unfinished = dict.fromkeys(self.actors, 0)
+        """The model actors' (a memory instance or host pool homes no request)."""
+        homes = [i for i in self.actors if i not in self.lender_ids]
+        pending = dict.fromkeys(homes, 0)
+        unfinished = dict.fromkeys(homes, 0)
         for record in self.records.values():
             if record.home in pending:
                 pending[record.home] += record.pending_tokens
                 unfinished[record.home] += 1
-        return {i: InstanceLoad(pending[i], unfinished[i], self.max_num_seqs) for i in self.actors}
+        return {i: InstanceLoad(pending[i], unfinished[i], self.max_num_seqs) for i in homes}
 
     def rmanagers(self) -> dict[int, RemoteRManager]:
         return {i: RemoteRManager(a) for i, a in self.actors.items()}

@@ -1,6 +1,6 @@
-"""Where instance actors go: one bundle per instance in a Ray placement group, spread over the
-cluster's nodes (one instance per node while there are nodes to spare), and how many threads
-each actor computes with once it is placed.
+"""Where instance actors go: one bundle per instance in a Ray placement group (a host pool in
+its model instance's), spread over the cluster's nodes (one bundle per node while there are
+nodes to spare), and how many threads each actor computes with once it is placed.
 
 Threads: the instances on one node share its cores among those stepping at the moment
 (``NodeCores``). Each steps in its own process with its own OpenMP team, and two teams of all
@@ -20,6 +20,8 @@ import ray
 from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from infinite_llm.cluster.layout import PoolLayout
 
 PLACEMENT_TIMEOUT_S = 120.0
 
@@ -71,28 +73,40 @@ class NodeCores:
 
 
 class InstancePlacement:
-    """A placement group with one ``{"CPU": 1}`` bundle per instance, ``SPREAD`` over nodes;
-    ``options(i)`` places instance ``i`` in its bundle. Raises ``RuntimeError`` with what is
-    missing when the cluster cannot hold the instances within ``PLACEMENT_TIMEOUT_S``."""
+    """A placement group with one bundle per model instance and per memory instance, ``SPREAD``
+    over nodes; a model instance's host pool shares its bundle, so its node (a CPU each: a
+    lender computes its debtors' MAs on one thread). ``options(i)`` places instance ``i`` in
+    its bundle. Raises ``RuntimeError`` with what is missing when the cluster cannot hold the
+    instances within ``PLACEMENT_TIMEOUT_S``."""
 
-    def __init__(self, num_instances: int, strategy: str = "SPREAD") -> None:
-        self.group = placement_group([{"CPU": 1}] * num_instances, strategy=strategy)
+    def __init__(self, layout: PoolLayout, strategy: str = "SPREAD") -> None:
+        cpus = [1] * layout.num_instances  # per bundle
+        self.bundle_of = {i: i for i in range(layout.num_instances)}
+        for lender in layout.lenders:
+            if lender.host_of is None:
+                self.bundle_of[lender.instance_id] = len(cpus)
+                cpus.append(1)
+            else:
+                self.bundle_of[lender.instance_id] = lender.host_of
+                cpus[lender.host_of] += 1
+        self.group = placement_group([{"CPU": n} for n in cpus], strategy=strategy)
         try:
             ray.get(self.group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
             self.remove()
             total = ray.cluster_resources().get("CPU", 0)
             raise RuntimeError(
-                f"Ray could not place {num_instances} instance actors (one CPU each, "
-                f"{strategy}) within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has {total:g} "
-                "CPUs: add nodes or use fewer instances"
+                f"Ray could not place {len(self.bundle_of)} instance actors (one CPU each, "
+                f"in {len(cpus)} bundles {strategy}) within {PLACEMENT_TIMEOUT_S:.0f} s; the "
+                f"cluster has {total:g} CPUs: add nodes or use fewer instances"
             ) from None
 
-    def options(self, index: int) -> dict[str, Any]:
+    def options(self, instance_id: int) -> dict[str, Any]:
         return {
             "num_cpus": 1,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=self.group, placement_group_bundle_index=index
+                placement_group=self.group,
+                placement_group_bundle_index=self.bundle_of[instance_id],
             ),
         }
 

@@ -13,6 +13,7 @@ from typing import Any
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.ledger import Edge
 from infinite_llm.kvcache.metrics import locality, percentile
+from infinite_llm.kvcache.tiers import Tier
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class InstanceSnapshot:
 
     instance_id: int
     node_id: str  # the Ray node it runs on
+    kind: str  # "model", or a lender's tier ("memory", "host"): a pool without the model
+    tier: int  # its pool's memory tier (``kvcache.tiers.Tier``)
     num_threads: int  # its last step's share of the node's cores
     num_blocks: int
     num_free: int
@@ -84,6 +87,8 @@ def merged_stats(
                 "preemptions": s.num_preemptions,
                 "block_owners": s.block_owners,
                 "cached_block_ids": s.cached_block_ids,
+                "kind": s.kind,
+                "tier": Tier(s.tier).label,
             }
             | s.prefix_cache
             for s in snaps
