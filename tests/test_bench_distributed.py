@@ -39,7 +39,7 @@ def test_ray_rows_carry_the_data_plane_figures(capsys) -> None:
     pytest.importorskip("ray")
     result = _run(capsys, "--backends", "ray")
     spread = [r for r in result["results"] if r["instances"] == 2]
-    assert len(spread) == 2
+    assert [r["placement"] for r in spread] == ["model", "memory", "host"] * 2
     for r in spread:
         assert r["same_tokens"] and r["bytes_out_per_step"] > 0
         assert r["layer_wire_ms"] > 0 and r["channel_ms"] > 0 and r["noop_call_ms"] > 0

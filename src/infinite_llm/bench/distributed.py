@@ -9,7 +9,8 @@ would bring blocks home). Each configuration runs in-process and on Ray (one act
 instance). Decode steps that cross an rBlock boundary also borrow; the median hides them.
 ``--lenders memory host`` adds configurations of two pools where the second is not another
 model instance's: a memory instance's (``placement`` memory) or the home's own host pool
-(``host``); ``placement`` model is N model instances.
+(``host``); ``placement`` model is N model instances. On Ray the lender is an actor without
+weights (a host pool's on its model actor's node).
 
 Figures per configuration: median wall time of ``LLMEngine.step()`` over the measured decode
 steps (min and max beside it; in-process configurations are alive together and their steps
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=["memory", "host"],
         choices=["memory", "host"],
-        help="two-pool configurations whose second pool has no model (in process)",
+        help="two-pool configurations whose second pool has no model",
     )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument(
@@ -380,10 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(
         total=3
         * len(args.workloads)
-        * (
-            len(args.backends) * len(args.instances)
-            + (len(args.lenders) if "inprocess" in args.backends else 0)
-        ),
+        * len(args.backends)
+        * (len(args.instances) + len(args.lenders)),
         desc="bench distributed",
         unit="stage",
     )
@@ -399,10 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "ray"
                 else [sorted(args.instances)]
             )
-            lenders = args.lenders if backend == "inprocess" else []
-            for k, group in enumerate(groups):
-                extra = lenders if k == len(groups) - 1 else []
-                for row in measure(run_args, loaded, backend, group, prompts, bar, extra):
+            # lender placements: with the in-process group; on Ray a cluster each
+            if backend == "inprocess":
+                runs = [(groups[0], args.lenders)]
+            else:
+                runs = [(g, []) for g in groups] + [([], [kind]) for kind in args.lenders]
+            for group, lenders in runs:
+                for row in measure(run_args, loaded, backend, group, prompts, bar, lenders):
                     rows.append({"workload": f"{batch}x{context}", **row})
     bar.close()
     add_ratios(rows)

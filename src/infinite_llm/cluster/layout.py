@@ -43,7 +43,8 @@ class PoolLayout:
     @classmethod
     def of(cls, config: EngineConfig, arch: ModelArchConfig) -> PoolLayout:
         """The layout ``config`` asks for; refused (ValueError) where this machine's available
-        memory cannot hold the pools."""
+        memory cannot hold the pools (unless they go to the nodes of a Ray cluster joined with
+        ``ray_address``)."""
         n = config.num_instances
         model_blocks = resolve_num_blocks(config, arch)
         memory_blocks = resolve_memory_blocks(
@@ -61,7 +62,8 @@ class PoolLayout:
             these = [lender for lender in lenders if lender.tier is tier]
             if these:
                 pools[f"{len(these)} {tier.label} pools"] = sum(x.num_blocks for x in these)
-        check_pools_fit(config, arch, pools)
+        if config.ray_address is None:  # joined to a Ray cluster, the pools are on its nodes
+            check_pools_fit(config, arch, pools)
         borrowing = config.cache.enable_borrowing and n + len(lenders) > 1
         cap = config.cache.lending_cap if borrowing else 0.0
         return cls(n, model_blocks, tuple(lenders), borrowing, cap)
