@@ -85,6 +85,7 @@ def tables(results: list[dict[str, Any]], model: str, steps: int) -> str:
             [
                 "workload",
                 "instances",
+                "placement",
                 "layer_round_trip_ms",
                 "layer_remote_wait_ms",
                 "layer_wire_ms",
