@@ -101,3 +101,41 @@ def assert_prefix_cached(engine: LLMEngine) -> None:
         for inst in others:
             assert inst["cached"] == inst["prefix_cache_queries"] == 0
             assert inst["cached_block_ids"] == []
+
+
+def tiny_block_bytes(block_size: int = 8) -> int:
+    """Bytes of one rBlock of the tiny model in float32."""
+    from infinite_llm.attention.kv_pool import KVPool
+    from infinite_llm.model.loader import parse_dtype
+
+    arch = loaded_model("tiny").arch
+    return KVPool.bytes_per_block(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size, parse_dtype("float32")
+    )
+
+
+def host_pool_before_memory(engine: LLMEngine, expected) -> None:
+    """A request of 33 rBlocks (240 + 24 tokens) on a model instance of 12, with a memory
+    instance of 12 and a host pool of 24 (``make_engine(1, 12, block_size=8, budget=64,
+    num_memory_instances=1, host_kv_memory=24 * tiny_block_bytes())``): its 21 borrowed come
+    from the host pool, the faster tier; tokens exact, all free after."""
+    from conftest import random_prompts
+
+    stats = engine.cluster.stats()
+    assert [(i["kind"], i["tier"], i["num_blocks"]) for i in stats["instances"]] == [
+        ("model", "device", 12),
+        ("memory", "memory", 12),
+        ("host", "host", 24),
+    ]
+    prompts = random_prompts(1, (240, 240), 256, seed=53)
+    lent = []
+    got = run(
+        engine,
+        prompts,
+        on_step=lambda e, s: lent.append(
+            tuple(i["lent"] for i in e.cluster.stats()["instances"][1:])
+        ),
+    )
+    assert got == expected(prompts)
+    assert max(host for _, host in lent) == 21 and max(mem for mem, _ in lent) == 0
+    assert_all_free(engine)

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.helpers import GREEDY, assert_all_free, make_engine, run
+from cluster.helpers import (
+    GREEDY,
+    assert_all_free,
+    host_pool_before_memory,
+    make_engine,
+    run,
+    tiny_block_bytes,
+)
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.config import EngineConfig
 from infinite_llm.sampling_params import SamplingParams
@@ -81,39 +88,15 @@ def test_memory_instances_need_borrowing() -> None:
 
 
 def test_a_host_pool_extends_its_instance_and_is_borrowed_before_a_memory_instance() -> None:
-    # 12 rBlocks on the device, 24 in the host pool, 24 on a memory instance: a request of 33
-    # rBlocks (240 + 24 tokens) borrows its 21 from the host pool, the faster tier.
     engine = make_engine(
-        1, 12, block_size=8, budget=64, num_memory_instances=1, host_kv_memory=24 * per_block()
+        1,
+        12,
+        block_size=8,
+        budget=64,
+        num_memory_instances=1,
+        host_kv_memory=24 * tiny_block_bytes(),
     )
-    stats = engine.cluster.stats()["instances"]
-    assert [(i["kind"], i["tier"], i["num_blocks"]) for i in stats] == [
-        ("model", "device", 12),
-        ("memory", "memory", 12),
-        ("host", "host", 24),
-    ]
-    prompts = random_prompts(1, (240, 240), 256, seed=53)
-    lent = []
-    got = run(
-        engine,
-        prompts,
-        on_step=lambda e, s: lent.append(
-            tuple(i["lent"] for i in e.cluster.stats()["instances"][1:])
-        ),
-    )
-    assert got == expected(prompts)
-    assert max(host for _, host in lent) == 21 and max(mem for mem, _ in lent) == 0
-    assert_all_free(engine)
-
-
-def per_block() -> int:
-    from infinite_llm.attention.kv_pool import KVPool
-    from infinite_llm.model.loader import parse_dtype
-
-    arch = loaded_model("tiny").arch
-    return KVPool.bytes_per_block(
-        arch.num_layers, arch.num_kv_heads, arch.head_dim, 8, parse_dtype("float32")
-    )
+    host_pool_before_memory(engine, expected)
 
 
 def test_metrics_count_rblocks_per_tier() -> None:
@@ -121,7 +104,9 @@ def test_metrics_count_rblocks_per_tier() -> None:
 
     from infinite_llm.server.metrics import ClusterCollector
 
-    engine = make_engine(1, 12, block_size=8, num_memory_instances=2, host_kv_memory=per_block())
+    engine = make_engine(
+        1, 12, block_size=8, num_memory_instances=2, host_kv_memory=tiny_block_bytes()
+    )
     collector = ClusterCollector("tiny")
     collector.snapshot = engine.cluster.stats()
     registry = CollectorRegistry()

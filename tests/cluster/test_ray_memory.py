@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.helpers import assert_all_free, run
+from cluster.helpers import assert_all_free, host_pool_before_memory, run, tiny_block_bytes
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.model.loader.tiny import TINY_PRESETS, write_tiny_model
 from infinite_llm.sampling_params import SamplingParams
@@ -135,34 +135,15 @@ def test_a_memory_actor_killed_mid_generation_is_recomputed_exact(ray_engine) ->
 
 
 def test_a_host_pool_actor_is_borrowed_before_a_memory_actor(ray_engine) -> None:
-    # As in process: 12 rBlocks on the device, 24 in the host pool, 12 on a memory actor; a
-    # request of 33 rBlocks (240 + 24 tokens) borrows its 21 from the host pool.
-    per_block = 2 * 2 * 2 * 16 * 8 * 4  # K and V, 2 layers, 2 KV heads, head size 16, float32
+    # As in process (``host_pool_before_memory``), the host pool on its model actor's node.
     engine = ray_engine(
         num_instances=1,
         num_blocks=12,
         block_size=8,
         budget=64,
         num_memory_instances=1,
-        host_kv_memory=24 * per_block,
+        host_kv_memory=24 * tiny_block_bytes(),
     )
-    stats = engine.cluster.stats()
-    assert [(i["kind"], i["tier"], i["num_blocks"]) for i in stats["instances"]] == [
-        ("model", "device", 12),
-        ("memory", "memory", 12),
-        ("host", "host", 24),
-    ]
-    nodes = stats["ray"]["nodes"]
+    nodes = engine.cluster.stats()["ray"]["nodes"]
     assert nodes[2] == nodes[0], "a host pool lives on its model instance's node"
-    prompts = random_prompts(1, (240, 240), 256, seed=53)
-    lent = []
-    got = run(
-        engine,
-        prompts,
-        on_step=lambda e, s: lent.append(
-            tuple(i["lent"] for i in e.cluster.stats()["instances"][1:])
-        ),
-    )
-    assert got == expected(prompts)
-    assert max(host for _, host in lent) == 21 and max(mem for mem, _ in lent) == 0
-    assert_all_free(engine)
+    host_pool_before_memory(engine, expected)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from infinite_llm.bench.common import pyplot
 
 TARGET_MONO_BW_PCT = 60.0  # monolithic decode at 128K: share of the measured read bandwidth
 TARGET_SPLIT_OVERHEAD_PCT = 10.0  # 4 shards, contexts >= 32K
@@ -108,15 +109,8 @@ def format_table(report: dict) -> str:
 
 def write_plot(report: dict, out_dir: Path) -> Path | None:
     """Bandwidth and split overhead vs context, one line per shard count; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
-        )
+    plt = pyplot()
+    if plt is None:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, (ax_bw, ax_over) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-from infinite_llm.bench.common import format_table
+from infinite_llm.bench.common import format_table, pyplot
 
 # What the data plane is held to (per-layer wire time, spread steps against all local).
 TARGETS = {
@@ -105,13 +104,8 @@ def tables(results: list[dict[str, Any]], model: str, steps: int) -> str:
 def write_plot(results: list[dict[str, Any]], out_dir: Path) -> Path | None:
     """Step time against all local, per workload, backend and instance count; None without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     workloads = list(dict.fromkeys(r["workload"] for r in results))

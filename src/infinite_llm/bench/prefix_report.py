@@ -4,7 +4,6 @@ ratios of ours to every other server; a table and a plot of TTFT per turn."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from infinite_llm.bench.common import pyplot
 from infinite_llm.bench.serve import RequestResult
 
 
@@ -159,13 +159,8 @@ COLUMNS = ["server", "requests", "failed", "makespan_s", "mean_ttft_ms", "p50_tt
 def write_plot(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
     """``prefix.png``: mean TTFT per turn, one line per server, and the repeat probe's cold and
     warm TTFT; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, (turns_ax, probe_ax) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -38,18 +38,23 @@ def available_memory() -> int:
         return 8 << 30
 
 
+def block_bytes(config: EngineConfig, arch: ModelArchConfig) -> int:
+    """Bytes of one rBlock (K and V of ``block_size`` tokens, every layer) in ``config``."""
+    return KVPool.bytes_per_block(
+        arch.num_layers,
+        arch.num_kv_heads,
+        arch.head_dim,
+        config.cache.block_size,
+        parse_dtype(config.dtype),
+    )
+
+
 def resolve_num_blocks(config: EngineConfig, arch: ModelArchConfig) -> int:
     """rBlocks per instance: given, or as many as the KV memory (given or defaulted) holds."""
     cache = config.cache
     if cache.num_blocks is not None:
         return cache.num_blocks
-    per_block = KVPool.bytes_per_block(
-        arch.num_layers,
-        arch.num_kv_heads,
-        arch.head_dim,
-        cache.block_size,
-        parse_dtype(config.dtype),
-    )
+    per_block = block_bytes(config, arch)
     memory = cache.memory_bytes
     if memory is None:
         memory = min(
@@ -68,14 +73,7 @@ def resolve_memory_blocks(
     as a model instance's pool (``model_blocks``) when None."""
     if memory is None:
         return model_blocks
-    cache = config.cache
-    per_block = KVPool.bytes_per_block(
-        arch.num_layers,
-        arch.num_kv_heads,
-        arch.head_dim,
-        cache.block_size,
-        parse_dtype(config.dtype),
-    )
+    per_block = block_bytes(config, arch)
     if memory < per_block:
         raise ValueError(f"KV memory of {memory} bytes holds no rBlock ({per_block} bytes each)")
     return memory // per_block
@@ -84,13 +82,7 @@ def resolve_memory_blocks(
 def check_pools_fit(config: EngineConfig, arch: ModelArchConfig, pools: dict[str, int]) -> None:
     """Refuse, before allocating any, KV pools that this machine's available memory cannot
     hold (``pools``: what each kind of instance needs in all, in rBlocks)."""
-    per_block = KVPool.bytes_per_block(
-        arch.num_layers,
-        arch.num_kv_heads,
-        arch.head_dim,
-        config.cache.block_size,
-        parse_dtype(config.dtype),
-    )
+    per_block = block_bytes(config, arch)
     total = sum(pools.values()) * per_block
     available = available_memory()
     if total > available:
