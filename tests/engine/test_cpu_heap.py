@@ -37,6 +37,8 @@ def faults(keep: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_prefill_reuses_freed_pages() -> None:
     kept, default = faults("1"), faults("0")
-    # glibc's own thresholds: tens of thousands of fresh pages a forward on this model
-    assert default > 5_000, default
-    assert kept < default / 10, (kept, default)
+    # With the thresholds raised, the forwards reuse freed pages: next to none are fresh. With
+    # glibc's own, usually tens of thousands (87,227 measured), though its dynamic mmap
+    # threshold sometimes adapts during the warm-up and then it reads 0 too: only the first
+    # figure is held to a bound.
+    assert kept < 1_000, (kept, default)
