@@ -89,7 +89,7 @@ class Release:
     """A debtor gives rBlocks back to the creditor that lent them (all refs name it).
 
     ``hashes``, when given, has one entry per ref: the content hash of a full rBlock whose KV
-    the creditor may keep cached (``CachedBlocks``), or None."""
+    the creditor may keep cached (``FreeBlocks``), or None."""
 
     debtor_id: int
     refs: list[BlockRef]

@@ -21,7 +21,7 @@ how many of the instance's requests hold each rBlock)::
               stopping at the first miss. The block holding the prompt's last token is never
               reused (its logits are needed), nor any prompt that asks for prompt logprobs.
     forget    an rBlock's last holder here let go: its hash rides with the free (local) or
-              the ``Release`` (borrowed), and the owner keeps it cached (``CachedBlocks``).
+              the ``Release`` (borrowed), and the owner keeps it cached (``FreeBlocks``).
 
 Not thread-safe: the instance's scheduler (and, between steps, migration and failure
 handling) use it, like ``SharedBlocks``.

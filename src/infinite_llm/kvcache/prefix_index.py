@@ -2,7 +2,7 @@
 it can serve (``Advertised``), the gManager keeps them by hash (``PrefixIndex``).
 
 An instance advertises a full rBlock's hash while it has the block: held by its requests
-(``PrefixCache``), or free but cached in its pool (``CachedBlocks``); both may count the same
+(``PrefixCache``), or free but cached in its pool (``FreeBlocks``); both may count the same
 hash at once, hence a count per hash. The changes since the last heartbeat ride on it
 (``Heartbeat.prefix_added`` / ``prefix_removed``), so a heartbeat costs nothing while nothing
 changes.

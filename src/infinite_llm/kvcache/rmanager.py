@@ -2,9 +2,9 @@
 
 Every physical block ``0..num_blocks-1`` of the instance's pool is in exactly one state::
 
-    FREE  -> in the free heap (lowest id handed out first), or cached: it keeps a full
-             rBlock's KV under its content hash (``CachedBlocks``, the prefix cache) until
-             the heap is empty and it is taken, least recently freed first
+    FREE  -> in ``FreeBlocks``: plain (lowest id handed out first), or cached: it keeps a
+             full rBlock's KV under its content hash (the prefix cache) until no plain one
+             is left and it is taken, least recently freed first
     USED  -> allocated for one of this instance's own requests
     LENT  -> allocated on behalf of a remote debtor (``lend``), until it is released
 
@@ -19,7 +19,6 @@ Thread-safe: a creditor serves lend requests from other threads while its engine
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import threading
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.borrowed import BorrowedBlocks
-from infinite_llm.kvcache.cached import CachedBlocks
+from infinite_llm.kvcache.free_blocks import FreeBlocks
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.prefix_index import Advertised
 from infinite_llm.kvcache.tiers import Tier
@@ -77,11 +76,8 @@ class RManager:
         self._max_lent = self.config.max_lent_blocks(num_blocks)
         self._lock = threading.Lock()
         self._state = [_FREE] * num_blocks
-        # Every FREE block is in the heap exactly once, so no lazy deletion is needed:
-        # blocks leave it only by heappop and come back only by heappush.
-        self._free_heap = list(range(num_blocks))
-        self._cached = CachedBlocks()  # the other FREE blocks
         self._advertised = Advertised()  # hashes cached here or held by own requests
+        self._free = FreeBlocks(num_blocks, self._advertised)
         self._num_used = 0
         self._lent_to: dict[int, set[int]] = {}  # debtor_id -> block ids lent to it
         self._debtor_of: dict[int, int] = {}  # lent block id -> debtor_id
@@ -110,12 +106,12 @@ class RManager:
     @property
     def num_free_blocks(self) -> int:
         """Free blocks, the cached ones included (they are taken when needed)."""
-        return len(self._free_heap) + len(self._cached)
+        return len(self._free)
 
     @property
     def num_cached_blocks(self) -> int:
         """Free blocks that keep a prefix's KV."""
-        return len(self._cached)
+        return self._free.num_cached
 
     @property
     def num_used_blocks(self) -> int:
@@ -142,7 +138,7 @@ class RManager:
             return self._lendable()
 
     def _lendable(self) -> int:
-        free = len(self._free_heap) + len(self._cached) - self._reserve
+        free = len(self._free) - self._reserve
         return max(0, min(free, self.max_lent_blocks - len(self._debtor_of)))
 
     def reserve(self, num_blocks: int) -> None:
@@ -187,7 +183,7 @@ class RManager:
         """For an own request: the cached blocks holding ``hashes``' KV, the longest leading
         run of them, now in use (the prefix cache's hit here)."""
         with self._lock:
-            block_ids = self._take_cached(hashes, len(self._free_heap) + len(self._cached))
+            block_ids = self._free.take_cached(hashes, len(self._free))
             for b in block_ids:
                 self._state[b] = _USED
             self._num_used += len(block_ids)
@@ -206,7 +202,7 @@ class RManager:
     def cached_block_ids(self) -> list[int]:
         """The free blocks that keep a prefix's KV, least recently freed first."""
         with self._lock:
-            return self._cached.block_ids()
+            return self._free.cached_block_ids()
 
     # ---- creditor side ------------------------------------------------------------------
 
@@ -233,7 +229,7 @@ class RManager:
             granted = None
             block_ids: list[int] | None = None
             if request.hashes:
-                block_ids = self._take_cached(request.hashes, self._lendable())
+                block_ids = self._free.take_cached(request.hashes, self._lendable())
                 for b in block_ids:
                     self._state[b] = _LENT
             elif request.num_blocks <= self._lendable():
@@ -346,14 +342,14 @@ class RManager:
                 instance_id=self.instance_id,
                 seq=next(self._heartbeat_seq),
                 num_blocks=self.num_blocks,
-                num_free=len(self._free_heap) + len(self._cached),
+                num_free=len(self._free),
                 num_used=self._num_used,
                 num_lent=len(self._debtor_of),
                 num_borrowed=len(self._borrowed),
                 lendable=self._lendable(),
                 lent_to={d: len(ids) for d, ids in self._lent_to.items()},
                 borrowed_from=self._borrowed.counts(),
-                num_cached=len(self._cached),
+                num_cached=self._free.num_cached,
                 prefix_added=added,
                 prefix_removed=removed,
                 tier=int(self.tier),
@@ -381,24 +377,11 @@ class RManager:
         """Raise AssertionError unless every block is in exactly one consistent state."""
         with self._lock:
             iid, n = self.instance_id, self.num_blocks
-            heap = self._free_heap
-            assert len(set(heap)) == len(heap), f"instance {iid}: a block is free twice"
-            assert all(self._state[b] == _FREE for b in heap), (
-                f"instance {iid}: a block in the free heap is not FREE"
-            )
+            self._free.check_integrity(lambda b: self._state[b] == _FREE, f"instance {iid}")
             counts = [self._state.count(s) for s in (_FREE, _USED, _LENT)]
-            cached = self._cached.block_ids()
-            self._cached.check_integrity()
-            assert not set(cached) & set(heap), f"instance {iid}: a cached block is in the heap"
-            assert all(self._state[b] == _FREE for b in cached), (
-                f"instance {iid}: a cached block is not FREE"
+            assert counts[0] == len(self._free), (
+                f"instance {iid}: {counts[0]} FREE blocks but {len(self._free)} listed free"
             )
-            assert counts[0] == len(heap) + len(cached), (
-                f"instance {iid}: {counts[0]} FREE blocks but {len(heap)} in the free heap"
-                f" and {len(cached)} cached"
-            )
-            for h in self._cached.hashes():
-                assert h in self._advertised, f"instance {iid}: a cached hash is not advertised"
             assert counts[1] == self._num_used, (
                 f"instance {iid}: {counts[1]} USED blocks, counter says {self._num_used}"
             )
@@ -425,45 +408,18 @@ class RManager:
     # ---- internals (caller holds the lock) ----------------------------------------------
 
     def _take(self, num_blocks: int, state: int) -> list[int] | None:
-        """Free blocks from the heap, then cached ones (evicted, least recently freed first)."""
-        heap = self._free_heap
-        if num_blocks > len(heap) + len(self._cached):
-            return None
-        block_ids = [heapq.heappop(heap) for _ in range(min(num_blocks, len(heap)))]
-        while len(block_ids) < num_blocks:
-            b, h = self._cached.evict()
-            self._advertised.remove(h)
-            block_ids.append(b)
-        for b in block_ids:
-            self._state[b] = state
-        return block_ids
-
-    def _take_cached(self, hashes: Iterable[bytes], limit: int) -> list[int]:
-        """The cached blocks of the leading run of ``hashes`` found here, at most ``limit``,
-        out of the cache (the caller sets their state)."""
-        block_ids = []
-        for h in hashes:
-            if len(block_ids) >= limit:
-                break
-            b = self._cached.take(h)
-            if b is None:
-                break
-            self._advertised.remove(h)
-            block_ids.append(b)
+        block_ids = self._free.take(num_blocks)
+        if block_ids is not None:
+            for b in block_ids:
+                self._state[b] = state
         return block_ids
 
     def _give_back(
         self, block_ids: list[int], hashes: Iterable[bytes | None] | None = None
     ) -> None:
-        hashes = list(hashes) if hashes is not None else [None] * len(block_ids)
-        if len(hashes) != len(block_ids):
-            raise ValueError(f"{len(hashes)} hashes for {len(block_ids)} rBlocks")
-        for b, h in zip(block_ids, hashes, strict=True):
+        self._free.give_back(block_ids, hashes)
+        for b in block_ids:
             self._state[b] = _FREE
-            if h is not None and self._cached.add(b, h):
-                self._advertised.add(h)
-            else:
-                heapq.heappush(self._free_heap, b)
 
     def _local_ids(self, refs: list[BlockRef]) -> list[int]:
         block_ids = []

@@ -76,7 +76,7 @@ class SharedBlocks:
 
 def tail_first(refs: Iterable[BlockRef]) -> list[BlockRef]:
     """A request's rBlocks in the order its allocator frees them: the last first. The pool
-    evicts cached rBlocks least recently freed first (``kvcache.cached``), and a cached prefix
+    evicts cached rBlocks least recently freed first (``kvcache.free_blocks``), and a cached prefix
     is found from its head: evicting a head first would strand the rest (vLLM frees in reverse
     too)."""
     return list(refs)[::-1]
