@@ -156,6 +156,12 @@ class LLMEngine:
         rid = request.request_id
         if rid in self.output_processor.requests or rid in self.parents:
             raise ValueError(f"request id {rid!r} is already in use")
+        need, capacity = request.num_tokens + request.max_tokens, self.cluster.max_request_tokens
+        if need > capacity:  # within max_model_len: the cluster lost an instance since
+            raise ValueError(
+                f"this request may need {need} tokens of KV, but the cluster's live instances "
+                f"hold at most {capacity} now"
+            )
         if request.sampling_params.num_samples == 1:
             self._add(request, prompt_text, home)
             return

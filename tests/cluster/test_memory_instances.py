@@ -147,3 +147,27 @@ def test_rblocks_on_a_memory_instance_move_up_to_a_model_pool_when_it_has_room()
     assert all(mem == 0 for _, mem in lent[promoted:]), lent  # up a tier, and there for good
     assert engine.cluster.core.num_migrated_blocks >= max(mem for _, mem in lent)
     assert_all_free(engine)
+
+
+def test_a_request_the_survivors_cannot_hold_ends_with_an_error_instead_of_waiting() -> None:
+    # 23 rBlocks needed (160 + 24 tokens), 12 on the model instance and 12 on the memory one:
+    # once the memory instance dies no pool left can hold it. It ends with "error" at the next
+    # step, the others go on, and a new request of that size is refused at once.
+    engine = make_engine(1, 12, block_size=8, budget=64, num_memory_instances=1)
+    long, short = random_prompts(2, (160, 160), 256, seed=56)[0], [5, 6, 7]
+    for prompt, home in ((long, 0), (short, 0)):
+        engine.add_request(engine.make_request(prompt, GREEDY), home=home)
+    finished: dict[str, str] = {}
+    while len(finished) < 2:
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].finish_reason
+        alive = 1 in engine.cluster.live_instance_ids()
+        if alive and engine.cluster.stats()["instances"][1]["lent"]:
+            engine.cluster.fail_instance(1)
+        engine.check_integrity()
+    assert sorted(finished.values()) == ["error", "length"]
+    assert engine.cluster.max_request_tokens == 12 * 8
+    with pytest.raises(ValueError, match="at most 96"):
+        engine.add_request(engine.make_request(long[:80], GREEDY))
+    assert_all_free(engine)

@@ -8,11 +8,18 @@ actor's node, borrowed first."""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import replace
 
 import pytest
 
-from cluster.helpers import assert_all_free, host_pool_before_memory, run, tiny_block_bytes
+from cluster.helpers import (
+    GREEDY,
+    assert_all_free,
+    host_pool_before_memory,
+    run,
+    tiny_block_bytes,
+)
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.model.loader.tiny import TINY_PRESETS, write_tiny_model
 from infinite_llm.sampling_params import SamplingParams
@@ -147,3 +154,24 @@ def test_a_host_pool_actor_is_borrowed_before_a_memory_actor(ray_engine) -> None
     nodes = engine.cluster.stats()["ray"]["nodes"]
     assert nodes[2] == nodes[0], "a host pool lives on its model instance's node"
     host_pool_before_memory(engine, expected)
+
+
+def test_a_request_the_surviving_actors_cannot_hold_ends_with_an_error(ray_engine) -> None:
+    # As in process: 23 rBlocks needed, 12 on the model actor and 12 on the memory actor; the
+    # memory actor crashes, the next step finds it dead and the request ends with "error".
+    engine = ray_engine(
+        num_instances=1, num_blocks=12, block_size=8, budget=64, num_memory_instances=1
+    )
+    request = engine.make_request(random_prompts(1, (160, 160), 256, seed=56)[0], GREEDY)
+    engine.add_request(request, home=0)
+    reasons, killed = [], False
+    deadline = time.monotonic() + 120
+    while not reasons:
+        assert time.monotonic() < deadline, "the request neither finished nor failed"
+        reasons = [o.outputs[0].finish_reason for o in engine.step() if o.finished]
+        if not killed and engine.cluster.stats()["instances"][1]["lent"]:
+            engine.cluster.kill_instance(1)
+            killed = True
+    assert killed and reasons == ["error"]
+    assert engine.cluster.max_request_tokens == 12 * 8
+    assert_all_free(engine)

@@ -7,9 +7,10 @@ Two implementations: ``InProcessCluster`` (every instance in this process, the d
 from __future__ import annotations
 
 import abc
+import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.cluster.core import ClusterCore
@@ -18,6 +19,11 @@ from infinite_llm.engine.events import StepEvent
 from infinite_llm.model.config import ModelArchConfig
 from infinite_llm.model.loader import parse_dtype
 from infinite_llm.scheduler.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from infinite_llm.cluster.layout import PoolLayout
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_KV_MEMORY = 2 << 30  # per instance, when neither blocks nor bytes are given
 DEFAULT_KV_FRACTION = 0.25  # ... and at most this share of the memory available now
@@ -115,11 +121,18 @@ class Cluster(abc.ABC):
     block_size: int
     num_blocks_per_instance: int
     core: ClusterCore
+    layout: PoolLayout
+    ended_by_failure: list[StepEvent]  # ``fail_instance``'s, for the next step to return
 
     @property
-    @abc.abstractmethod
     def max_request_tokens(self) -> int:
-        """Tokens one request could hold if it had the whole cluster's lendable memory."""
+        """Tokens one request could hold if it had the whole cluster's lendable memory (the
+        live instances': it shrinks when one fails)."""
+        return self.layout.max_request_blocks_of(self.live_instance_ids()) * self.block_size
+
+    @abc.abstractmethod
+    def live_instance_ids(self) -> list[int]:
+        """Every live instance, model or not."""
 
     @abc.abstractmethod
     def add_request(self, request: Request, home: int | None = None) -> int:
@@ -179,5 +192,31 @@ class Cluster(abc.ABC):
     def fail_instance(self, instance_id: int) -> list[str]:
         """Lose an instance and its pool (a Ray actor is killed if still alive). Requests with
         rBlocks there restart from their tokens on the survivors; requests homed there are
-        re-homed. Returns the affected request ids."""
-        return self.core.fail_instance(instance_id)
+        re-homed; a request the survivors can no longer hold whole (prompt and every token it
+        may generate) ends with an error at the next step instead of waiting for memory that
+        will not come back. Returns the affected request ids."""
+        affected = self.core.fail_instance(instance_id)
+        limit = self.max_request_tokens
+        for request_id, need in self.request_needs().items():
+            if need > limit:
+                logger.warning(
+                    "request %s needs %d tokens of KV but the cluster holds at most %d since "
+                    "instance %d failed: it ends with an error",
+                    request_id,
+                    need,
+                    limit,
+                    instance_id,
+                )
+                self.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+                self.ended_by_failure.append(StepEvent(request_id, None, "error"))
+        return affected
+
+    @abc.abstractmethod
+    def request_needs(self) -> dict[str, int]:
+        """Per unfinished request, the tokens of KV it may come to hold (its prompt and every
+        token it may generate)."""
+
+    def take_failure_events(self) -> list[StepEvent]:
+        """The events of requests ``fail_instance`` ended, once (a step returns them)."""
+        events, self.ended_by_failure = self.ended_by_failure, []
+        return events

@@ -176,14 +176,20 @@ class InProcessCluster(Cluster):
             instance = Instance(i, None, pool, rmanager, idle, config.attention_impl)
             self.instances[i] = instance
             self.transport.attach(instance)
-        self._max_blocks = layout.max_request_blocks
+        self.ended_by_failure = []
         self._home = self.members.homes
         self.core.heartbeat(force=True)
 
     # -- contract ---------------------------------------------------------------------------
-    @property
-    def max_request_tokens(self) -> int:
-        return self._max_blocks * self.block_size
+    def live_instance_ids(self) -> list[int]:
+        return sorted(self.instances)
+
+    def request_needs(self) -> dict[str, int]:
+        return {
+            rid: r.num_prompt_tokens + r.max_tokens
+            for inst in self.instances.values()
+            for rid, r in inst.scheduler.requests.items()
+        }
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
@@ -215,6 +221,9 @@ class InProcessCluster(Cluster):
     def step_in_parts(self) -> Iterator[list[StepEvent]]:
         """Every instance in turn (one device), each told the others' fresh order reports;
         each instance's events as soon as it stepped."""
+        ended = self.take_failure_events()
+        if ended:
+            yield ended
         self.core.heartbeat()
         for inst in list(self.instances.values()):
             self.core.grant({i: x.scheduler for i, x in self.instances.items()})

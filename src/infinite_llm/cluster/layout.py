@@ -9,6 +9,7 @@ from this layout, and the longest request and the memory check come from it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from infinite_llm.cluster.base import (
@@ -72,7 +73,16 @@ class PoolLayout:
     def max_request_blocks(self) -> int:
         """The most rBlocks one request can hold: its home pool, what the other model
         instances may lend, and every lender's pool."""
+        return self.max_request_blocks_of(range(self.num_instances + len(self.lenders)))
+
+    def max_request_blocks_of(self, live: Iterable[int]) -> int:
+        """``max_request_blocks`` over the ``live`` pools only (after failures); 0 when no
+        model instance is left."""
+        live = set(live)
+        models = sum(1 for i in range(self.num_instances) if i in live)
+        if not models:
+            return 0
         if not self.borrowing:
             return self.model_blocks
-        others = max_request_blocks(self.model_blocks, self.num_instances, self.lending_cap, True)
-        return others + sum(lender.num_blocks for lender in self.lenders)
+        others = max_request_blocks(self.model_blocks, models, self.lending_cap, True)
+        return others + sum(x.num_blocks for x in self.lenders if x.instance_id in live)

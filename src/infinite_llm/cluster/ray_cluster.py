@@ -84,7 +84,7 @@ class RayCluster(Cluster):
         self.layout = layout = PoolLayout.of(config, loaded.arch)
         self.num_blocks_per_instance = layout.model_blocks
         self.borrowing = layout.borrowing
-        self._max_blocks = layout.max_request_blocks
+        self.ended_by_failure = []
         # memory instances and host pools: actors without the model, never stepped nor homes
         self.lender_ids = frozenset(x.instance_id for x in layout.lenders)
         self._num_actors = num_actors = config.num_instances + len(layout.lenders)
@@ -135,7 +135,7 @@ class RayCluster(Cluster):
             config=config.cluster,
             prefix_caching=config.cache.enable_prefix_caching,
         )
-        self.members.on_dead = self.core.fail_instance
+        self.members.on_dead = self.fail_instance
         self._records = self.members.records
         self._order: dict[int, OrderReport] = {}  # each actor's last report
         self.num_gmanager_restarts = 0
@@ -153,12 +153,17 @@ class RayCluster(Cluster):
 
     # -- contract ---------------------------------------------------------------------------
     @property
-    def max_request_tokens(self) -> int:
-        return self._max_blocks * self.block_size
-
-    @property
     def instance_ids(self) -> list[int]:
         return sorted(self._actors)
+
+    def live_instance_ids(self) -> list[int]:
+        return self.instance_ids
+
+    def request_needs(self) -> dict[str, int]:
+        return {
+            rid: record.request.num_prompt_tokens + record.request.max_tokens
+            for rid, record in self._records.items()
+        }
 
     def add_request(self, request: Request, home: int | None = None) -> int:
         if home is None:
@@ -230,7 +235,7 @@ class RayCluster(Cluster):
             self.restart_gmanager()
         self.core.heard_from(self._actors)  # the actors' own heartbeats went out meanwhile
         self.core.end_step()
-        return events
+        return events + self.take_failure_events()
 
     def _track(self, events: list[StepEvent]) -> None:
         for event in events:
