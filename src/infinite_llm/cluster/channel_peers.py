@@ -81,16 +81,20 @@ class ChannelServer:
             return ChannelSpec("zmq", self.instance_id, self.address)
         prefix = os.path.join(self._dir, f"{debtor_id}-{self.instance_id}-{os.getpid()}")
         end = creditor_end(prefix)
-        with self._lock:
+        with self._lock:  # the wake-up pipe is open exactly while not closed
+            if self._closed:
+                end.close(unlink=True)
+                raise ChannelClosed(f"instance {self.instance_id}'s channel server is closed")
             self._new.append((debtor_id, end))
-        os.write(self._wake_w, b"n")
+            os.write(self._wake_w, b"n")
         return ChannelSpec("shm", self.instance_id, prefix)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        os.write(self._wake_w, b"x")
+        with self._lock:
+            if self._closed:  # closed before, or the loop ended (and closed the pipe) itself
+                return
+            self._closed = True
+            os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
@@ -114,12 +118,18 @@ class ChannelServer:
                         self._serve_router()
                     else:
                         self._serve_shm(poller, target)
+        except Exception:  # the server cannot go on: its debtors see their channels close
+            logger.exception("channel server of instance %d stopped", self.instance_id)
         finally:
-            for end in self._ends.values():
-                end.close(unlink=True)
-            self._router.close(linger=0)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._lock:
+                self._closed = True
+                for end in self._ends.values():
+                    end.close(unlink=True)
+                for _, end in self._new:
+                    end.close(unlink=True)
+                self._router.close(linger=0)
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def _serve_shm(self, poller: zmq.Poller, fd: int) -> None:
         end = self._ends[fd]
