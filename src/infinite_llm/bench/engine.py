@@ -88,6 +88,7 @@ def make_ours(args: argparse.Namespace) -> Any:
     return LLM(
         args.model,
         dtype=args.dtype,
+        device=args.device,
         block_size=args.block_size,
         kv_blocks_per_instance=blocks,
         max_num_seqs=max(max_batch, 1),
@@ -113,7 +114,10 @@ def bench_ours(
     results = {}
     for b in args.batch_sizes:
         batch = prompts[:b]
-        around = tensor_read_samples(probe) if probe.nbytes >= MIN_PROBE_BYTES else []
+        # the host's read rate around the run: for a CPU model only
+        around = (
+            tensor_read_samples(probe) if probe.is_cpu and probe.nbytes >= MIN_PROBE_BYTES else []
+        )
         t_prefill, _ = timed(lambda batch=batch: llm.generate(batch, one, use_tqdm=False))
         t_total, steps, token_ids = _stepped_ours(llm, batch, full)
         if around:
@@ -134,8 +138,10 @@ def bench_hf(
 ) -> dict[int, Any]:
     from transformers import AutoModelForCausalLM
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype
+    ]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(args.device)
 
     class StepStamps:  # a logits processor: called once per generation step, after its forward
         def __init__(self, batch: int) -> None:
@@ -148,7 +154,7 @@ def bench_hf(
             return scores
 
     def generate(batch: list[list[int]], n: int, stamps: StepStamps | None = None) -> torch.Tensor:
-        ids = torch.tensor(batch)
+        ids = torch.tensor(batch, device=args.device)
         return model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (both engines run there)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "engine",
         "model": args.model,
         "dtype": args.dtype,
+        "device": args.device,
         "workload": {
             "prompt_len": args.prompt_len,
             "max_tokens": args.max_tokens,
