@@ -12,8 +12,8 @@ from attn_helpers import assert_close, place, randn, write_tokens
 from infinite_llm.attention import cpu_native, micro, native_ops
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.micro import micro_attention
-from infinite_llm.attention.native_build import build_and_load, kernel_cache_dir
 from infinite_llm.attention.reference import micro_attention_reference
+from infinite_llm.native.build import build_and_load, kernel_cache_dir
 
 needs_native = pytest.mark.skipif(
     not cpu_native.native_available(), reason="native kernel could not be built here"

@@ -103,8 +103,8 @@ def test_steps_it_leaves_to_the_layer_by_layer_path() -> None:
     assert taken(LocalExecutor(pools), refs[1:], [9], [1])  # context on two pools
 
     class OnlyZeroHere(LocalExecutor):  # as a Ray actor: instance 1's pool is another process's
-        def local_pool(self, instance_id: int):
-            return super().local_pool(instance_id) if instance_id == 0 else None
+        def native_pools(self):
+            return {0: self.pools[0]}
 
     assert not taken(OnlyZeroHere(pools), refs[1:], [9], [1])
     assert not taken(LocalExecutor(pools, impl="flash"), refs[:1], [10], [1])  # another kernel

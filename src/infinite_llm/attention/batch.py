@@ -69,7 +69,6 @@ class MABatch:
         for length in self.query_lens:
             starts.append(starts[-1] + length)
         self.query_start = starts
-        runs: list[int | torch.Tensor] = []
         for blocks, ctx in zip(self.block_ids, self.context_lens):
             if (
                 not (len(blocks) - 1) * self.block_size < ctx <= len(blocks) * self.block_size
@@ -78,11 +77,7 @@ class MABatch:
                 raise ValueError(
                     f"context of {ctx} tokens does not fit {len(blocks)} blocks of {self.block_size}"
                 )
-            if blocks and blocks[-1] - blocks[0] == len(blocks) - 1 and _is_run(blocks):
-                runs.append(blocks[0])
-            else:
-                runs.append(torch.tensor(blocks, dtype=torch.long))
-        self._runs = runs
+        self._runs = []  # built on the first gather (the native kernels read the block table)
 
     @property
     def num_requests(self) -> int:
@@ -94,6 +89,8 @@ class MABatch:
 
     def gather_kv(self, cache: torch.Tensor, i: int) -> torch.Tensor:
         """Request ``i``'s keys (or values) from a pool tensor [Hkv, num_blocks, bs, D] -> [Hkv, ctx, D]."""
+        if not self._runs:
+            self._runs = [_run_or_index(blocks) for blocks in self.block_ids]
         run = self._runs[i]
         n = len(self.block_ids[i])
         if isinstance(run, int):
@@ -163,6 +160,13 @@ class MABatch:
         cls, query_len: int, block_ids: Sequence[int], context_len: int, block_size: int
     ) -> MABatch:
         return cls([query_len], [list(block_ids)], [context_len], block_size)
+
+
+def _run_or_index(blocks: list[int]) -> int | torch.Tensor:
+    """The first block of a contiguous run of blocks, else the blocks as an index tensor."""
+    if blocks and blocks[-1] - blocks[0] == len(blocks) - 1 and _is_run(blocks):
+        return blocks[0]
+    return torch.tensor(blocks, dtype=torch.long)
 
 
 def _is_run(blocks: list[int]) -> bool:

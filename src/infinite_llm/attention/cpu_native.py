@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.attention.native_build import NativeLibrary, load_once
+from infinite_llm.native.build import NativeLibrary, load_once
+from infinite_llm.native.structs import c_struct
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_ma.c"
 TILE = 16  # keys per tile in the kernel: chunk lengths are multiples of it
@@ -41,13 +42,27 @@ def native_library() -> NativeLibrary | None:
     return load_once(_state, _SOURCE, _declare)
 
 
+# The argument structs of ``csrc/ma_call.h``, built from the library's own declaration
+# (``native.structs``) when it loads: name -> ctypes.Structure.
+STRUCTS: dict[str, type[ctypes.Structure]] = {}
+
+
+def struct(name: str) -> type[ctypes.Structure]:
+    """``MADecodeCall``, ``MAShardsCall`` or ``StepAttention`` (the library must be loaded)."""
+    return STRUCTS[name]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     """C signatures (pointers travel as integers from ``Tensor.data_ptr()``)."""
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.ma_decode_call.argtypes = [ctypes.POINTER(_DecodeCall)]
+    for name in ("MADecodeCall", "MAShardsCall", "StepAttention"):
+        STRUCTS[name] = c_struct(lib, name)
+    lib.ma_decode_call.argtypes = [ctypes.POINTER(STRUCTS["MADecodeCall"])]
     lib.ma_decode_call.restype = ctypes.c_int
-    lib.ma_shards_call.argtypes = [ctypes.c_void_p]  # the address of a native_shards.ShardsCall
+    lib.ma_shards_call.argtypes = [ctypes.c_void_p]  # the address of an MAShardsCall
     lib.ma_shards_call.restype = ctypes.c_int
+    lib.step_attend.argtypes = [p, i64, p, p, p, p]  # called from C (the decoder), tests only here
+    lib.step_attend.restype = ctypes.c_int
     lib.merge_into.argtypes = [p, p, p, i64, i32, i32, p, i32, p]
     lib.merge_into.restype = None
     addresses = ctypes.POINTER(i64)
@@ -120,24 +135,6 @@ def _row_limits(batch: MABatch, num_rows: int) -> torch.Tensor:
     return limits
 
 
-_INT_FIELDS_BEFORE_SCALE = """q k v head_stride block_stride kv_bf16 num_requests query_start block_table
-    block_start context_lens row_limit hq hkv d block_size"""
-
-
-_WRITE_FIELDS = "write_slots write_n write_k write_k_row write_v write_v_row"
-
-
-class _DecodeCall(ctypes.Structure):
-    """``MADecodeCall`` of the C file: ``ma_decode``'s arguments, all 8 bytes wide."""
-
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in _INT_FIELDS_BEFORE_SCALE.split()),
-        ("scale", ctypes.c_double),
-        *((name, ctypes.c_int64) for name in ("chunk_tokens", "num_threads", "out", "lse")),
-        *((name, ctypes.c_int64) for name in _WRITE_FIELDS.split()),
-    ]
-
-
 class Prepared:
     """A decode MA call over one batch, prepared once and reused by every layer of the step:
     the argument struct with tables, shapes and split filled in (the caller sets the five
@@ -145,7 +142,9 @@ class Prepared:
 
     __slots__ = ("call", "keep", "run")
 
-    def __init__(self, call: _DecodeCall, keep: tuple, run: Callable[[_DecodeCall], int]) -> None:
+    def __init__(
+        self, call: ctypes.Structure, keep: tuple, run: Callable[[ctypes.Structure], int]
+    ) -> None:
         self.call, self.keep, self.run = call, keep, run
 
 
@@ -171,7 +170,7 @@ def _prepare(
     chunk, threads = batch.memo(
         ("split", hkv, num_threads), lambda: _split(batch, hkv, num_threads)
     )
-    call = _DecodeCall(
+    call = STRUCTS["MADecodeCall"](
         head_stride=k_cache.stride(0),
         block_stride=k_cache.stride(1),
         kv_bf16=int(k_cache.dtype == torch.bfloat16),
@@ -196,7 +195,7 @@ def prepare_decode_call(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: MABatch, scale: float
 ) -> Prepared | None:
     """A (non-causal) decode MA call over ``batch`` for a caller that fills the per-layer
-    pointers itself (``model/native_decoder``); q only lends its shape and dtype. None where the
+    pointers itself (``step_attention``); q only lends its shape and dtype. None where the
     kernel cannot run it."""
     return _prepare(q, k_cache, v_cache, batch, scale, False, torch.get_num_threads())
 
@@ -273,7 +272,9 @@ def try_micro_attention_native(
 
 
 def _set_store(
-    call: _DecodeCall, k_cache: torch.Tensor, store: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    call: ctypes.Structure,
+    k_cache: torch.Tensor,
+    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> bool:
     """The store's fields of ``call``; False where these tensors do not fit ``kv_write``."""
     slots, k, v = store

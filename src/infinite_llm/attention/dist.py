@@ -17,6 +17,7 @@ local is one kernel call per layer, with nothing to merge.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -27,21 +28,31 @@ from infinite_llm.attention import native_shards
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.cpu_flash import causal_self_attention
 from infinite_llm.attention.kv_pool import KVPool
-from infinite_llm.attention.local_decode import LocalDecode, build_local_decode, shard_tables
 from infinite_llm.attention.merge import merge_into
 from infinite_llm.attention.micro import micro_attention
-from infinite_llm.kvcache.block import BlockRef
+from infinite_llm.attention.step_attention import (
+    NativeStep,
+    RemoteDecode,
+    build_native_step,
+    shard_tables,
+)
+from infinite_llm.kvcache.block import BlockRef, BlockTable
 
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class StepSpan:
-    """One request's share of a step: its rBlocks, tokens already cached, tokens computed now."""
+    """One request's share of a step: its rBlocks (its persistent ``BlockTable``; a list of
+    refs is turned into one), tokens already cached, tokens computed now."""
 
-    block_refs: Sequence[BlockRef]
+    block_table: BlockTable | Sequence[BlockRef]
     num_computed_tokens: int
     num_new_tokens: int
+
+    def table(self) -> BlockTable:
+        table = self.block_table
+        return table if isinstance(table, BlockTable) else BlockTable(table)
 
 
 @dataclass
@@ -56,13 +67,33 @@ class ShardWork:
 
 
 class MAExecutor(Protocol):
-    """Runs each instance's share of a layer; in-process here, remote in ``cluster/``."""
+    """How a step's MicroAttentions run: in this process (``LocalExecutor``, the in-process
+    cluster's transport) or across processes (``cluster.ray_transport.RayTransport``).
+    DistAttention asks it what it can do once a step and decides how the step runs."""
 
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """On every instance store the new K,V, then run the MA (a decode token's MA reads its
         own K,V); return (out, lse) per instance that had an MA."""
+        ...
+
+    def native_pools(self) -> Mapping[int, KVPool]:
+        """The pools of this process whose MAs this executor runs on the native CPU kernels:
+        DistAttention may then read them directly, several pools in one kernel call per layer
+        or a whole decode step in C. Empty where it runs none natively."""
+        ...
+
+    def remote_decode(
+        self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
+    ) -> RemoteDecode | None:
+        """The shards ``insts`` (in other processes) of a whole native decode step, exchanged
+        from inside it; None where this executor cannot reach them that way."""
+        ...
+
+    def count_fused(self, plan: DistPlan, num_layers: int) -> None:
+        """``num_layers`` layers of ``plan`` ran over its pools in this process without a
+        ``run`` per shard (one native call a layer, or a whole step): the executor's counters."""
         ...
 
 
@@ -95,28 +126,33 @@ class DistPlan:
         row = 0
         for idx, span in enumerate(spans):
             ctx = span.num_computed_tokens
-            refs = span.block_refs
-            if len(refs) * block_size < ctx + span.num_new_tokens:
+            table = span.table()
+            if len(table) * block_size < ctx + span.num_new_tokens:
                 raise ValueError(
-                    f"request {idx}: {len(refs)} rBlocks cannot hold {ctx + span.num_new_tokens} tokens"
+                    f"request {idx}: {len(table)} rBlocks cannot hold {ctx + span.num_new_tokens} tokens"
                 )
             # A decode token attends to the cache including its own (stored first) K,V.
             if span.num_new_tokens == 1:
                 ctx += 1
             num_ctx_blocks = -(-ctx // block_size)
-            per_instance: dict[int, list[int]] = {}
-            for ref in refs[:num_ctx_blocks]:
-                per_instance.setdefault(ref.instance_id, []).append(ref.block_id)
-            last = refs[num_ctx_blocks - 1].instance_id if num_ctx_blocks else None
-            for inst, blocks in per_instance.items():
+            # Each instance's context blocks: a prefix of its blocks in the table (their logical
+            # indices are sorted), sliced from the table's persistent per-instance lists.
+            for inst, (blocks, positions) in table.by_instance():
+                n = (
+                    len(positions)
+                    if positions[-1] < num_ctx_blocks
+                    else bisect_left(positions, num_ctx_blocks)
+                )
+                if not n:
+                    continue
                 # Every context block is full except the logically last one, listed last on its instance.
-                tokens = len(blocks) * block_size
-                if inst == last:
+                tokens = n * block_size
+                if positions[n - 1] == num_ctx_blocks - 1:
                     tokens -= num_ctx_blocks * block_size - ctx
-                shard_reqs.setdefault(inst, []).append((idx, blocks, tokens))
+                shard_reqs.setdefault(inst, []).append((idx, blocks[:n], tokens))
             first_new = span.num_computed_tokens
             for pos in range(first_new, first_new + span.num_new_tokens):
-                ref = refs[pos // block_size]
+                ref = table[pos // block_size]
                 write_rows.setdefault(ref.instance_id, []).append(row + pos - first_new)
                 write_slots.setdefault(ref.instance_id, []).append(
                     ref.block_id * block_size + pos % block_size
@@ -185,41 +221,61 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 class DistAttention:
-    """The attention backend the model calls: self part + one MA per instance, merged exactly."""
+    """The attention backend the model calls: self part + one MA per instance, merged exactly.
+
+    How the step runs is decided here, once, from the plan and what the executor can do:
+
+    * ``native_step``: a decode step whose every shard the executor runs natively in this
+      process (or one such pool plus shards the executor reaches from inside a C step) is
+      offered to a whole-step native decoder as a C hook (``step_attention``);
+    * ``fused``: a decode layer over several native pools of this process is one kernel call
+      (every pool's MA and the log-sum-exp merge inside it);
+    * otherwise each instance's share goes through ``executor.run`` and the states are merged
+      here.
+    """
 
     def __init__(self, executor: MAExecutor, plan: DistPlan, scale: float) -> None:
         self.executor = executor
         self.plan = plan
         self.scale = scale
+        decode = (
+            bool(plan.shards)
+            and not plan.prefill_query_lens
+            and set(plan.writes) <= set(plan.shards)
+        )
+        pools = executor.native_pools() if decode else {}
+        local = tuple(i for i in plan.shards if i in pools)
+        self._others = tuple(i for i in plan.shards if i not in pools)
+        self._pools = tuple(pools[i] for i in local)
+        self._local = local
+        float32 = all(p.dtype == torch.float32 for p in self._pools)
+        # A whole step in C: every shard native here, or one here and the rest reached from C.
+        self._whole = bool(local) and float32 and (not self._others or len(local) == 1)
+        # One kernel call per layer over several pools of this process.
+        self._fused = decode and len(local) > 1 and not self._others
 
-    def local_decode(self, num_rows: int, num_heads: int, head_dim: int) -> LocalDecode | None:
-        """This step as decode over pools of this process (every row a decode token, its context
-        and new K,V in float32 pools the executor holds and runs natively), or None. Shards in
-        other processes join through the executor's ``remote_decode`` hook where it has one
-        (a Ray actor's creditors), with one local pool holding context of every row."""
-        plan = self.plan
-        if plan.prefill_query_lens or plan.num_tokens != num_rows or not plan.shards:
+    def native_step(self, num_heads: int, head_dim: int) -> NativeStep | None:
+        """This step as a C hook for a whole-step decoder (``model.llama.NativeAttention``),
+        built once a step; None where the step does not qualify or the kernels cannot take it."""
+        if not self._whole or self.plan.num_tokens == 0:
             return None
-        local_pool = getattr(self.executor, "local_pool", None)
-        if local_pool is None or not set(plan.writes) <= set(plan.shards):
-            return None
-        pools_of = {i: local_pool(i) for i in plan.shards}
-        insts = tuple(i for i, p in pools_of.items() if p is not None)
-        others = tuple(i for i, p in pools_of.items() if p is None)
-        pools = tuple(pools_of[i] for i in insts)
-        if not insts or any(p.dtype != torch.float32 for p in pools):  # type: ignore[union-attr]
-            return None
+        plan, others = self.plan, self._others
         remote = None
         if others:
-            make = getattr(self.executor, "remote_decode", None)
-            if make is None or len(insts) != 1:
-                return None
-            remote = lambda: make(plan, others, num_heads, head_dim)  # noqa: E731
+            executor = self.executor
+            remote = lambda: executor.remote_decode(plan, others, num_heads, head_dim)  # noqa: E731
         return plan.memo(
-            ("local-decode", insts, others),
-            lambda: build_local_decode(
-                self.executor, plan, insts, pools, num_heads, head_dim, self.scale, remote
-            ),  # type: ignore[arg-type]
+            ("native-step", num_heads, head_dim),
+            lambda: build_native_step(
+                plan,
+                self._local,
+                self._pools,
+                num_heads,
+                head_dim,
+                self.scale,
+                lambda num_layers: self.executor.count_fused(plan, num_layers),
+                remote,
+            ),
         )
 
     def __call__(
@@ -231,9 +287,8 @@ class DistAttention:
             work[inst] = ShardWork(
                 write_slots=write.slots, k=take_rows(k, write.rows), v=take_rows(v, write.rows)
             )
-        run_decode = getattr(self.executor, "run_decode", None)
-        if run_decode is not None and not plan.prefill_query_lens and len(plan.shards) > 1:
-            merged = run_decode(layer_idx, work, q, plan, self.scale)
+        if self._fused and q.device.type == "cpu":
+            merged = self._fused_layer(layer_idx, work, q)
             if merged is not None:  # every shard's MA and the merge in one call
                 return merged.to(q.dtype)
         for inst, shard in plan.shards.items():
@@ -273,62 +328,51 @@ class DistAttention:
             merge_into(acc, lse, plan.shards[inst].rows, part_out, part_lse)
         return acc.to(q.dtype)
 
+    def _fused_layer(
+        self, layer_idx: int, writes: Mapping[int, ShardWork], q: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Store the new K,V, then attention of every (decode) row over all its pools in one
+        native call: the merged out [T, Hq, D] float32; None (nothing done) where the kernel
+        cannot take these pools."""
+        plan, pools = self.plan, self._pools
+        caches = [(p.k[layer_idx], p.v[layer_idx]) for p in pools]
+        tables = plan.memo(
+            ("native-shards", self._local), lambda: shard_tables(plan, list(self._local), q, caches)
+        )
+        if tables is None:
+            return None
+        for inst, w in writes.items():
+            assert w.write_slots is not None and w.k is not None and w.v is not None
+            pools[self._local.index(inst)].write(layer_idx, w.write_slots, w.k, w.v)
+        out, _ = native_shards.decode_attention_shards(
+            q, caches, tables, plan.block_size, self.scale
+        )
+        self.executor.count_fused(plan, 1)
+        return out
+
 
 class LocalExecutor:
     """All pools in this process: direct writes and MA calls (the in-process transport).
-
-    A decode step whose rows have context on several pools can run as one native call
-    (``run_decode``): each pool's MA and the log-sum-exp merge of their states, as DistAttention
-    would do shard by shard, without a Python round per shard and layer.
-    """
+    ``num_fused_calls``: layers whose shards over several pools ran as one native call."""
 
     def __init__(self, pools: Mapping[int, KVPool], impl: str = "auto") -> None:
         self.pools = pools
         self.impl = impl
         self.num_fused_calls = 0
 
-    def run_decode(
-        self,
-        layer_idx: int,
-        writes: Mapping[int, ShardWork],
-        q: torch.Tensor,
-        plan: DistPlan,
-        scale: float,
-    ) -> torch.Tensor | None:
-        """Store the new K,V, then attention of every (decode) row over all its shards: the
-        merged out [T, Hq, D] float32; None (nothing done) where the native kernel cannot."""
-        if self.impl not in ("auto", "native") or q.device.type != "cpu":
-            return None
-        insts = list(plan.shards)
-        if any(i not in self.pools for i in insts):
-            return None
-        caches = [(self.pools[i].k[layer_idx], self.pools[i].v[layer_idx]) for i in insts]
-        tables = plan.memo(
-            ("native-shards", tuple(insts)), lambda: shard_tables(plan, insts, q, caches)
-        )
-        if tables is None:
-            return None
-        self._write(layer_idx, writes)
-        self.num_fused_calls += 1
-        out, _ = native_shards.decode_attention_shards(q, caches, tables, plan.block_size, scale)
-        return out
-
-    def local_pool(self, instance_id: int) -> KVPool | None:
-        """The pool whose MAs run here on the native kernel, for a fused decoder; else None."""
+    def native_pools(self) -> Mapping[int, KVPool]:
         if self.impl not in ("auto", "native"):
-            return None
-        return self.pools.get(instance_id)
+            return {}
+        return {i: p for i, p in self.pools.items() if p.k.device.type == "cpu"}
 
-    def count_fused_decode(self, num_pools: int, num_layers: int) -> None:
-        """A fused decoder ran a step over ``num_pools`` pools: the fused calls it stands for."""
-        if num_pools > 1:
+    def remote_decode(
+        self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
+    ) -> RemoteDecode | None:
+        return None  # every pool it knows is in this process
+
+    def count_fused(self, plan: DistPlan, num_layers: int) -> None:
+        if len(plan.shards) > 1:
             self.num_fused_calls += num_layers
-
-    def _write(self, layer_idx: int, work: Mapping[int, ShardWork]) -> None:
-        for inst, w in work.items():
-            if w.write_slots is not None:
-                assert w.k is not None and w.v is not None
-                self.pools[inst].write(layer_idx, w.write_slots, w.k, w.v)
 
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]

@@ -1,6 +1,6 @@
 """A decode layer whose rows have context on several pools (DistAttention's shards in one
 process), as one call of the native kernel: every pool's MA and the log-sum-exp merge of their
-states (``ma_decode_shards`` in ``csrc/decode_ma.c``). ``LocalExecutor.run_decode`` uses it."""
+states (``ma_decode_shards`` in ``csrc/decode_ma.c``). ``DistAttention`` uses it per layer, ``step_attention`` for a whole step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.attention.cpu_native import check_status, native_library, split_contexts
+from infinite_llm.attention.cpu_native import check_status, native_library, split_contexts, struct
 
 
 @dataclass(frozen=True)
@@ -61,20 +61,6 @@ class ShardTables:
         )
 
 
-_INTS_BEFORE_SCALE = """q num_shards k v head_stride block_stride kv_bf16 req_start group q_first
-    block_table block_start context_lens num_groups group_rows hq hkv d block_size"""
-
-
-class ShardsCall(ctypes.Structure):
-    """``MAShardsCall`` of ``csrc/ma_call.h``: ``ma_decode_shards``' arguments, 8 bytes each."""
-
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in _INTS_BEFORE_SCALE.split()),
-        ("scale", ctypes.c_double),
-        *((name, ctypes.c_int64) for name in ("chunk_tokens", "num_threads", "out", "lse")),
-    ]
-
-
 class PreparedShards:
     """A shards call for one step: the struct with tables, shapes and split filled in, and the
     per-shard pointer arrays it points to (``k``, ``v``: the caller fills a layer's pointers)."""
@@ -99,7 +85,7 @@ class PreparedShards:
         chunk, threads = split_contexts(
             [c for c in tables.contexts if c], hkv, torch.get_num_threads()
         )
-        self.call = ShardsCall(
+        self.call = struct("MAShardsCall")(
             num_shards=n,
             k=ctypes.addressof(self.k),
             v=ctypes.addressof(self.v),

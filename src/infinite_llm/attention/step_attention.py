@@ -1,7 +1,12 @@
-"""``LocalDecode``: a decode step whose rows attend to rBlocks in pools of this process (and,
-through a ``RemoteDecode`` hook, in other processes' pools), prepared once per step for a fused
-native decoder (``model/native_decoder``), and the shard tables that the native several-pool
-kernel reads (``LocalExecutor.run_decode`` uses them too).
+"""``NativeStep``: a decode step's attention for a whole-step native decoder, as one C hook.
+
+The decoder (``model/csrc/decoder.c``) runs every layer of a decode step in one C call and
+calls an ``AttendFn`` once a layer; this module prepares that function's context
+(``StepAttention`` of ``csrc/ma_call.h``, run by ``step_attend`` in ``csrc/decode_ma.c``): the
+step's pools of this process, where each row's new K,V goes, the MA call over one pool or the
+several-pool call that merges in the kernel, and, through a ``RemoteDecode`` hook, the rows'
+share in other processes. The model sees only an address and a context; which pools, kernels
+and peers take part is DistAttention's decision (``attention/dist.py``), made once a step.
 """
 
 from __future__ import annotations
@@ -21,48 +26,51 @@ if TYPE_CHECKING:
 
 
 class RemoteDecode(Protocol):
-    """Shards of a fused decode step in other processes (a Ray actor's creditors): the native
-    decoder calls ``address`` (``decoder.c``'s ``RemoteFn``) twice a layer, to send their share
-    after the local stores and to merge their ``(out, lse)`` after the local MA. A nonzero
-    status abandons the step; ``error`` then says why (re-raised by the decoder)."""
+    """Shards of a whole-step decode in other processes (a Ray actor's creditors):
+    ``step_attend`` calls ``address`` (``ma_call.h``'s ``RemoteFn``) twice a layer, to send
+    their share after the local stores and to merge their ``(out, lse)`` after the local MA. A
+    nonzero status abandons the step; ``error`` then says why."""
 
     address: int
     error: BaseException | None
 
 
-@dataclass(frozen=True)
-class LocalDecode:
-    """A decode step whose rows attend only to rBlocks in pools of this process (one or
-    several): what a fused native decoder (``model/native_decoder``) needs to store the new K,V
-    and run every layer's attention itself, in DistAttention's order (store, then MA).
+@dataclass
+class NativeStep:
+    """What a whole-step decoder needs of the step's attention (``model.llama.NativeAttention``):
+    ``address`` of ``step_attend`` and its ``context``; ``finished(num_layers)`` once the step
+    ran; ``error`` the exception that stopped it (a creditor that could not answer), if any."""
 
-    ``kind`` 0: ``call`` is a ``cpu_native`` decode call over ``pools[0]``; 1: a
-    ``native_shards.ShardsCall`` over every pool, merging in the kernel. The layer pointers are
-    the decoder's to set. ``done(num_layers)``: the executor's accounting, once a step ran."""
-
-    pools: tuple[KVPool, ...]
-    kind: int
-    call: ctypes.Structure
-    keep: object  # what the call points into
-    write_pool: torch.Tensor  # [T] int64: index into pools of row i's new K,V
-    slots: torch.Tensor  # [T] int64: its slot there
-    done: Callable[[int], None]
+    address: int
+    context: int
+    keep: object  # what the context points into
+    on_finished: Callable[[int], None]
     remote: RemoteDecode | None = None
 
+    @property
+    def error(self) -> BaseException | None:
+        return None if self.remote is None else self.remote.error
 
-def build_local_decode(
-    executor: object,
+    def finished(self, num_layers: int) -> None:
+        self.on_finished(num_layers)
+
+
+def build_native_step(
     plan: DistPlan,
     insts: tuple[int, ...],
     pools: tuple[KVPool, ...],
     num_heads: int,
     head_dim: int,
     scale: float,
+    on_finished: Callable[[int], None],
     remote: Callable[[], RemoteDecode | None] | None = None,
-) -> LocalDecode | None:
-    """The step's ``LocalDecode`` over ``pools`` (the plan's local shards, in ``insts`` order)
+) -> NativeStep | None:
+    """The step's hook over ``pools`` (the plan's shards of this process, in ``insts`` order)
     and, with ``remote``, a hook for the rest (called once, if the local part can run); None
     where the native kernels cannot take it."""
+    native = cpu_native.native_library()
+    if native is None:
+        return None
     t = plan.num_tokens
     write_pool = torch.full((t,), -2, dtype=torch.int64)
     slots = torch.zeros(t, dtype=torch.int64)
@@ -82,25 +90,53 @@ def build_local_decode(
         )
         if prepared is None:
             return None
-        call, keep, kind = prepared.call, prepared, 0
+        call, kind = prepared.call, 0
+        keep: object = prepared
     else:
         tables = shard_tables(plan, list(insts), q_like, caches)
         if tables is None:
             return None
         shards = native_shards.PreparedShards(tables, caches, num_heads, plan.block_size, scale)
         call, keep, kind = shards.call, shards, 1
-    count = getattr(executor, "count_fused_decode", None)
-
-    def done(num_layers: int) -> None:
-        if count is not None:
-            count(len(insts), num_layers)
-
     hook = None
     if remote is not None:
         hook = remote()
         if hook is None:
             return None
-    return LocalDecode(pools, kind, call, keep, write_pool, slots, done, hook)
+    n = len(pools)
+    arrays = (ctypes.c_int64 * (6 * n))(
+        *(p.k.data_ptr() for p in pools),
+        *(p.v.data_ptr() for p in pools),
+        *(p.k.stride(0) * p.k.element_size() for p in pools),
+        *(p.k.stride(1) for p in pools),
+    )
+    base, size = ctypes.addressof(arrays), ctypes.sizeof(ctypes.c_int64) * n
+    step = cpu_native.struct("StepAttention")(
+        kind=kind,
+        call=ctypes.addressof(call),
+        num_pools=n,
+        k_bases=base,
+        v_bases=base + size,
+        layer_strides=base + 2 * size,
+        head_strides=base + 3 * size,
+        layer_k=base + 4 * size,  # the last two n-blocks: filled per layer by step_attend
+        layer_v=base + 5 * size,
+        write_pool=write_pool.data_ptr(),
+        slots=slots.data_ptr(),
+        t=t,
+        hq=num_heads,
+        hkv=pools[0].num_kv_heads,
+        d=head_dim,
+        remote=0 if hook is None else hook.address,
+    )
+    address = ctypes.cast(native.lib.step_attend, ctypes.c_void_p).value or 0
+    return NativeStep(
+        address,
+        ctypes.addressof(step),
+        (step, keep, arrays, write_pool, slots, caches),
+        on_finished,
+        hook,
+    )
 
 
 def shard_tables(
@@ -109,8 +145,8 @@ def shard_tables(
     q: torch.Tensor,
     caches: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> native_shards.ShardTables | None:
-    """The plan's shards as the native kernel reads them; None where it cannot take them (no
-    kernel, another dtype or layout, pools that differ)."""
+    """The plan's shards as the native several-pool kernel reads them; None where it cannot
+    take them (no kernel, another dtype or layout, pools that differ)."""
     k0 = caches[0][0]
     if not cpu_native.native_available() or any(
         not cpu_native.supports(q, k, v)

@@ -64,12 +64,21 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 class _CountingExecutor:
-    """Wraps the in-process transport: payload bytes of every shard that leaves the home."""
+    """Wraps the in-process transport: payload bytes of every shard that leaves the home, on
+    the per-shard path as it runs and, for layers that ran fused in one native call (or a
+    whole step in C), the traffic they stand for (each creditor's query rows and new K,V out,
+    a float32 (out, lse) per row back)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, arch: Any, kv_bytes: int) -> None:
         self.inner = inner
         self.bytes_sent = 0
         self.bytes_received = 0
+        hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self._q_row, self._kv_row, self._back_row = (
+            hq * d * 4,
+            2 * hkv * d * kv_bytes + 8,
+            hq * (d + 1) * 4,
+        )
 
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]
@@ -83,28 +92,24 @@ class _CountingExecutor:
                 self.bytes_received += _nbytes(out, lse)
         return results
 
-    def run_decode(
-        self,
-        layer_idx: int,
-        writes: Mapping[int, ShardWork],
-        q: torch.Tensor,
-        plan: DistPlan,
-        scale: float,
-    ) -> torch.Tensor | None:
-        """The fused in-process decode layer: counted as the shard traffic it stands for (each
-        creditor's query rows and new K,V out; a float32 (out, lse) per row back)."""
-        out = self.inner.run_decode(layer_idx, writes, q, plan, scale)
-        if out is not None:
-            for inst, w in writes.items():
-                if inst != HOME:
-                    self.bytes_sent += _nbytes(w.write_slots, w.k, w.v)
-            row_bytes = q[0].nbytes
-            for inst, shard in plan.shards.items():
-                if inst != HOME:
-                    rows = q.shape[0] if shard.rows is None else shard.rows.numel()
-                    self.bytes_sent += rows * row_bytes
-                    self.bytes_received += rows * q.shape[1] * (q.shape[2] + 1) * 4
-        return out
+    def native_pools(self) -> Mapping[int, KVPool]:
+        return self.inner.native_pools()
+
+    def remote_decode(
+        self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
+    ) -> None:
+        return None  # in process: every pool is here
+
+    def count_fused(self, plan: DistPlan, num_layers: int) -> None:
+        self.inner.count_fused(plan, num_layers)
+        for inst, write in plan.writes.items():
+            if inst != HOME:
+                self.bytes_sent += num_layers * write.slots.numel() * self._kv_row
+        for inst, shard in plan.shards.items():
+            if inst != HOME:
+                rows = plan.num_tokens if shard.rows is None else shard.rows.numel()
+                self.bytes_sent += num_layers * rows * self._q_row
+                self.bytes_received += num_layers * rows * self._back_row
 
 
 def _engine(
@@ -185,7 +190,8 @@ class _Run:
         self.cluster: Any = self.engine.cluster
         self.counter = None
         if backend == "inprocess":
-            self.counter = _CountingExecutor(self.cluster.transport)
+            kv_bytes = torch.empty((), dtype=parse_dtype(args.dtype)).element_size()
+            self.counter = _CountingExecutor(self.cluster.transport, loaded.arch, kv_bytes)
             for inst in self.cluster.instances.values():
                 if not inst.is_memory:
                     inst.runner.executor = self.counter

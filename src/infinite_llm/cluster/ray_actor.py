@@ -18,7 +18,7 @@ step thread runs the model (and waits on its creditors), other threads serve its
     heartbeat thread   every ``heartbeat_interval_s``: Heartbeat --> gManager (fire and forget)
 
 Everything that computes with the instance's threads runs on the one step thread, which then
-owns the process's one OpenMP team (``attention.native_build``: a second team makes libgomp
+owns the process's one OpenMP team (``native.build``: a second team makes libgomp
 park its workers between parallel regions); the model is loaded on the main thread, which gives
 its team back, and the channel server computes its MAs with a single thread.
 
@@ -47,7 +47,6 @@ import ray
 import torch
 
 from infinite_llm.attention.kv_pool import KVPool
-from infinite_llm.attention.native_build import release_openmp_team, use_openmp_threads_here
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
 from infinite_llm.cluster.layout import Lender
@@ -81,6 +80,7 @@ from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader import model_dir_for, parse_dtype
 from infinite_llm.model.loader.hf_loader import iter_safetensors, load_hf_tokenizer, read_hf_arch
 from infinite_llm.model.registry import resolve_model
+from infinite_llm.native.build import release_openmp_team, use_openmp_threads_here
 from infinite_llm.scheduler.allocator import LocalAllocator
 from infinite_llm.scheduler.order import OrderReport
 from infinite_llm.scheduler.request import Request, RequestStatus

@@ -202,9 +202,12 @@ class RayTransport:
         return True
 
     # -- MAExecutor ---------------------------------------------------------------------------
-    def local_pool(self, instance_id: int) -> KVPool | None:
-        """This actor's own pool (``LocalExecutor.local_pool``); a peer's is not here."""
-        return self._local.local_pool(instance_id) if instance_id == self.instance_id else None
+    def native_pools(self) -> Mapping[int, KVPool]:
+        """This actor's own pool (``LocalExecutor.native_pools``); a peer's is not here."""
+        return self._local.native_pools()
+
+    def count_fused(self, plan: DistPlan, num_layers: int) -> None:
+        pass  # remote shards of a whole step count themselves as they go (send_shards)
 
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]
@@ -222,7 +225,7 @@ class RayTransport:
     def remote_decode(
         self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
     ) -> RemoteDecodeHook:
-        """The creditors' shards of a fused native decode step (``DistAttention.local_decode``)."""
+        """The creditors' shards of a whole native decode step (``DistAttention.native_step``)."""
         num_kv_heads = self._local.pools[self.instance_id].num_kv_heads
         with self._lock:
             self.num_fused_remote_steps += 1

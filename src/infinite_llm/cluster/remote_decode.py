@@ -39,7 +39,7 @@ def _floats(address: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class RemoteDecodeHook:
-    """One step's remote shards (``attention.local_decode.RemoteDecode``): ``address`` is the C
+    """One step's remote shards (``attention.step_attention.RemoteDecode``): ``address`` is the C
     callback; ``error`` the exception that ended the step, if one did."""
 
     def __init__(

@@ -12,20 +12,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from infinite_llm.attention.dist import DistPlan, LocalExecutor, ShardWork
+from infinite_llm.attention.dist import DistPlan, LocalExecutor, MAExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.step_attention import RemoteDecode
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
 
 if TYPE_CHECKING:
     from infinite_llm.engine.instance import Instance
 
 
-class Transport(Protocol):
-    def run(
-        self, layer_idx: int, work: Mapping[int, ShardWork]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Every instance's share of one layer (the ``MAExecutor`` contract)."""
-        ...
+class Transport(MAExecutor, Protocol):
+    """An instance's MA executor (``attention.dist.MAExecutor``) and its borrowing transport."""
 
     def lend(self, creditor_id: int, request: LendRequest) -> LendReply: ...
 
@@ -54,30 +51,20 @@ class InProcessTransport:
         self.num_shard_calls += max(0, len(work) - 1)
         return self._executor.run(layer_idx, work)
 
-    def local_pool(self, instance_id: int) -> KVPool | None:
-        """Every pool is in this process (``LocalExecutor.local_pool``)."""
-        return self._executor.local_pool(instance_id)
+    def native_pools(self) -> Mapping[int, KVPool]:
+        """Every pool is in this process (``LocalExecutor.native_pools``)."""
+        return self._executor.native_pools()
 
-    def count_fused_decode(self, num_pools: int, num_layers: int) -> None:
-        """A fused decoder ran a step over ``num_pools`` pools: counted as the shard calls of
-        ``run_decode`` it stands for, one per other pool and layer."""
-        self._executor.count_fused_decode(num_pools, num_layers)
-        self.num_shard_calls += max(0, num_pools - 1) * num_layers
+    def remote_decode(
+        self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
+    ) -> RemoteDecode | None:
+        return None  # every pool is here
 
-    def run_decode(
-        self,
-        layer_idx: int,
-        writes: Mapping[int, ShardWork],
-        q: torch.Tensor,
-        plan: DistPlan,
-        scale: float,
-    ) -> torch.Tensor | None:
-        """A decode layer over several pools in one native call (``LocalExecutor.run_decode``);
-        counted as the shard calls it replaces."""
-        out = self._executor.run_decode(layer_idx, writes, q, plan, scale)
-        if out is not None:
-            self.num_shard_calls += max(0, len(set(plan.shards) | set(writes)) - 1)
-        return out
+    def count_fused(self, plan: DistPlan, num_layers: int) -> None:
+        """Layers over several pools run as one native call: counted as the shard calls they
+        stand for, one per other instance and layer."""
+        self._executor.count_fused(plan, num_layers)
+        self.num_shard_calls += max(0, len(plan.instance_ids) - 1) * num_layers
 
     def lend(self, creditor_id: int, request: LendRequest) -> LendReply:
         creditor = self.instances.get(creditor_id)

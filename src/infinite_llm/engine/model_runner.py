@@ -64,7 +64,7 @@ class ModelRunner:
                     )
             input_ids.extend(request.token_ids(start, end))
             positions.extend(range(start, end))
-            spans.append(StepSpan(request.block_table.refs(), start, item.num_new_tokens))
+            spans.append(StepSpan(request.block_table, start, item.num_new_tokens))
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
                 samplers.append(request)

@@ -23,12 +23,21 @@ class BlockRef:
 
 
 class BlockTable:
-    """Per request: logical block index -> ``BlockRef`` (local or remote)."""
+    """Per request: logical block index -> ``BlockRef`` (local or remote).
 
-    __slots__ = ("_refs",)
+    It also keeps, per instance, that instance's block ids and their logical indices in logical
+    order (``on``): what a step's attention reads for each shard. The view persists across
+    steps and grows with ``append`` (a decode step adds one rBlock every ``block_size`` tokens);
+    only the rare rewrites (a migration's ``replace``, a death's ``remove_instance``) rebuild
+    it, so a step's plan slices it instead of walking every ref.
+    """
+
+    __slots__ = ("_by_instance", "_refs")
 
     def __init__(self, refs: Iterable[BlockRef] = ()) -> None:
-        self._refs: list[BlockRef] = list(refs)
+        self._refs: list[BlockRef] = []
+        self._by_instance: dict[int, tuple[list[int], list[int]]] = {}
+        self.append(refs)
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -43,17 +52,26 @@ class BlockTable:
         return f"BlockTable({self._refs!r})"
 
     def append(self, refs: Iterable[BlockRef]) -> None:
-        self._refs.extend(refs)
+        by_instance = self._by_instance
+        for ref in refs:
+            entry = by_instance.get(ref.instance_id)
+            if entry is None:
+                entry = by_instance[ref.instance_id] = ([], [])
+            entry[0].append(ref.block_id)
+            entry[1].append(len(self._refs))
+            self._refs.append(ref)
 
     def replace(self, index: int, ref: BlockRef) -> BlockRef:
         """Point logical block ``index`` at ``ref`` (after a migration); returns the old ref."""
         old = self._refs[index]
         self._refs[index] = ref
+        self._rebuild()
         return old
 
     def clear(self) -> list[BlockRef]:
         """Drop every block; returns them so the caller can free them."""
         refs, self._refs = self._refs, []
+        self._by_instance = {}
         return refs
 
     def remove_instance(self, instance_id: int) -> list[BlockRef]:
@@ -61,13 +79,28 @@ class BlockTable:
         contiguous, so the request must be recomputed."""
         gone = [ref for ref in self._refs if ref.instance_id == instance_id]
         self._refs = [ref for ref in self._refs if ref.instance_id != instance_id]
+        self._rebuild()
         return gone
+
+    def _rebuild(self) -> None:
+        refs, self._refs, self._by_instance = self._refs, [], {}
+        self.append(refs)
 
     def refs(self) -> list[BlockRef]:
         return list(self._refs)
 
+    def on(self, instance_id: int) -> tuple[list[int], list[int]]:
+        """(block ids, their logical indices) of the blocks on ``instance_id``, in logical
+        order: the table's own lists, not copies (read them, do not change them)."""
+        return self._by_instance.get(instance_id, ([], []))
+
+    def by_instance(self) -> Iterator[tuple[int, tuple[list[int], list[int]]]]:
+        """``(instance, on(instance))`` for each instance holding blocks, in the order of their
+        first block in the table."""
+        return iter(self._by_instance.items())
+
     def instance_ids(self) -> set[int]:
-        return {ref.instance_id for ref in self._refs}
+        return set(self._by_instance)
 
     def num_blocks_on(self, instance_id: int) -> int:
-        return sum(1 for ref in self._refs if ref.instance_id == instance_id)
+        return len(self.on(instance_id)[0])

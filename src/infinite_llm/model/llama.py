@@ -30,13 +30,33 @@ from infinite_llm.model.native_linear import NativeLinear, PanelEmbedding
 PACKED_LINEARS = (NativeLinear, PackedLinear)
 
 
+class NativeAttention(Protocol):
+    """A step's attention as a C hook, for a whole-step native decoder: ``address`` of a
+    function called once a layer with ``context`` (``AttendFn`` in ``model/csrc/decoder.c``);
+    ``finished(num_layers)`` once the step ran; ``error``, after a nonzero status, why."""
+
+    address: int
+    context: int
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+    def finished(self, num_layers: int) -> None: ...
+
+
 class AttentionBackend(Protocol):
-    """Attention for one step: stores the new K, V and attends over the whole context."""
+    """Attention for one step: stores the new K, V and attends over the whole context. The
+    model knows nothing of where that context lives."""
 
     def __call__(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim]."""
+        ...
+
+    def native_step(self, num_heads: int, head_dim: int) -> NativeAttention | None:
+        """This step's attention as a C hook for every layer (float32 decode rows the backend
+        runs natively), or None: the model then runs layer by layer and calls the backend."""
         ...
 
 

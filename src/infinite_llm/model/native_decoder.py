@@ -1,11 +1,11 @@
 """``NativeDecoder``: a whole decode step of the model in one C call (``csrc/decoder.c``).
 
-Where it runs: float32 on CPU, every linear a ``NativeLinear``, and an attention backend that
-offers ``local_decode`` (``DistAttention`` when every row of the step is a decode token whose
-KV lives in pools of this process: one pool, or several merged in the kernel as
-``LocalExecutor.run_decode`` does). Everywhere else the model runs layer by layer in
-torch, with the same kernels: the rope and silu*mul below are what the torch path calls too,
-so either path gives the same bits.
+Where it runs: float32 on CPU, every linear a ``NativeLinear``, and an attention backend whose
+``native_step`` gives this step's attention as a C hook (``llama.NativeAttention``:
+DistAttention gives one when every row of the step is a decode token it can run natively).
+The decoder calls the hook once a layer and knows nothing of pools or peers. Everywhere else
+the model runs layer by layer in torch, with the same kernels: the rope and silu*mul below are
+what the torch path calls too, so either path gives the same bits.
 
 Measured on SmolLM2 at batch 1: the torch path spent about 8 ms of a 27 ms step outside the
 linears (each op and ctypes call starting cold after the weights streamed through the caches).
@@ -19,44 +19,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from infinite_llm.attention import cpu_native
-from infinite_llm.attention.native_build import NativeLibrary, load_once
 from infinite_llm.model import native_linear, native_norm
 from infinite_llm.model.native_linear import NativeLinear
+from infinite_llm.native.build import NativeLibrary, load_once
+from infinite_llm.native.structs import c_struct
 
 if TYPE_CHECKING:
-    from infinite_llm.model.llama import LlamaForCausalLM
+    from infinite_llm.model.llama import AttentionBackend, LlamaForCausalLM
 
 _SOURCE = Path(__file__).parent / "csrc" / "decoder.c"
 _state: dict[str, NativeLibrary | None] = {}
 MAX_HEAD_DIM = 512  # rope_f32's row buffer
 
 
-class _LayerWeights(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_int64)
-        for n in ["qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_norm"]
-    ]
-
-
-_STEP_INTS = "num_layers t hidden num_heads num_kv_heads head_dim intermediate num_threads"
-_STEP_PTRS = """layers final_norm linear norm add_norm ma kv_write ma_kind ma_call num_pools k_bases
-    v_bases layer_strides head_strides layer_k layer_v write_pool slots cos sin x out remote"""
-
-
-class _Step(ctypes.Structure):
-    """``DecodeStep`` of the C file, field for field."""
-
-    _fields_ = [
-        *((n, ctypes.c_int64) for n in _STEP_INTS.split()),
-        ("eps", ctypes.c_double),
-        *((n, ctypes.c_int64) for n in _STEP_PTRS.split()),
-    ]
+# ``LayerWeights`` and ``DecodeStep`` of the C file, built from its declaration when it loads.
+_STRUCTS: dict[str, type[ctypes.Structure]] = {}
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.decode_layers.argtypes = [ctypes.POINTER(_Step)]
+    for name in ("LayerWeights", "DecodeStep"):
+        _STRUCTS[name] = c_struct(lib, name)
+    lib.decode_layers.argtypes = [ctypes.POINTER(_STRUCTS["DecodeStep"])]
     lib.decode_layers.restype = ctypes.c_int
     lib.rope_f32.argtypes = [p, i64, i64, i64, i64, p, p]
     lib.rope_f32.restype = None
@@ -118,13 +102,15 @@ class NativeDecoder:
     """The model's decode steps in one C call each; ``build`` answers None where it cannot."""
 
     def __init__(self, model: LlamaForCausalLM, libs: tuple[NativeLibrary, ...]) -> None:
-        decoder, linear, norm, attention = libs
+        decoder, linear, norm = libs
         arch = model.arch
         self._run = decoder.lib.decode_layers
-        self._layers = (_LayerWeights * arch.num_layers)()
+        self._step = _STRUCTS["DecodeStep"]
+        weights = _STRUCTS["LayerWeights"]
+        self._layers = (weights * arch.num_layers)()
         for i, layer in enumerate(model.layers):
             bias = layer.qkv_proj.bias
-            self._layers[i] = _LayerWeights(
+            self._layers[i] = weights(
                 qkv=layer.qkv_proj.panels.data_ptr(),
                 qkv_bias=0 if bias is None else bias.data_ptr(),
                 o=layer.o_proj.panels.data_ptr(),
@@ -147,9 +133,7 @@ class NativeDecoder:
             "linear": _address(linear.lib.linear_f32),
             "norm": _address(norm.lib.rms_norm),
             "add_norm": _address(norm.lib.add_rms_norm),
-            "kv_write": _address(attention.lib.kv_write),
         }
-        self._ma = (_address(attention.lib.ma_decode_call), _address(attention.lib.ma_shards_call))
         self.num_steps = 0  # decode steps run here (tests and curious users)
 
     @classmethod
@@ -166,67 +150,49 @@ class NativeDecoder:
             return None
         if any(getattr(layer, n).bias is not None for layer in model.layers for n in linears[1:]):
             return None
-        libs = (
-            native_library(),
-            native_linear.native_library(),
-            native_norm.native_library(),
-            cpu_native.native_library(),
-        )
+        libs = (native_library(), native_linear.native_library(), native_norm.native_library())
         if any(lib is None for lib in libs):
             return None
         return cls(model, libs)  # type: ignore[arg-type]
 
     def __call__(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: object
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor | None:
         """Every layer and the final norm over embeddings x [T, hidden] (updated in place: the
         residual stream) -> final hidden [T, hidden]; None (nothing done) where the backend has
-        no local decode for this step."""
-        local_decode = getattr(attn, "local_decode", None)
-        if local_decode is None:
-            return None
+        no native attention for this step."""
         arch = self._model.arch
-        t = x.shape[0]
-        local = local_decode(t, arch.num_heads, arch.head_dim)
-        if local is None or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+        if not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
             return None
-        pools = local.pools
-        n = len(pools)
-        arrays = (ctypes.c_int64 * (6 * n))(
-            *(p.k.data_ptr() for p in pools),
-            *(p.v.data_ptr() for p in pools),
-            *(p.k.stride(0) * p.k.element_size() for p in pools),
-            *(p.k.stride(1) for p in pools),
-        )
-        base, size = ctypes.addressof(arrays), ctypes.sizeof(ctypes.c_int64) * n
+        hook = attn.native_step(arch.num_heads, arch.head_dim)
+        if hook is None:
+            return None
         out = torch.empty_like(x)
-        step = _Step(
-            t=t,
+        step = self._step(
+            t=x.shape[0],
             num_threads=torch.get_num_threads(),
-            ma=self._ma[local.kind],
-            ma_kind=local.kind,
-            ma_call=ctypes.addressof(local.call),
-            num_pools=n,
-            k_bases=base,
-            v_bases=base + size,
-            layer_strides=base + 2 * size,
-            head_strides=base + 3 * size,
-            layer_k=base + 4 * size,  # the last two n-blocks: filled per layer by the kernel
-            layer_v=base + 5 * size,
-            write_pool=local.write_pool.data_ptr(),
-            slots=local.slots.data_ptr(),
+            attend=hook.address,
+            attend_ctx=hook.context,
             cos=cos.data_ptr(),
             sin=sin.data_ptr(),
             x=x.data_ptr(),
             out=out.data_ptr(),
-            remote=0 if local.remote is None else local.remote.address,
             **self._constants,
         )
         status = self._run(step)
         if status:
-            if local.remote is not None and local.remote.error is not None:
-                raise local.remote.error  # a creditor could not answer: the step is abandoned
-            cpu_native.check_status(status, arch.head_dim, torch.float32)
-        local.done(arch.num_layers)
+            if hook.error is not None:
+                raise hook.error  # a creditor could not answer: the step is abandoned
+            _raise(status, arch.head_dim)
+        hook.finished(arch.num_layers)
         self.num_steps += 1
         return out
+
+
+def _raise(status: int, head_dim: int) -> None:
+    """The step's return codes (the attention's, passed through) as exceptions."""
+    if status == -1:
+        raise MemoryError("the native decoder could not allocate its scratch memory")
+    if status == -3:
+        raise IndexError("a KV slot is outside the pool")
+    raise RuntimeError(f"native decode step failed with status {status} (head_dim={head_dim})")

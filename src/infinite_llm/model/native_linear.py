@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from infinite_llm.attention.native_build import NativeLibrary, load_once
+from infinite_llm.native.build import NativeLibrary, load_once
 
 _SOURCE = Path(__file__).parent / "csrc" / "linear.c"
 PANEL = 16  # output columns per panel (NR in the C file)

@@ -1,6 +1,6 @@
 """RMSNorm (and the residual add before it) in one C call for float32 CPU rows.
 
-``csrc/norm.c``, compiled at first use like the attention kernels (``native_build``). Measured
+``csrc/norm.c``, compiled at first use like the attention kernels (``native.build``). Measured
 on SmolLM2 at batch 1, steps alternating in one process: torch's ``rms_norm`` cost 2.7-3.4 ms
 of a 37 ms step more than a bare multiply, 61 calls of it in the caches the weights just went
 through. ``None`` answers mean "not done here": the caller computes it with torch.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from infinite_llm.attention.native_build import NativeLibrary, load_once
+from infinite_llm.native.build import NativeLibrary, load_once
 
 _SOURCE = Path(__file__).parent / "csrc" / "norm.c"
 _state: dict[str, NativeLibrary | None] = {}

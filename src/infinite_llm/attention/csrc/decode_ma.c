@@ -1,6 +1,6 @@
 /* Decode MicroAttention over paged rBlocks: every request of an MABatch in one call.
  *
- * Built at first use by infinite_llm/attention/native_build.py and called through ctypes by
+ * Built at first use by infinite_llm/native/build.py and called through ctypes by
  * cpu_native.py; semantics are those of micro_attention_reference (out, lse in float32).
  *
  * Layout (one layer of a KVPool, K and V alike; elements, float32 or bfloat16):
@@ -19,7 +19,8 @@
  * several chunks leave partial states that a second pass merges by log-sum-exp; a single chunk
  * writes its rows directly. bfloat16 is widened two elements per 32-bit lane (see bf16_even).
  *
- * Also here: merge_into (the running-state merge of DistAttention) and self_decode (a decode
+ * Also here: step_attend (a whole-step decoder's attention, layer by layer, see ma_call.h),
+ * merge_into (the running-state merge of DistAttention) and self_decode (a decode
  * token's attention over itself), each a single loop instead of a dozen small torch ops.
  *
  * Portable C11 + GCC/Clang vector extensions (lowered to AVX2, AVX-512, NEON, ... by the
@@ -741,6 +742,66 @@ int ma_shards_call(const MAShardsCall *a) {
         (int)a->num_groups, PTR(const int64_t *, a->group_rows), (int)a->hq, (int)a->hkv,
         (int)a->d, (int)a->block_size, (float)a->scale, a->chunk_tokens, (int)a->num_threads,
         PTR(float *, a->out), PTR(float *, a->lse));
+#undef PTR
+}
+
+C_STRUCT_LAYOUT(MADecodeCall, MA_DECODE_CALL)
+C_STRUCT_LAYOUT(MAShardsCall, MA_SHARDS_CALL)
+C_STRUCT_LAYOUT(StepAttention, STEP_ATTENTION)
+
+/* See ma_call.h. The pools are float32 (a whole-step decoder runs in float32). */
+int step_attend(const void *step, int64_t layer, const float *q, const float *qkv, float *attn,
+                float *lse) {
+#define PTR(T, x) ((T)(intptr_t)(x))
+    const StepAttention *s = step;
+    const int64_t Q = s->hq * s->d, KV = s->hkv * s->d, QKV = Q + 2 * KV;
+    const int64_t *k_bases = PTR(const int64_t *, s->k_bases);
+    const int64_t *v_bases = PTR(const int64_t *, s->v_bases);
+    const int64_t *layer_strides = PTR(const int64_t *, s->layer_strides);
+    const int64_t *head_strides = PTR(const int64_t *, s->head_strides);
+    const int64_t *write_pool = PTR(const int64_t *, s->write_pool);
+    const int64_t *slots = PTR(const int64_t *, s->slots);
+    int64_t *layer_k = PTR(int64_t *, s->layer_k), *layer_v = PTR(int64_t *, s->layer_v);
+    RemoteFn remote = PTR(RemoteFn, s->remote);
+    int status;
+    for (int64_t p = 0; p < s->num_pools; p++) {
+        layer_k[p] = k_bases[p] + layer * layer_strides[p];
+        layer_v[p] = v_bases[p] + layer * layer_strides[p];
+    }
+    for (int64_t i = 0; i < s->t; i++) { /* store first: a row's MA reads it */
+        const int64_t p = write_pool[i];
+        if (p < 0) {
+            if (remote) continue; /* its rBlock is elsewhere: phase 0 sends its K,V */
+            return -3;
+        }
+        const float *row = qkv + i * QKV;
+        if (kv_write(PTR(void *, layer_k[p]), PTR(void *, layer_v[p]), head_strides[p], slots + i,
+                     1, row + Q, QKV, row + Q + KV, QKV, (int)s->hkv, (int)s->d, 4))
+            return -3;
+    }
+    if (remote && (status = remote(0, layer, qkv, attn, lse))) return status;
+    if (s->kind == 0) {
+        MADecodeCall *one = PTR(MADecodeCall *, s->call);
+        one->q = (int64_t)(intptr_t)q;
+        one->k = layer_k[0];
+        one->v = layer_v[0];
+        one->out = (int64_t)(intptr_t)attn;
+        one->lse = (int64_t)(intptr_t)lse;
+        one->write_n = 0; /* stored above */
+        status = ma_decode_call(one);
+    } else if (s->kind == 1) {
+        MAShardsCall *many = PTR(MAShardsCall *, s->call);
+        many->q = (int64_t)(intptr_t)q;
+        many->k = s->layer_k;
+        many->v = s->layer_v;
+        many->out = (int64_t)(intptr_t)attn;
+        many->lse = (int64_t)(intptr_t)lse;
+        status = ma_shards_call(many);
+    } else {
+        return -2;
+    }
+    if (status) return status;
+    return remote ? remote(1, layer, qkv, attn, lse) : 0;
 #undef PTR
 }
 

@@ -7,25 +7,26 @@
  * cold (tens of microseconds each; about 8 of a 27 ms step on SmolLM2 were spent outside the
  * linears). Here a layer is one C loop over the same kernels the torch path calls: the packed
  * linear (model/csrc/linear.c), the norms (norm.c), rope and silu*mul (below, which the torch
- * path calls too), the KV store and the decode MA over one pool or several
- * (attention/csrc/decode_ma.c: kv_write, ma_decode_call, ma_shards_call). Those
- * come in as function pointers, so each stays in its own library; the results are the torch
- * path's, bit for bit (tests/model/test_native_decoder.py).
+ * path calls too), and the step's attention: one call a layer to an AttendFn the attention
+ * executor hands over with its context (attention/csrc/decode_ma.c's step_attend: the K,V
+ * store and the MA over the pools of this process and beyond). The decoder knows nothing of
+ * where the KV lives. Kernels come in as function pointers, so each stays in its own library;
+ * the results are the torch path's, bit for bit (tests/model/test_native_decoder.py).
  *
  * Layer l, rows t (one decode token each), the residual stream updated in place:
  *     h = rmsnorm(res += mlp)   (layer 0: h = rmsnorm(res), res = the embeddings)
- *     qkv = h Wqkv^T (+ b); rope(q, k); store k, v in the pool; attn = MA(q)
+ *     qkv = h Wqkv^T (+ b); rope(q, k); attn = attend(q, k, v)  (stores k, v, then attends)
  *     h = rmsnorm(res += attn Wo^T);  mlp = (silu(g) * u) Wdown^T  with [g | u] = h Wgu^T
  * and at the end out = rmsnorm(res += mlp) with the final norm.
  *
- * Built at first use by infinite_llm/attention/native_build.py, driven through ctypes by
+ * Built at first use by infinite_llm/native/build.py, driven through ctypes by
  * infinite_llm/model/native_decoder.py. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../attention/csrc/ma_call.h"
+#include "../../native/csrc/c_struct.h"
 
 typedef void (*LinearFn)(const float *x, int64_t m, int64_t k, int64_t ldx, const float *wp,
                          const float *bias, int64_t n, float *y, int64_t ldy, int num_threads);
@@ -33,13 +34,11 @@ typedef void (*NormFn)(const float *x, int64_t rows, int64_t n, const float *w, 
                        float *out);
 typedef void (*AddNormFn)(float *residual, const float *delta, int64_t rows, int64_t n,
                           const float *w, float eps, float *out);
-typedef int (*MAFn)(const void *call); /* ma_decode_call or ma_shards_call */
-typedef __typeof__(kv_write) *KVWriteFn; /* declared in ma_call.h */
-/* Rows with context in another process's pools (a Ray actor's creditors): phase 0, after the
- * local stores, sends them their share of layer `layer` (q and new K,V from qkv [t][Q+2KV]);
- * phase 1, after the local MA, merges their (out, lse) into attn [t][Q] and lse [t][Hq].
- * Nonzero: the step is abandoned with that status. */
-typedef int (*RemoteFn)(int64_t phase, int64_t layer, const float *qkv, float *attn, float *lse);
+/* One layer's attention (attention/csrc/ma_call.h's step_attend): q [t][Q] float32 rows, qkv
+ * [t][Q+2KV] whose K,V part is stored first, attn [t][Q] and lse [t][Hq] written. Nonzero:
+ * the step stops with that status. */
+typedef int (*AttendFn)(const void *ctx, int64_t layer, const float *q, const float *qkv,
+                        float *attn, float *lse);
 
 /* Rotary embedding, rotate-half convention, in place: x holds t rows (row stride ld floats) of
  * `heads` heads of d floats; cos and signed_sin are [t][d] (the sine's first half negated).
@@ -114,30 +113,24 @@ void silu_mul_f32(const float *gu, int64_t t, int64_t n, float *out) {
     }
 }
 
-typedef struct { /* one layer's weights: packed linears (linear.c's panels), norm weights */
-    int64_t qkv, qkv_bias, o, gate_up, down, input_norm, post_norm;
-} LayerWeights;
+/* one layer's weights: packed linears (linear.c's panels), norm weights */
+#define LAYER_WEIGHTS(I, F) I(qkv) I(qkv_bias) I(o) I(gate_up) I(down) I(input_norm) I(post_norm)
+C_STRUCT(LayerWeights, LAYER_WEIGHTS)
+C_STRUCT_LAYOUT(LayerWeights, LAYER_WEIGHTS)
 
-typedef struct { /* every field 8 bytes, mirrored by native_decoder._Step */
-    int64_t num_layers, t, hidden, num_heads, num_kv_heads, head_dim, intermediate, num_threads;
-    double eps;
-    int64_t layers, final_norm;                   /* LayerWeights[num_layers]; final norm */
-    int64_t linear, norm, add_norm, ma, kv_write; /* the kernels */
-    int64_t ma_kind, ma_call; /* 0: an MADecodeCall over one pool; 1: an MAShardsCall */
-    /* the step's pools, int64[num_pools] each: layer 0's K and V addresses, bytes from one layer
-     * to the next, elements from one KV head to the next */
-    int64_t num_pools, k_bases, v_bases, layer_strides, head_strides;
-    int64_t layer_k, layer_v;  /* int64[num_pools], filled per layer (what an MAShardsCall reads) */
-    int64_t write_pool, slots; /* int64[t]: the pool (index) and slot of row i's new K,V */
-    int64_t cos, sin;          /* [t][head_dim] */
-    int64_t x, out;            /* embeddings [t][hidden] (updated in place); result */
-    int64_t remote; /* a RemoteFn, or 0; with it, write_pool -1 marks a row stored remotely */
-} DecodeStep;
+/* A step: shapes; LayerWeights[num_layers] and the final norm; the kernels (linear, norms) and
+ * the attention (attend, called with attend_ctx); cos, sin [t][head_dim]; the embeddings x
+ * [t][hidden] (updated in place: the residual stream) and the result out [t][hidden]. */
+#define DECODE_STEP(I, F)                                                                         \
+    I(num_layers) I(t) I(hidden) I(num_heads) I(num_kv_heads) I(head_dim) I(intermediate)         \
+    I(num_threads) F(eps) I(layers) I(final_norm) I(linear) I(norm) I(add_norm) I(attend)         \
+    I(attend_ctx) I(cos) I(sin) I(x) I(out)
+C_STRUCT(DecodeStep, DECODE_STEP)
+C_STRUCT_LAYOUT(DecodeStep, DECODE_STEP)
 
 #define P(T, x) ((T)(intptr_t)(x))
 
-/* Returns 0; -1 when scratch memory could not be had; -3 for a slot outside its pool; -2 for
- * an unknown ma_kind; else the MA's (or the remote hook's) error code. */
+/* Returns 0; -1 when scratch memory could not be had; else the attention's code. */
 int decode_layers(const DecodeStep *s) {
     const int64_t t = s->t, H = s->hidden, D = s->head_dim, I = s->intermediate;
     const int64_t Q = s->num_heads * D, KV = s->num_kv_heads * D, QKV = Q + 2 * KV;
@@ -146,20 +139,9 @@ int decode_layers(const DecodeStep *s) {
     LinearFn linear = P(LinearFn, s->linear);
     NormFn norm = P(NormFn, s->norm);
     AddNormFn add_norm = P(AddNormFn, s->add_norm);
-    MAFn ma = P(MAFn, s->ma);
-    KVWriteFn kv_write = P(KVWriteFn, s->kv_write);
-    RemoteFn remote = P(RemoteFn, s->remote);
+    AttendFn attend = P(AttendFn, s->attend);
+    const void *attend_ctx = P(const void *, s->attend_ctx);
     const LayerWeights *layers = P(const LayerWeights *, s->layers);
-    const int64_t *k_bases = P(const int64_t *, s->k_bases);
-    const int64_t *v_bases = P(const int64_t *, s->v_bases);
-    const int64_t *layer_strides = P(const int64_t *, s->layer_strides);
-    const int64_t *head_strides = P(const int64_t *, s->head_strides);
-    const int64_t *write_pool = P(const int64_t *, s->write_pool);
-    const int64_t *slots = P(const int64_t *, s->slots);
-    int64_t *layer_k = P(int64_t *, s->layer_k), *layer_v = P(int64_t *, s->layer_v);
-    MADecodeCall *one = s->ma_kind == 0 ? P(MADecodeCall *, s->ma_call) : NULL;
-    MAShardsCall *many = s->ma_kind == 1 ? P(MAShardsCall *, s->ma_call) : NULL;
-    if (!one && !many) return -2;
     float *res = P(float *, s->x);
     const size_t floats = (size_t)t * (H + QKV + Q + Q + s->num_heads + H + 2 * I + I + H);
     float *scratch = malloc(sizeof(float) * (floats ? floats : 1));
@@ -167,19 +149,7 @@ int decode_layers(const DecodeStep *s) {
     float *h = scratch, *qkv = h + t * H, *q = qkv + t * QKV, *attn = q + t * Q;
     float *lse = attn + t * Q, *o = lse + t * s->num_heads, *gu = o + t * H, *act = gu + t * 2 * I;
     float *mlp = act + t * I;
-    const int64_t q_addr = (int64_t)(intptr_t)(t == 1 ? qkv : q);
-    if (one) {
-        one->q = q_addr;
-        one->out = (int64_t)(intptr_t)attn;
-        one->lse = (int64_t)(intptr_t)lse;
-        one->write_n = 0; /* stored below, pool by pool */
-    } else {
-        many->q = q_addr;
-        many->out = (int64_t)(intptr_t)attn;
-        many->lse = (int64_t)(intptr_t)lse;
-        many->k = s->layer_k;
-        many->v = s->layer_v;
-    }
+    const float *q_rows = t == 1 ? qkv : q; /* q as contiguous [t][Q] rows */
     int status = 0;
     for (int64_t l = 0; l < s->num_layers && !status; l++) {
         const LayerWeights *L = layers + l;
@@ -193,27 +163,7 @@ int decode_layers(const DecodeStep *s) {
                  P(const float *, s->sin));
         if (t > 1)
             for (int64_t i = 0; i < t; i++) memcpy(q + i * Q, qkv + i * QKV, sizeof(float) * Q);
-        for (int64_t p = 0; p < s->num_pools; p++) {
-            layer_k[p] = k_bases[p] + l * layer_strides[p];
-            layer_v[p] = v_bases[p] + l * layer_strides[p];
-        }
-        for (int64_t i = 0; i < t && !status; i++) { /* store first: a row's MA reads it */
-            const int64_t p = write_pool[i];
-            if (p < 0 && remote) continue; /* its rBlock is elsewhere: phase 0 sends its K,V */
-            const float *row = qkv + i * QKV;
-            if (kv_write(P(void *, layer_k[p]), P(void *, layer_v[p]), head_strides[p], slots + i,
-                         1, row + Q, QKV, row + Q + KV, QKV, (int)s->num_kv_heads, (int)D, 4))
-                status = -3;
-        }
-        if (status) break;
-        if (remote && (status = remote(0, l, qkv, attn, lse))) break;
-        if (one) {
-            one->k = layer_k[0];
-            one->v = layer_v[0];
-        }
-        status = one ? ma(one) : ma(many);
-        if (status) break;
-        if (remote && (status = remote(1, l, qkv, attn, lse))) break;
+        if ((status = attend(attend_ctx, l, q_rows, qkv, attn, lse))) break;
         linear(attn, t, Q, Q, P(const float *, L->o), 0, H, o, H, threads);
         add_norm(res, o, t, H, P(const float *, L->post_norm), eps, h);
         linear(h, t, H, H, P(const float *, L->gate_up), 0, 2 * I, gu, 2 * I, threads);

@@ -20,7 +20,7 @@
  *
  * Summation runs over k in order per output (two interleaved halves at m = 1): float32
  * rounding differs from other BLAS orders in the last bits, as theirs differ from each other.
- * Built at first use by infinite_llm/attention/native_build.py; called through ctypes by
+ * Built at first use by infinite_llm/native/build.py; called through ctypes by
  * infinite_llm/model/native_linear.py.
  */
 #include <stdint.h>

@@ -8,7 +8,7 @@
  * times the weight; the sum of squares is accumulated in double (torch accumulates float32
  * lanes), so results may differ from torch's in the last bit.
  *
- * Built at first use by infinite_llm/attention/native_build.py, called through ctypes by
+ * Built at first use by infinite_llm/native/build.py, called through ctypes by
  * infinite_llm/model/native_norm.py.
  */
 #include <math.h>

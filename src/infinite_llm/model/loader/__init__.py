@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from infinite_llm.attention.native_build import release_openmp_team
 from infinite_llm.model.config import ModelArchConfig
 from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.model.loader.cache import gguf_as_hf_dir
@@ -16,6 +15,7 @@ from infinite_llm.model.loader.hf_loader import iter_safetensors, load_hf_tokeni
 from infinite_llm.model.loader.tiny import tiny_model_dir
 from infinite_llm.model.registry import ModelFormat, ModelSource, resolve_model
 from infinite_llm.model.tokenizer import Tokenizer
+from infinite_llm.native.build import release_openmp_team
 
 logger = logging.getLogger(__name__)
 
