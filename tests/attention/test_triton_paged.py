@@ -23,6 +23,7 @@ import sys
 import pytest
 import torch
 
+import infinite_llm
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.cpu_flash import causal_self_attention
 from infinite_llm.attention.micro import micro_attention
@@ -213,6 +214,8 @@ else:
     def test_kernels_under_interpreter() -> None:
         """This file's kernel tests, on CPU tensors, in a child with the interpreter on."""
         env = dict(os.environ, TRITON_INTERPRET="1")
+        src = os.path.dirname(os.path.dirname(infinite_llm.__file__))  # the code under test
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
             env=env,
