@@ -31,6 +31,7 @@ triton is first imported); that is how the tests check it on machines without a 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -44,6 +45,15 @@ except ImportError:  # the module still imports; triton_available() says False
     triton = None
     tl = None
 
+
+def interpreter_on() -> bool:
+    """TRITON_INTERPRET is set: triton runs kernels in Python on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# The kernel below is compiled for the interpreter when the variable is set as this module loads.
+_INTERPRETED = interpreter_on()
+
 # Query rows x heads per program: small for decode rows (one query token), larger for chunks.
 DECODE_BLOCK_M = 16
 PREFILL_BLOCK_M = 64
@@ -54,10 +64,6 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 def triton_available() -> bool:
     """Triton is installed and can run here: a CUDA device, or its CPU interpreter switched on."""
     return triton is not None and (torch.cuda.is_available() or interpreter_on())
-
-
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def paged_attention(
@@ -82,13 +88,11 @@ def paged_attention(
         raise ValueError(f"pool block size {block_size} != batch block size {batch.block_size}")
     if causal and (batch.q_start_pos is None or batch.kv_start_pos is None):
         raise ValueError("causal attention needs the batch's q_start_pos and kv_start_pos")
-    group = hq // hkv
-    block_m, block_q = _tile_shape(max(batch.query_lens, default=0), group)
     tables = batch.memo(
-        ("triton-paged", q.device, block_q, causal),
-        lambda: _paged_tables(batch, block_q, causal, q.device),
+        ("triton-paged", q.device, hq // hkv, causal),
+        lambda: _paged_tables(batch, hq // hkv, causal, q.device),
     )
-    return _launch(q, k_cache, v_cache, tables, scale, block_m, block_q, causal, paged=True)
+    return _launch(q, k_cache, v_cache, tables, scale, causal, paged=True)
 
 
 def causal_self_attention_triton(
@@ -108,25 +112,22 @@ def causal_self_attention_triton(
     t, hq, d = q.shape
     if k.shape != v.shape or k.shape[0] != t or k.shape[2] != d or hq % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)} do not fit")
-    if sum(query_lens) != t:
-        raise ValueError(f"query_lens add up to {sum(query_lens)}, q has {t} rows")
-    group = hq // k.shape[1]
-    block_m, block_q = _tile_shape(max(query_lens, default=0), group)
-    tables = _self_tables(tuple(query_lens), block_q, q.device)
+    tables = _self_tables(tuple(query_lens), hq // k.shape[1], q.device)
+    if tables.num_rows != t:
+        raise ValueError(f"query_lens add up to {tables.num_rows}, q has {t} rows")
     # k, v as a "cache" of one block per token row: [Hkv, T, 1, D] views, no copy.
     k4, v4 = k.transpose(0, 1).unsqueeze(2), v.transpose(0, 1).unsqueeze(2)
-    return _launch(
-        q, k4, v4, tables, scale, block_m, block_q, True, paged=False, out_dtype=out_dtype
-    )
+    return _launch(q, k4, v4, tables, scale, True, paged=False, out_dtype=out_dtype)
 
 
 def _check_runnable(q: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("attention impl 'triton' needs the triton package (pip install triton)")
-    if q.device.type == "cpu" and not interpreter_on():
+    if q.device.type == "cpu" and not _INTERPRETED:
         raise RuntimeError(
             "attention impl 'triton' runs on CPU tensors only under Triton's interpreter: set "
-            "TRITON_INTERPRET=1 before triton is imported (slow; meant for tests), or use a CUDA device"
+            "TRITON_INTERPRET=1 before triton and this module are imported (slow; meant for "
+            "tests), or use a CUDA device"
         )
 
 
@@ -139,16 +140,16 @@ def _tile_shape(max_query_len: int, group: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _self_tables(query_lens: tuple[int, ...], block_q: int, device: torch.device) -> _Tables:
+def _self_tables(query_lens: tuple[int, ...], group: int, device: torch.device) -> _Tables:
     """The tile tables of a self-attention batch; cached because the caller calls once per layer
     with the same lengths (the key hashes a tuple, no device work)."""
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
-    return _Tables.build(starts, query_lens, [], [], [], block_q, device)
+    return _Tables.build(starts, query_lens, [], [], [], group, device)
 
 
-def _paged_tables(batch: MABatch, block_q: int, causal: bool, device: torch.device) -> _Tables:
+def _paged_tables(batch: MABatch, group: int, causal: bool, device: torch.device) -> _Tables:
     flat = batch.flat_tables()
     shift: list[int] = []
     if causal:  # key j is visible to request row r when j <= q_start_pos - kv_start_pos + r
@@ -160,7 +161,7 @@ def _paged_tables(batch: MABatch, block_q: int, causal: bool, device: torch.devi
         flat.block_start.tolist(),
         flat.block_table.tolist(),
         shift,
-        block_q,
+        group,
         device,
     )
 
@@ -172,8 +173,12 @@ class _Tables:
     paged only), tile_req [tiles] (the request of each tile), tile_row [tiles] (its first q row).
     """
 
-    def __init__(self, data: torch.Tensor, sizes: list[int]) -> None:
+    def __init__(
+        self, data: torch.Tensor, sizes: list[int], num_rows: int, block_m: int, block_q: int
+    ) -> None:
         self.data = data
+        self.block_m, self.block_q = block_m, block_q  # the tile shape (see _tile_shape)
+        self.num_rows = num_rows  # query rows in the batch
         views = list(torch.split(data, sizes))
         # An empty table still needs a valid pointer: point it at the start of ``data``.
         views = [t if t.numel() else data[:1] for t in views]
@@ -196,13 +201,15 @@ class _Tables:
         block_start: list[int],
         block_table: list[int],
         shift: list[int],
-        block_q: int,
+        group: int,
         device: torch.device,
     ) -> _Tables:
+        rows = list(itertools.pairwise(query_start))
+        block_m, block_q = _tile_shape(max((end - start for start, end in rows), default=0), group)
         tile_req: list[int] = []
         tile_row: list[int] = []
-        for i in range(len(query_start) - 1):
-            for row in range(query_start[i], query_start[i + 1], block_q):
+        for i, (start, end) in enumerate(rows):
+            for row in range(start, end, block_q):
                 tile_req.append(i)
                 tile_row.append(row)
         parts = [
@@ -218,7 +225,7 @@ class _Tables:
         if max(flat) >= 2**31 or min(flat) < -(2**31):
             raise ValueError("batch tables exceed int32")
         data = torch.tensor(flat, dtype=torch.int32).to(device)
-        return cls(data, [len(p) for p in parts])
+        return cls(data, [len(p) for p in parts], query_start[-1], block_m, block_q)
 
 
 def _launch(
@@ -227,8 +234,6 @@ def _launch(
     v_cache: torch.Tensor,
     tables: _Tables,
     scale: float,
-    block_m: int,
-    block_q: int,
     causal: bool,
     paged: bool,
     out_dtype: torch.dtype | None = None,
@@ -270,8 +275,8 @@ def _launch(
         HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d),
         GROUP=hq // hkv,
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
+        BLOCK_M=tables.block_m,
+        BLOCK_Q=tables.block_q,
         BLOCK_N=BLOCK_N,
         PAGE=k_cache.shape[2],
         PAGED=paged,
