@@ -6,6 +6,8 @@ head are laid out as ``G`` query rows of that head (valid whenever no causal mas
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from infinite_llm.attention.batch import MABatch
@@ -75,6 +77,15 @@ def _causal(
     return o, lse
 
 
+@functools.cache
+def triton_on_cuda() -> bool:
+    """The Triton kernels can run on this machine's CUDA device (decided once per process)."""
+    # imported here, not at the top: importing triton is slow and fixes TRITON_INTERPRET
+    from infinite_llm.attention.triton_paged import triton_available
+
+    return torch.cuda.is_available() and triton_available()
+
+
 def causal_self_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,13 +93,21 @@ def causal_self_attention(
     query_lens: list[int],
     scale: float,
     out_dtype: torch.dtype | None = None,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each request's new tokens over themselves (causal): the step's own shard.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D], rows grouped per request -> (out [T, Hq, D], lse [T, Hq]).
     ``out`` is in ``out_dtype`` (default: q's). A decode token (length 1) sees only itself:
     out = v, lse = q.k * scale, computed without any attention kernel.
+    ``impl``: the MA impl in use. ``"triton"`` runs ``causal_self_attention_triton`` (CUDA, or
+    CPU under Triton's interpreter); ``"auto"`` does so for CUDA tensors where triton is
+    installed; otherwise the torch paths below (CPU: the fused flash kernel).
     """
+    if impl == "triton" or (impl == "auto" and q.device.type == "cuda" and triton_on_cuda()):
+        from infinite_llm.attention.triton_paged import causal_self_attention_triton
+
+        return causal_self_attention_triton(q, k, v, query_lens, scale, out_dtype)
     t, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv

@@ -6,9 +6,12 @@ Kernels (all return (out, lse float32) and are tested against the reference):
 * ``flash``: torch's fused CPU flash kernel, one call per request; a GEMM for long query chunks.
 * ``native``: the C decode kernel (``cpu_native``), every request in one multithreaded call;
   falls back to ``flash`` (with a log line) where it cannot be built or used.
+* ``triton``: the Triton paged kernel (``triton_paged``), every request in one launch; CUDA
+  tensors, or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 * ``auto``: on CPU, requests with at most ``NATIVE_MAX_QUERY_LEN`` query tokens (decode rows)
   go to ``native`` and longer prefill chunks to ``flash``, a mixed batch split between the two;
-  ``flash`` alone when the native kernel is unavailable; ``reference`` off CPU.
+  ``flash`` alone when the native kernel is unavailable. On CUDA, ``triton`` where triton is
+  installed, else ``reference`` (with a warning, once).
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import torch
 
 from infinite_llm.attention import cpu_native
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.attention.cpu_flash import micro_attention_flash
+from infinite_llm.attention.cpu_flash import micro_attention_flash, triton_on_cuda
 from infinite_llm.attention.kv_pool import write_layer
 from infinite_llm.attention.reference import micro_attention_reference
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "reference", "flash", "native")
+IMPLS = ("auto", "reference", "flash", "native", "triton")
 # Per request: up to this many query tokens "auto" uses the native kernel. Its cost grows with the
 # rows (G per token) while flash turns into a GEMM. Measured (1 thread, Hq=9 Hkv=3 D=64, shuffled
 # rBlocks): 4K context, 4 tokens native 1.0 ms vs flash 1.5 ms, 8 tokens even, 16 flash ahead;
@@ -74,7 +77,13 @@ def micro_attention(
             result = _auto_cpu(q, k_cache, v_cache, batch, scale, causal)
             if result is not None:
                 return result
-        impl = "flash" if on_cpu else "reference"
+            impl = "flash"
+        else:
+            impl = _auto_device(q.device.type)
+    if impl == "triton":
+        from infinite_llm.attention.triton_paged import paged_attention
+
+        return paged_attention(q, k_cache, v_cache, batch, scale, causal)
     if impl == "native":
         if on_cpu:
             result = cpu_native.try_micro_attention_native(
@@ -94,6 +103,15 @@ def micro_attention(
 def native_usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """The native kernel is built (building it on first call) and handles these tensors."""
     return cpu_native.supports(q, k_cache, v_cache) and cpu_native.native_available()
+
+
+def _auto_device(device_type: str) -> str:
+    """``auto`` off CPU: the Triton kernel on CUDA where triton is installed, else the torch
+    reference."""
+    if device_type == "cuda" and triton_on_cuda():
+        return "triton"
+    _warn_once(f"triton unavailable; attention on {device_type} uses the slow torch reference")
+    return "reference"
 
 
 def _auto_cpu(

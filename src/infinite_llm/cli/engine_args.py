@@ -96,7 +96,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="most logprobs a request may ask for per token (-1: the whole vocabulary)",
     )
     g.add_argument(
-        "--attention-impl", default="auto", help="auto, flash, reference (or native when built)"
+        "--attention-impl",
+        default="auto",
+        help="auto, flash, reference, native (when built) or triton (CUDA)",
     )
 
 
