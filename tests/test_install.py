@@ -39,8 +39,13 @@ import infinite_llm
 
 package = Path(infinite_llm.__file__).resolve()
 assert venv in package.parents, f"infinite_llm imported from {package}, not from {venv}"
-leaks = [p for p in sys.path if p and Path(p).resolve().is_relative_to(repo)]
-assert not leaks, f"the repository is on sys.path: {leaks}"
+# no other copy reachable: neither this repository nor another checkout's editable src/
+leaks = [
+    p for p in sys.path
+    if p and (Path(p).resolve().is_relative_to(repo) or (Path(p) / "infinite_llm").is_dir())
+    and not Path(p).resolve().is_relative_to(venv)
+]
+assert not leaks, f"another infinite_llm is on sys.path: {leaks}"
 
 import torch
 
