@@ -17,6 +17,7 @@ import torch
 
 from conftest import random_prompts
 from infinite_llm import LLM, SamplingParams
+from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.model.loader import LoadedModel, load_model
 
 pytestmark = pytest.mark.skipif(
@@ -116,3 +117,31 @@ def test_tiny_batch_of_mixed_lengths() -> None:
     prompts = random_prompts(8, (1, 90), 256, seed=1)
     got = run_on_cuda("tiny", prompts, block_size=8, kv_blocks_per_instance=256)
     assert got == expected("tiny", prompts)
+
+
+def test_tiny_host_tier_in_pinned_host_memory() -> None:
+    """A GPU instance's host tier (``--host-kv-memory``): its pool in page-locked host memory,
+    its MicroAttention on the host's cores, merged with the GPU pool's. A request three times
+    the GPU pool gives transformers' tokens."""
+    loaded = cuda_model("tiny")
+    arch = loaded.arch
+    block_bytes = KVPool.bytes_per_block(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, 8, torch.float32
+    )
+    llm = LLM(
+        "tiny",
+        device=DEVICE,
+        loaded_model=loaded,
+        progress=False,
+        block_size=8,
+        kv_blocks_per_instance=8,
+        host_kv_memory=32 * block_bytes,
+    )
+    cluster = llm.engine.cluster
+    host = [inst.pool for inst in cluster.instances.values() if inst.is_memory]
+    assert host and all(p.k.device.type == "cpu" and p.k.is_pinned() for p in host)
+    prompts = random_prompts(1, (180, 180), 256, seed=5)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    llm.check_integrity()
+    assert cluster.transport.num_shard_calls > 0  # the host pool's MAs ran
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected("tiny", prompts)

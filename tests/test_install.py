@@ -39,17 +39,19 @@ import infinite_llm
 
 package = Path(infinite_llm.__file__).resolve()
 assert venv in package.parents, f"infinite_llm imported from {package}, not from {venv}"
-# no other copy reachable: neither this repository nor another checkout's editable src/
+# no other copy reachable: neither this repository's src/ nor another checkout's (the outer
+# environment's site-packages, which may sit inside the repository, lends only dependencies)
 leaks = [
     p for p in sys.path
-    if p and (Path(p).resolve().is_relative_to(repo) or (Path(p) / "infinite_llm").is_dir())
+    if p and (Path(p).resolve() == repo / "src" or (Path(p) / "infinite_llm").is_dir())
     and not Path(p).resolve().is_relative_to(venv)
 ]
 assert not leaks, f"another infinite_llm is on sys.path: {leaks}"
 
 import torch
 
-from infinite_llm.attention import cpu_native, native_build
+from infinite_llm.attention import cpu_native
+from infinite_llm.native import build as native_build
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.reference import micro_attention_reference
 from infinite_llm.model import native_decoder, native_linear, native_norm

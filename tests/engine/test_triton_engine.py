@@ -28,7 +28,7 @@ NEW_TOKENS = 6
 CHILD = """
 import json, sys
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.attention import cpu_flash, dist, triton_paged
+from infinite_llm.attention import cpu_flash, triton_paged
 from infinite_llm.model.loader import load_model
 
 calls, self_calls = [], []
@@ -38,12 +38,13 @@ def counted(q, *args):
     return kernel(q, *args)
 triton_paged.paged_attention = counted  # micro_attention looks it up on each call
 
-# The step's causal self part on the Triton kernel too, as on CUDA, where causal_self_attention
-# picks it itself; on CPU DistAttention does not yet pass its impl down.
-def self_part(q, k, v, query_lens, scale, out_dtype=None):
+# The step's causal self part: DistAttention passes the executor's impl, so it is the Triton
+# kernel's too (as "auto" picks it on CUDA).
+self_kernel = triton_paged.causal_self_attention_triton
+def self_part(q, k, v, query_lens, *args):
     self_calls.append(len(query_lens))
-    return cpu_flash.causal_self_attention(q, k, v, query_lens, scale, out_dtype, impl="triton")
-dist.causal_self_attention = self_part
+    return self_kernel(q, k, v, query_lens, *args)
+triton_paged.causal_self_attention_triton = self_part
 
 prompts, new_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
 llm = LLM(

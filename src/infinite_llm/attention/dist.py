@@ -71,6 +71,8 @@ class MAExecutor(Protocol):
     cluster's transport) or across processes (``cluster.ray_transport.RayTransport``).
     DistAttention asks it what it can do once a step and decides how the step runs."""
 
+    impl: str  # the MA kernels this process runs (``micro.IMPLS``); the self part follows it
+
     def run(
         self, layer_idx: int, work: Mapping[int, ShardWork]
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -308,7 +310,9 @@ class DistAttention:
             acc = out0.to(torch.float32, copy=True)
             lse = lse0.to(torch.float32, copy=True)
         elif len(plan.prefill_query_lens) == len(plan.query_lens):
-            acc, lse = causal_self_attention(q, k, v, plan.query_lens, self.scale, torch.float32)
+            acc, lse = causal_self_attention(
+                q, k, v, plan.query_lens, self.scale, torch.float32, self.executor.impl
+            )
         else:
             acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
@@ -321,6 +325,7 @@ class DistAttention:
                     plan.prefill_query_lens,
                     self.scale,
                     torch.float32,
+                    self.executor.impl,
                 )
                 acc.index_copy_(0, rows, part_out)
                 lse.index_copy_(0, rows, part_lse)
@@ -380,12 +385,28 @@ class LocalExecutor:
         results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for inst, w in work.items():
             pool = self.pools[inst]
+            here = pool.k.device
+            home = (w.q if w.q is not None else w.k).device  # type: ignore[union-attr]
+            if home != here:  # a GPU instance's host pool: its MA runs on the host's cores
+                w = _moved(w, here)
             # The store first: a decode token's MA reads its own K,V (one native call does both).
             store = None if w.write_slots is None else (w.write_slots, w.k, w.v)
             if w.batch is not None and w.q is not None:
-                results[inst] = micro_attention(
+                out, lse = micro_attention(
                     w.q, pool.k[layer_idx], pool.v[layer_idx], w.batch, impl=self.impl, store=store
                 )
+                if home != here:
+                    out, lse = out.to(home, non_blocking=True), lse.to(home, non_blocking=True)
+                results[inst] = (out, lse)
             elif store is not None:
                 pool.write(layer_idx, *store)
         return results
+
+
+def _moved(work: ShardWork, device: torch.device) -> ShardWork:
+    """``work`` with its tensors on ``device`` (the pool's), for an MA where the pool lives."""
+
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return ShardWork(to(work.write_slots), to(work.k), to(work.v), to(work.q), work.batch)

@@ -29,7 +29,10 @@ class KVPool:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        pinned: bool = False,
     ) -> None:
+        """``pinned``: a host pool (CPU) in page-locked memory, for a GPU instance's host tier:
+        its queries and results cross to and from the GPU without a staging copy."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(
                 f"a KV pool needs blocks (got num_blocks={num_blocks}, block_size={block_size})"
@@ -38,8 +41,12 @@ class KVPool:
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         # torch.empty commits pages only as blocks get written; unwritten slots are never read.
-        self.k = empty_kv(shape, dtype, device)
-        self.v = empty_kv(shape, dtype, device)
+        if pinned:
+            self.k = torch.empty(shape, dtype=dtype, pin_memory=True)
+            self.v = torch.empty(shape, dtype=dtype, pin_memory=True)
+        else:
+            self.k = empty_kv(shape, dtype, device)
+            self.v = empty_kv(shape, dtype, device)
 
     @staticmethod
     def bytes_per_block(

@@ -71,6 +71,7 @@ class _CountingExecutor:
 
     def __init__(self, inner: Any, arch: Any, kv_bytes: int) -> None:
         self.inner = inner
+        self.impl = inner.impl
         self.bytes_sent = 0
         self.bytes_received = 0
         hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim

@@ -21,7 +21,7 @@ import torch
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.cluster.base import Cluster
 from infinite_llm.cluster.core import ClusterCore, Journal
-from infinite_llm.cluster.layout import PoolLayout
+from infinite_llm.cluster.layout import PoolLayout, lender_device
 from infinite_llm.cluster.router import InstanceLoad
 from infinite_llm.cluster.transport import InProcessTransport
 from infinite_llm.config import EngineConfig
@@ -168,8 +168,16 @@ class InProcessCluster(Cluster):
             self.transport.attach(instance)
         for lender in layout.lenders:  # memory instances and host pools: no model, lend all
             i, n = lender.instance_id, lender.num_blocks
+            where, pinned = lender_device(config.device)
             pool = KVPool(
-                arch.num_layers, arch.num_kv_heads, arch.head_dim, n, self.block_size, dtype, device
+                arch.num_layers,
+                arch.num_kv_heads,
+                arch.head_dim,
+                n,
+                self.block_size,
+                dtype,
+                where,
+                pinned,
             )
             rmanager = RManager(i, n, lending_cap=1.0, tier=lender.tier, host_of=lender.host_of)
             idle = Scheduler(config.scheduler, self.block_size, LocalAllocator(rmanager))

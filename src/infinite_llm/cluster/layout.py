@@ -86,3 +86,11 @@ class PoolLayout:
             return self.model_blocks
         others = max_request_blocks(self.model_blocks, models, self.lending_cap, True)
         return others + sum(x.num_blocks for x in self.lenders if x.instance_id in live)
+
+
+def lender_device(model_device: str) -> tuple[str, bool]:
+    """Where a pool without a model (a memory instance's, a host tier's) lives: host memory,
+    its MicroAttention run by the host's cores; page-locked when the model instances are on a
+    GPU, so the queries and ``(out, lse)`` that cross to it move without a staging copy.
+    Returns (device, pinned)."""
+    return "cpu", model_device.startswith("cuda")

@@ -49,7 +49,7 @@ import torch
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
-from infinite_llm.cluster.layout import Lender
+from infinite_llm.cluster.layout import Lender, lender_device
 from infinite_llm.cluster.ray_placement import NodeCores, node_threads
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
@@ -179,6 +179,7 @@ class InstanceActor:
         model = None if lender is not None else load_weights(config)
         arch = read_arch(config) if model is None else model.arch
         block_size = config.cache.block_size
+        where, pinned = (config.device, False) if lender is None else lender_device(config.device)
         pool = KVPool(
             arch.num_layers,
             arch.num_kv_heads,
@@ -186,7 +187,8 @@ class InstanceActor:
             spec.num_blocks,
             block_size,
             parse_dtype(config.dtype),
-            torch.device(config.device),
+            torch.device(where),
+            pinned,
         )
         rmanager = RManager(
             instance_id,

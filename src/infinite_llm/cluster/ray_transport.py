@@ -149,6 +149,7 @@ class RayTransport:
         self.node_id = node_id
         self.block_size = pool.block_size
         self._local = LocalExecutor({instance_id: pool}, impl=attention_impl)
+        self.impl = attention_impl
         self._peers: dict[int, Any] = {}  # instance_id -> actor handle
         self._lock = threading.Lock()
         self.unreachable: set[int] = set()  # peers a call failed on, reported with each step

@@ -35,6 +35,7 @@ class InProcessTransport:
     def __init__(self, attention_impl: str = "auto") -> None:
         self.instances: dict[int, Instance] = {}
         self._executor = LocalExecutor({}, impl=attention_impl)
+        self.impl = attention_impl
         self.num_shard_calls = 0  # MA calls that went to an instance other than the caller's home
 
     def attach(self, instance: Instance) -> None:
