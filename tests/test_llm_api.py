@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import loaded_model
@@ -49,6 +51,49 @@ def test_chat_uses_the_model_template(llm: LLM) -> None:
     assert out[0].prompt_token_ids == expected
     # The tiny template: "<s>user: hi\n<s>assistant: ", one token per byte, 256 = <s>.
     assert expected[0] == 256 and bytes(expected[1:10]) == b"user: hi\n" and expected[10] == 256
+
+
+def test_chat_renders_tools_as_the_server_does() -> None:
+    """``tools=`` (vLLM's ``LLM.chat`` argument): a template that ignores tools (the tiny one)
+    gets them in the Hermes style, and a template that knows tools gets them through
+    ``tools``, exactly as ``/v1/chat/completions`` renders them."""
+    # room for the Hermes instructions, a token per byte on the tiny model
+    llm = LLM("tiny", loaded_model=loaded_model("tiny"), kv_blocks_per_instance=160, progress=False)
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    tokenizer = llm.get_tokenizer()
+    (out,) = llm.chat(history, params, use_tqdm=False, tools=[tool])
+    text = tokenizer.decode(out.prompt_token_ids)
+    assert text.startswith("system: You are a function calling AI model.")
+    assert json.dumps(tool) in text  # the signature in the <tools> block
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+    (plain,) = llm.chat(history[:1], params, use_tqdm=False)
+    assert "<tools>" not in tokenizer.decode(plain.prompt_token_ids)
+    knows = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{{ messages[0].content }}"
+    (own,) = llm.chat(history[:1], params, use_tqdm=False, tools=[tool], chat_template=knows)
+    assert own.prompt_token_ids == [ord(c) for c in "[get_weather]Weather in Paris?"]
 
 
 @pytest.mark.parametrize(

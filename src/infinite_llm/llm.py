@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from infinite_llm import chat_tools
 from infinite_llm.config import CacheConfig, EngineConfig
 from infinite_llm.llm_engine import LLMEngine
 from infinite_llm.model.loader import LoadedModel
@@ -120,11 +121,15 @@ class LLM:
         continue_final_message: bool = False,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template (or ``chat_template``) to one conversation or a list
         of them, then generate. ``continue_final_message``: the last (assistant) message stays
         open and the answer continues it (not with ``add_generation_prompt``);
-        ``chat_template_kwargs`` reach the template as variables (vLLM's arguments)."""
+        ``chat_template_kwargs`` reach the template as variables; ``tools`` (OpenAI function
+        schemas) are rendered for the model, by its template where it knows tools, else in
+        the Hermes style, as the server does (``chat_tools``); the answer is text, as vLLM's
+        ``LLM.chat`` returns it (vLLM's arguments)."""
         if continue_final_message and add_generation_prompt:
             raise ValueError(
                 "continue_final_message cannot be used with add_generation_prompt "
@@ -136,12 +141,16 @@ class LLM:
             kwargs["continue_final_message"] = True
         if chat_template is not None:
             kwargs["chat_template"] = chat_template
-        prompts = [
-            self.engine.tokenizer.apply_chat_template(
-                list(conv), add_generation_prompt=add_generation_prompt, **kwargs
+        tokenizer = self.engine.tokenizer
+        template = chat_template or tokenizer.chat_template
+        prompts = []
+        for conv in conversations:
+            rendered, tool_kwargs = chat_tools.template_inputs(list(conv), tools, template)  # type: ignore[arg-type]
+            prompts.append(
+                tokenizer.apply_chat_template(
+                    rendered, add_generation_prompt=add_generation_prompt, **kwargs, **tool_kwargs
+                )
             )
-            for conv in conversations  # type: ignore[arg-type]
-        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def cluster_stats(self) -> dict[str, object]:
