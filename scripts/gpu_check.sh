@@ -2,7 +2,8 @@
 # GPU check for a machine with torch, Triton and CUDA preinstalled and no internet:
 #   1. installs this project with `pip install --no-deps --no-index` (editable) into a venv that
 #      sees the machine's own packages (torch among them), so pip never fetches torch;
-#   2. runs tests/test_cuda.py: greedy tokens identical to transformers on CUDA, float32;
+#   2. runs tests/test_cuda.py (greedy tokens identical to transformers on CUDA, float32; a host
+#      tier in pinned memory) and tests/attention/test_triton_paged.py on the GPU;
 #   3. runs `infinite-llm bench engine` on CUDA in bfloat16 at batch 1, 8 and 32.
 # Nothing else is installed: missing Python packages are listed and the script stops.
 #
@@ -164,10 +165,10 @@ if ! "$VPY" -c "import sys; from infinite_llm.model.registry import resolve_mode
 fi
 step model ok 0 "$MODEL"
 
-# --- (a) exactness against transformers on CUDA, float32 ------------------------------------
+# --- (a) exactness against transformers on CUDA, float32; the Triton kernels on the GPU -------
 t0=$SECONDS
 lim=$(limit "$T_TESTS")
-timeout --kill-after=10 "$lim" "$VPY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py \
+timeout --kill-after=10 "$lim" "$VPY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/attention/test_triton_paged.py \
     --junitxml="$OUT/test_cuda.xml" >"$OUT/test_cuda.log" 2>&1
 rc=$?
 counts=$("$VPY" - "$OUT/test_cuda.xml" <<'EOF' 2>/dev/null
