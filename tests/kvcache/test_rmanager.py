@@ -177,7 +177,7 @@ def test_config_validation_and_cap_rounding():
         lambda m: setattr(m, "_num_used", m._num_used + 1),
         lambda m: m._free._heap.append(m._free._heap[0]),
         lambda m: m._state.__setitem__(7, 2),  # LENT with no debtor
-        lambda m: m._lent_to.setdefault(9, set()).add(0),
+        lambda m: m._lent._to.setdefault(9, set()).add(0),
         lambda m: setattr(m._borrowed, "_num_blocks", 1),
     ],
 )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.kvcache.borrowed import BorrowedBlocks
 from infinite_llm.kvcache.free_blocks import FreeBlocks
+from infinite_llm.kvcache.lent import LentBlocks
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.prefix_index import Advertised
 from infinite_llm.kvcache.tiers import Tier
@@ -79,8 +80,7 @@ class RManager:
         self._advertised = Advertised()  # hashes cached here or held by own requests
         self._free = FreeBlocks(num_blocks, self._advertised)
         self._num_used = 0
-        self._lent_to: dict[int, set[int]] = {}  # debtor_id -> block ids lent to it
-        self._debtor_of: dict[int, int] = {}  # lent block id -> debtor_id
+        self._lent = LentBlocks(instance_id)
         self._borrowed = BorrowedBlocks(instance_id)
         self._reserve = 0  # free blocks kept for own running requests (``reserve``)
         self._heartbeat_seq = itertools.count(1)
@@ -120,7 +120,7 @@ class RManager:
 
     @property
     def num_lent_blocks(self) -> int:
-        return len(self._debtor_of)
+        return len(self._lent)
 
     @property
     def num_borrowed_blocks(self) -> int:
@@ -139,7 +139,7 @@ class RManager:
 
     def _lendable(self) -> int:
         free = len(self._free) - self._reserve
-        return max(0, min(free, self.max_lent_blocks - len(self._debtor_of)))
+        return max(0, min(free, self.max_lent_blocks - len(self._lent)))
 
     def reserve(self, num_blocks: int) -> None:
         """Keep ``num_blocks`` free blocks out of lending: what the own running requests need
@@ -236,10 +236,7 @@ class RManager:
                 block_ids = self._take(request.num_blocks, _LENT)
                 assert block_ids is not None  # lendable <= free
             if block_ids is not None:
-                if block_ids:
-                    self._lent_to.setdefault(request.debtor_id, set()).update(block_ids)
-                for b in block_ids:
-                    self._debtor_of[b] = request.debtor_id
+                self._lent.add(request.debtor_id, block_ids)
                 granted = [BlockRef(self.instance_id, b) for b in block_ids]
             lendable = self._lendable()
         return LendReply(
@@ -255,14 +252,14 @@ class RManager:
         Those the debtor gives a content hash for stay cached here."""
         with self._lock:
             block_ids = self._lent_ids(release.debtor_id, release.refs)
-            self._untrack_lent(release.debtor_id, block_ids)
+            self._lent.remove(release.debtor_id, block_ids)
             self._give_back(block_ids, release.hashes or None)
 
     def reclaim_all(self, debtor_id: int) -> int:
         """Free everything lent to ``debtor_id`` (the debtor died). Returns how many."""
         with self._lock:
-            block_ids = sorted(self._lent_to.get(debtor_id, ()))
-            self._untrack_lent(debtor_id, block_ids)
+            block_ids = self._lent.of(debtor_id)
+            self._lent.remove(debtor_id, block_ids)
             self._give_back(block_ids)
         return len(block_ids)
 
@@ -275,7 +272,7 @@ class RManager:
         refs = list(refs)
         with self._lock:
             block_ids = self._lent_ids(debtor_id, refs)
-            self._untrack_lent(debtor_id, block_ids)
+            self._lent.remove(debtor_id, block_ids)
             for b in block_ids:
                 self._state[b] = _USED
             self._num_used += len(block_ids)
@@ -283,13 +280,12 @@ class RManager:
     def lent_refs(self, debtor_id: int | None = None) -> list[BlockRef]:
         """Blocks currently lent (to ``debtor_id``, or to anyone), sorted."""
         with self._lock:
-            ids = self._debtor_of if debtor_id is None else self._lent_to.get(debtor_id, ())
-            return [BlockRef(self.instance_id, b) for b in sorted(ids)]
+            return [BlockRef(self.instance_id, b) for b in self._lent.of(debtor_id)]
 
     def lent_counts(self) -> dict[int, int]:
         """debtor_id -> number of blocks lent to it."""
         with self._lock:
-            return {d: len(ids) for d, ids in self._lent_to.items()}
+            return self._lent.counts()
 
     # ---- debtor side --------------------------------------------------------------------
 
@@ -344,10 +340,10 @@ class RManager:
                 num_blocks=self.num_blocks,
                 num_free=len(self._free),
                 num_used=self._num_used,
-                num_lent=len(self._debtor_of),
+                num_lent=len(self._lent),
                 num_borrowed=len(self._borrowed),
                 lendable=self._lendable(),
-                lent_to={d: len(ids) for d, ids in self._lent_to.items()},
+                lent_to=self._lent.counts(),
                 borrowed_from=self._borrowed.counts(),
                 num_cached=self._free.num_cached,
                 prefix_added=added,
@@ -362,14 +358,14 @@ class RManager:
             state = self._state[block_id]
             if state == _FREE:
                 return None
-            return self.instance_id if state == _USED else self._debtor_of[block_id]
+            return self.instance_id if state == _USED else self._lent.debtor_of(block_id)
 
     def block_owners(self) -> list[int | None]:
         """``owner_of`` for every local block at once (one consistent snapshot)."""
         with self._lock:
-            iid, debtor_of = self.instance_id, self._debtor_of
+            iid, debtor_of = self.instance_id, self._lent.debtor_of
             return [
-                None if st == _FREE else iid if st == _USED else debtor_of[b]
+                None if st == _FREE else iid if st == _USED else debtor_of(b)
                 for b, st in enumerate(self._state)
             ]
 
@@ -385,23 +381,13 @@ class RManager:
             assert counts[1] == self._num_used, (
                 f"instance {iid}: {counts[1]} USED blocks, counter says {self._num_used}"
             )
-            assert counts[2] == len(self._debtor_of), (
-                f"instance {iid}: {counts[2]} LENT blocks, {len(self._debtor_of)} tracked"
+            assert counts[2] == len(self._lent), (
+                f"instance {iid}: {counts[2]} LENT blocks, {len(self._lent)} tracked"
             )
             assert sum(counts) == n, f"instance {iid}: free+used+lent != {n}"
-            per_debtor = sum(len(ids) for ids in self._lent_to.values())
-            assert per_debtor == len(self._debtor_of), (
-                f"instance {iid}: lent-per-debtor sums to {per_debtor}, not {len(self._debtor_of)}"
-            )
-            for debtor_id, ids in self._lent_to.items():
-                assert ids, f"instance {iid}: empty lent set kept for debtor {debtor_id}"
-                assert debtor_id != iid, f"instance {iid} lent to itself"
-                for b in ids:
-                    assert self._debtor_of.get(b) == debtor_id, (
-                        f"instance {iid}: block {b} lent to {debtor_id} is not tracked so"
-                    )
-            assert len(self._debtor_of) <= self.max_lent_blocks, (
-                f"instance {iid}: {len(self._debtor_of)} lent > cap {self.max_lent_blocks}"
+            self._lent.check_integrity()
+            assert len(self._lent) <= self.max_lent_blocks, (
+                f"instance {iid}: {len(self._lent)} lent > cap {self.max_lent_blocks}"
             )
             self._borrowed.check_integrity()
 
@@ -435,22 +421,8 @@ class RManager:
 
     def _lent_ids(self, debtor_id: int, refs: list[BlockRef]) -> list[int]:
         block_ids = self._local_ids(refs)
-        for b in block_ids:
-            if self._debtor_of.get(b) != debtor_id:
-                raise ValueError(
-                    f"{BlockRef(self.instance_id, b)} is not lent to instance {debtor_id}"
-                )
+        self._lent.check_lent_to(debtor_id, block_ids)
         return block_ids
-
-    def _untrack_lent(self, debtor_id: int, block_ids: list[int]) -> None:
-        if not block_ids:
-            return
-        lent = self._lent_to[debtor_id]
-        for b in block_ids:
-            lent.discard(b)
-            del self._debtor_of[b]
-        if not lent:
-            del self._lent_to[debtor_id]
 
 
 def _check_count(num_blocks: int) -> None:
