@@ -194,6 +194,24 @@ def test_required_tool_calls_validate(client: openai.OpenAI) -> None:
     ]
 
 
+def test_streamed_tool_calls_carry_every_token_logprob(client: openai.OpenAI) -> None:
+    """Tokens a tool parser holds back (until a call parses) still reach the client: their
+    logprobs ride on the next chunk, so a stream carries the whole answer's logprobs."""
+    kwargs = {"tools": TOOLS, "tool_choice": "required", "max_tokens": 200, "logprobs": True}
+    kwargs["top_logprobs"] = 2
+    whole = chat(client, **kwargs).logprobs.content
+    streamed = []
+    for chunk in client.chat.completions.create(
+        model="tiny", messages=MESSAGES, temperature=0, stream=True, **kwargs
+    ):
+        for choice in chunk.choices:
+            streamed += choice.logprobs.content if choice.logprobs else []
+    assert len(whole) > 3
+    assert [(e.token, e.logprob, len(e.top_logprobs)) for e in streamed] == [
+        (e.token, e.logprob, len(e.top_logprobs)) for e in whole
+    ]
+
+
 def bad(client: openai.OpenAI, endpoint: str = "chat", **kwargs) -> openai.BadRequestError:
     with pytest.raises(openai.BadRequestError) as info:
         if endpoint == "chat":

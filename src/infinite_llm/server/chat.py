@@ -191,9 +191,11 @@ async def _events(
             new_tokens = completion.token_ids[sent[index] :]
             parser = parsers[index]
             if parser is not None:  # tool calls: the parser's deltas, the last one finishing
-                sent[index] = len(completion.token_ids)
                 deltas = parser.feed(output.delta_text)
                 deltas += parser.finish() if done else []
+                if not deltas and not done:
+                    continue  # held back (an open <tool_call>): its tokens go with the next chunk
+                sent[index] = len(completion.token_ids)
                 called[index] = called[index] or any("tool_calls" in d for d in deltas)
                 logprobs = _logprobs(state, body, completion, new_tokens, top_k)
                 last = deltas.pop() if done and deltas else None
