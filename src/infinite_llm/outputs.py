@@ -40,6 +40,8 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt
     # token {token_id: logprob} holding that token and the top k.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # With prompt_logprobs: per prompt token (None for the first) its rank in the vocabulary.
+    prompt_logprob_ranks: list[int | None] | None = None
     # Only set when streaming: the text and tokens added since the previous output.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

@@ -231,11 +231,14 @@ def test_prompt_logprobs_match_transformers(tiny_dir, chunk) -> None:
     )
     with torch.inference_mode():
         expected = torch.log_softmax(hf_model(tiny_dir)(torch.tensor([prompt])).logits[0], -1)
-    got = out.prompt_logprobs
+    got, ranks = out.prompt_logprobs, out.prompt_logprob_ranks
     assert got[0] is None and len(got) == len(prompt)
+    assert ranks[0] is None and len(ranks) == len(prompt)
     for pos in range(1, len(prompt)):
         entry, row = got[pos], expected[pos - 1]
         assert entry[prompt[pos]] == pytest.approx(float(row[prompt[pos]]), abs=1e-4)
+        # its rank: the tokens at least as likely, itself included (vLLM's count)
+        assert ranks[pos] == int((row >= row[prompt[pos]]).sum())
         top = row.topk(2)
         for token, lp in zip(top.indices.tolist(), top.values.tolist()):
             assert entry[token] == pytest.approx(lp, abs=1e-4)

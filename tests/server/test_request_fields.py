@@ -208,6 +208,11 @@ def test_prompt_logprobs_and_request_id(tiny_server: ServerProcess) -> None:
         token = str(ord(PROMPT[position]))
         assert entry[token]["decoded_token"] == PROMPT[position] and entry[token]["logprob"] <= 0
         assert len(entry) in (1, 2)
+        # vLLM's Logprob fields: the top one ranks 1, the prompt's token its own rank
+        first = max(entry.values(), key=lambda e: e["logprob"])
+        assert first["rank"] == 1
+        if len(entry) == 2:
+            assert entry[token]["rank"] >= 2 and entry[token]["logprob"] < first["logprob"]
 
 
 def test_chat_fields(tiny_server: ServerProcess, offline_llm: LLM) -> None:

@@ -19,3 +19,5 @@ class StepEvent:
     prompt_logprobs: list[dict[int, float]] | None = None
     # Prompt tokens the request found cached when first admitted (None: not admitted yet).
     num_cached_tokens: int | None = None
+    # With prompt_logprobs: each of those prompt tokens' rank in the vocabulary.
+    prompt_logprob_ranks: list[int] | None = None

@@ -75,7 +75,7 @@ class Instance:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        prompt_logprobs: PromptLogprobs = {}
+        prompt_logprobs = PromptLogprobs()
         sampled = self.runner.execute(out, prompt_logprobs)
         results = self.scheduler.update_from_output(
             out, {rid: s.token_id for rid, s in sampled.items()}
@@ -87,8 +87,9 @@ class Instance:
                 r.request.status.finish_reason,
                 r.request.stop_reason,
                 r.request.num_preemptions,
-                prompt_logprobs.get(r.request.request_id),
+                prompt_logprobs.entries.get(r.request.request_id),
                 r.request.num_cached_tokens,
+                prompt_logprobs.ranks.get(r.request.request_id),
             )
             for r in results
         ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from infinite_llm.attention.dist import DistAttention, DistPlan, MAExecutor, StepSpan
@@ -12,8 +14,17 @@ from infinite_llm.model.llama import LlamaForCausalLM
 from infinite_llm.scheduler.output import SchedulerOutput
 from infinite_llm.scheduler.request import Request
 
-# Per request id: {token: logprob} for each prompt token from the second on, in order.
-PromptLogprobs = dict[str, list[dict[int, float]]]
+
+@dataclass
+class PromptLogprobs:
+    """Per request id, for each prompt token from the second on, in order: ``{token: logprob}``
+    (the prompt's token and the top k) and the prompt token's rank in the whole vocabulary
+    (1: the likeliest; vLLM counts the tokens at least as likely)."""
+
+    entries: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+
+
 PROMPT_LOGITS_ROWS = 256
 
 
@@ -99,13 +110,16 @@ class ModelRunner:
         for request, first, position, count in spans:
             k = request.sampling_params.prompt_logprobs
             base = position + 1  # the token the span's first row predicts
-            entries = into.setdefault(request.request_id, [])
+            entries = into.entries.setdefault(request.request_id, [])
+            ranks = into.ranks.setdefault(request.request_id, [])
             for lo in range(0, count, PROMPT_LOGITS_ROWS):
                 hi = min(count, lo + PROMPT_LOGITS_ROWS)
                 rows = hidden[first + lo : first + hi]
                 logprobs = torch.log_softmax(self.model.compute_logits(rows).cpu(), dim=-1)
                 targets = request.prompt_token_ids[base + lo : base + hi]
-                chosen = logprobs[torch.arange(hi - lo), torch.tensor(targets)].tolist()
+                picked = logprobs[torch.arange(hi - lo), torch.tensor(targets)]
+                chosen = picked.tolist()
+                ranks.extend((logprobs >= picked.unsqueeze(1)).sum(dim=1).tolist())
                 if k:
                     width = logprobs.shape[1] if k == -1 else k
                     values, indices = torch.topk(logprobs, width, dim=-1)

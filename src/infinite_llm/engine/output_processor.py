@@ -35,6 +35,7 @@ class TrackedRequest:
     finished_time: float | None = None
     # vLLM's shape: None for the first prompt token, then {token: logprob} per prompt token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None  # the prompt token's, per entry
     num_streamed_chars: int = 0
     num_streamed_tokens: int = 0
 
@@ -65,6 +66,7 @@ class OutputProcessor:
             logprobs=[] if want else None,
             cumulative_logprob=0.0 if want else None,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            prompt_logprob_ranks=[None] if params.prompt_logprobs is not None else None,
         )
         self.requests[request_id] = tracked
         return tracked
@@ -79,6 +81,8 @@ class OutputProcessor:
             tracked.num_cached_tokens = event.num_cached_tokens
         if event.prompt_logprobs and tracked.prompt_logprobs is not None:
             tracked.prompt_logprobs.extend(event.prompt_logprobs)
+            if tracked.prompt_logprob_ranks is not None and event.prompt_logprob_ranks:
+                tracked.prompt_logprob_ranks.extend(event.prompt_logprob_ranks)
         stopped = False
         if event.sampled is not None:
             sampled = event.sampled
@@ -145,6 +149,7 @@ class OutputProcessor:
             # Not copied per token: an output exists once the prompt is computed (or the request
             # ended), and the list never grows after that (preemption reports nothing again).
             prompt_logprobs=tracked.prompt_logprobs,
+            prompt_logprob_ranks=tracked.prompt_logprob_ranks,
             outputs=[
                 CompletionOutput(
                     index=0,

@@ -70,6 +70,7 @@ class ParentRequest:
         # Sample 0's: it prefills the prompt before the others start, so its first output has
         # them all; every sample's output carries them (an echo of the prompt shows them).
         self._prompt_logprobs: list[dict[int, float] | None] | None = None
+        self._prompt_logprob_ranks: list[int | None] | None = None
         # Sample 0's too: the prompt tokens it found in the prefix cache are the request's (the
         # others share its rBlocks, which is no cache hit); every output of the parent says so.
         self._num_cached_tokens: int | None = None
@@ -90,6 +91,7 @@ class ParentRequest:
         self._latest[index] = output
         if index == 0 and output.prompt_logprobs is not None:
             self._prompt_logprobs = output.prompt_logprobs
+            self._prompt_logprob_ranks = output.prompt_logprob_ranks
         if index == 0 and output.num_cached_tokens is not None:
             self._num_cached_tokens = output.num_cached_tokens
         if output.finished:
@@ -103,6 +105,7 @@ class ParentRequest:
                     finished=False,
                     outputs=[completion],
                     prompt_logprobs=self._prompt_logprobs,
+                    prompt_logprob_ranks=self._prompt_logprob_ranks,
                     num_cached_tokens=self._num_cached_tokens,
                 )
             )
@@ -130,6 +133,7 @@ class ParentRequest:
             prompt=first.prompt,
             prompt_token_ids=first.prompt_token_ids,
             prompt_logprobs=self._prompt_logprobs,
+            prompt_logprob_ranks=self._prompt_logprob_ranks,
             outputs=completions,
             finished=True,
             metrics=_merged(metrics) if metrics else None,

@@ -108,7 +108,9 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         len(output.prompt_token_ids), num_completion, output.num_cached_tokens or 0
     )
     if body.prompt_logprobs is not None:
-        answer["prompt_logprobs"] = state.formatter.prompt(output.prompt_logprobs)
+        answer["prompt_logprobs"] = state.formatter.prompt(
+            output.prompt_logprobs, output.prompt_logprob_ranks, output.prompt_token_ids
+        )
     if body.return_token_ids:
         answer["prompt_token_ids"] = output.prompt_token_ids
     return JSONResponse(answer)

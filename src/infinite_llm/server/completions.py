@@ -144,7 +144,9 @@ def _choice(
         "stop_reason": shown.stop_reason,
     }
     if body.prompt_logprobs is not None:
-        choice["prompt_logprobs"] = state.formatter.prompt(output.prompt_logprobs)
+        choice["prompt_logprobs"] = state.formatter.prompt(
+            output.prompt_logprobs, output.prompt_logprob_ranks, output.prompt_token_ids
+        )
     if body.return_token_ids:
         choice["prompt_token_ids"] = output.prompt_token_ids
         choice["token_ids"] = [] if body.prompt_only else completion.token_ids

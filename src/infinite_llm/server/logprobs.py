@@ -92,21 +92,35 @@ class LogprobFormatter:
         return {"content": content}
 
     def prompt(
-        self, logprobs: Sequence[dict[int, float] | None] | None
+        self,
+        logprobs: Sequence[dict[int, float] | None] | None,
+        ranks: Sequence[int | None] | None,
+        prompt_token_ids: Sequence[int],
     ) -> list[dict[str, dict[str, Any]] | None] | None:
         """vLLM's ``prompt_logprobs``: per prompt token None (the first) or
-        ``{token_id: {"logprob", "decoded_token"}}``."""
+        ``{token_id: {"logprob", "rank", "decoded_token"}}``: the prompt token's rank in the
+        whole vocabulary, the top k ranked 1..k (as vLLM's ``Logprob``)."""
         if logprobs is None:
             return None
-        return [
-            None
-            if entry is None
-            else {
-                str(t): {"logprob": _finite(lp), "decoded_token": self._token_text(t)}
-                for t, lp in entry.items()
-            }
-            for entry in logprobs
-        ]
+        out: list[dict[str, dict[str, Any]] | None] = []
+        for i, entry in enumerate(logprobs):
+            if entry is None:
+                out.append(None)
+                continue
+            prompt_token = prompt_token_ids[i]
+            prompt_rank = ranks[i] if ranks is not None and i < len(ranks) else None
+            by_rank = sorted(entry, key=lambda t: -entry[t])  # the prompt's token sorts last
+            out.append(
+                {
+                    str(t): {
+                        "logprob": _finite(entry[t]),
+                        "rank": prompt_rank if t == prompt_token and prompt_rank else r + 1,
+                        "decoded_token": self._token_text(t),
+                    }
+                    for r, t in enumerate(by_rank)
+                }
+            )
+        return out
 
     def _chat_entry(self, token_id: int, logprob: float | None, as_ids: bool) -> dict[str, Any]:
         text = self._token_text(token_id)
