@@ -145,3 +145,36 @@ def test_tiny_host_tier_in_pinned_host_memory() -> None:
     llm.check_integrity()
     assert cluster.transport.num_shard_calls > 0  # the host pool's MAs ran
     assert [list(o.outputs[0].token_ids) for o in outs] == expected("tiny", prompts)
+
+
+def test_tiny_on_ray_spread_to_a_memory_instance() -> None:
+    """On Ray: the model actor gets the GPU (Ray's placement), a memory instance's actor none;
+    the request's queries and ``(out, lse)`` cross between them through host memory."""
+    ray = pytest.importorskip("ray")
+    from infinite_llm.cluster.ray_runtime import init_ray
+
+    started = init_ray()
+    loaded = cuda_model("tiny")
+    arch = loaded.arch
+    block_bytes = KVPool.bytes_per_block(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, 8, torch.float32
+    )
+    llm = LLM(
+        "tiny",
+        device=DEVICE,
+        backend="ray",
+        progress=False,
+        block_size=8,
+        kv_blocks_per_instance=8,
+        num_memory_instances=1,
+        kv_memory_per_memory_instance=32 * block_bytes,
+    )
+    try:
+        prompts = random_prompts(1, (150, 150), 256, seed=9)
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        llm.check_integrity()
+        assert [list(o.outputs[0].token_ids) for o in outs] == expected("tiny", prompts)
+    finally:
+        llm.shutdown()
+        if started:
+            ray.shutdown()

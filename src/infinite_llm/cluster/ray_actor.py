@@ -49,7 +49,7 @@ import torch
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
-from infinite_llm.cluster.layout import Lender, lender_device
+from infinite_llm.cluster.layout import Lender
 from infinite_llm.cluster.ray_placement import NodeCores, node_threads
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
@@ -179,7 +179,9 @@ class InstanceActor:
         model = None if lender is not None else load_weights(config)
         arch = read_arch(config) if model is None else model.arch
         block_size = config.cache.block_size
-        where, pinned = (config.device, False) if lender is None else lender_device(config.device)
+        # A lender actor's pool is its own process's host memory; what reaches it crosses
+        # through shared memory, so pinning it (which needs a GPU here) would buy nothing.
+        where, pinned = (config.device, False) if lender is None else ("cpu", False)
         pool = KVPool(
             arch.num_layers,
             arch.num_kv_heads,

@@ -104,7 +104,7 @@ class RayCluster(Cluster):
         self.gmanager = DriverGManager(None)
         self._placement: InstancePlacement | None = None
         try:
-            self._placement = InstancePlacement(layout)
+            self._placement = InstancePlacement(layout, gpus=config.device.startswith("cuda"))
             self.gmanager.handle = self._new_gmanager()
             self._actors.update(
                 {

@@ -79,8 +79,12 @@ class InstancePlacement:
     its bundle. Raises ``RuntimeError`` with what is missing when the cluster cannot hold the
     instances within ``PLACEMENT_TIMEOUT_S``."""
 
-    def __init__(self, layout: PoolLayout, strategy: str = "SPREAD") -> None:
+    def __init__(self, layout: PoolLayout, strategy: str = "SPREAD", gpus: bool = False) -> None:
+        """``gpus``: the model instances run on CUDA, a GPU each (in their bundle, and asked
+        for by their actor, so Ray makes that GPU the one the actor sees); lenders take none."""
         cpus = [1] * layout.num_instances  # per bundle
+        self.gpus = gpus
+        self.num_model_instances = layout.num_instances
         self.bundle_of = {i: i for i in range(layout.num_instances)}
         for lender in layout.lenders:
             if lender.host_of is None:
@@ -89,21 +93,31 @@ class InstancePlacement:
             else:
                 self.bundle_of[lender.instance_id] = lender.host_of
                 cpus[lender.host_of] += 1
-        self.group = placement_group([{"CPU": n} for n in cpus], strategy=strategy)
+        self.bundles = [
+            {"CPU": n, "GPU": 1} if gpus and b < layout.num_instances else {"CPU": n}
+            for b, n in enumerate(cpus)
+        ]
+        self.group = placement_group(self.bundles, strategy=strategy)
         try:
             ray.get(self.group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
             self.remove()
-            total = ray.cluster_resources().get("CPU", 0)
+            resources = ray.cluster_resources()
+            has = f"{resources.get('CPU', 0):g} CPUs" + (
+                f" and {resources.get('GPU', 0):g} GPUs" if gpus else ""
+            )
+            each = "one CPU each" + (", a GPU per model instance" if gpus else "")
             raise RuntimeError(
-                f"Ray could not place {len(self.bundle_of)} instance actors (one CPU each, "
+                f"Ray could not place {len(self.bundle_of)} instance actors ({each}, "
                 f"in {len(cpus)} bundles {strategy}) within {PLACEMENT_TIMEOUT_S:.0f} s; the "
-                f"cluster has {total:g} CPUs: add nodes or use fewer instances"
+                f"cluster has {has}: add nodes or use fewer instances"
             ) from None
 
     def options(self, instance_id: int) -> dict[str, Any]:
+        gpu = self.gpus and instance_id < self.num_model_instances
         return {
             "num_cpus": 1,
+            "num_gpus": 1 if gpu else 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.group,
                 placement_group_bundle_index=self.bundle_of[instance_id],

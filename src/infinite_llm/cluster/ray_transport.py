@@ -50,13 +50,20 @@ Packed = tuple[np.ndarray, str]  # (array, torch dtype name when numpy lacks it:
 
 
 def pack(t: torch.Tensor | None) -> Packed | None:
-    """A tensor as a numpy array for the wire (only its own elements, never a larger base)."""
+    """A tensor as a numpy array for the wire (only its own elements, never a larger base; a
+    GPU tensor through host memory)."""
     if t is None:
         return None
-    t = t.detach().contiguous()
+    t = host(t.detach()).contiguous()
     if t.dtype is torch.bfloat16:
         return t.view(torch.int16).numpy(), "bfloat16"
     return t.numpy(), ""
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in host memory: what crosses a process boundary (the channels' shared memory,
+    ZeroMQ frames, Ray's object store) is host memory; a GPU instance copies out and in."""
+    return t if t.is_cpu else t.cpu()
 
 
 def unpack(p: Packed | None) -> torch.Tensor | None:
@@ -218,9 +225,14 @@ class RayTransport:
         exchange = self.send_shards(layer_idx, work)
         local = {i: w for i, w in work.items() if i == self.instance_id}
         results = self._local.run(layer_idx, local) if local else {}
-        # Copied out of the channels' memory, which the next layer's replies reuse.
+        home = next(
+            (t.device for w in work.values() for t in (w.q, w.k) if t is not None),
+            torch.device("cpu"),
+        )
+        # Copied out of the channels' memory, which the next layer's replies reuse (onto the
+        # GPU for a GPU instance).
         for inst, (out, lse) in self.collect(exchange).items():
-            results[inst] = (out.clone(), lse.clone())
+            results[inst] = (out.to(home, copy=True), lse.to(home, copy=True))
         return results
 
     def remote_decode(
@@ -315,7 +327,8 @@ class RayTransport:
             else (batch.query_lens, batch.block_ids, batch.context_lens)
         )
         self._sent_batch[creditor_id] = batch
-        return (layer_idx, spec, same), [work.q, work.write_slots, work.k, work.v]
+        tensors = [work.q, work.write_slots, work.k, work.v]
+        return (layer_idx, spec, same), [None if t is None else host(t) for t in tensors]
 
     def probe_channel(self, peer_id: int, num_calls: int, payload_bytes: int) -> float:
         """Median seconds of a round trip on the channel to a peer with a ``payload_bytes``
