@@ -147,6 +147,7 @@ def test_tiny_host_tier_in_pinned_host_memory() -> None:
     assert [list(o.outputs[0].token_ids) for o in outs] == expected("tiny", prompts)
 
 
+@pytest.mark.ray
 def test_tiny_on_ray_spread_to_a_memory_instance() -> None:
     """On Ray: the model actor gets the GPU (Ray's placement), a memory instance's actor none;
     the request's queries and ``(out, lse)`` cross between them through host memory."""
