@@ -119,15 +119,20 @@ def test_tiny_batch_of_mixed_lengths() -> None:
     assert got == expected("tiny", prompts)
 
 
+def tiny_block_bytes(block_size: int) -> int:
+    """Bytes of one float32 rBlock of the tiny model (every layer's K and V)."""
+    arch = cuda_model("tiny").arch
+    return KVPool.bytes_per_block(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size, torch.float32
+    )
+
+
 def test_tiny_host_tier_in_pinned_host_memory() -> None:
     """A GPU instance's host tier (``--host-kv-memory``): its pool in page-locked host memory,
     its MicroAttention on the host's cores, merged with the GPU pool's. A request three times
     the GPU pool gives transformers' tokens."""
     loaded = cuda_model("tiny")
-    arch = loaded.arch
-    block_bytes = KVPool.bytes_per_block(
-        arch.num_layers, arch.num_kv_heads, arch.head_dim, 8, torch.float32
-    )
+    block_bytes = tiny_block_bytes(8)
     llm = LLM(
         "tiny",
         device=DEVICE,
@@ -155,11 +160,7 @@ def test_tiny_on_ray_spread_to_a_memory_instance() -> None:
     from infinite_llm.cluster.ray_runtime import init_ray
 
     started = init_ray()
-    loaded = cuda_model("tiny")
-    arch = loaded.arch
-    block_bytes = KVPool.bytes_per_block(
-        arch.num_layers, arch.num_kv_heads, arch.head_dim, 8, torch.float32
-    )
+    block_bytes = tiny_block_bytes(8)
     llm = LLM(
         "tiny",
         device=DEVICE,
