@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from infinite_llm.attention import cpu_native
 from infinite_llm.attention.cpu_flash import causal_self_attention
-from infinite_llm.attention.dist import DistAttention, DistPlan, LocalExecutor, StepSpan
+from infinite_llm.attention.dist import DistAttention, LocalExecutor
+from infinite_llm.attention.plan import DistPlan, StepSpan
 
 LAYER = 1  # of two: the layer index must reach the pools
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm import LLM, SamplingParams
-from infinite_llm.attention.dist import DistAttention, DistPlan, LocalExecutor, StepSpan
+from infinite_llm.attention.dist import DistAttention, LocalExecutor
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.plan import DistPlan, StepSpan
 from infinite_llm.kvcache.block import BlockRef
 from infinite_llm.model import native_decoder
 from infinite_llm.model.layers import apply_rotary

@@ -14,15 +14,13 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
 from infinite_llm.attention import cpu_native, native_shards
 from infinite_llm.attention.kv_pool import KVPool
-
-if TYPE_CHECKING:
-    from infinite_llm.attention.dist import DistPlan
+from infinite_llm.attention.plan import DistPlan
 
 
 class RemoteDecode(Protocol):

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from infinite_llm.attention.dist import DistPlan, ShardWork
+from infinite_llm.attention.dist import ShardWork
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.plan import DistPlan
 from infinite_llm.bench.common import emit, machine_info
 from infinite_llm.bench.distributed_report import (
     TARGETS,

@@ -36,8 +36,9 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from infinite_llm.attention.batch import MABatch
-from infinite_llm.attention.dist import DistPlan, LocalExecutor, ShardWork
+from infinite_llm.attention.dist import LocalExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.plan import DistPlan
 from infinite_llm.cluster.channel import ChannelSpec
 from infinite_llm.cluster.channel_peers import ChannelClient, ChannelFailed
 from infinite_llm.cluster.remote_decode import RemoteDecodeHook

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from infinite_llm.attention.dist import DistPlan, ShardWork, take_rows
+from infinite_llm.attention.dist import ShardWork
 from infinite_llm.attention.merge import merge_into
+from infinite_llm.attention.plan import DistPlan, take_rows
 
 if TYPE_CHECKING:
     from infinite_llm.cluster.ray_transport import Exchange, RayTransport

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from infinite_llm.attention.dist import DistPlan, LocalExecutor, MAExecutor, ShardWork
+from infinite_llm.attention.dist import LocalExecutor, MAExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.plan import DistPlan
 from infinite_llm.attention.step_attention import RemoteDecode
 from infinite_llm.kvcache.messages import LendReply, LendRequest, Release
 

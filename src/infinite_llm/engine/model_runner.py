@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infinite_llm.attention.dist import DistAttention, DistPlan, MAExecutor, StepSpan
+from infinite_llm.attention.dist import DistAttention, MAExecutor
+from infinite_llm.attention.plan import DistPlan, StepSpan
 from infinite_llm.engine.cpu_heap import keep_freed_memory
 from infinite_llm.engine.sampler import SampledToken, make_generator, sample
 from infinite_llm.engine.structured import StructuredOutputs
