@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infinite_llm.bench.common import pyplot
+from infinite_llm.sim.plots import pyplot
 
 TARGET_MONO_BW_PCT = 60.0  # monolithic decode at 128K: share of the measured read bandwidth
 TARGET_SPLIT_OVERHEAD_PCT = 10.0  # 4 shards, contexts >= 32K

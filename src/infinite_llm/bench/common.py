@@ -129,19 +129,3 @@ def emit(result: dict[str, Any], table: str, as_json: bool) -> None:
         print(json.dumps(result, indent=2))
     else:
         print(table)
-
-
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (files, no display), or None with a note on
-    stderr when matplotlib is not installed (a bench then writes no plot)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
-        )
-        return None
-    return plt

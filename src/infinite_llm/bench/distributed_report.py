@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from infinite_llm.bench.common import format_table, pyplot
+from infinite_llm.bench.common import format_table
+from infinite_llm.sim.plots import pyplot
 
 # What the data plane is held to (per-layer wire time, spread steps against all local).
 TARGETS = {

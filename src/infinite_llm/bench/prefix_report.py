@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from infinite_llm.bench.common import pyplot
 from infinite_llm.bench.serve import RequestResult
+from infinite_llm.sim.plots import pyplot
 
 
 @dataclass(frozen=True)

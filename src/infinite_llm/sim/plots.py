@@ -9,9 +9,26 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 PAPER_THROUGHPUT = (1.03, 2.4)  # the paper's end-to-end throughput range against vLLM
 PAPER_CONTEXT = ((2, 2.0), (32, 19.0))  # (instances, x longer context), its two ends
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files, no display), or None with a note on
+    stderr when matplotlib is not installed (a bench or simulation then writes no plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
+        )
+        return None
+    return plt
 
 
 def plot_ratios(
@@ -27,15 +44,8 @@ def plot_ratios(
     """Left: ours/baseline throughput per series (a trace against no-borrow, or an
     untruncated trace against one of the baselines); right: ours/baseline longest context, with the
     pooled-memory bound y = N and the paper's figures. ``predicted_*``: dashed (simulator)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr
-        )
+    plt = pyplot()
+    if plt is None:
         return None
     many = len(throughput) > 4
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5.6 if many else 4.2))
