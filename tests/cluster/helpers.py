@@ -73,6 +73,24 @@ def run(
     return [done[i] for i in ids]
 
 
+def lender_killer(after_step: int = 8):
+    """An ``on_step`` for ``run`` that kills, once, the first instance lending rBlocks after
+    ``after_step`` (a crash: nobody is told, the next step finds out), and the list it records
+    the killed instance in."""
+    killed: list[int] = []
+
+    def kill(engine: LLMEngine, step: int) -> None:
+        if killed or step <= after_step:
+            return
+        stats = engine.cluster.stats()["instances"]  # type: ignore[attr-defined]
+        lenders = [s["instance_id"] for s in stats if s["lent"] > 0]
+        if lenders:
+            engine.cluster.kill_instance(lenders[0])  # type: ignore[attr-defined]
+            killed.append(lenders[0])
+
+    return kill, killed
+
+
 def assert_all_free(engine: LLMEngine) -> None:
     engine.check_integrity()
     stats = engine.cluster.stats()

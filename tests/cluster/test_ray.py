@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.helpers import assert_all_free, assert_prefix_cached, run
+from cluster.helpers import assert_all_free, assert_prefix_cached, lender_killer, run
 from conftest import hf_greedy, loaded_model, random_prompts
 from infinite_llm.sampling_params import SamplingParams
 
@@ -99,15 +99,7 @@ def test_mutual_borrowing_finishes_within_a_bound(ray_engine) -> None:
 def test_creditor_killed_mid_generation_keeps_output(ray_engine) -> None:
     engine = ray_engine(num_instances=3, num_blocks=16, block_size=8, budget=48)
     prompts = random_prompts(2, (200, 200), 256, seed=23)
-    killed = []
-
-    def kill_creditor(e, step):
-        if killed or step <= 8:
-            return
-        lenders = [s["instance_id"] for s in e.cluster.stats()["instances"] if s["lent"] > 0]
-        if lenders:
-            e.cluster.kill_instance(lenders[0])  # a crash: nobody is told, the next step finds out
-            killed.append(lenders[0])
+    kill_creditor, killed = lender_killer()
 
     got = run(
         engine,

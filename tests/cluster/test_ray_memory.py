@@ -17,6 +17,7 @@ from cluster.helpers import (
     GREEDY,
     assert_all_free,
     host_pool_before_memory,
+    lender_killer,
     run,
     tiny_block_bytes,
 )
@@ -120,15 +121,7 @@ def test_a_memory_actor_killed_mid_generation_is_recomputed_exact(ray_engine) ->
     )
     prompts = random_prompts(1, (200, 200), 256, seed=52)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    killed = []
-
-    def kill_a_lender(e, step):
-        if killed or step <= 8:
-            return
-        lenders = [s["instance_id"] for s in e.cluster.stats()["instances"] if s["lent"] > 0]
-        if lenders:
-            e.cluster.kill_instance(lenders[0])  # a crash: nobody is told, the next step finds out
-            killed.append(lenders[0])
+    kill_a_lender, killed = lender_killer()
 
     got = run(engine, prompts, params, on_step=kill_a_lender)
     assert killed and killed[0] >= 1, "a memory actor holding rBlocks should have died"
