@@ -55,15 +55,20 @@ from infinite_llm.native import build as native_build
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.reference import micro_attention_reference
 from infinite_llm.model import native_decoder, native_linear, native_norm
+from infinite_llm.cluster import native_plane
 
 assert native_build.kernel_cache_dir().resolve() == cache
 modules = {
     "attention.cpu_native": cpu_native,
+    "cluster.native_plane": native_plane,
     "model.native_linear": native_linear,
     "model.native_norm": native_norm,
     "model.native_decoder": native_decoder,
 }
-libs = {name: module.native_library() for name, module in modules.items()}
+libs = {
+    name: (module.library if module is native_plane else module.native_library)()
+    for name, module in modules.items()
+}
 missing = [name for name, lib in libs.items() if lib is None]
 assert not missing, f"native libraries not built from the installed copy: {missing}"
 for name, lib in libs.items():
@@ -104,6 +109,7 @@ gate_up = torch.randn(5, 64, generator=gen)
 got = native_decoder.silu_mul(gate_up)
 assert got is not None, "native silu_mul declined a float32 contiguous input"
 torch.testing.assert_close(got, torch.nn.functional.silu(gate_up[:, :32]) * gate_up[:, 32:], **close)
+assert native_plane.sizes(1, 1, 6, 2, 64)[0] > 0  # the data plane's library answers
 print("installed native kernels OK:", ", ".join(f"{n}={l.path.name}" for n, l in libs.items()))
 """
 
@@ -175,5 +181,5 @@ def test_non_editable_install_builds_and_runs_native_kernels(tmp_path: Path) -> 
     env["INFINITE_LLM_KERNEL_CACHE"] = str(cache)
     done = _run([str(python), "-c", CHECK, str(venv), str(ROOT), str(cache)], cwd=work, env=env)
     assert "installed native kernels OK" in done.stdout
-    assert len(list(cache.glob("*.so"))) == 4, sorted(p.name for p in cache.iterdir())
+    assert len(list(cache.glob("*.so"))) == 5, sorted(p.name for p in cache.iterdir())
     print(f"install + build + check: {time.perf_counter() - start:.1f} s")

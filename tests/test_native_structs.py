@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 
 from infinite_llm.attention import cpu_native
+from infinite_llm.cluster import native_plane
 from infinite_llm.model import native_decoder
 from infinite_llm.native import structs
 from infinite_llm.native.build import build_and_load
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "infinite_llm"
 needs_native = pytest.mark.skipif(
-    cpu_native.native_library() is None or native_decoder.native_library() is None,
+    cpu_native.native_library() is None
+    or native_decoder.native_library() is None
+    or native_plane.library() is None,
     reason="native kernels could not be built here",
 )
 
@@ -39,10 +42,14 @@ def _declared(header: Path, macro: str) -> list[tuple[str, str]]:
         ("attention", "StepAttention", "attention/csrc/ma_call.h", "STEP_ATTENTION"),
         ("decoder", "LayerWeights", "model/csrc/decoder.c", "LAYER_WEIGHTS"),
         ("decoder", "DecodeStep", "model/csrc/decoder.c", "DECODE_STEP"),
+        ("data_plane", "RemoteLink", "cluster/csrc/data_plane.h", "REMOTE_LINK"),
+        ("data_plane", "RemoteStep", "cluster/csrc/data_plane.h", "REMOTE_STEP"),
+        ("data_plane", "ServeLink", "cluster/csrc/data_plane.h", "SERVE_LINK"),
     ],
 )
 def test_ctypes_structs_are_the_c_declarations(library, name, source, macro) -> None:
-    lib = (cpu_native if library == "attention" else native_decoder).native_library().lib
+    native = {"attention": cpu_native.native_library, "decoder": native_decoder.native_library}
+    lib = native.get(library, native_plane.library)().lib
     declared = _declared(SRC / source, macro)
     assert structs.layout(lib, name) == declared  # the library exports what the source declares
     struct = structs.c_struct(lib, name)

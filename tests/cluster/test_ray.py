@@ -38,6 +38,7 @@ def test_context_three_times_one_pool_is_exact(ray_engine) -> None:
     stats = engine.cluster.stats()
     assert stats["remote_ma_calls"] > 0 and stats["ray"]["bytes_sent"] > 0
     assert stats["ray"]["fused_remote_steps"] > 0, "decode steps ran in one native call"
+    assert stats["ray"]["native_remote_steps"] > 0, "their layers exchanged in C (one node)"
     assert stats["ray"]["layer_round_trip_p50_s"] > 0
     assert_all_free(engine)
 

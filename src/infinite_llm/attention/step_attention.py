@@ -25,12 +25,16 @@ from infinite_llm.attention.plan import DistPlan
 
 class RemoteDecode(Protocol):
     """Shards of a whole-step decode in other processes (a Ray actor's creditors):
-    ``step_attend`` calls ``address`` (``ma_call.h``'s ``RemoteFn``) twice a layer, to send
-    their share after the local stores and to merge their ``(out, lse)`` after the local MA. A
-    nonzero status abandons the step; ``error`` then says why."""
+    ``step_attend`` calls ``address`` (``ma_call.h``'s ``RemoteFn``) with ``context`` twice a
+    layer, to send their share after the local stores and to merge their ``(out, lse)`` after
+    the local MA. A nonzero status abandons the step; ``error`` then says why. ``finished()``
+    once the step ran (the hook records what the exchange cost)."""
 
     address: int
+    context: int
     error: BaseException | None
+
+    def finished(self) -> None: ...
 
 
 @dataclass
@@ -50,6 +54,8 @@ class NativeStep:
         return None if self.remote is None else self.remote.error
 
     def finished(self, num_layers: int) -> None:
+        if self.remote is not None:
+            self.remote.finished()
         self.on_finished(num_layers)
 
 
@@ -126,6 +132,7 @@ def build_native_step(
         hkv=pools[0].num_kv_heads,
         d=head_dim,
         remote=0 if hook is None else hook.address,
+        remote_ctx=0 if hook is None else hook.context,
     )
     address = ctypes.cast(native.lib.step_attend, ctypes.c_void_p).value or 0
     return NativeStep(

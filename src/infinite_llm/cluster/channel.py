@@ -24,6 +24,7 @@ removed by the side that made them and, for whatever a killed process left, by t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import pickle
@@ -38,6 +39,7 @@ import torch
 import zmq
 
 _BELL = struct.Struct("<I")  # a doorbell: the generation of the region that holds the message
+NATIVE_BELL = 0xFFFFFFFF  # a doorbell for a message laid out by C (``csrc/data_plane.h``)
 _LEN = struct.Struct("<Q")
 _ALIGN = 64
 _MIN_REGION = 1 << 16
@@ -112,15 +114,28 @@ class _Region:
         self.path = path
         self.generation = -1
         self._map: mmap.mmap | None = None
+        self._pinned: ctypes.c_char | None = None  # the mapping's start, for C (``address``)
 
     def _file(self, generation: int) -> str:
         return f"{self.path}.{generation}"
 
+    def reserve(self, size: int) -> None:
+        """At least ``size`` bytes from now on (a message that grows it later moves it)."""
+        if self._map is None or size > len(self._map):
+            self._grow(size)
+
+    def address(self) -> int:
+        """Where this side maps the region now (valid until it moves: see ``reserve``)."""
+        if self._map is None:
+            raise ChannelClosed(f"{self.path}: nothing mapped")
+        if self._pinned is None:
+            self._pinned = ctypes.c_char.from_buffer(self._map)
+        return ctypes.addressof(self._pinned)
+
     def write(self, header: Any, tensors: Tensors) -> int:
         meta, flat = _describe(header, tensors)
         offsets, size = _offsets(len(meta), [_nbytes(t) for t in flat])
-        if self._map is None or size > len(self._map):
-            self._grow(size)
+        self.reserve(size)
         buf = self._map
         assert buf is not None
         _LEN.pack_into(buf, 0, len(meta))
@@ -163,6 +178,7 @@ class _Region:
         return header, [_tensor(buf, m, at) for m, at in zip(meta, offsets)]
 
     def _release(self) -> None:
+        self._pinned = None
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a view still in use keeps it mapped
                 self._map.close()
@@ -216,14 +232,31 @@ class ShmEnd:
             None if creditor else os.open(self._bell_out_path, os.O_WRONLY | os.O_NONBLOCK)
         )
 
-    def send(self, header: Any, tensors: Tensors) -> None:
-        generation = self._out.write(header, tensors)
+    def bell_out(self) -> int:
+        """The outgoing doorbell's fd (the creditor opens it at its first need: by then the
+        debtor, which opened its read end first thing, is listening)."""
         try:
             if self._bell_out is None:
                 self._bell_out = os.open(self._bell_out_path, os.O_WRONLY | os.O_NONBLOCK)
-            os.write(self._bell_out, _BELL.pack(generation))
-        except OSError as exc:  # EPIPE / ENXIO: nobody reads the other end any more
+        except OSError as exc:  # ENXIO: nobody reads the other end any more
             raise ChannelClosed(str(exc)) from exc
+        return self._bell_out
+
+    def send(self, header: Any, tensors: Tensors) -> None:
+        generation = self._out.write(header, tensors)
+        try:
+            os.write(self.bell_out(), _BELL.pack(generation))
+        except OSError as exc:  # EPIPE: nobody reads the other end any more
+            raise ChannelClosed(str(exc)) from exc
+
+    def reserve(self, size: int) -> None:
+        """Room for an outgoing message of ``size`` bytes laid out by C, before a Python message
+        (which then goes into the same region) tells the other side where it is."""
+        self._out.reserve(size)
+
+    def addresses(self) -> tuple[int, int]:
+        """(this side's mapping of its own region, of the other side's), for C."""
+        return self._out.address(), self._in.address()
 
     def recv(self) -> tuple[Any, list[torch.Tensor | None]] | None:
         """The message waiting (None if the doorbell was not rung after all)."""
@@ -234,6 +267,12 @@ class ShmEnd:
         if not data:
             raise ChannelClosed("the other end closed its doorbell")
         (generation,) = _BELL.unpack(data)
+        return self.read(generation)
+
+    def read(self, generation: int) -> tuple[Any, list[torch.Tensor | None]]:
+        """The Python message whose doorbell (``generation``) was read already."""
+        if generation == NATIVE_BELL:  # C's message, and C is not listening: out of step
+            raise ChannelClosed("a native message on a channel C does not serve")
         return self._in.read(generation)
 
     def close(self, unlink: bool) -> None:

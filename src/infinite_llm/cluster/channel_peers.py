@@ -32,6 +32,12 @@ from infinite_llm.cluster.channel import (
     zmq_frames,
     zmq_message,
 )
+from infinite_llm.cluster.native_plane import (
+    SERVE_CLOSED,
+    SERVE_HANDLED,
+    SERVE_NOTHING,
+    ServedStep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ class ChannelServer:
         self._new: list[tuple[int, ShmEnd]] = []
         self._ends: dict[int, ShmEnd] = {}  # by fd
         self._debtors: dict[int, int] = {}  # fd -> debtor id
+        self._native: dict[int, ServedStep] = {}  # fd -> the step C serves on it
+        self._serving: int | None = None  # the shm channel whose message the handler answers
         self._closed = False
         self.num_served = 0
         self._thread = threading.Thread(target=self._loop, name="channel-server", daemon=True)
@@ -88,6 +96,20 @@ class ChannelServer:
             self._new.append((debtor_id, end))
             os.write(self._wake_w, b"n")
         return ChannelSpec("shm", self.instance_id, prefix)
+
+    def end_in_service(self) -> ShmEnd | None:
+        """For the handler, on the server's thread: the shared-memory channel whose message it
+        is answering (None: a ZeroMQ one)."""
+        return None if self._serving is None else self._ends[self._serving]
+
+    def serve_natively(self, step: ServedStep) -> ServedStep | None:
+        """For the handler: from now on C serves the native messages on the channel in service
+        (``native_plane``), the Python ones still come to the handler; returns the step C
+        served there before."""
+        assert self._serving is not None
+        previous = self._native.get(self._serving)
+        self._native[self._serving] = step
+        return previous
 
     def close(self) -> None:
         with self._lock:
@@ -134,16 +156,32 @@ class ChannelServer:
     def _serve_shm(self, poller: zmq.Poller, fd: int) -> None:
         end = self._ends[fd]
         try:
-            message = end.recv()
+            native = self._native.get(fd)
+            if native is None:
+                message = end.recv()
+            else:
+                code = native.serve()
+                if code == SERVE_HANDLED:
+                    self.num_served += 1
+                    return
+                if code == SERVE_CLOSED:
+                    raise ChannelClosed("the other end closed its doorbell")
+                message = None if code == SERVE_NOTHING else end.read(code)
             if message is None:
                 return
-            end.send(*self._answer(self._debtors[fd], *message))
+            self._serving = fd
+            try:
+                reply = self._answer(self._debtors[fd], *message)
+            finally:
+                self._serving = None
+            end.send(*reply)
         except Exception as exc:  # the debtor is gone, or its message unreadable: so is this
             # channel (its debtor sees end of file and opens a new one at its next need)
             if not isinstance(exc, ChannelClosed):
                 logger.exception("channel from %d closed on a bad message", self._debtors[fd])
             poller.unregister(fd)
             del self._ends[fd], self._debtors[fd]
+            self._native.pop(fd, None)
             end.close(unlink=True)
 
     def _serve_router(self) -> None:
@@ -224,12 +262,17 @@ class ChannelClient:
         end = self._ends.get(creditor_id)
         return None if end is None else end.kind
 
-    def send(self, creditor_id: int, header: Any, tensors: Tensors) -> None:
+    def end(self, creditor_id: int) -> ChannelEnd:
+        """The channel to a creditor, opened now if it is not yet."""
         end = self._ends.get(creditor_id)
         if end is None:
             end = self._ends[creditor_id] = attach(
                 self._opener(creditor_id), self.debtor_id, self._context
             )
+        return end
+
+    def send(self, creditor_id: int, header: Any, tensors: Tensors) -> None:
+        end = self.end(creditor_id)
         if creditor_id in self._owed:  # an abandoned request's reply comes first
             self.wait([creditor_id])
         self._seq += 1

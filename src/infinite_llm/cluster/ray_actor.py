@@ -47,9 +47,11 @@ import ray
 import torch
 
 from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.cluster import native_plane
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
 from infinite_llm.cluster.layout import Lender
+from infinite_llm.cluster.native_plane import NativeSetup
 from infinite_llm.cluster.ray_placement import NodeCores, node_threads
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
@@ -323,16 +325,37 @@ class InstanceActor:
         return self.server.open(debtor_id, same_node=debtor_node_id == self.node_id)
 
     def _serve(
-        self, debtor_id: int, header: ShardHeader | None, tensors: list[torch.Tensor | None]
-    ) -> tuple[tuple[float, float, bool], list[torch.Tensor]]:
+        self,
+        debtor_id: int,
+        header: ShardHeader | NativeSetup | None,
+        tensors: list[torch.Tensor | None],
+    ) -> tuple[tuple[float, float, bool] | bool, list[torch.Tensor]]:
         """One message on a channel (the channel server's thread): a debtor's share of a layer,
-        answered ``((started, finished, whether an MA ran), [out, lse])``, the times by
+        answered ``((started, finished, whether an MA ran), [out, lse])``; a ``NativeSetup``,
+        answered whether C serves that step's layers (``native_plane``); the times by
         ``time.monotonic`` (one clock for every process of a node); None: a probe."""
         start = time.monotonic()
         if header is None:
             return (start, start, False), []
         if self.serve_delay_s:
             time.sleep(self.serve_delay_s)
+        if isinstance(header, NativeSetup):  # a step whose layers C serves from here on
+            end = self.server.end_in_service()
+            served = None
+            if end is not None:
+                served = native_plane.accept(
+                    header,
+                    tensors[0],
+                    end,
+                    self.instance.pool,
+                    self.transport.impl,
+                    self.serve_delay_s,
+                )
+            if served is not None:
+                previous = self.server.serve_natively(served)
+                for seconds in [] if previous is None else previous.served_s():
+                    self.shard_serve.record(seconds)
+            return served is not None, []
         with torch.inference_mode():
             result = self.instance.run_shard(
                 header[0], self.receiver.work(debtor_id, header, tensors)

@@ -120,6 +120,8 @@ def merged_stats(
             "layer_wire_p50_s": _p(wires, 50),
             "shard_serve_p50_s": _p(serve, 50),
             "fused_remote_steps": sum(s.transport["fused_remote_steps"] for s in snaps),
+            # ... of them, exchanged in C (creditors on the debtor's node)
+            "native_remote_steps": sum(s.transport["native_remote_steps"] for s in snaps),
             # channels debtors opened to creditors: on one node (shm), across nodes (zmq)
             "shm_channels": sum(s.transport["shm_channels"] for s in snaps),
             "zmq_channels": sum(s.transport["zmq_channels"] for s in snaps),

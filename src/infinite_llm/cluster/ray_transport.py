@@ -39,8 +39,10 @@ from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.dist import LocalExecutor, ShardWork
 from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.attention.plan import DistPlan
+from infinite_llm.cluster import native_plane
 from infinite_llm.cluster.channel import ChannelSpec
 from infinite_llm.cluster.channel_peers import ChannelClient, ChannelFailed
+from infinite_llm.cluster.native_plane import NativeRemoteHook
 from infinite_llm.cluster.remote_decode import RemoteDecodeHook
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import LatencyRecorder
@@ -163,6 +165,7 @@ class RayTransport:
         self.unreachable: set[int] = set()  # peers a call failed on, reported with each step
         self.num_shard_calls = 0
         self.num_fused_remote_steps = 0  # steps whose remote shards joined a fused native decode
+        self.num_native_remote_steps = 0  # ... of them, exchanged in C (``native_plane``)
         self.bytes_sent = 0  # payload out: queries, new K,V, slots
         self.bytes_received = 0  # payload back: (out, lse)
         self.layer_round_trip = SampleRecorder()  # issue -> every remote (out, lse) back
@@ -170,7 +173,7 @@ class RayTransport:
         # per layer: what the channels cost (``run``), on one node's clock
         self.layer_wire = SampleRecorder()
         self._sent_batch: dict[int, MABatch | None] = {}  # creditor -> the batch it holds from us
-        self.channels = ChannelClient(instance_id, self._open_channel, self._peer_alive)
+        self.channels = ChannelClient(instance_id, self._open_channel, self.peer_alive)
 
     def set_peers(self, peers: Mapping[int, Any]) -> None:
         self._peers = {i: h for i, h in peers.items() if i != self.instance_id}
@@ -197,7 +200,7 @@ class RayTransport:
         )
         return spec
 
-    def _peer_alive(self, instance_id: int) -> bool:
+    def peer_alive(self, instance_id: int) -> bool:
         """Whether a peer that owes a reply still answers a ping (a slow answer counts as alive)."""
         peer = self._peers.get(instance_id)
         if peer is None:
@@ -236,14 +239,49 @@ class RayTransport:
             results[inst] = (out.to(home, copy=True), lse.to(home, copy=True))
         return results
 
+    def forget_sent_batch(self, creditor_id: int) -> None:
+        """The creditor no longer holds the batch this debtor sent last (the Python path's
+        ``same`` flag must send the next one whole)."""
+        self._sent_batch.pop(creditor_id, None)
+
     def remote_decode(
         self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
-    ) -> RemoteDecodeHook:
-        """The creditors' shards of a whole native decode step (``DistAttention.native_step``)."""
-        num_kv_heads = self._local.pools[self.instance_id].num_kv_heads
+    ) -> RemoteDecodeHook | NativeRemoteHook:
+        """The creditors' shards of a whole native decode step (``DistAttention.native_step``):
+        exchanged in C (``native_plane``) where every creditor is on this node and takes it,
+        else through the Python hook (``remote_decode``)."""
+        pool = self._local.pools[self.instance_id]
+        heads = (num_heads, pool.num_kv_heads, head_dim)
         with self._lock:
             self.num_fused_remote_steps += 1
-        return RemoteDecodeHook(self, plan, insts, num_heads, num_kv_heads, head_dim)
+        if native_plane.library() is not None and all(i in self._peers for i in insts):
+            try:
+                native = native_plane.set_up(self, plan, insts, heads, pool.num_layers)
+            except (ChannelFailed, RayActorError, GetTimeoutError) as exc:
+                failed = getattr(exc, "creditor_ids", list(insts))
+                self.note_unreachable(failed)
+                raise PeerUnreachable(sorted(failed)) from exc
+            if native is not None:
+                with self._lock:
+                    self.num_native_remote_steps += 1
+                return native
+        return RemoteDecodeHook(self, plan, insts, *heads)
+
+    def note_unreachable(self, instance_ids: list[int]) -> None:
+        with self._lock:
+            self.unreachable.update(instance_ids)
+
+    def record_layer(self, round_trip: float, remote_wait: float, wire: float) -> None:
+        """One layer's exchange, in seconds (the native hook's, after its step)."""
+        self.layer_round_trip.record(round_trip)
+        self.layer_remote_wait.record(remote_wait)
+        self.layer_wire.record(wire)
+
+    def count_exchange(self, calls: int, sent: int, received: int) -> None:
+        with self._lock:
+            self.num_shard_calls += calls
+            self.bytes_sent += sent
+            self.bytes_received += received
 
     def send_shards(self, layer_idx: int, work: Mapping[int, ShardWork]) -> Exchange:
         """Send every creditor's share of a layer (``work`` of other instances; this one's own
@@ -388,6 +426,7 @@ class RayTransport:
             return {
                 "shard_calls": self.num_shard_calls,
                 "fused_remote_steps": self.num_fused_remote_steps,
+                "native_remote_steps": self.num_native_remote_steps,
                 "shm_channels": sum(
                     self.channels.kind(c) == "shm" for c in self.channels.creditor_ids
                 ),

@@ -25,7 +25,13 @@ if TYPE_CHECKING:
     from infinite_llm.cluster.ray_transport import Exchange, RayTransport
 
 RemoteFn = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
 )
 FAILED = -100  # the status the native decoder stops on; ``error`` says why
 
@@ -61,8 +67,12 @@ class RemoteDecodeHook:
         self.error: BaseException | None = None
         self._fn = RemoteFn(self._call)  # kept alive as long as the hook
         self.address: int = ctypes.cast(self._fn, ctypes.c_void_p).value or 0
+        self.context = 0
 
-    def _call(self, phase: int, layer: int, qkv: int, attn: int, lse: int) -> int:
+    def finished(self) -> None:
+        pass  # each layer's exchange recorded itself (``RayTransport.collect``)
+
+    def _call(self, ctx: int | None, phase: int, layer: int, qkv: int, attn: int, lse: int) -> int:
         try:
             views = self._tensors(qkv, attn, lse)
             if phase == 0:

@@ -763,6 +763,7 @@ int step_attend(const void *step, int64_t layer, const float *q, const float *qk
     const int64_t *slots = PTR(const int64_t *, s->slots);
     int64_t *layer_k = PTR(int64_t *, s->layer_k), *layer_v = PTR(int64_t *, s->layer_v);
     RemoteFn remote = PTR(RemoteFn, s->remote);
+    void *rctx = PTR(void *, s->remote_ctx);
     int status;
     for (int64_t p = 0; p < s->num_pools; p++) {
         layer_k[p] = k_bases[p] + layer * layer_strides[p];
@@ -779,7 +780,7 @@ int step_attend(const void *step, int64_t layer, const float *q, const float *qk
                      1, row + Q, QKV, row + Q + KV, QKV, (int)s->hkv, (int)s->d, 4))
             return -3;
     }
-    if (remote && (status = remote(0, layer, qkv, attn, lse))) return status;
+    if (remote && (status = remote(rctx, 0, layer, qkv, attn, lse))) return status;
     if (s->kind == 0) {
         MADecodeCall *one = PTR(MADecodeCall *, s->call);
         one->q = (int64_t)(intptr_t)q;
@@ -801,7 +802,7 @@ int step_attend(const void *step, int64_t layer, const float *q, const float *qk
         return -2;
     }
     if (status) return status;
-    return remote ? remote(1, layer, qkv, attn, lse) : 0;
+    return remote ? remote(rctx, 1, layer, qkv, attn, lse) : 0;
 #undef PTR
 }
 

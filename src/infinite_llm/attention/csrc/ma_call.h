@@ -40,7 +40,8 @@ int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *s
 /* A decode step's attention as a whole-step decoder calls it, once a layer (step_attend): the
  * new K,V of every row stored in its pool, then the MA over one pool (kind 0: `call` is an
  * MADecodeCall) or several merged in the kernel (kind 1: an MAShardsCall), and around the MA
- * the rows' share in other processes through `remote` (a RemoteFn, or 0).
+ * the rows' share in other processes through `remote` (a RemoteFn, or 0, called with
+ * `remote_ctx`).
  *   pools, int64[num_pools] each: layer 0's K and V addresses (k_bases, v_bases), bytes from
  *   one layer to the next (layer_strides), elements from one KV head to the next
  *   (head_strides); layer_k, layer_v: int64[num_pools] scratch the call fills per layer (what
@@ -48,14 +49,15 @@ int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *s
  *   new K,V (-1: stored remotely). */
 #define STEP_ATTENTION(I, F)                                                                      \
     I(kind) I(call) I(num_pools) I(k_bases) I(v_bases) I(layer_strides) I(head_strides)           \
-    I(layer_k) I(layer_v) I(write_pool) I(slots) I(t) I(hq) I(hkv) I(d) I(remote)
+    I(layer_k) I(layer_v) I(write_pool) I(slots) I(t) I(hq) I(hkv) I(d) I(remote) I(remote_ctx)
 C_STRUCT(StepAttention, STEP_ATTENTION)
 
 /* Rows with context in another process's pools (a Ray actor's creditors): phase 0, after the
  * local stores, sends them their share of layer `layer` (q and new K,V from qkv [t][Q+2KV]);
  * phase 1, after the local MA, merges their (out, lse) into attn [t][Q] and lse [t][Hq].
  * Nonzero: the step is abandoned with that status. */
-typedef int (*RemoteFn)(int64_t phase, int64_t layer, const float *qkv, float *attn, float *lse);
+typedef int (*RemoteFn)(void *ctx, int64_t phase, int64_t layer, const float *qkv, float *attn,
+                        float *lse);
 
 /* Layer `layer` of the step: q [t][Hq*D] float32 rows, qkv [t][(Hq+2Hkv)*D] the rows whose K,V
  * part is stored (q may point into qkv when t == 1), attn [t][Hq*D] and lse [t][Hq] the result.

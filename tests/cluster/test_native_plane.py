@@ -1,0 +1,169 @@
+"""The data plane's per-layer exchange in C (``cluster.native_plane``), without Ray: a debtor's
+``remote_step`` against a creditor's channel server in this process, bit for bit the Python
+path's result (the creditor's store and MA by ``micro_attention``, merged by ``merge_into``),
+and failures that end the step instead of hanging."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.kv_pool import KVPool
+from infinite_llm.attention.merge import merge_into
+from infinite_llm.attention.micro import micro_attention
+from infinite_llm.cluster import native_plane
+from infinite_llm.cluster.channel import channel_dir, remove_channel_dir
+from infinite_llm.cluster.channel_peers import ChannelServer
+from infinite_llm.cluster.native_plane import NativeRemoteHook, NativeSetup
+from infinite_llm.cluster.ray_transport import PeerUnreachable, RayTransport
+
+pytestmark = pytest.mark.skipif(
+    native_plane.library() is None, reason="no C compiler: the exchange stays in Python"
+)
+
+LAYERS, HQ, HKV, D, BS = 3, 4, 2, 64, 16
+STEP_FN = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+)
+
+
+def _pool(seed: int) -> KVPool:
+    pool = KVPool(LAYERS, HKV, D, num_blocks=16, block_size=BS, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    pool.k.copy_(torch.randn(pool.k.shape, generator=g))
+    pool.v.copy_(torch.randn(pool.v.shape, generator=g))
+    return pool
+
+
+class Creditor:
+    """A creditor's channel server answering setups as ``InstanceActor._serve`` does."""
+
+    def __init__(self, pool: KVPool, token: str, delay_s: float = 0.0) -> None:
+        self.pool = pool
+        self.server = ChannelServer(1, self._serve, channel_dir(token))
+        self.delay_s = delay_s
+
+    def _serve(self, debtor_id, header, tensors):
+        assert isinstance(header, NativeSetup)
+        end = self.server.end_in_service()
+        served = native_plane.accept(header, tensors[0], end, self.pool, "auto", self.delay_s)
+        if served is not None:
+            self.server.serve_natively(served)
+        return served is not None, []
+
+
+@pytest.fixture
+def token():
+    name = f"test-native-{os.getpid()}-{time.monotonic_ns()}"
+    yield name
+    remove_channel_dir(name)
+
+
+def _debtor(creditor: Creditor, timeout_s: float = 30.0) -> RayTransport:
+    transport = RayTransport(0, _pool(0))
+    transport.set_peers({1: None})
+    transport.channels._opener = lambda c: creditor.server.open(0, same_node=True)
+    transport.channels.timeout_s = timeout_s
+    transport.channels.slice_s = 0.05
+    return transport
+
+
+def _plan(t: int) -> SimpleNamespace:
+    """Rows 0 and 2 of ``t`` have context on the creditor (blocks 3,4 and 7); rows 1 and 2 store
+    their new K,V there (slots 70 and 113)."""
+    batch = MABatch([1, 1], [[3, 4], [7]], [20, 9], BS)
+    shard = SimpleNamespace(rows=torch.tensor([0, 2]), batch=batch)
+    write = SimpleNamespace(rows=torch.tensor([1, 2]), slots=torch.tensor([70, 113]))
+    return SimpleNamespace(num_tokens=t, shards={1: shard}, writes={1: write}, batch=batch)
+
+
+def _hook(transport: RayTransport, plan) -> NativeRemoteHook:
+    hook = native_plane.set_up(transport, plan, (1,), (HQ, HKV, D), LAYERS)
+    assert isinstance(hook, NativeRemoteHook)
+    return hook
+
+
+def test_a_layer_exchanged_in_c_equals_the_python_path_bit_for_bit(token) -> None:
+    creditor = Creditor(_pool(1), token)
+    reference = _pool(1)  # the same pool, for the Python path
+    transport = _debtor(creditor)
+    t = 3
+    plan = _plan(t)
+    hook = _hook(transport, plan)
+    step = STEP_FN(hook.address)
+    g = torch.Generator().manual_seed(2)
+    for layer in range(LAYERS):
+        qkv = torch.randn(t, (HQ + 2 * HKV) * D, generator=g)
+        attn = torch.randn(t, HQ, D, generator=g)  # the local MA's state
+        lse = torch.randn(t, HQ, generator=g)
+        expect_out, expect_lse = attn.clone(), lse.clone()
+        assert step(hook.context, 0, layer, qkv.data_ptr(), 0, 0) == 0
+        assert step(hook.context, 1, layer, 0, attn.data_ptr(), lse.data_ptr()) == 0
+
+        q = qkv[:, : HQ * D].reshape(t, HQ, D)
+        k = qkv[:, HQ * D : (HQ + HKV) * D].reshape(t, HKV, D)
+        v = qkv[:, (HQ + HKV) * D :].reshape(t, HKV, D)
+        rows, write = plan.shards[1].rows, plan.writes[1]
+        part_out, part_lse = micro_attention(
+            q[rows],
+            reference.k[layer],
+            reference.v[layer],
+            plan.batch,
+            store=(write.slots, k[write.rows], v[write.rows]),
+        )
+        merge_into(expect_out, expect_lse, rows, part_out, part_lse)
+        assert torch.equal(attn, expect_out) and torch.equal(lse, expect_lse)
+        assert torch.equal(creditor.pool.k[layer], reference.k[layer])  # the stores, too
+        assert torch.equal(creditor.pool.v[layer], reference.v[layer])
+    hook.finished()
+    assert transport.layer_wire.values() and transport.num_shard_calls == LAYERS
+    assert creditor.server.num_served == LAYERS + 1  # the setup, then every layer in C
+    transport.channels.close()
+    creditor.server.close()
+
+
+def test_a_creditor_that_dies_mid_step_ends_it_at_once(token) -> None:
+    creditor = Creditor(_pool(1), token)
+    transport = _debtor(creditor)
+    hook = _hook(transport, _plan(3))
+    step = STEP_FN(hook.address)
+    qkv, attn, lse = torch.zeros(3, (HQ + 2 * HKV) * D), torch.zeros(3, HQ, D), torch.zeros(3, HQ)
+    assert step(hook.context, 0, 0, qkv.data_ptr(), 0, 0) == 0
+    assert step(hook.context, 1, 0, 0, attn.data_ptr(), lse.data_ptr()) == 0
+    creditor.server.close()  # its channels close, as a process that dies closes them
+    begin = time.monotonic()
+    status = step(hook.context, 0, 1, qkv.data_ptr(), 0, 0)
+    if status == 0:
+        status = step(hook.context, 1, 1, 0, attn.data_ptr(), lse.data_ptr())
+    assert status == -100 and time.monotonic() - begin < 5
+    assert isinstance(hook.error, PeerUnreachable) and hook.error.instance_ids == [1]
+    assert transport.channels.creditor_ids == []  # closed, reopened at the next need
+    assert transport.take_unreachable() == [1]
+
+
+def test_a_silent_creditor_fails_the_wait_at_its_deadline(token) -> None:
+    creditor = Creditor(_pool(1), token, delay_s=2.0)
+    transport = _debtor(creditor, timeout_s=0.3)
+    transport.peer_alive = lambda i: True  # alive but silent: only the deadline ends the wait
+    hook = _hook(transport, _plan(3))
+    step = STEP_FN(hook.address)
+    qkv, attn, lse = torch.zeros(3, (HQ + 2 * HKV) * D), torch.zeros(3, HQ, D), torch.zeros(3, HQ)
+    begin = time.monotonic()
+    assert step(hook.context, 0, 0, qkv.data_ptr(), 0, 0) == 0
+    assert step(hook.context, 1, 0, 0, attn.data_ptr(), lse.data_ptr()) == -100
+    assert time.monotonic() - begin < 5
+    assert isinstance(hook.error, PeerUnreachable)
+    assert "no reply in time" in str(hook.error.__notes__)
+    creditor.server.close()
