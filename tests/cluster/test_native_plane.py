@@ -167,3 +167,80 @@ def test_a_silent_creditor_fails_the_wait_at_its_deadline(token) -> None:
     assert isinstance(hook.error, PeerUnreachable)
     assert "no reply in time" in str(hook.error.__notes__)
     creditor.server.close()
+
+
+def test_a_request_wholly_on_the_creditor_joins_the_native_step(token) -> None:
+    """Two decode rows: request 0's context on both pools, request 1's only on the creditor.
+    The step's own hook (``build_native_step`` over the local pool, the creditor through C)
+    gives request 1 exactly the creditor's answer and request 0 the merge of both."""
+    from infinite_llm.attention import cpu_native
+    from infinite_llm.attention.step_attention import build_native_step
+
+    creditor = Creditor(_pool(1), token)
+    reference = _pool(1)
+    transport = _debtor(creditor)
+    local_pool = transport._local.pools[0]
+    local_ref = KVPool(LAYERS, HKV, D, num_blocks=16, block_size=BS, dtype=torch.float32)
+    local_ref.k.copy_(local_pool.k)
+    local_ref.v.copy_(local_pool.v)
+    local_batch = MABatch([1], [[2, 5]], [25], BS)  # request 0, its first 25 tokens at home
+    remote_batch = MABatch([1, 1], [[3], [7, 8]], [10, 30], BS)  # request 0's rest; request 1
+    plan = SimpleNamespace(
+        num_tokens=2,
+        block_size=BS,
+        query_start=[0, 1, 2],
+        shards={
+            0: SimpleNamespace(rows=torch.tensor([0]), batch=local_batch, requests=[0]),
+            1: SimpleNamespace(rows=None, batch=remote_batch, requests=[0, 1]),
+        },
+        writes={
+            0: SimpleNamespace(rows=torch.tensor([0]), slots=torch.tensor([2 * BS + 9])),
+            1: SimpleNamespace(rows=torch.tensor([1]), slots=torch.tensor([8 * BS + 13])),
+        },
+    )
+    hooks = []
+
+    def remote():
+        hooks.append(native_plane.set_up(transport, plan, (1,), (HQ, HKV, D), LAYERS))
+        return hooks[-1]
+
+    step = build_native_step(plan, (0,), (local_pool,), HQ, D, D**-0.5, lambda n: None, remote)
+    assert step is not None and isinstance(hooks[0], NativeRemoteHook)
+    attend = cpu_native.native_library().lib.step_attend
+    g = torch.Generator().manual_seed(3)
+    for layer in range(LAYERS):
+        qkv = torch.randn(2, (HQ + 2 * HKV) * D, generator=g)
+        q = qkv[:, : HQ * D].contiguous()
+        attn = torch.full((2, HQ, D), float("nan"))  # whatever the scratch held
+        lse = torch.full((2, HQ), float("nan"))
+        assert (
+            attend(
+                step.context, layer, q.data_ptr(), qkv.data_ptr(), attn.data_ptr(), lse.data_ptr()
+            )
+            == 0
+        )
+
+        qh = q.view(2, HQ, D)
+        k = qkv[:, HQ * D : (HQ + HKV) * D].reshape(2, HKV, D)
+        v = qkv[:, (HQ + HKV) * D :].reshape(2, HKV, D)
+        home = micro_attention(
+            qh[:1],
+            local_ref.k[layer],
+            local_ref.v[layer],
+            local_batch,
+            store=(plan.writes[0].slots, k[:1], v[:1]),
+        )
+        away = micro_attention(
+            qh,
+            reference.k[layer],
+            reference.v[layer],
+            remote_batch,
+            store=(plan.writes[1].slots, k[1:], v[1:]),
+        )
+        assert torch.equal(attn[1], away[0][1]) and torch.equal(lse[1], away[1][1])
+        want_out, want_lse = home[0].clone(), home[1].clone()
+        merge_into(want_out, want_lse, None, away[0][:1], away[1][:1])
+        torch.testing.assert_close(attn[:1], want_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse[:1], want_lse, rtol=1e-5, atol=1e-6)
+    transport.channels.close()
+    creditor.server.close()

@@ -86,9 +86,8 @@ def build_native_step(
         return None  # a row without a new K,V: not a decode step the kernel knows
     q_like = torch.empty(t, num_heads, head_dim)
     caches = [(p.k[0], p.v[0]) for p in pools]
-    if len(pools) == 1:
-        if plan.shards[insts[0]].rows is not None:
-            return None
+    empty = torch.zeros(0, dtype=torch.int64)  # rows no local pool serves
+    if len(pools) == 1 and plan.shards[insts[0]].rows is None:
         prepared = cpu_native.prepare_decode_call(
             q_like, *caches[0], plan.shards[insts[0]].batch, scale
         )
@@ -97,9 +96,15 @@ def build_native_step(
         call, kind = prepared.call, 0
         keep: object = prepared
     else:
-        tables = shard_tables(plan, list(insts), q_like, caches)
+        # One pool serving some rows, or several: the shards call, which places every
+        # request's rows itself; rows of requests wholly elsewhere start empty.
+        tables = shard_tables(plan, list(insts), q_like, caches, allow_missing=remote is not None)
         if tables is None:
             return None
+        qs = plan.query_start
+        empty = torch.tensor(
+            [r for g in tables.missing for r in range(qs[g], qs[g + 1])], dtype=torch.int64
+        )
         shards = native_shards.PreparedShards(tables, caches, num_heads, plan.block_size, scale)
         call, keep, kind = shards.call, shards, 1
     hook = None
@@ -133,12 +138,14 @@ def build_native_step(
         d=head_dim,
         remote=0 if hook is None else hook.address,
         remote_ctx=0 if hook is None else hook.context,
+        empty_rows=empty.data_ptr(),
+        n_empty=len(empty),
     )
     address = ctypes.cast(native.lib.step_attend, ctypes.c_void_p).value or 0
     return NativeStep(
         address,
         ctypes.addressof(step),
-        (step, keep, arrays, write_pool, slots, caches),
+        (step, keep, arrays, write_pool, slots, caches, empty),
         on_finished,
         hook,
     )
@@ -149,9 +156,11 @@ def shard_tables(
     insts: list[int],
     q: torch.Tensor,
     caches: list[tuple[torch.Tensor, torch.Tensor]],
+    allow_missing: bool = False,
 ) -> native_shards.ShardTables | None:
     """The plan's shards as the native several-pool kernel reads them; None where it cannot
-    take them (no kernel, another dtype or layout, pools that differ)."""
+    take them (no kernel, another dtype or layout, pools that differ, or, unless
+    ``allow_missing``, a request none of ``insts`` serves)."""
     k0 = caches[0][0]
     if not cpu_native.native_available() or any(
         not cpu_native.supports(q, k, v)
@@ -163,4 +172,4 @@ def shard_tables(
     ):
         return None
     shards = [(plan.shards[i].batch, plan.shards[i].requests) for i in insts]
-    return native_shards.ShardTables.build(shards, plan.query_start)
+    return native_shards.ShardTables.build(shards, plan.query_start, allow_missing)

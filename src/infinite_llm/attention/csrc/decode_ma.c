@@ -781,6 +781,11 @@ int step_attend(const void *step, int64_t layer, const float *q, const float *qk
             return -3;
     }
     if (remote && (status = remote(rctx, 0, layer, qkv, attn, lse))) return status;
+    const int64_t *empty = PTR(const int64_t *, s->empty_rows);
+    for (int64_t e = 0; e < s->n_empty; e++) { /* the remote merge fills them */
+        memset(attn + empty[e] * Q, 0, sizeof(float) * Q);
+        for (int64_t h = 0; h < s->hq; h++) lse[empty[e] * s->hq + h] = -INFINITY;
+    }
     if (s->kind == 0) {
         MADecodeCall *one = PTR(MADecodeCall *, s->call);
         one->q = (int64_t)(intptr_t)q;
