@@ -5,7 +5,6 @@ and failures that end the step instead of hanging."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from types import SimpleNamespace
@@ -22,21 +21,13 @@ from infinite_llm.cluster.channel import channel_dir, remove_channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
 from infinite_llm.cluster.native_plane import NativeRemoteHook, NativeSetup
 from infinite_llm.cluster.ray_transport import PeerUnreachable, RayTransport
+from infinite_llm.cluster.remote_decode import RemoteFn as STEP_FN  # remote_step's signature
 
 pytestmark = pytest.mark.skipif(
     native_plane.library() is None, reason="no C compiler: the exchange stays in Python"
 )
 
 LAYERS, HQ, HKV, D, BS = 3, 4, 2, 64, 16
-STEP_FN = ctypes.CFUNCTYPE(
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_int64,
-    ctypes.c_int64,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-)
 
 
 def _pool(seed: int) -> KVPool:
@@ -242,5 +233,24 @@ def test_a_request_wholly_on_the_creditor_joins_the_native_step(token) -> None:
         merge_into(want_out, want_lse, None, away[0][:1], away[1][:1])
         torch.testing.assert_close(attn[:1], want_out, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse[:1], want_lse, rtol=1e-5, atol=1e-6)
+    transport.channels.close()
+    creditor.server.close()
+
+
+def test_a_step_stopped_between_sends_and_merge_leaves_no_reply_behind(token) -> None:
+    """The decoder may stop a step for its own reason after a layer's sends: the replies then
+    waiting are never read as another step's; the channel reopens and serves the next one."""
+    creditor = Creditor(_pool(1), token)
+    transport = _debtor(creditor)
+    hook = _hook(transport, _plan(3))
+    step = STEP_FN(hook.address)
+    qkv, attn, lse = torch.zeros(3, (HQ + 2 * HKV) * D), torch.zeros(3, HQ, D), torch.zeros(3, HQ)
+    assert step(hook.context, 0, 0, qkv.data_ptr(), 0, 0) == 0
+    assert hook.error is None  # the decoder's own failure, not the exchange's
+    assert transport.channels.creditor_ids == []
+    again = _hook(transport, _plan(3))
+    step = STEP_FN(again.address)
+    assert step(again.context, 0, 0, qkv.data_ptr(), 0, 0) == 0
+    assert step(again.context, 1, 0, 0, attn.data_ptr(), lse.data_ptr()) == 0
     transport.channels.close()
     creditor.server.close()

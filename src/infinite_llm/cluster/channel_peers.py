@@ -9,6 +9,7 @@ silent past the deadline fails the wait with ``ChannelFailed``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -73,6 +74,7 @@ class ChannelServer:
         port = self._router.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._wake_r, self._wake_w = os.pipe()
+        self._openings = itertools.count()
         self._lock = threading.Lock()
         self._new: list[tuple[int, ShmEnd]] = []
         self._ends: dict[int, ShmEnd] = {}  # by fd
@@ -87,7 +89,11 @@ class ChannelServer:
     def open(self, debtor_id: int, same_node: bool) -> ChannelSpec:
         if not same_node:
             return ChannelSpec("zmq", self.instance_id, self.address)
-        prefix = os.path.join(self._dir, f"{debtor_id}-{self.instance_id}-{os.getpid()}")
+        # unique per opening: a debtor that reopens must not meet the old channel's files,
+        # which the server removes when it sees that channel close
+        prefix = os.path.join(
+            self._dir, f"{debtor_id}-{self.instance_id}-{os.getpid()}-{next(self._openings)}"
+        )
         end = creditor_end(prefix)
         with self._lock:  # the wake-up pipe is open exactly while not closed
             if self._closed:

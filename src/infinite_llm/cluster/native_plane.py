@@ -234,6 +234,7 @@ class NativeRemoteHook:
             timeout_ms=max(1, int(channels.timeout_s * 1000)),
             failed=-1,
             status=0,
+            pending=0,
             times=self._times.data_ptr(),
             num_layers=num_layers,
         )
@@ -242,6 +243,13 @@ class NativeRemoteHook:
 
     @property
     def error(self) -> BaseException | None:
+        """Why the exchange stopped the step (None: it did not). A step the decoder stopped
+        for its own reason between a layer's sends and its merge leaves replies on the
+        channels: they are closed (reopened at the next need) so no later wait reads them."""
+        if self._error is None and not self._step.status and self._step.pending:
+            for inst in self._insts:
+                self._transport.channels.forget(inst)
+            self._step.pending = 0
         if self._error is None and self._step.status:
             from infinite_llm.cluster.ray_transport import PeerUnreachable
 

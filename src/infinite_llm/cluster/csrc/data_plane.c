@@ -78,6 +78,7 @@ static int send_layer(RemoteStep *s, int64_t layer, const float *qkv, int64_t *t
         copy_rows(k, qkv + Q, QKV, PTR(const int64_t *, l->write_rows), l->n_write, KV);
         copy_rows(v, qkv + Q + KV, QKV, PTR(const int64_t *, l->write_rows), l->n_write, KV);
         if (times) times[2 + 4 * c] = now_ns();
+        s->pending = 1;
         if (ring(l->bell_out)) {
             s->failed = c;
             s->status = LINK_CLOSED;
@@ -140,6 +141,7 @@ static int merge_layer(RemoteStep *s, int64_t layer, float *attn, float *lse, in
         PTR(MergeFn, s->merge)(attn, lse, PTR(const int64_t *, l->rows), l->n_rows, (int)s->hq,
                                (int)s->d, out, 0, part_lse);
     }
+    s->pending = 0;
     return 0;
 }
 

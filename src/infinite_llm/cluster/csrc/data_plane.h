@@ -39,12 +39,14 @@ C_STRUCT(RemoteLink, REMOTE_LINK)
  * Hq/Hkv heads of D; `step` the number every message of this step carries; `merge` the
  * attention library's merge_into; `alive` an int (*)(int64 link) asked after every silent
  * slice of slice_ms (0: the creditor is gone), timeout_ms in all. On a failure: `failed` the
- * link, `status` why (see data_plane.c). `times`: int64[num_layers][2 + 4 * num_links],
- * CLOCK_MONOTONIC ns per layer: phase 0 began, phase 1 began (the local MA done), then per
- * link sent, reply read, the creditor's MA began and ended. */
+ * link, `status` why (see data_plane.c). `pending`: 1 from a layer's sends to its merge (a
+ * step stopped in between leaves replies on the channels). `times`:
+ * int64[num_layers][2 + 4 * num_links], CLOCK_MONOTONIC ns per layer: phase 0 began, phase 1
+ * began (the local MA done), then per link sent, reply read, the creditor's MA began and
+ * ended. */
 #define REMOTE_STEP(I, F)                                                                         \
     I(num_links) I(links) I(t) I(hq) I(hkv) I(d) I(step) I(merge) I(alive) I(slice_ms)            \
-    I(timeout_ms) I(failed) I(status) I(times) I(num_layers)
+    I(timeout_ms) I(failed) I(status) I(pending) I(times) I(num_layers)
 C_STRUCT(RemoteStep, REMOTE_STEP)
 
 /* A creditor's side of one debtor's step. in_region / out_region: its mapping of the debtor's
