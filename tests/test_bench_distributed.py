@@ -44,3 +44,5 @@ def test_ray_rows_carry_the_data_plane_figures(capsys) -> None:
         assert r["same_tokens"] and r["bytes_out_per_step"] > 0
         assert r["layer_wire_ms"] > 0 and r["channel_ms"] > 0 and r["noop_call_ms"] > 0
         assert r["threads"] >= 1
+        # one node: every whole-step decode with remote shards crossed its layers in C
+        assert r["steps_exchanged_in_c"] == 1.0

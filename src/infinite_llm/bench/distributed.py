@@ -22,7 +22,9 @@ round trip (home issues every creditor's shard on its channel -> every (out, lse
 part of it the channels themselves take (``wire``: send to the creditor's start, and its end,
 or the local share's if later, to the reply read; neither side's compute), the creditor's time,
 and, to compare with, a bare round trip on the channel with one layer's payload and a Ray
-actor call (bare, and with that payload). The JSON checks each figure against its target
+actor call (bare, and with that payload), and the share of the home's whole-step decodes
+whose layers crossed in C (``cluster.native_plane``; the rest went through Python). The JSON
+checks each figure against its target
 (``distributed_report.TARGETS``); ``--out DIR`` writes ``distributed.png``.
 """
 
@@ -314,11 +316,14 @@ def _ray_figures(
     waits = home.layer_remote_wait_s[window]
     wires = home.layer_wire_s[window]
     serve = [x for s in snaps if s.instance_id != HOME for x in s.shard_serve_s[window]]
+    fused = home.transport["fused_remote_steps"]
     figures: dict[str, Any] = {
         "layer_round_trip_ms": _ms(round_trips),
         "layer_remote_wait_ms": _ms(waits),
         "layer_wire_ms": _ms(wires),
         "creditor_ma_ms": _ms(serve),
+        # of the home's whole-step decodes with remote shards, those whose layers crossed in C
+        "steps_exchanged_in_c": home.transport["native_remote_steps"] / fused if fused else None,
     }
     if len(snaps) > 1:
         num_creditors = len(snaps) - 1

@@ -94,10 +94,12 @@ def tables(results: list[dict[str, Any]], model: str, steps: int) -> str:
                 "noop_call_ms",
                 "payload_call_ms",
                 "layer_payload_bytes",
+                "steps_exchanged_in_c",
             ],
             "ray, per layer: round trip (sends -> every reply); remote wait (after the local "
             "share); wire (the channels' own time, neither side's compute); creditor's time; "
-            "a bare round trip on the channel and a Ray actor call with one layer's payload",
+            "a bare round trip on the channel and a Ray actor call with one layer's payload; "
+            "the share of whole-step decodes whose layers crossed in C",
         )
     return text
 
