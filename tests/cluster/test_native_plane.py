@@ -86,6 +86,11 @@ def _hook(transport: RayTransport, plan) -> NativeRemoteHook:
     return hook
 
 
+def _zeros() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's qkv, attn and lse buffers for three rows."""
+    return torch.zeros(3, (HQ + 2 * HKV) * D), torch.zeros(3, HQ, D), torch.zeros(3, HQ)
+
+
 def test_a_layer_exchanged_in_c_equals_the_python_path_bit_for_bit(token) -> None:
     creditor = Creditor(_pool(1), token)
     reference = _pool(1)  # the same pool, for the Python path
@@ -130,7 +135,7 @@ def test_a_creditor_that_dies_mid_step_ends_it_at_once(token) -> None:
     transport = _debtor(creditor)
     hook = _hook(transport, _plan(3))
     step = STEP_FN(hook.address)
-    qkv, attn, lse = torch.zeros(3, (HQ + 2 * HKV) * D), torch.zeros(3, HQ, D), torch.zeros(3, HQ)
+    qkv, attn, lse = _zeros()
     assert step(hook.context, 0, 0, qkv.data_ptr(), 0, 0) == 0
     assert step(hook.context, 1, 0, 0, attn.data_ptr(), lse.data_ptr()) == 0
     creditor.server.close()  # its channels close, as a process that dies closes them
@@ -150,7 +155,7 @@ def test_a_silent_creditor_fails_the_wait_at_its_deadline(token) -> None:
     transport.peer_alive = lambda i: True  # alive but silent: only the deadline ends the wait
     hook = _hook(transport, _plan(3))
     step = STEP_FN(hook.address)
-    qkv, attn, lse = torch.zeros(3, (HQ + 2 * HKV) * D), torch.zeros(3, HQ, D), torch.zeros(3, HQ)
+    qkv, attn, lse = _zeros()
     begin = time.monotonic()
     assert step(hook.context, 0, 0, qkv.data_ptr(), 0, 0) == 0
     assert step(hook.context, 1, 0, 0, attn.data_ptr(), lse.data_ptr()) == -100
@@ -244,7 +249,7 @@ def test_a_step_stopped_between_sends_and_merge_leaves_no_reply_behind(token) ->
     transport = _debtor(creditor)
     hook = _hook(transport, _plan(3))
     step = STEP_FN(hook.address)
-    qkv, attn, lse = torch.zeros(3, (HQ + 2 * HKV) * D), torch.zeros(3, HQ, D), torch.zeros(3, HQ)
+    qkv, attn, lse = _zeros()
     assert step(hook.context, 0, 0, qkv.data_ptr(), 0, 0) == 0
     assert hook.error is None  # the decoder's own failure, not the exchange's
     assert transport.channels.creditor_ids == []
