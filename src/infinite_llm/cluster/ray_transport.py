@@ -4,8 +4,10 @@
 sends each creditor's share of the batch as one message on the data plane's channel to that
 creditor (``cluster.channel``: queries, the new tokens' K,V and their slots; the MA's block
 lists on a step's first layer only), all creditors at once, runs the local share while they
-work, then collects each creditor's ``(out, lse)``; ``DistAttention`` merges them. Control
-messages (lend, release, heartbeats, opening a channel) are Ray actor calls.
+work, then collects each creditor's ``(out, lse)``; ``DistAttention`` merges them. A whole-step
+native decode exchanges its layers from inside C instead (``remote_decode``: ``native_plane``
+on one node, the Python hook ``cluster.remote_decode`` across nodes). Control messages (lend,
+release, heartbeats, opening a channel) are Ray actor calls.
 Tensors that cross in actor calls (defragmentation's rBlock copies) travel as numpy arrays
 (pickle protocol 5 moves their buffers without copying them through pickle; a torch tensor
 pickles through ``torch.save``, 5-10x slower for these sizes).
