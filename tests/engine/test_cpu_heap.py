@@ -37,8 +37,9 @@ def faults(keep: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_prefill_reuses_freed_pages() -> None:
     kept, default = faults("1"), faults("0")
-    # With the thresholds raised, the forwards reuse freed pages: next to none are fresh. With
-    # glibc's own, usually tens of thousands (87,227 measured), though its dynamic mmap
-    # threshold sometimes adapts during the warm-up and then it reads 0 too: only the first
-    # figure is held to a bound.
-    assert kept < 1_000, (kept, default)
+    # With the thresholds raised, the forwards reuse freed pages: usually next to none are
+    # fresh (0-900), on a loaded machine a few thousand (1,721 and 4,607 seen in full-suite
+    # runs: about one activation tensor's worth). With glibc's own, usually tens of thousands
+    # (40,000-87,227 measured), though its dynamic mmap threshold sometimes adapts during the
+    # warm-up and then it reads 0 too: only the first figure is held to a bound.
+    assert kept < 10_000, (kept, default)

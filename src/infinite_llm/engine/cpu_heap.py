@@ -6,8 +6,8 @@ with a fresh ``mmap`` and returns the heap's free top to the system past the tri
 the activations of every step (a 2048 x 1536 float32 tensor is 12 MB) come back as new pages:
 about 40,000-55,000 page faults per 4 x 256-token prefill of SmolLM2 on this CPU, 0.1-0.15 s of
 system time per forward (3-5 % of its CPU time). With the thresholds raised once (mmap past 32
-MiB, the most glibc accepts; trim past 1 GiB), the same forward faults 0-900 times and spends
-0.01 s in the system. The cost: the process keeps its peak heap (the largest step's
+MiB, the most glibc accepts; trim past 1 GiB), the same forward faults 0-900 times (a few
+thousand on a loaded machine) and spends 0.01 s in the system. The cost: the process keeps its peak heap (the largest step's
 activations) instead of returning it, as a caching allocator would. Other C libraries: nothing.
 ``INFINITE_LLM_KEEP_FREED_MEMORY=0`` leaves glibc's policy alone.
 """
