@@ -1,6 +1,7 @@
 """``InstanceActor``: one instance in its own Ray worker process.
 
-A *lender* (``InstanceSpec.lender``: a memory instance, or a model instance's host pool; see
+What an actor is built of, model or lender: ``ray_instance``. A *lender*
+(``InstanceSpec.lender``: a memory instance, or a model instance's host pool; see
 ``PoolLayout``) is the same class built without a model: no weights, no tokenizer, no runner;
 a pool, an RManager of its tier that lends every rBlock, the channel server that runs its
 debtors' MAs, lends, reclaims and heartbeats. The driver never steps it and never homes a
@@ -33,8 +34,6 @@ cannot deadlock.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -46,47 +45,26 @@ import numpy as np
 import ray
 import torch
 
-from infinite_llm.attention.kv_pool import KVPool
 from infinite_llm.cluster import native_plane
 from infinite_llm.cluster.channel import ChannelSpec, channel_dir
 from infinite_llm.cluster.channel_peers import ChannelServer
-from infinite_llm.cluster.layout import Lender
 from infinite_llm.cluster.native_plane import NativeSetup
+from infinite_llm.cluster.ray_instance import InstanceSpec, build_instance, load
+from infinite_llm.cluster.ray_messages import Packed, ShardHeader, ShardReceiver, pack, unpack
 from infinite_llm.cluster.ray_placement import NodeCores, node_threads
 from infinite_llm.cluster.ray_remote import RemoteGManager
 from infinite_llm.cluster.ray_snapshot import InstanceSnapshot
-from infinite_llm.cluster.ray_transport import (
-    Packed,
-    PeerUnreachable,
-    RayTransport,
-    SampleRecorder,
-    ShardHeader,
-    ShardReceiver,
-    pack,
-    unpack,
-)
-from infinite_llm.config import EngineConfig
+from infinite_llm.cluster.ray_transport import PeerUnreachable, RayTransport, SampleRecorder
 from infinite_llm.engine.events import StepEvent
-from infinite_llm.engine.instance import Instance
-from infinite_llm.engine.model_runner import ModelRunner
-from infinite_llm.engine.structured import StructuredOutputs
-from infinite_llm.kvcache.borrow import Borrower, RefreshOnEmpty
+from infinite_llm.kvcache.borrow import RefreshOnEmpty
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import BorrowStats
 from infinite_llm.kvcache.migration import Relocation
 from infinite_llm.kvcache.prefix import prefix_counters
-from infinite_llm.kvcache.rmanager import RManager
 from infinite_llm.kvcache.tiers import Tier
-from infinite_llm.model.config import ModelArchConfig
-from infinite_llm.model.llama import LlamaForCausalLM
-from infinite_llm.model.loader import model_dir_for, parse_dtype
-from infinite_llm.model.loader.hf_loader import iter_safetensors, load_hf_tokenizer, read_hf_arch
-from infinite_llm.model.registry import resolve_model
-from infinite_llm.native.build import release_openmp_team, use_openmp_threads_here
-from infinite_llm.scheduler.allocator import LocalAllocator
+from infinite_llm.native.build import use_openmp_threads_here
 from infinite_llm.scheduler.order import OrderReport
 from infinite_llm.scheduler.request import Request, RequestStatus
-from infinite_llm.scheduler.scheduler import Scheduler
 
 # The RManager calls a remote defragmentation executor may make (see ``RemoteRManager``).
 RMANAGER_CALLS = frozenset(
@@ -106,26 +84,6 @@ RMANAGER_CALLS = frozenset(
 
 
 @dataclass(frozen=True)
-class InstanceSpec:
-    """What an instance actor is built from: one for every model actor (each gets its own id),
-    one per lender."""
-
-    config: EngineConfig
-    num_blocks: int
-    lending_cap: float
-    borrowing: bool
-    cluster_token: str  # names this cluster's channel files on every node
-    heartbeat_interval_s: float = 0.05  # a beat costs two processes some Python: keep them few
-    lender: Lender | None = None  # a pool without the model: no weights, lends every rBlock
-
-    def for_lender(self, lender: Lender) -> InstanceSpec:
-        """A lender's spec: its own pool size, every rBlock lendable."""
-        return dataclasses.replace(
-            self, num_blocks=lender.num_blocks, lending_cap=1.0, lender=lender
-        )
-
-
-@dataclass(frozen=True)
 class StepReply:
     """One actor's step: its events, plus the peers (and gManager) it found unreachable."""
 
@@ -136,39 +94,6 @@ class StepReply:
     order: OrderReport = (None, None, None)
 
 
-def read_arch(config: EngineConfig) -> ModelArchConfig:
-    """The model's shape from its directory's config, without reading a weight (a lender's
-    pool needs only the layers, KV heads and head size)."""
-    return read_hf_arch(model_dir_for(resolve_model(config.model), progress=False))
-
-
-def load_weights(config: EngineConfig) -> LlamaForCausalLM:
-    """``load_model`` without the tokenizer: an actor never sees text, and the tokenizer's
-    transformers import is a third of an actor's start-up (torch's own import is the rest)."""
-    model_dir = model_dir_for(resolve_model(config.model), progress=False)
-    dtype, device = parse_dtype(config.dtype), torch.device(config.device)
-    net = LlamaForCausalLM(read_hf_arch(model_dir), dtype, device)
-    net.load_weights(
-        (name, t.to(device=device, dtype=dtype)) for name, t in iter_safetensors(model_dir, False)
-    )
-    net.eval()
-    net.prepack()
-    release_openmp_team()  # loaded on the actor's main thread; its steps run on another
-    return net
-
-
-def make_runner(
-    config: EngineConfig, model: LlamaForCausalLM, transport: RayTransport, seed: int
-) -> ModelRunner:
-    """A model actor's runner; the tokenizer is loaded only if a grammar-constrained request
-    comes."""
-    model_dir = model_dir_for(resolve_model(config.model), progress=False)
-    structured = StructuredOutputs(
-        functools.partial(load_hf_tokenizer, model_dir), model.arch.vocab_size
-    )
-    return ModelRunner(model, config.cache.block_size, transport, seed, structured)
-
-
 class InstanceActor:
     """One instance as a threaded Ray actor: its own requests for the driver, its pool and
     RManager for its debtors (see the module docstring for the threads)."""
@@ -176,61 +101,19 @@ class InstanceActor:
     def __init__(self, instance_id: int, spec: InstanceSpec) -> None:
         logging.getLogger("infinite_llm").setLevel(logging.WARNING)
         torch.set_num_threads(node_threads())  # to load; each step then takes its share
-        config = spec.config
-        lender = spec.lender
-        model = None if lender is not None else load_weights(config)
-        arch = read_arch(config) if model is None else model.arch
-        block_size = config.cache.block_size
-        # A lender actor's pool is its own process's host memory; what reaches it crosses
-        # through shared memory, so pinning it (which needs a GPU here) would buy nothing.
-        where, pinned = (config.device, False) if lender is None else ("cpu", False)
-        pool = KVPool(
-            arch.num_layers,
-            arch.num_kv_heads,
-            arch.head_dim,
-            spec.num_blocks,
-            block_size,
-            parse_dtype(config.dtype),
-            torch.device(where),
-            pinned,
-        )
-        rmanager = RManager(
-            instance_id,
-            spec.num_blocks,
-            lending_cap=spec.lending_cap,
-            tier=Tier.DEVICE if lender is None else lender.tier,
-            host_of=None if lender is None else lender.host_of,
-        )
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.transport = RayTransport(instance_id, pool, config.attention_impl, self.node_id)
+        model, pool = load(spec)
+        self.transport = RayTransport(instance_id, pool, spec.config.attention_impl, self.node_id)
         self.gmanager = RemoteGManager()
         # A failed borrow refreshes the gManager's view once a step, as in every runtime.
         self.views = RefreshOnEmpty(self.gmanager, self._refresh_view)
         self.borrow_stats = BorrowStats(latency=SampleRecorder())
-        prefix_block_size = block_size if config.cache.enable_prefix_caching else None
-        if model is None:  # a lender's scheduler never gets a request
-            allocator: Borrower | LocalAllocator = LocalAllocator(rmanager)
-        elif spec.borrowing:
-            allocator = Borrower(
-                rmanager,
-                self.views,
-                self.transport.lend,
-                self.transport.release,
-                stats=self.borrow_stats,
-                prefix_block_size=prefix_block_size,
-            )
-        else:
-            allocator = LocalAllocator(rmanager, prefix_block_size=prefix_block_size)
-        scheduler = Scheduler(config.scheduler, block_size, allocator)
-        runner = None
-        if model is not None:
-            runner = make_runner(config, model, self.transport, config.seed + instance_id)
-        self.instance = Instance(
-            instance_id, runner, pool, rmanager, scheduler, config.attention_impl
+        self.instance = build_instance(
+            instance_id, spec, model, pool, self.transport, self.views, self.borrow_stats
         )
         self.instance_id = instance_id
         self.shard_serve = SampleRecorder()
-        self.receiver = ShardReceiver(block_size)
+        self.receiver = ShardReceiver(pool.block_size)
         self.serve_delay_s = 0.0  # fault injection: a creditor slow enough to die mid-step
         self.server = ChannelServer(
             instance_id,

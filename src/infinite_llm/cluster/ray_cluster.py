@@ -55,8 +55,9 @@ from infinite_llm.cluster.base import Cluster
 from infinite_llm.cluster.channel import remove_channel_dir
 from infinite_llm.cluster.core import ClusterCore
 from infinite_llm.cluster.layout import PoolLayout
-from infinite_llm.cluster.ray_actor import InstanceActor, InstanceSpec
+from infinite_llm.cluster.ray_actor import InstanceActor
 from infinite_llm.cluster.ray_gmanager import GManagerActor
+from infinite_llm.cluster.ray_instance import InstanceSpec
 from infinite_llm.cluster.ray_members import DriverGManager, RayMembers, RequestRecord, alive
 from infinite_llm.cluster.ray_placement import InstancePlacement
 from infinite_llm.cluster.ray_runtime import init_ray

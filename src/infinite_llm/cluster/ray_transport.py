@@ -8,9 +8,7 @@ work, then collects each creditor's ``(out, lse)``; ``DistAttention`` merges the
 native decode exchanges its layers from inside C instead (``remote_decode``: ``native_plane``
 on one node, the Python hook ``cluster.remote_decode`` across nodes). Control messages (lend,
 release, heartbeats, opening a channel) are Ray actor calls.
-Tensors that cross in actor calls (defragmentation's rBlock copies) travel as numpy arrays
-(pickle protocol 5 moves their buffers without copying them through pickle; a torch tensor
-pickles through ``torch.save``, 5-10x slower for these sizes).
+What the messages carry and how tensors are encoded for them: ``ray_messages``.
 
 Failures: a lend to a dead (or already dropped) creditor answers a false ``LendReply`` and a
 release to one is dropped (its memory died with it); both note the peer as unreachable. An MA
@@ -45,77 +43,12 @@ from infinite_llm.cluster import native_plane
 from infinite_llm.cluster.channel import ChannelSpec
 from infinite_llm.cluster.channel_peers import ChannelClient, ChannelFailed
 from infinite_llm.cluster.native_plane import NativeRemoteHook
+from infinite_llm.cluster.ray_messages import ShardHeader, host
 from infinite_llm.cluster.remote_decode import RemoteDecodeHook
 from infinite_llm.kvcache.messages import Heartbeat, LendReply, LendRequest, Release
 from infinite_llm.kvcache.metrics import LatencyRecorder
 
 PEER_CALL_TIMEOUT_S = 30.0  # an actor call a step waits on (opening a channel, a ping)
-
-Packed = tuple[np.ndarray, str]  # (array, torch dtype name when numpy lacks it: "bfloat16")
-
-
-def pack(t: torch.Tensor | None) -> Packed | None:
-    """A tensor as a numpy array for the wire (only its own elements, never a larger base; a
-    GPU tensor through host memory)."""
-    if t is None:
-        return None
-    t = host(t.detach()).contiguous()
-    if t.dtype is torch.bfloat16:
-        return t.view(torch.int16).numpy(), "bfloat16"
-    return t.numpy(), ""
-
-
-def host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in host memory: what crosses a process boundary (the channels' shared memory,
-    ZeroMQ frames, Ray's object store) is host memory; a GPU instance copies out and in."""
-    return t if t.is_cpu else t.cpu()
-
-
-def unpack(p: Packed | None) -> torch.Tensor | None:
-    if p is None:
-        return None
-    array, kind = p
-    if not array.flags.writeable:  # zero-copy from the object store: read-only
-        array = array.copy()
-    t = torch.from_numpy(array)
-    return t.view(torch.bfloat16) if kind == "bfloat16" else t
-
-
-def packed_nbytes(*items: Packed | None) -> int:
-    return sum(p[0].nbytes for p in items if p is not None)
-
-
-BatchSpec = tuple[
-    list[int], list[list[int]], list[int]
-]  # MABatch: query_lens, block_ids, context_lens
-# A shard message's header: layer, the MA's block lists (None: no MA, or ``same``), and
-# ``same``: the creditor reuses the batch this debtor sent last (a step's plan hands every
-# layer the same MABatch, and a debtor waits for each layer, so it always arrived first).
-ShardHeader = tuple[int, BatchSpec | None, bool]
-
-
-class ShardReceiver:
-    """The creditor's side of a shard message: rebuilds the ``ShardWork``, caching each
-    debtor's ``MABatch`` for the rest of its step (its flat tables are built once, not per layer)."""
-
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self._batches: dict[int, MABatch | None] = {}  # debtor_id -> its current step's batch
-
-    def work(
-        self, debtor_id: int, header: ShardHeader, tensors: list[torch.Tensor | None]
-    ) -> ShardWork:
-        _, spec, same = header
-        if same:
-            batch = self._batches[debtor_id]
-        else:
-            batch = None if spec is None else MABatch(spec[0], spec[1], spec[2], self.block_size)
-            self._batches[debtor_id] = batch
-        q, slots, k, v = tensors
-        return ShardWork(slots, k, v, q, batch)
-
-    def forget(self, debtor_id: int) -> None:
-        self._batches.pop(debtor_id, None)
 
 
 @dataclass
