@@ -35,17 +35,15 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from infinite_llm.attention.dist import ShardWork
 from infinite_llm.attention.kv_pool import KVPool
-from infinite_llm.attention.plan import DistPlan
 from infinite_llm.bench.common import emit, machine_info
+from infinite_llm.bench.counting_executor import CountingExecutor
 from infinite_llm.bench.distributed_report import (
     TARGETS,
     add_ratios,
@@ -60,60 +58,6 @@ from infinite_llm.sampling_params import SamplingParams
 from infinite_llm.scheduler.scheduler import SchedulerConfig
 
 HOME = 0
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.nbytes for t in tensors if t is not None)
-
-
-class _CountingExecutor:
-    """Wraps the in-process transport: payload bytes of every shard that leaves the home, on
-    the per-shard path as it runs and, for layers that ran fused in one native call (or a
-    whole step in C), the traffic they stand for (each creditor's query rows and new K,V out,
-    a float32 (out, lse) per row back)."""
-
-    def __init__(self, inner: Any, arch: Any, kv_bytes: int) -> None:
-        self.inner = inner
-        self.impl = inner.impl
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-        self._q_row, self._kv_row, self._back_row = (
-            hq * d * 4,
-            2 * hkv * d * kv_bytes + 8,
-            hq * (d + 1) * 4,
-        )
-
-    def run(
-        self, layer_idx: int, work: Mapping[int, ShardWork]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        results = self.inner.run(layer_idx, work)
-        for inst, w in work.items():
-            if inst != HOME:
-                self.bytes_sent += _nbytes(w.q, w.write_slots, w.k, w.v)
-        for inst, (out, lse) in results.items():
-            if inst != HOME:
-                self.bytes_received += _nbytes(out, lse)
-        return results
-
-    def native_pools(self) -> Mapping[int, KVPool]:
-        return self.inner.native_pools()
-
-    def remote_decode(
-        self, plan: DistPlan, insts: tuple[int, ...], num_heads: int, head_dim: int
-    ) -> None:
-        return None  # in process: every pool is here
-
-    def count_fused(self, plan: DistPlan, num_layers: int) -> None:
-        self.inner.count_fused(plan, num_layers)
-        for inst, write in plan.writes.items():
-            if inst != HOME:
-                self.bytes_sent += num_layers * write.slots.numel() * self._kv_row
-        for inst, shard in plan.shards.items():
-            if inst != HOME:
-                rows = plan.num_tokens if shard.rows is None else shard.rows.numel()
-                self.bytes_sent += num_layers * rows * self._q_row
-                self.bytes_received += num_layers * rows * self._back_row
 
 
 def _engine(
@@ -195,7 +139,7 @@ class _Run:
         self.counter = None
         if backend == "inprocess":
             kv_bytes = torch.empty((), dtype=parse_dtype(args.dtype)).element_size()
-            self.counter = _CountingExecutor(self.cluster.transport, loaded.arch, kv_bytes)
+            self.counter = CountingExecutor(self.cluster.transport, loaded.arch, kv_bytes, HOME)
             for inst in self.cluster.instances.values():
                 if not inst.is_memory:
                     inst.runner.executor = self.counter
