@@ -266,22 +266,19 @@ class NativeRemoteHook:
         """Per layer, on the node's one clock: the round trip (first send to last reply read),
         the wait after the local MA, and the wire (the slowest creditor's send-to-start plus
         end-to-read beyond the local MA), as ``RayTransport.collect`` records them."""
-        times = self._times.tolist()
-        n = len(self._links)
-        rows = [row for row in times if row[0]]
-        for row in rows:
-            start, local_done = row[0], row[1]
-            got = [row[2 + 4 * c + 1] for c in range(n)]
-            wire = max(
-                row[2 + 4 * c + 2]
-                - row[2 + 4 * c]
-                + max(0, got[c] - max(row[2 + 4 * c + 3], local_done))
-                for c in range(n)
-            )
-            self._transport.record_layer(
-                (max(got) - start) / 1e9, (max(got) - local_done) / 1e9, wire / 1e9
-            )
-        self._transport.count_exchange(len(rows) * n, *(len(rows) * b for b in self._bytes))
+        times = self._times[self._times[:, 0] != 0]  # the layers that ran
+        start, local_done = times[:, 0], times[:, 1]
+        sent, got, began, ended = times[:, 2:].view(len(times), len(self._links), 4).unbind(-1)
+        last = got.amax(1)
+        beyond = (got - torch.maximum(ended, local_done[:, None])).clamp(min=0)
+        wire = (began - sent + beyond).amax(1)
+        self._transport.record_layers(
+            *((x.double() / 1e9).tolist() for x in (last - start, last - local_done, wire))
+        )
+        layers = len(times)
+        self._transport.count_exchange(
+            layers * len(self._links), *(layers * b for b in self._bytes)
+        )
 
 
 _steps = itertools.count(1)  # every set-up step's number, unique in this process

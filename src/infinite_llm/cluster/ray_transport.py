@@ -206,11 +206,13 @@ class RayTransport:
         with self._lock:
             self.unreachable.update(instance_ids)
 
-    def record_layer(self, round_trip: float, remote_wait: float, wire: float) -> None:
-        """One layer's exchange, in seconds (the native hook's, after its step)."""
-        self.layer_round_trip.record(round_trip)
-        self.layer_remote_wait.record(remote_wait)
-        self.layer_wire.record(wire)
+    def record_layers(
+        self, round_trips: list[float], remote_waits: list[float], wires: list[float]
+    ) -> None:
+        """A step's layers' exchanges, in seconds (the native hook's, after its step)."""
+        self.layer_round_trip.record_all(round_trips)
+        self.layer_remote_wait.record_all(remote_waits)
+        self.layer_wire.record_all(wires)
 
     def count_exchange(self, calls: int, sent: int, received: int) -> None:
         with self._lock:

@@ -45,6 +45,10 @@ class LatencyRecorder:
         with self._lock:
             self._samples.append(seconds)
 
+    def record_all(self, seconds: Iterable[float]) -> None:
+        with self._lock:
+            self._samples.extend(seconds)
+
     def __len__(self) -> int:
         return len(self._samples)
 
