@@ -43,10 +43,18 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Byte offsets (data_plane.h's layout; Q = Hq*D, KV = Hkv*D floats a row): a request's q at
+ * 64, then k, then v; a reply's out at 64, then lse. */
+static int64_t request_k(int64_t n_rows, int64_t Q) { return 64 + ALIGN(n_rows * Q * 4); }
+static int64_t request_v(int64_t n_rows, int64_t n_write, int64_t Q, int64_t KV) {
+    return request_k(n_rows, Q) + ALIGN(n_write * KV * 4);
+}
+static int64_t reply_lse(int64_t n_rows, int64_t Q) { return 64 + ALIGN(n_rows * Q * 4); }
+
 void native_sizes(int64_t n_rows, int64_t n_write, int64_t hq, int64_t hkv, int64_t d,
                   int64_t *out) {
-    out[0] = 64 + ALIGN(n_rows * hq * d * 4) + 2 * ALIGN(n_write * hkv * d * 4);
-    out[1] = 64 + ALIGN(n_rows * hq * d * 4) + ALIGN(n_rows * hq * 4);
+    out[0] = request_v(n_rows, n_write, hq * d, hkv * d) + ALIGN(n_write * hkv * d * 4);
+    out[1] = reply_lse(n_rows, hq * d) + ALIGN(n_rows * hq * 4);
 }
 
 static int ring(int fd) {
@@ -72,8 +80,8 @@ static int send_layer(RemoteStep *s, int64_t layer, const float *qkv, int64_t *t
         RequestHead head = {s->step, layer};
         memcpy(region, &head, sizeof head);
         float *q = (float *)(region + 64);
-        float *k = (float *)((char *)q + ALIGN(l->n_rows * Q * 4));
-        float *v = (float *)((char *)k + ALIGN(l->n_write * KV * 4));
+        float *k = (float *)(region + request_k(l->n_rows, Q));
+        float *v = (float *)(region + request_v(l->n_rows, l->n_write, Q, KV));
         copy_rows(q, qkv, QKV, PTR(const int64_t *, l->rows), l->n_rows, Q);
         copy_rows(k, qkv + Q, QKV, PTR(const int64_t *, l->write_rows), l->n_write, KV);
         copy_rows(v, qkv + Q + KV, QKV, PTR(const int64_t *, l->write_rows), l->n_write, KV);
@@ -137,7 +145,7 @@ static int merge_layer(RemoteStep *s, int64_t layer, float *attn, float *lse, in
         }
         if (!l->n_rows) continue; /* a creditor that only stores */
         const float *out = (const float *)(region + 64);
-        const float *part_lse = (const float *)((const char *)out + ALIGN(l->n_rows * Q * 4));
+        const float *part_lse = (const float *)(region + reply_lse(l->n_rows, Q));
         PTR(MergeFn, s->merge)(attn, lse, PTR(const int64_t *, l->rows), l->n_rows, (int)s->hq,
                                (int)s->d, out, 0, part_lse);
     }
@@ -187,19 +195,19 @@ int64_t serve_native(const void *link) {
         return reply(l, -7, head.layer, began); /* not the step set up: answered, refused */
     const int64_t Q = l->hq * l->d, KV = l->hkv * l->d;
     const float *q = (const float *)(in + 64);
-    const float *k = (const float *)((const char *)q + ALIGN(l->n_rows * Q * 4));
-    const float *v = (const float *)((const char *)k + ALIGN(l->n_write * KV * 4));
+    const float *k = (const float *)(in + request_k(l->n_rows, Q));
+    const float *v = (const float *)(in + request_v(l->n_rows, l->n_write, Q, KV));
     const int64_t k_layer = l->k_base + head.layer * l->layer_stride;
     const int64_t v_layer = l->v_base + head.layer * l->layer_stride;
     int status;
     if (l->ma) {
         MADecodeCall *call = PTR(MADecodeCall *, l->call);
-        float *out = (float *)(PTR(char *, l->out_region) + 64);
+        char *reply_region = PTR(char *, l->out_region);
         call->q = (int64_t)(intptr_t)q;
         call->k = k_layer;
         call->v = v_layer;
-        call->out = (int64_t)(intptr_t)out;
-        call->lse = (int64_t)(intptr_t)((char *)out + ALIGN(l->n_rows * Q * 4));
+        call->out = (int64_t)(intptr_t)(reply_region + 64);
+        call->lse = (int64_t)(intptr_t)(reply_region + reply_lse(l->n_rows, Q));
         call->write_n = l->n_write;
         call->write_k = (int64_t)(intptr_t)k;
         call->write_k_row = KV;
