@@ -26,7 +26,6 @@ class ShardTables:
     context_lens: torch.Tensor  # [R] int64
     group_rows: torch.Tensor  # [num_groups] int64: query rows per batch request
     contexts: list[int]  # every shard request's context, for the thread split
-    missing: list[int]  # batch requests no shard serves (their rows are left as they were)
 
     @classmethod
     def build(
@@ -37,7 +36,8 @@ class ShardTables:
     ) -> ShardTables | None:
         """``shards``: (batch, the batch request index of each of its requests); None when some
         batch request has no shard (nothing to compute its rows from), unless
-        ``allow_missing`` (their rows come from elsewhere: another process's pools)."""
+        ``allow_missing`` (their rows get the empty state, for what another process's pools
+        answer to be merged in)."""
         num_groups = len(query_start) - 1
         req_start, group, q_first, blocks, block_start, ctxs = [0], [], [], [], [0], []
         for batch, requests in shards:
@@ -48,8 +48,7 @@ class ShardTables:
                 block_start.append(len(blocks))
                 ctxs.append(batch.context_lens[i])
             req_start.append(len(group))
-        missing = sorted(set(range(num_groups)) - set(group))
-        if missing and not allow_missing:
+        if set(group) != set(range(num_groups)) and not allow_missing:
             return None
 
         def i64(x: list[int]) -> torch.Tensor:
@@ -64,7 +63,6 @@ class ShardTables:
             i64(ctxs),
             i64([query_start[g + 1] - query_start[g] for g in range(num_groups)]),
             ctxs,
-            missing,
         )
 
 

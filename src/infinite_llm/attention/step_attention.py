@@ -86,7 +86,6 @@ def build_native_step(
         return None  # a row without a new K,V: not a decode step the kernel knows
     q_like = torch.empty(t, num_heads, head_dim)
     caches = [(p.k[0], p.v[0]) for p in pools]
-    empty = torch.zeros(0, dtype=torch.int64)  # rows no local pool serves
     if len(pools) == 1 and plan.shards[insts[0]].rows is None:
         prepared = cpu_native.prepare_decode_call(
             q_like, *caches[0], plan.shards[insts[0]].batch, scale
@@ -97,14 +96,10 @@ def build_native_step(
         keep: object = prepared
     else:
         # One pool serving some rows, or several: the shards call, which places every
-        # request's rows itself; rows of requests wholly elsewhere start empty.
+        # request's rows itself; a request wholly elsewhere gets the empty state.
         tables = shard_tables(plan, list(insts), q_like, caches, allow_missing=remote is not None)
         if tables is None:
             return None
-        qs = plan.query_start
-        empty = torch.tensor(
-            [r for g in tables.missing for r in range(qs[g], qs[g + 1])], dtype=torch.int64
-        )
         shards = native_shards.PreparedShards(tables, caches, num_heads, plan.block_size, scale)
         call, keep, kind = shards.call, shards, 1
     hook = None
@@ -138,14 +133,12 @@ def build_native_step(
         d=head_dim,
         remote=0 if hook is None else hook.address,
         remote_ctx=0 if hook is None else hook.context,
-        empty_rows=empty.data_ptr(),
-        n_empty=len(empty),
     )
     address = ctypes.cast(native.lib.step_attend, ctypes.c_void_p).value or 0
     return NativeStep(
         address,
         ctypes.addressof(step),
-        (step, keep, arrays, write_pool, slots, caches, empty),
+        (step, keep, arrays, write_pool, slots, caches),
         on_finished,
         hook,
     )

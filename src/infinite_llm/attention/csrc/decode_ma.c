@@ -714,6 +714,14 @@ int ma_decode_shards(const float *q, int num_shards, const int64_t *k, const int
         }
         for (int64_t r = 0; r < num_reqs; r++) group_start[group[r] + 1]++; /* members by group */
         for (int g = 0; g < num_groups; g++) group_start[g + 1] += group_start[g];
+        int64_t row = 0; /* a group no shard serves (its request lives elsewhere): empty state */
+        for (int g = 0; g < num_groups; row += group_rows[g], g++) {
+            if (group_start[g] != group_start[g + 1]) continue;
+            for (int64_t x = row * hq; x < (row + group_rows[g]) * hq; x++) {
+                memset(out + x * d, 0, sizeof(float) * d);
+                lse[x] = -INFINITY;
+            }
+        }
         for (int g = 0; g < num_groups; g++) fill[g] = group_start[g];
         for (int s = 0; s < num_shards; s++)
             for (int64_t r = req_start[s]; r < req_start[s + 1]; r++) {
@@ -781,11 +789,6 @@ int step_attend(const void *step, int64_t layer, const float *q, const float *qk
             return -3;
     }
     if (remote && (status = remote(rctx, 0, layer, qkv, attn, lse))) return status;
-    const int64_t *empty = PTR(const int64_t *, s->empty_rows);
-    for (int64_t e = 0; e < s->n_empty; e++) { /* the remote merge fills them */
-        memset(attn + empty[e] * Q, 0, sizeof(float) * Q);
-        for (int64_t h = 0; h < s->hq; h++) lse[empty[e] * s->hq + h] = -INFINITY;
-    }
     if (s->kind == 0) {
         MADecodeCall *one = PTR(MADecodeCall *, s->call);
         one->q = (int64_t)(intptr_t)q;

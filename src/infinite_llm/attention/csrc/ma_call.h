@@ -24,7 +24,8 @@ C_STRUCT(MADecodeCall, MA_DECODE_CALL)
 int ma_decode_call(const MADecodeCall *a);
 
 /* ma_decode_shards' arguments: k, v and head_stride point to num_shards int64 each (every
- * shard's layer base pointer; head strides in elements). */
+ * shard's layer base pointer; head strides in elements). A group no shard serves gets the
+ * empty state (out 0, lse -inf): its request's context is elsewhere, merged in after. */
 #define MA_SHARDS_CALL(I, F)                                                                      \
     I(q) I(num_shards) I(k) I(v) I(head_stride) I(block_stride) I(kv_bf16) I(req_start) I(group)  \
     I(q_first) I(block_table) I(block_start) I(context_lens) I(num_groups) I(group_rows) I(hq)    \
@@ -46,12 +47,10 @@ int kv_write(void *k_cache, void *v_cache, int64_t head_stride, const int64_t *s
  *   one layer to the next (layer_strides), elements from one KV head to the next
  *   (head_strides); layer_k, layer_v: int64[num_pools] scratch the call fills per layer (what
  *   an MAShardsCall reads). write_pool, slots: int64[t], the pool index and slot of row i's
- *   new K,V (-1: stored remotely). empty_rows: int64[n_empty] rows no pool here serves (their
- *   requests live wholly in other processes): attn 0 and lse -inf before the remote merge. */
+ *   new K,V (-1: stored remotely). */
 #define STEP_ATTENTION(I, F)                                                                      \
     I(kind) I(call) I(num_pools) I(k_bases) I(v_bases) I(layer_strides) I(head_strides)           \
-    I(layer_k) I(layer_v) I(write_pool) I(slots) I(t) I(hq) I(hkv) I(d) I(remote) I(remote_ctx)   \
-    I(empty_rows) I(n_empty)
+    I(layer_k) I(layer_v) I(write_pool) I(slots) I(t) I(hq) I(hkv) I(d) I(remote) I(remote_ctx)
 C_STRUCT(StepAttention, STEP_ATTENTION)
 
 /* Rows with context in another process's pools (a Ray actor's creditors): phase 0, after the
