@@ -50,7 +50,7 @@ assert not leaks, f"another infinite_llm is on sys.path: {leaks}"
 
 import torch
 
-from infinite_llm.attention import cpu_native
+from infinite_llm.attention import cpu_native, cpu_prefill
 from infinite_llm.native import build as native_build
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.reference import micro_attention_reference
@@ -60,6 +60,7 @@ from infinite_llm.cluster import native_plane
 assert native_build.kernel_cache_dir().resolve() == cache
 modules = {
     "attention.cpu_native": cpu_native,
+    "attention.cpu_prefill": cpu_prefill,
     "cluster.native_plane": native_plane,
     "model.native_linear": native_linear,
     "model.native_norm": native_norm,
@@ -94,6 +95,18 @@ out, lse = cpu_native.micro_attention_native(q, k, v, batch, d**-0.5)
 ref_out, ref_lse = micro_attention_reference(q, k, v, batch, d**-0.5)
 torch.testing.assert_close(out, ref_out, **close)
 torch.testing.assert_close(lse, ref_lse, **close)
+
+# causal self-attention of two prefill chunks (9 and 20 tokens), from strided views of one qkv
+qkv = torch.randn(29, hq + 2 * hkv, d, generator=gen)
+qs, ks, vs = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+got = cpu_prefill.causal_self_attention_native(qs, ks, vs, [9, 20], d**-0.5)
+assert got is not None, "native prefill attention declined float32 strided views"
+for r0, n in ((0, 9), (9, 20)):
+    qh = qs[r0 : r0 + n].transpose(0, 1)
+    kh = ks[r0 : r0 + n].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+    vh = vs[r0 : r0 + n].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    torch.testing.assert_close(got[0][r0 : r0 + n], want.transpose(0, 1), **close)
 
 # linear (panel-packed; 40 outputs = two whole panels and a part), RMSNorm, silu * up
 w, b, x = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen), torch.randn(5, 96)
@@ -181,5 +194,5 @@ def test_non_editable_install_builds_and_runs_native_kernels(tmp_path: Path) -> 
     env["INFINITE_LLM_KERNEL_CACHE"] = str(cache)
     done = _run([str(python), "-c", CHECK, str(venv), str(ROOT), str(cache)], cwd=work, env=env)
     assert "installed native kernels OK" in done.stdout
-    assert len(list(cache.glob("*.so"))) == 5, sorted(p.name for p in cache.iterdir())
+    assert len(list(cache.glob("*.so"))) == 6, sorted(p.name for p in cache.iterdir())
     print(f"install + build + check: {time.perf_counter() - start:.1f} s")

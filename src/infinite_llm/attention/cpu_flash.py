@@ -11,6 +11,7 @@ import functools
 import torch
 
 from infinite_llm.attention.batch import MABatch
+from infinite_llm.attention.cpu_prefill import causal_self_attention_native
 from infinite_llm.attention.native_ops import self_decode_native
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -102,7 +103,8 @@ def causal_self_attention(
     out = v, lse = q.k * scale, computed without any attention kernel.
     ``impl``: the MA impl in use. ``"triton"`` runs ``causal_self_attention_triton`` (CUDA, or
     CPU under Triton's interpreter); ``"auto"`` does so for CUDA tensors where triton is
-    installed; otherwise the torch paths below (CPU: the fused flash kernel).
+    installed; on CPU, float32 prefill chunks go to the native kernel (``cpu_prefill``) under
+    ``"auto"`` and ``"native"``; otherwise the torch paths below (CPU: the fused flash kernel).
     """
     if impl == "triton" or (impl == "auto" and q.device.type == "cuda" and triton_on_cuda()):
         from infinite_llm.attention.triton_paged import causal_self_attention_triton
@@ -123,6 +125,10 @@ def causal_self_attention(
         out = torch.empty(t, hkv, group, d, dtype=out_dtype, device=q.device)
         out.copy_(v.unsqueeze(2))  # a fresh buffer (merged into in place), never a view of v
         return out.view(t, hq, d), lse
+    if impl in ("auto", "native") and q.device.type == "cpu":
+        native = causal_self_attention_native(q, k, v, query_lens, scale)
+        if native is not None:  # every request in one call (float32)
+            return native[0].to(out_dtype), native[1]
     out = torch.empty(t, hq, d, dtype=out_dtype, device=q.device)
     lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
     start = 0

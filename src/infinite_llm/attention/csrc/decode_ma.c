@@ -28,6 +28,7 @@
  * libgomp torch already loaded.
  */
 #include "ma_call.h"
+#include "vec8.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,11 +36,6 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
-
-typedef float v8f __attribute__((vector_size(32), aligned(4)));   /* unaligned loads are fine */
-typedef float v4f __attribute__((vector_size(16), aligned(4)));
-typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
-typedef uint32_t v8u __attribute__((vector_size(32), aligned(4)));
 
 #define TILE 16       /* keys per tile */
 #define MAX_ROWS 16   /* query rows per pass over an item's keys */
@@ -53,47 +49,6 @@ typedef uint32_t v8u __attribute__((vector_size(32), aligned(4)));
 #ifndef PREFETCH_LOCALITY /* into L2 (prefetcht1), not L1: the L2 tracks more misses at once. */
 #define PREFETCH_LOCALITY 2 /* Zen 4, 2 threads, cold caches: 128K shuffled 17.9 -> 26.8 GB/s, */
 #endif                      /* batch 32 x 576 tokens 1.65 -> 1.13 ms (hint 3, into L1, before) */
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-ALWAYS_INLINE float hsum8(v8f a) {
-    v4f lo, hi;
-    memcpy(&lo, &a, sizeof lo);
-    memcpy(&hi, (const char *)&a + 16, sizeof hi);
-    v4f s = lo + hi;
-    return (s[0] + s[2]) + (s[1] + s[3]);
-}
-
-ALWAYS_INLINE v8f select8(v8i mask, v8f a, v8f b) { /* mask ? a : b, per lane */
-    v8i ia, ib;
-    memcpy(&ia, &a, sizeof ia);
-    memcpy(&ib, &b, sizeof ib);
-    ia = (ia & mask) | (ib & ~mask);
-    memcpy(&a, &ia, sizeof a);
-    return a;
-}
-
-/* exp(x) to ~2 ulp on 8 lanes (Cephes expf polynomial); exactly 0 below -87.3 (and for -inf). */
-ALWAYS_INLINE v8f exp8(v8f x) {
-    const v8f zero = {0};
-    v8i under = x < -87.3365447505531f;
-    x = select8(x > 88.3762626647949f, zero + 88.3762626647949f, x);
-    x = select8(under, zero, x);
-    v8f fx = x * 1.44269504088896341f + 0.5f;
-    v8f n = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f);
-    n = select8(n > fx, n - 1.0f, n); /* floor, not truncation towards zero */
-    x = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8f p = zero + 1.9875691500e-4f;
-    p = p * x + 1.3981999507e-3f;
-    p = p * x + 8.3334519073e-3f;
-    p = p * x + 4.1665795894e-2f;
-    p = p * x + 1.6666665459e-1f;
-    p = p * x + 5.0000001201e-1f;
-    p = p * x * x + x + 1.0f;
-    v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
-    v8f scale;
-    memcpy(&scale, &e, sizeof scale);
-    return select8(under, zero, p * scale);
-}
 
 typedef struct {
     const float *q;           /* [T, Hq, D] float32 */
@@ -128,16 +83,6 @@ ALWAYS_INLINE v8f reduce8(const v8f a[8]) {
     for (int j = 0; j < 8; j++) r[j] = hsum8(a[j]);
     return r;
 #endif
-}
-
-ALWAYS_INLINE v8f splat8(float x) { /* not 0 + x: without -ffast-math that is an addition */
-    return (v8f){x, x, x, x, x, x, x, x};
-}
-
-ALWAYS_INLINE float hmax8(v8f a) {
-    float x = a[0];
-    for (int j = 1; j < 8; j++) x = a[j] > x ? a[j] : x;
-    return x;
 }
 
 /* Byte offsets in a head's pool of keys t..t+n-1: one division per tile, not one per key. */
