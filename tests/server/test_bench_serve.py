@@ -60,6 +60,8 @@ def test_bench_serve_reports_vllm_figures(
                 assert row[f"{stat}_{name}_ms"] > 0
         assert row["p99_e2el_ms"] >= row["median_e2el_ms"] >= row["median_ttft_ms"]
         assert row["request_throughput"] > 0 and row["output_throughput"] > 0
+        # each rate (and the warm-up) has its own prompts: the server's prefix cache finds none
+        assert row["total_cached_tokens"] == 0
     assert "bench serve: tiny" in err  # the human table goes to stderr with --json
     wait_clean(tiny_server.base_url)
 

@@ -4,8 +4,10 @@ Method (vLLM's ``benchmark_serving``): random token-id prompts of ``--input-len`
 asking for exactly ``--output-len`` tokens (``ignore_eos``, greedy), sent to ``/v1/completions``
 with streaming, arrivals a Poisson process at each ``--request-rate`` (``inf``: all at once).
 Per request: TTFT (first token), ITL (between streamed chunks), TPOT ((latency - TTFT) /
-(output tokens - 1)), end-to-end latency; per run: request and token throughput. Output
-tokens are the server's own count (``stream_options.include_usage``). ``--n`` asks for that many
+(output tokens - 1)), end-to-end latency; per run: request and token throughput, and the
+prompt tokens the server found in its prefix cache. Every rate, and the warm-up request before
+it, has its own prompts, so a cache finds nothing of another's. Output tokens are the server's
+own count (``stream_options.include_usage``). ``--n`` asks for that many
 samples per request (parallel sampling: output tokens count every sample, TTFT and ITL any
 sample's chunks; ``bench sampling`` compares it with separate requests). ``--launch`` starts
 ``infinite-llm serve`` with ``--server-args`` for the run; otherwise ``--base-url`` is used.
@@ -133,6 +135,8 @@ async def run_rate(
     args: argparse.Namespace,
     rate: float,
 ) -> tuple[list[RequestResult], float]:
+    """``prompts[0]`` warms the server up (not measured); the rest are sent at ``rate``."""
+    warm, prompts = prompts[0], prompts[1:]
     delays = arrival_delays(len(prompts), rate, args.seed)
     limits = httpx.Limits(
         max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1
@@ -162,7 +166,7 @@ async def run_rate(
                 "stream_options": {"include_usage": True},
             }
 
-        warm_up = {**payload(prompts[0]), "max_tokens": 2}
+        warm_up = {**payload(warm), "max_tokens": 2}
         await send_one(client, args.endpoint, warm_up)  # not measured
         start = time.perf_counter()
 
@@ -199,6 +203,10 @@ def summarize(
         "input_throughput": num_in / duration,
         "output_throughput": num_out / duration,
         "total_token_throughput": (num_in + num_out) / duration,
+        # prompt tokens the server found in its prefix cache (None: it does not report them)
+        "total_cached_tokens": None
+        if any(r.num_cached_tokens is None for r in ok)
+        else sum(r.num_cached_tokens or 0 for r in ok),
     }
     tpot = [
         (r.latency_s - r.ttft_s) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1
@@ -221,23 +229,33 @@ def summarize(
     return row
 
 
+def rate_prompts(args: argparse.Namespace, vocab: int) -> list[list[list[int]]]:
+    """Per rate (in ``--request-rate``'s order), its own random prompts (seed + the rate's
+    index), the first of them the warm-up: a server with a prefix cache must not find one
+    rate's prompts from another, nor a measured prompt from the warm-up."""
+    return [
+        make_prompts(args.num_prompts + 1, args.input_len, vocab, args.seed + i)
+        for i in range(len(args.request_rate))
+    ]
+
+
 def run_rates(
     base_url: str,
     headers: dict[str, str],
     model: str,
-    prompts: Sequence[list[int]],
+    prompts: list[list[list[int]]],
     args: argparse.Namespace,
     server: str,
 ) -> list[dict[str, Any]]:
     rows = []
-    for rate in args.request_rate:
-        results, duration = asyncio.run(run_rate(base_url, headers, model, prompts, args, rate))
+    for rate, own in zip(args.request_rate, prompts, strict=True):
+        results, duration = asyncio.run(run_rate(base_url, headers, model, own, args, rate))
         rows.append({"server": server, **summarize(results, duration, args.input_len, rate)})
     return rows
 
 
 def run_peer(
-    peer: str, model: str, prompts: Sequence[list[int]], args: argparse.Namespace
+    peer: str, model: str, prompts: list[list[list[int]]], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """The same prompts and rates against vLLM's server (``peer``) on ``model``."""
     with peer_server(peer, model) as (base_url, served_name):
@@ -315,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # fmt: off
 COLUMNS = ["server", "request_rate", "completed", "failed", "duration_s", "request_throughput",
-           "output_throughput", "total_token_throughput", "mean_ttft_ms", "p99_ttft_ms",
+           "output_throughput", "total_token_throughput", "total_cached_tokens", "mean_ttft_ms", "p99_ttft_ms",
            "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms"]
 # fmt: on
 
@@ -336,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = args.model or served_model(base_url, headers)
         our_model = args.tokenizer or (launch_model(server_args) if launched else model)
         vocab = args.vocab_size or vocab_size_of(our_model)
-        prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+        prompts = rate_prompts(args, vocab)
         rows = run_rates(base_url, headers, model, prompts, args, "infinite-llm")
     finally:
         if launched is not None:
