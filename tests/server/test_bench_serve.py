@@ -8,6 +8,7 @@ import math
 import pytest
 
 from infinite_llm.bench import serve as bench_serve
+from infinite_llm.bench import serve_report
 
 from .helpers import ServerProcess, wait_clean
 
@@ -66,19 +67,28 @@ def test_bench_serve_reports_vllm_figures(
     wait_clean(tiny_server.base_url)
 
 
-def test_bench_serve_n_counts_every_sample(
-    tiny_server: ServerProcess, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = ["--base-url", tiny_server.base_url, "--tokenizer", "tiny", "--num-prompts", "2"]
-    argv += ["--input-len", "16", "--output-len", "4", "--n", "3", "--json", "--no-progress"]
+def test_bench_serve_n_against_separate_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--n 3``: a row for one request of three samples per prompt, a row for three separate
+    requests per prompt, each with the rBlocks it held at its peak. Without a prefix cache
+    the separate requests hold their prompt's 32 rBlocks each from their prefill on (192 for
+    2 prompts), while the samples of a request share theirs: at most 32 + 3 x 17 per prompt."""
+    server = "--model tiny --no-enable-prefix-caching --kv-blocks 512 --block-size 8"
+    argv = ["--launch", "--server-args", server, "--num-prompts", "2", "--input-len", "256"]
+    argv += ["--output-len", "128", "--n", "3", "--request-rate", "inf", "--json", "--no-progress"]
     code = bench_serve.main(argv)
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out)
     assert result["config"]["n"] == 3
-    (row,) = result["results"]
-    assert row["completed"] == 2 and row["total_output_tokens"] == 2 * 3 * 4
-    wait_clean(tiny_server.base_url)
+    shared, separate = result["results"]
+    assert shared["server"] == "infinite-llm" and separate["server"] == "infinite-llm, 3 separate"
+    assert shared["completed"] == 2 and shared["total_output_tokens"] == 2 * 3 * 128
+    assert separate["completed"] == 2 * 3 and separate["total_output_tokens"] == 2 * 3 * 128
+    assert separate["total_input_tokens"] == 3 * shared["total_input_tokens"]
+    assert 0 < shared["peak_rblocks"] <= 2 * (32 + 3 * 17) < 2 * 3 * 32 <= separate["peak_rblocks"]
+    (ratio,) = result["ratios"]
+    assert ratio["peer"] == "infinite-llm, 3 separate"
+    assert ratio["peak_rblocks_ours_over_peer"] == shared["peak_rblocks"] / separate["peak_rblocks"]
 
 
 def test_ratios_pair_each_peer_row_with_ours_at_its_rate() -> None:
@@ -105,7 +115,7 @@ def test_ratios_pair_each_peer_row_with_ours_at_its_rate() -> None:
             "mean_tpot_ms": 250.0,
         },
     ]
-    (only,) = bench_serve.ratios(rows)
+    (only,) = serve_report.ratios(rows)
     assert only == {
         "peer": "vllm",
         "request_rate": 4.0,

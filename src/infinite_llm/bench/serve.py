@@ -4,16 +4,20 @@ Method (vLLM's ``benchmark_serving``): random token-id prompts of ``--input-len`
 asking for exactly ``--output-len`` tokens (``ignore_eos``, greedy), sent to ``/v1/completions``
 with streaming, arrivals a Poisson process at each ``--request-rate`` (``inf``: all at once).
 Per request: TTFT (first token), ITL (between streamed chunks), TPOT ((latency - TTFT) /
-(output tokens - 1)), end-to-end latency; per run: request and token throughput, and the
-prompt tokens the server found in its prefix cache. Every rate, and the warm-up request before
-it, has its own prompts, so a cache finds nothing of another's. Output tokens are the server's
-own count (``stream_options.include_usage``). ``--n`` asks for that many
-samples per request (parallel sampling: output tokens count every sample, TTFT and ITL any
-sample's chunks; ``bench sampling`` compares it with separate requests). ``--launch`` starts
-``infinite-llm serve`` with ``--server-args`` for the run; otherwise ``--base-url`` is used.
-``--peer vllm`` (and ``vllm-eager``) then serves the same model from vLLM's own server (its
-venv from ``make bench-peers``; compiled, or with ``--enforce-eager``) and runs the same
-prompts at the same rates, one server at a time, so the table holds both and their ratios.
+(output tokens - 1)), end-to-end latency; per run: request and token throughput, the prompt
+tokens the server found in its prefix cache and the most rBlocks it held (from its Prometheus
+metrics, scraped every 50 ms; None for a server without them). Every rate, and the warm-up
+request before it, has its own prompts, so a cache finds nothing of another's. Output tokens
+are the server's own count (``stream_options.include_usage``).
+
+``--n`` asks for that many samples per request (parallel sampling: output tokens count every
+sample, TTFT and ITL any sample's chunks); each rate then runs again as ``--n`` separate
+requests per prompt, and the table compares the two (``bench sampling`` counts the rBlocks
+step by step inside one engine). ``--launch`` starts ``infinite-llm serve`` with
+``--server-args`` for the run; otherwise ``--base-url`` is used. ``--peer vllm`` (and
+``vllm-eager``) then serves the same model from vLLM's own server (its venv from ``make
+bench-peers``; compiled, or with ``--enforce-eager``) and runs the same prompts at the same
+rates, one server at a time, so the table holds both and their ratios.
 
     infinite-llm bench serve --launch --server-args "--model tiny" --request-rate 4 inf --json
     infinite-llm bench serve --launch --peer vllm vllm-eager --input-len 256 --request-rate 4 inf
@@ -40,9 +44,11 @@ import numpy as np
 from tqdm import tqdm
 
 from infinite_llm.bench.common import emit, format_table, machine_info
+from infinite_llm.bench.serve_report import COLUMNS, ratios, summarize
 from infinite_llm.bench.serve_servers import (
     LaunchedServer,
     launch_model,
+    peak_rblocks,
     peer_server,
     served_model,
     vocab_size_of,
@@ -134,18 +140,23 @@ async def run_rate(
     prompts: Sequence[list[int]],
     args: argparse.Namespace,
     rate: float,
-) -> tuple[list[RequestResult], float]:
-    """``prompts[0]`` warms the server up (not measured); the rest are sent at ``rate``."""
+    separate: bool = False,
+) -> tuple[list[RequestResult], float, int | None]:
+    """``prompts[0]`` warms the server up (not measured); the rest are sent at ``rate``: each
+    asks for ``--n`` samples, or, ``separate``, is sent as ``--n`` requests of one sample at
+    once. Returns the results, the duration and the peak rBlocks in use (``peak_rblocks``)."""
     warm, prompts = prompts[0], prompts[1:]
     delays = arrival_delays(len(prompts), rate, args.seed)
+    width = args.n if separate else 1  # requests per arrival
     limits = httpx.Limits(
-        max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1
+        max_connections=width * len(prompts) + 2,
+        max_keepalive_connections=width * len(prompts) + 2,
     )
     timeout = httpx.Timeout(args.timeout, connect=30)
     gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     bar = tqdm(
         total=len(prompts),
-        desc=f"rate {rate:g} req/s",
+        desc=f"rate {rate:g} req/s" + (f", {args.n} separate" if separate else ""),
         unit="req",
         disable=args.no_progress,
         file=sys.stderr,
@@ -159,7 +170,7 @@ async def run_rate(
                 "model": model,
                 "prompt": prompt,
                 "max_tokens": args.output_len,
-                "n": args.n,
+                "n": 1 if separate else args.n,
                 "temperature": 0.0 if args.n == 1 else 1.0,  # n greedy samples would be equal
                 "ignore_eos": True,
                 "stream": True,
@@ -168,74 +179,40 @@ async def run_rate(
 
         warm_up = {**payload(warm), "max_tokens": 2}
         await send_one(client, args.endpoint, warm_up)  # not measured
+        done = asyncio.Event()
+        memory = asyncio.create_task(peak_rblocks(client, done))
         start = time.perf_counter()
 
-        async def one(prompt: list[int], delay: float) -> RequestResult:
+        async def one(prompt: list[int], delay: float) -> list[RequestResult]:
             await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
+            body = payload(prompt)
             if gate is None:
-                result = await send_one(client, args.endpoint, payload(prompt))
+                sent = [send_one(client, args.endpoint, body) for _ in range(width)]
+                results = list(await asyncio.gather(*sent))
             else:
                 async with gate:
-                    result = await send_one(client, args.endpoint, payload(prompt))
+                    sent = [send_one(client, args.endpoint, body) for _ in range(width)]
+                    results = list(await asyncio.gather(*sent))
             bar.update(1)
-            return result
+            return results
 
-        results = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays)))
+        per_prompt = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays)))
         duration = time.perf_counter() - start
+        done.set()
+        peak = await memory
     bar.close()
-    return list(results), duration
-
-
-def summarize(
-    results: Sequence[RequestResult], duration: float, input_len: int, rate: float
-) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
-    num_in = input_len * len(ok)
-    num_out = sum(r.num_output_tokens for r in ok)
-    row: dict[str, Any] = {
-        "request_rate": "inf" if math.isinf(rate) else rate,
-        "completed": len(ok),
-        "failed": len(results) - len(ok),
-        "duration_s": duration,
-        "total_input_tokens": num_in,
-        "total_output_tokens": num_out,
-        "request_throughput": len(ok) / duration,
-        "input_throughput": num_in / duration,
-        "output_throughput": num_out / duration,
-        "total_token_throughput": (num_in + num_out) / duration,
-        # prompt tokens the server found in its prefix cache (None: it does not report them)
-        "total_cached_tokens": None
-        if any(r.num_cached_tokens is None for r in ok)
-        else sum(r.num_cached_tokens or 0 for r in ok),
-    }
-    tpot = [
-        (r.latency_s - r.ttft_s) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1
-    ]
-    series = {
-        "ttft": [r.ttft_s for r in ok],
-        "tpot": tpot,
-        "itl": [x for r in ok for x in r.itl_s],
-        "e2el": [r.latency_s for r in ok],
-    }
-    for name, values in series.items():
-        ms = np.array(values) * 1e3
-        for stat, fn in (("mean", np.mean), ("median", np.median)):
-            row[f"{stat}_{name}_ms"] = float(fn(ms)) if ms.size else None
-        for q in (90, 99):
-            row[f"p{q}_{name}_ms"] = float(np.percentile(ms, q)) if ms.size else None
-    errors = sorted({r.error for r in results if not r.ok})
-    if errors:
-        row["errors"] = errors[:5]
-    return row
+    return [r for results in per_prompt for r in results], duration, peak
 
 
 def rate_prompts(args: argparse.Namespace, vocab: int) -> list[list[list[int]]]:
-    """Per rate (in ``--request-rate``'s order), its own random prompts (seed + the rate's
-    index), the first of them the warm-up: a server with a prefix cache must not find one
-    rate's prompts from another, nor a measured prompt from the warm-up."""
+    """Per run, its own random prompts (seed + the run's index), the first of them the warm-up:
+    a server with a prefix cache must not find one run's prompts from another, nor a measured
+    prompt from the warm-up. Runs: each rate of ``--request-rate`` in order, then, with ``--n``
+    above 1, each rate again as separate requests."""
+    runs = len(args.request_rate) * (2 if args.n > 1 else 1)
     return [
         make_prompts(args.num_prompts + 1, args.input_len, vocab, args.seed + i)
-        for i in range(len(args.request_rate))
+        for i in range(runs)
     ]
 
 
@@ -247,10 +224,19 @@ def run_rates(
     args: argparse.Namespace,
     server: str,
 ) -> list[dict[str, Any]]:
+    """A row per rate; with ``--n`` above 1, a row per rate for ``--n`` separate requests per
+    prompt too (server ``"<server>, <n> separate"``)."""
     rows = []
-    for rate, own in zip(args.request_rate, prompts, strict=True):
-        results, duration = asyncio.run(run_rate(base_url, headers, model, own, args, rate))
-        rows.append({"server": server, **summarize(results, duration, args.input_len, rate)})
+    runs = [(rate, False) for rate in args.request_rate]
+    if args.n > 1:
+        runs += [(rate, True) for rate in args.request_rate]
+    for (rate, separate), own in zip(runs, prompts, strict=True):
+        results, duration, peak = asyncio.run(
+            run_rate(base_url, headers, model, own, args, rate, separate)
+        )
+        name = f"{server}, {args.n} separate" if separate else server
+        summary = summarize(results, duration, args.input_len, rate, peak)
+        rows.append({"server": name, **summary})
     return rows
 
 
@@ -260,22 +246,6 @@ def run_peer(
     """The same prompts and rates against vLLM's server (``peer``) on ``model``."""
     with peer_server(peer, model) as (base_url, served_name):
         return run_rates(base_url, {}, served_name, prompts, args, peer)
-
-
-def ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per peer and rate: ours / the peer's output throughput, mean TTFT and mean TPOT."""
-    ours = {row["request_rate"]: row for row in rows if row["server"] == "infinite-llm"}
-    out = []
-    for row in rows:
-        base = ours.get(row["request_rate"])
-        if row["server"] == "infinite-llm" or base is None:
-            continue
-        entry: dict[str, Any] = {"peer": row["server"], "request_rate": row["request_rate"]}
-        for key in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms"):
-            if base.get(key) and row.get(key):
-                entry[f"{key}_ours_over_peer"] = base[key] / row[key]
-        out.append(entry)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,13 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object (the table goes to stderr)"
     )
     return p
-
-
-# fmt: off
-COLUMNS = ["server", "request_rate", "completed", "failed", "duration_s", "request_throughput",
-           "output_throughput", "total_token_throughput", "total_cached_tokens", "mean_ttft_ms", "p99_ttft_ms",
-           "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms"]
-# fmt: on
 
 
 def main(argv: Sequence[str] | None = None) -> int:

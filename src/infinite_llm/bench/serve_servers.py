@@ -1,9 +1,12 @@
 """The servers ``bench serve`` measures: ours launched for the run (``LaunchedServer``), vLLM's
 own server on the same model as a peer (``peer_server``), and what the client asks of any of
-them (the served model's name, the vocabulary its random prompts draw from)."""
+them (the served model's name, the vocabulary its random prompts draw from, the rBlocks it
+holds while a run goes on)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shlex
 import signal
@@ -16,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+
+from infinite_llm.server.metrics import PREFIX
 
 
 def free_port() -> int:
@@ -150,3 +155,30 @@ def launch_model(server_args: list[str]) -> str:
     from infinite_llm.model.registry import DEFAULT_MODEL
 
     return DEFAULT_MODEL
+
+
+async def peak_rblocks(
+    client: httpx.AsyncClient, done: asyncio.Event, interval: float = 0.05
+) -> int | None:
+    """The most rBlocks held by requests (used + lent, every instance) in the server's
+    Prometheus metrics, scraped every ``interval`` s until ``done``; None where the server does
+    not report them (vLLM)."""
+    peak: int | None = None
+    names = (f"{PREFIX}rblocks_used{{", f"{PREFIX}rblocks_lent{{")
+    while True:
+        try:
+            response = await client.get("/metrics")
+            if response.status_code == 200:
+                held = [
+                    float(line.rsplit(" ", 1)[1])
+                    for line in response.text.splitlines()
+                    if line.startswith(names)
+                ]
+                if held:
+                    peak = max(peak or 0, int(sum(held)))
+        except httpx.HTTPError:
+            pass  # a missed scrape: the next one counts
+        if done.is_set():
+            return peak
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), interval)
