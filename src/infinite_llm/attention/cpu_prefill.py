@@ -1,24 +1,34 @@
-"""Causal self-attention of a CPU prefill step in one C call (``csrc/prefill_ma.c``).
+"""Attention of CPU prefill chunks in one C call per layer (``csrc/prefill_ma.c``): their causal
+self part (``causal_self_attention_native``) and their context in a pool's rBlocks
+(``micro_attention_prefill_native``).
 
 The self part of a prefill step (each request's new tokens over themselves) is most of its
 attention. torch's CPU flash kernel takes it one request at a time, after the KV heads are
 repeated for their query groups: a fifth of a 512-token prompt's prefill on SmolLM2. This kernel runs every request at once, reads the new K, V where they lie in the
 step's ``qkv`` tensor (any token stride), shares each key load among the ``G`` query heads of
 its KV head and tiles scores and values as a GEMM does. ``causal_self_attention`` uses it for
-float32 CPU tensors and the torch kernel otherwise.
+float32 CPU tensors and the torch kernel otherwise. The same kernel reads a chunk's context
+through a pool's block table (a prefill continued over its earlier chunks, a prompt after a
+prefix-cache hit), every request at once, where torch's kernel needs one call per request and
+a gather of scattered rBlocks; ``micro.micro_attention`` uses it for float32 query chunks.
 
 Zen 4, 2 threads, SmolLM2's heads (Hq 9, Hkv 3, D 64), one layer, median ms
-(``scripts/prefill_attention_speed.py``):
+(``scripts/prefill_attention_speed.py``, block size 16):
 
-    requests x tokens   torch flash   this kernel
-    4 x 128             2.10          0.86
-    4 x 256             6.14          3.37
-    4 x 512             25.4          10.9
-    1 x 2048            50.0          38.6
-    8 x 16              0.95          0.13
+    self part, requests x tokens      torch flash   this kernel
+    4 x 128                           2.45          0.99
+    4 x 256                           6.15          3.04
+    4 x 512                           25.1          11.0
+    1 x 2048                          48.4          40.3
+    8 x 16                            0.91          0.14
+    context, requests x tokens over
+    4 x 64 over 2000, shuffled        12.7          12.6
+    4 x 64 over 2000, one run         12.4          11.1
+    1 x 16 over 2032, shuffled        1.20          0.89
+    4 x 128 over 256, shuffled        3.24          2.62
 
-Through the engine, a 4 x 512-token prefill (30 layers): 0.68 s with torch's kernel, 0.35 s with
-this one, of a 3.0-3.4 s forward.
+Through the engine, a 4 x 512-token prefill (30 layers): 0.68 s of self part with torch's
+kernel, 0.35 s with this one, of a 3.0-3.4 s forward.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from infinite_llm.attention.batch import MABatch
 from infinite_llm.native.build import NativeLibrary, load_once
 
 _SOURCE = Path(__file__).parent / "csrc" / "prefill_ma.c"
@@ -41,6 +52,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         p, i64, p, i64, p, i64, p, i64, i32, i32, i32, ctypes.c_float, p, p, i32
     ]  # fmt: skip
     lib.prefill_self_attention.restype = ctypes.c_int
+    lib.prefill_paged_attention.argtypes = [
+        p, p, p, p, i64, i64, i64, p, p, p, p, i64, i32, i32, i32, ctypes.c_float, p, p, i32
+    ]  # fmt: skip
+    lib.prefill_paged_attention.restype = ctypes.c_int
 
 
 def native_library() -> NativeLibrary | None:
@@ -95,6 +110,78 @@ def causal_self_attention_native(
         v.stride(0),
         starts.data_ptr(),
         len(query_lens),
+        hq,
+        hkv,
+        d,
+        scale,
+        out.data_ptr(),
+        lse.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return (out, lse) if status == 0 else None
+
+
+def micro_attention_prefill_native(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: MABatch,
+    scale: float,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``micro_attention_reference``'s contract for float32 CPU query chunks over one pool layer
+    ([Hkv, num_blocks, block_size, D]) in one call: (out [T, Hq, D], lse [T, Hq]) in float32;
+    None (nothing done) where the kernel or the tensors do not fit."""
+    t, hq, d = q.shape
+    hkv = k_cache.shape[0]
+    if (
+        batch.num_requests == 0
+        or t != batch.num_query_rows
+        or q.dtype != torch.float32
+        or k_cache.dtype != torch.float32
+        or v_cache.dtype != torch.float32
+        or not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu)
+        or not q.is_contiguous()
+        or k_cache.stride() != v_cache.stride()
+        or k_cache.stride(3) != 1
+        or k_cache.stride(2) != d
+        or d % 16
+        or d > MAX_HEAD_DIM
+        or hkv == 0
+        or hq % hkv
+        or hq // hkv > 64
+    ):
+        return None
+    if causal and (batch.q_start_pos is None or batch.kv_start_pos is None):
+        raise ValueError("causal prefill attention needs the batch's q_start_pos and kv_start_pos")
+    native = native_library()
+    if native is None:
+        return None
+    tables = batch.flat_tables()
+    offsets = None
+    if causal:
+        offsets = batch.memo(
+            "prefill-offsets",
+            lambda: torch.tensor(
+                [a - b for a, b in zip(batch.q_start_pos, batch.kv_start_pos)],  # type: ignore[arg-type]
+                dtype=torch.int64,
+            ),
+        )
+    out = torch.empty(t, hq, d, dtype=torch.float32)
+    lse = torch.empty(t, hq, dtype=torch.float32)
+    status = native.lib.prefill_paged_attention(
+        q.data_ptr(),
+        tables.query_start.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        batch.block_size,
+        tables.block_table.data_ptr(),
+        tables.block_start.data_ptr(),
+        tables.context_lens.data_ptr(),
+        None if offsets is None else offsets.data_ptr(),
+        batch.num_requests,
         hq,
         hkv,
         d,

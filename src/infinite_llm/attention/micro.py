@@ -9,8 +9,9 @@ Kernels (all return (out, lse float32) and are tested against the reference):
 * ``triton``: the Triton paged kernel (``triton_paged``), every request in one launch; CUDA
   tensors, or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 * ``auto``: on CPU, requests with at most ``NATIVE_MAX_QUERY_LEN`` query tokens (decode rows)
-  go to ``native`` and longer prefill chunks to ``flash``, a mixed batch split between the two;
-  ``flash`` alone when the native kernel is unavailable. On CUDA, ``triton`` where triton is
+  go to ``native`` and longer prefill chunks to the native prefill kernel (``cpu_prefill``,
+  float32; ``flash`` otherwise), a mixed batch split between the two; ``flash`` alone when the
+  native decode kernel is unavailable. On CUDA, ``triton`` where triton is
   installed, else ``reference`` (with a warning, once).
 """
 
@@ -23,6 +24,7 @@ import torch
 from infinite_llm.attention import cpu_native
 from infinite_llm.attention.batch import MABatch
 from infinite_llm.attention.cpu_flash import micro_attention_flash, triton_on_cuda
+from infinite_llm.attention.cpu_prefill import micro_attention_prefill_native
 from infinite_llm.attention.kv_pool import write_layer
 from infinite_llm.attention.reference import micro_attention_reference
 
@@ -122,17 +124,20 @@ def _auto_cpu(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Decode rows by the native kernel, long prefill chunks by flash; None where the native
-    kernel cannot run (the caller uses flash for everything)."""
+    """Decode rows by the native decode kernel, longer query chunks by the native prefill kernel
+    (float32) or flash; None where the native decode kernel cannot run (the caller uses flash
+    for everything)."""
     few, many = batch.split_by_query_len(NATIVE_MAX_QUERY_LEN)
     if many is None:  # the usual decode step: one call, checks made once per batch
         return cpu_native.try_micro_attention_native(q, k_cache, v_cache, batch, scale, causal)
-    if few is None or not native_usable(q, k_cache, v_cache):
+    if few is None:
+        return prefill_chunks(q, k_cache, v_cache, batch, scale, causal)
+    if not native_usable(q, k_cache, v_cache):
         return micro_attention_flash(q, k_cache, v_cache, batch, scale, causal)
     t, hq, d = q.shape
     out = torch.empty(t, hq, d, dtype=q.dtype)
     lse = torch.empty(t, hq, dtype=torch.float32)
-    parts = ((few, cpu_native.micro_attention_native), (many, micro_attention_flash))
+    parts = ((few, cpu_native.micro_attention_native), (many, prefill_chunks))
     for part, kernel in parts:
         part_out, part_lse = kernel(
             q.index_select(0, part.rows), k_cache, v_cache, part.batch, scale, causal
@@ -140,6 +145,22 @@ def _auto_cpu(
         out.index_copy_(0, part.rows, part_out)
         lse.index_copy_(0, part.rows, part_lse)
     return out, lse
+
+
+def prefill_chunks(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: MABatch,
+    scale: float,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query chunks over a CPU pool: every request in one native call where the tensors are
+    float32 (``cpu_prefill``), else torch's flash kernel request by request."""
+    native = micro_attention_prefill_native(q, k_cache, v_cache, batch, scale, causal)
+    if native is not None:
+        return native[0].to(q.dtype), native[1]
+    return micro_attention_flash(q, k_cache, v_cache, batch, scale, causal)
 
 
 def _warn_once(message: str) -> None:
