@@ -247,33 +247,7 @@ ALWAYS_INLINE void tile_step(const float *qs, int nrows, const int64_t *limit, i
                 *(v8f *)&s[r * W + j0] = select8(visible, *(v8f *)&s[r * W + j0], (v8f){0} - INFINITY);
             }
     /* online softmax: probabilities overwrite the scores */
-    for (int r = 0; r < nrows; r++) {
-        float *sr = s + r * W;
-        v8f mx = *(v8f *)sr;
-        for (int j0 = 8; j0 < W; j0 += 8) {
-            v8f x = *(v8f *)&sr[j0];
-            mx = select8(x > mx, x, mx);
-        }
-        float mt = hmax8(mx);
-        if (mt == -INFINITY) {
-            memset(sr, 0, sizeof(float) * W);
-            continue;
-        }
-        float mn = mt > m[r] ? mt : m[r];
-        v8f sum = {0};
-        for (int j0 = 0; j0 < W; j0 += 8) {
-            v8f p = exp8(*(v8f *)&sr[j0] - mn);
-            *(v8f *)&sr[j0] = p;
-            sum += p;
-        }
-        if (mn != m[r]) {
-            float corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mn);
-            l[r] *= corr;
-            for (int c = 0; c < D; c++) acc[(int64_t)r * D + c] *= corr;
-            m[r] = mn;
-        }
-        l[r] += hsum8(sum);
-    }
+    for (int r = 0; r < nrows; r++) softmax_update(s + r * W, W, &m[r], &l[r], acc + (int64_t)r * D, D);
     /* acc += p V */
     for (int u = 0; u < NT; u++) {
         const char *vbase = contig ? vb[u] : NULL;

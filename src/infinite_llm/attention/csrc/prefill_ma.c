@@ -169,33 +169,7 @@ static void run_item(const Problem *P, int64_t i, int h, int64_t l0, int nt) {
             }
         }
         /* online softmax: probabilities overwrite the scores */
-        for (int r = 0; r < rows; r++) {
-            float *sr = s + r * KW;
-            v8f mx = *(v8f *)sr;
-            for (int j0 = 8; j0 < W; j0 += 8) {
-                v8f x = *(v8f *)&sr[j0];
-                mx = select8(x > mx, x, mx);
-            }
-            const float mt = hmax8(mx);
-            if (mt == -INFINITY) { /* no visible key in this block (a later block of the row) */
-                memset(sr, 0, sizeof(float) * W);
-                continue;
-            }
-            const float mn = mt > m[r] ? mt : m[r];
-            v8f sum = splat8(0.f);
-            for (int j0 = 0; j0 < W; j0 += 8) {
-                v8f p = exp8(*(v8f *)&sr[j0] - mn);
-                *(v8f *)&sr[j0] = p;
-                sum += p;
-            }
-            if (mn != m[r]) {
-                const float corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mn);
-                l[r] *= corr;
-                for (int c = 0; c < D; c++) acc[r * D + c] *= corr;
-                m[r] = mn;
-            }
-            l[r] += hsum8(sum);
-        }
+        for (int r = 0; r < rows; r++) softmax_update(s + r * KW, W, &m[r], &l[r], acc + r * D, D);
         /* acc += P V over the real keys (padding has probability 0 and no value row) */
         for (int j = 0; j < real; j++) vrow[j] = key_at(P, P->v, P->v_stride, i, h, t + j);
         for (int r0 = 0; r0 < rows; r0 += MR) {
@@ -304,6 +278,22 @@ static int run(Problem *P, int64_t n, int num_threads) {
     return 0;
 }
 
+/* A problem's query side and shape; the caller sets the keys. */
+static Problem problem(const float *q, int64_t q_stride, const int64_t *q_first, int hq, int hkv,
+                      int d, float scale, float *out, float *lse) {
+    Problem P = {0};
+    P.q = q;
+    P.q_stride = q_stride;
+    P.q_first = q_first;
+    P.hq = hq;
+    P.hkv = hkv;
+    P.d = d;
+    P.scale = scale;
+    P.out = out;
+    P.lse = lse;
+    return P;
+}
+
 /* Causal self-attention of n chunks: q: token t's head j at q + t * q_stride + j * d (k, v alike
  * with hkv heads); starts: [n + 1] token offsets of the requests, for queries and keys alike.
  * out: [T, hq, d], lse: [T, hq], float32, contiguous. Returns 0, or -1 (nothing written). */
@@ -318,10 +308,7 @@ int prefill_self_attention(const float *q, int64_t q_stride, const float *k, int
         lens[i] = starts[i + 1] - starts[i];
         offsets[i] = 0;
     }
-    Problem P = {0};
-    P.q = q;
-    P.q_stride = q_stride;
-    P.q_first = starts;
+    Problem P = problem(q, q_stride, starts, hq, hkv, d, scale, out, lse);
     P.k = k;
     P.v = v;
     P.k_stride = k_stride;
@@ -329,12 +316,6 @@ int prefill_self_attention(const float *q, int64_t q_stride, const float *k, int
     P.k_first = starts;
     P.num_keys = lens;
     P.offset = offsets;
-    P.hq = hq;
-    P.hkv = hkv;
-    P.d = d;
-    P.scale = scale;
-    P.out = out;
-    P.lse = lse;
     const int status = run(&P, n, num_threads);
     free(lens);
     return status;
@@ -352,10 +333,7 @@ int prefill_paged_attention(const float *q, const int64_t *query_start, const fl
                             const int32_t *block_table, const int64_t *block_start,
                             const int64_t *context_lens, const int64_t *offset, int64_t n, int hq,
                             int hkv, int d, float scale, float *out, float *lse, int num_threads) {
-    Problem P = {0};
-    P.q = q;
-    P.q_stride = (int64_t)hq * d;
-    P.q_first = query_start;
+    Problem P = problem(q, (int64_t)hq * d, query_start, hq, hkv, d, scale, out, lse);
     P.k = k;
     P.v = v;
     P.block_table = block_table;
@@ -365,11 +343,5 @@ int prefill_paged_attention(const float *q, const int64_t *query_start, const fl
     P.head_stride = head_stride;
     P.num_keys = context_lens;
     P.offset = offset;
-    P.hq = hq;
-    P.hkv = hkv;
-    P.d = d;
-    P.scale = scale;
-    P.out = out;
-    P.lse = lse;
     return run(&P, n, num_threads);
 }

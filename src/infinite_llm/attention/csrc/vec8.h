@@ -3,6 +3,7 @@
  * to AVX2, AVX-512, NEON, ... */
 #ifndef INFINITE_LLM_VEC8_H
 #define INFINITE_LLM_VEC8_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -61,6 +62,37 @@ ALWAYS_INLINE float hmax8(v8f a) {
     float x = a[0];
     for (int j = 1; j < 8; j++) x = a[j] > x ? a[j] : x;
     return x;
+}
+
+/* One online-softmax update of a query row over W scores (W a multiple of 8): the scores in sr
+ * become probabilities exp(s - m') against the new running max m', and the running sum *l and
+ * the row's unnormalised accumulator acc[0..D) are rescaled to m'. A row whose scores are all
+ * -inf here (no visible key) gets probabilities 0 and keeps its state. */
+ALWAYS_INLINE void softmax_update(float *sr, int W, float *m, float *l, float *acc, int D) {
+    v8f mx = *(v8f *)sr;
+    for (int j0 = 8; j0 < W; j0 += 8) {
+        v8f x = *(v8f *)&sr[j0];
+        mx = select8(x > mx, x, mx);
+    }
+    const float mt = hmax8(mx);
+    if (mt == -INFINITY) {
+        memset(sr, 0, sizeof(float) * W);
+        return;
+    }
+    const float mn = mt > *m ? mt : *m;
+    v8f sum = splat8(0.f);
+    for (int j0 = 0; j0 < W; j0 += 8) {
+        v8f p = exp8(*(v8f *)&sr[j0] - mn);
+        *(v8f *)&sr[j0] = p;
+        sum += p;
+    }
+    if (mn != *m) {
+        const float corr = *m == -INFINITY ? 0.0f : expf(*m - mn);
+        *l *= corr;
+        for (int c = 0; c < D; c++) acc[c] *= corr;
+        *m = mn;
+    }
+    *l += hsum8(sum);
 }
 
 #endif
