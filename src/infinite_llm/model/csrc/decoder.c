@@ -49,10 +49,11 @@ __attribute__((optimize("fp-contract=off"))) void rope_f32(float *x, int64_t t, 
                                                             const float *cos,
                                                             const float *signed_sin) {
     const int64_t half = d / 2;
-    float row[512]; /* native_decoder.MAX_HEAD_DIM: the Python side never calls past it */
-    if (d > 512) return;
+    if (d > 512) return; /* native_decoder.MAX_HEAD_DIM: the Python side never calls past it */
+#pragma omp parallel for if (t >= 64) /* prefill rows, as the norms */
     for (int64_t i = 0; i < t; i++) {
         const float *c = cos + i * d, *s = signed_sin + i * d;
+        float row[512];
         for (int64_t h = 0; h < heads; h++) {
             float *r = x + i * ld + h * d;
             memcpy(row, r, sizeof(float) * (size_t)d);
@@ -92,8 +93,11 @@ static inline __m256 exp8(__m256 x) {
 /* out[i][j] = silu(gu[i][j]) * gu[i][n + j] for t rows of gu = [gate | up] (2n floats each);
  * silu(g) = g / (1 + e^-g). Eight at a time with AVX2 (a scalar expf per call cost 300 us a
  * layer at batch 32, five times torch's vectorised silu; now 40 us), expf for the rest;
- * relative error as torch's float32 silu (1.8e-7 against float64 on random rows). */
+ * relative error as torch's float32 silu (1.8e-7 against float64 on random rows). Rows split
+ * over OpenMP threads from 64 on (prefill chunks): 8 x 256-token prompts spent 40-70 ms less
+ * outside the linears, this and rope_f32 together. */
 void silu_mul_f32(const float *gu, int64_t t, int64_t n, float *out) {
+#pragma omp parallel for if (t >= 64) /* prefill rows, as the norms */
     for (int64_t i = 0; i < t; i++) {
         const float *g = gu + i * 2 * n, *u = g + n;
         float *o = out + i * n;
