@@ -1,32 +1,18 @@
 """GManager: the cluster's debt ledger and creditor recommender (one per cluster).
 
 The gManager never allocates: it answers "who could lend me n rBlocks?" with a ranked
-``Recommendation`` and the debtor negotiates with the creditors itself. Its view is loose:
+``Recommendation`` and the debtor negotiates with the creditors itself. It holds, behind one
+lock (so queries may come from any thread):
 
-* each instance's *estimated lendable* blocks come from its last heartbeat, lowered by lends
-  and raised by releases that debtors report, and reset by the next heartbeat;
-* a recommendation *reserves* the debt on its first candidate in that estimate, so the next
-  concurrent query prefers someone else (spreading debtors over creditors); the reservation
-  is used up by ``record_lend`` or dropped by the creditor's next heartbeat;
-* a creditor that answered false is skipped until a heartbeat shows more room than it had
-  when it said false (``report_false``);
-* an instance whose heartbeat is older than ``heartbeat_timeout_s`` (or never came) is out.
-
-Scalability: instances are sorted by estimated lendable memory *periodically* (every
-``resort_every_heartbeats`` heartbeats, every ``resort_interval_s``, on membership changes,
-or when a query had to skip ``resort_after_skips`` exhausted entries), never per query. A
-query walks the sorted list from the top, stops where sort-time room falls below its need,
-collects the first ``window`` eligible instances and orders just those by their live
-estimate: O(window + skips) per query. Within the window the faster memory tier comes
-first (``kvcache.tiers``: model instances' pools, then host pools, the debtor's own first, then
-memory instances; a tier beyond the window's most-room candidates is not seen), then
-instances that do not themselves owe the debtor: lending back to one's own creditor makes a
-debt cycle, which costs locality until defragmentation undoes it. Instances that gained room since the last sort are
-seen after the next one. All methods take one lock, so queries may come from any thread.
-
-It also keeps the cluster's prefix index (``kvcache.prefix_index``: which instances serve a
-cached rBlock's content, from the heartbeats' changes), and holds the prefill claims (``kvcache.claims``): which instance may start prefilling a
-request longer than its home pool, decided here at once for instances that step concurrently.
+* the debt ledger (``kvcache.ledger``), with the free blocks of each instance's last heartbeat;
+* the creditor view (``kvcache.creditors``): each instance's estimated lendable blocks, the
+  debts recommendations reserved on them, false replies, and the periodic ranking a query
+  walks; a recommendation reserves the debt on its first candidate, so the next concurrent
+  query prefers someone else (spreading debtors over creditors);
+* the cluster's prefix index (``kvcache.prefix_index``: which instances serve a cached
+  rBlock's content, from the heartbeats' changes);
+* the prefill claims (``kvcache.claims``): which instance may start prefilling a request
+  longer than its home pool, decided here at once for instances that step concurrently.
 """
 
 from __future__ import annotations
@@ -37,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from infinite_llm.kvcache.claims import PrefillClaims, Rank
+from infinite_llm.kvcache.creditors import CreditorView
 from infinite_llm.kvcache.defrag import DefragPlan, plan_defragmentation
 from infinite_llm.kvcache.ledger import DebtLedger, Edge
 from infinite_llm.kvcache.messages import BorrowQuery, Heartbeat, Recommendation
@@ -45,7 +32,7 @@ from infinite_llm.kvcache.prefix_index import PrefixIndex
 
 @dataclass(frozen=True)
 class GManagerConfig:
-    """How the gManager ranks creditors; see the module docstring for each knob."""
+    """How the gManager ranks creditors; ``kvcache.creditors`` explains each knob."""
 
     heartbeat_timeout_s: float = 5.0
     resort_every_heartbeats: int = 32
@@ -76,26 +63,6 @@ class GManagerStats:
     num_ignored_heartbeats: int = 0  # out of order: older than one already seen
 
 
-@dataclass(slots=True)
-class _View:
-    """What the gManager believes about one instance as a creditor."""
-
-    lendable: int
-    seen_at: float
-    reserved: int = 0
-    blocked_below: int | None = None  # set by a false: skip until lendable > this
-    tier: int = 0  # ``kvcache.tiers.Tier``
-    host_of: int | None = None  # a host pool's model instance
-
-    def tier_rank(self, debtor_id: int) -> tuple[int, bool]:
-        """Fastest first: the tier, and within the host tier the debtor's own host pool."""
-        return self.tier, self.host_of != debtor_id
-
-    @property
-    def available(self) -> int:
-        return self.lendable - self.reserved
-
-
 class GManager:
     """Global debt ledger plus the free-memory view that ranks creditor candidates."""
 
@@ -106,11 +73,7 @@ class GManager:
         self._clock = clock
         self._lock = threading.Lock()
         self._ledger = DebtLedger()
-        self._views: dict[int, _View] = {}
-        self._ranking: list[tuple[int, int]] = []  # (instance_id, available at sort), best first
-        self._sorted_at = float("-inf")
-        self._heartbeats_since_sort = 0
-        self._needs_sort = True
+        self._creditors = CreditorView(self.config)
         self._stats = GManagerStats()
         self._claims = PrefillClaims()
         self._prefix = PrefixIndex()
@@ -131,27 +94,24 @@ class GManager:
         """An instance died: drop its view and every ledger edge touching it."""
         with self._lock:
             self._ledger.forget_instance(instance_id)
-            self._views.pop(instance_id, None)
+            self._creditors.forget(instance_id)
             self._claims.forget_instance(instance_id)
             self._prefix.forget_instance(instance_id)
-            self._needs_sort = True
 
     def reset(self) -> None:
         with self._lock:
             self._ledger.reset()
-            self._views.clear()
+            self._creditors.reset()
             self._claims.reset()
             self._prefix.reset()
-            self._needs_sort = True
 
     def rebuild(self, heartbeats: Iterable[Heartbeat]) -> None:
         """Forget everything and rebuild the view and ledger from one round of heartbeats (the
         prefill claims come back from the schedulers' next steps)."""
         with self._lock:
             self._ledger.reset()
-            self._views.clear()
+            self._creditors.reset()
             self._claims.reset()
-            self._needs_sort = True
             now = self._clock()
             for hb in heartbeats:
                 self._on_heartbeat(hb, now)
@@ -165,48 +125,10 @@ class GManager:
         """
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
-        cfg = self.config
         with self._lock:
-            now = self._clock()
-            self._maybe_sort(now)
-            deadline = now - cfg.heartbeat_timeout_s
-            views = self._views
-            owes = self._ledger.lent
-            # (tier, not the debtor's own host pool, owes the debtor, -available, id)
-            window: list[tuple[int, bool, bool, int, int]] = []
-            skipped = 0
-            for creditor_id, available_at_sort in self._ranking:
-                if available_at_sort < num_blocks:
-                    break  # sorted: nobody further down had room at sort time
-                v = views.get(creditor_id)
-                if (
-                    v is None
-                    or creditor_id == debtor_id
-                    or v.blocked_below is not None
-                    or v.seen_at < deadline
-                    or v.lendable - v.reserved < num_blocks
-                ):
-                    skipped += 1
-                    continue
-                window.append(
-                    (
-                        *v.tier_rank(debtor_id),
-                        owes(creditor_id, debtor_id) > 0,
-                        v.reserved - v.lendable,
-                        creditor_id,
-                    )
-                )
-                if len(window) >= cfg.window:
-                    break
-            if skipped >= cfg.resort_after_skips:
-                self._needs_sort = True
-            window.sort()
-            creditor_ids = tuple(entry[-1] for entry in window[: cfg.max_candidates])
-            split: tuple[tuple[int, int], ...] = ()
-            if creditor_ids:
-                views[creditor_ids[0]].reserved += num_blocks
-            elif cfg.allow_split:
-                split = self._split(debtor_id, num_blocks, deadline)
+            creditor_ids, split = self._creditors.recommend(
+                debtor_id, num_blocks, self._clock(), self._ledger.lent
+            )
             self._stats.num_queries += 1
             self._stats.num_splits += bool(split)
             self._stats.num_empty += not creditor_ids and not split
@@ -217,17 +139,12 @@ class GManager:
         now: a question about the whole cluster, however many shares it would take, that
         reserves nothing (``Borrower.can_borrow``)."""
         with self._lock:
-            deadline = self._clock() - self.config.heartbeat_timeout_s
-            total = 0
-            for creditor_id, v in self._views.items():
-                if creditor_id != debtor_id and v.blocked_below is None and v.seen_at >= deadline:
-                    total += max(0, v.available)
-            return total >= num_blocks
+            return self._creditors.can_lend(debtor_id, num_blocks, self._clock())
 
     def resort(self) -> None:
         """Rank the creditors afresh at the next query (after a forced round of heartbeats)."""
         with self._lock:
-            self._needs_sort = True
+            self._creditors.resort()
 
     def handle_query(self, query: BorrowQuery) -> Recommendation:
         return self.recommend(query.debtor_id, query.num_blocks)
@@ -236,11 +153,7 @@ class GManager:
         """A creditor refused a lend: skip it until a heartbeat shows > ``num_lendable``."""
         with self._lock:
             self._stats.num_false_replies += 1
-            v = self._views.get(creditor_id)
-            if v is not None:
-                v.blocked_below = num_lendable
-                v.lendable = num_lendable
-                v.reserved = 0
+            self._creditors.refused(creditor_id, num_lendable)
 
     # ---- the prefix index (``kvcache.prefix_index``) ------------------------------------
 
@@ -278,17 +191,12 @@ class GManager:
     def record_lend(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None:
         with self._lock:
             self._ledger.record_lend(debtor_id, creditor_id, num_blocks)
-            v = self._views.get(creditor_id)
-            if v is not None:
-                v.lendable = max(0, v.lendable - num_blocks)
-                v.reserved = max(0, v.reserved - num_blocks)
+            self._creditors.lent(creditor_id, num_blocks)
 
     def record_release(self, debtor_id: int, creditor_id: int, num_blocks: int) -> None:
         with self._lock:
             self._ledger.record_release(debtor_id, creditor_id, num_blocks)
-            v = self._views.get(creditor_id)
-            if v is not None:
-                v.lendable += num_blocks  # an over-estimate past the cap is cured by a false
+            self._creditors.released(creditor_id, num_blocks)
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -305,29 +213,21 @@ class GManager:
     def available(self, instance_id: int) -> int | None:
         """Estimated lendable blocks minus reservations (None: unknown instance)."""
         with self._lock:
-            v = self._views.get(instance_id)
-            return None if v is None else v.available
+            return self._creditors.available(instance_id)
 
     def is_available(self, instance_id: int) -> bool:
         """Known, heard from within the timeout, and not blocked by a false."""
         with self._lock:
-            v = self._views.get(instance_id)
-            now = self._clock()
-            return (
-                v is not None
-                and v.blocked_below is None
-                and now - v.seen_at <= self.config.heartbeat_timeout_s
-            )
+            return self._creditors.is_available(instance_id, self._clock())
 
     def instance_ids(self) -> list[int]:
         with self._lock:
-            return sorted(self._views)
+            return self._creditors.instance_ids()
 
     def stale_instance_ids(self) -> list[int]:
         """Known instances whose heartbeat is older than the timeout."""
         with self._lock:
-            now, timeout = self._clock(), self.config.heartbeat_timeout_s
-            return sorted(i for i, v in self._views.items() if now - v.seen_at > timeout)
+            return self._creditors.stale_instance_ids(self._clock())
 
     def stats(self) -> GManagerStats:
         with self._lock:
@@ -337,7 +237,7 @@ class GManager:
                 s.num_empty,
                 s.num_splits,
                 s.num_false_replies,
-                s.num_sorts,
+                self._creditors.num_sorts,
                 s.num_heartbeats,
                 s.num_ignored_heartbeats,
             )
@@ -355,22 +255,18 @@ class GManager:
         from the current ledger and view."""
         with self._lock:
             free = self._ledger.free_blocks() if with_repatriation else None
-            tiers = {i: v.tier for i, v in self._views.items()}
-            lendable = {i: max(0, v.available) for i, v in self._views.items()}
             return plan_defragmentation(
                 self._ledger,
                 free_blocks=free,
                 reserve_blocks=reserve_blocks,
-                tiers=tiers,
-                lendable=lendable,
+                tiers=self._creditors.tiers(),
+                lendable=self._creditors.lendable(),
             )
 
     def check_integrity(self) -> None:
         with self._lock:
             self._ledger.check_integrity()
-            for i, v in self._views.items():
-                assert v.lendable >= 0, f"gmanager: negative lendable for {i}"
-                assert v.reserved >= 0, f"gmanager: negative reservation for {i}"
+            self._creditors.check_integrity()
             self._claims.check_integrity()
 
     # ---- internals (caller holds the lock) ----------------------------------------------
@@ -383,58 +279,4 @@ class GManager:
             self._stats.num_ignored_heartbeats += 1
             return
         self._stats.num_heartbeats += 1
-        self._heartbeats_since_sort += 1
-        v = self._views.get(hb.instance_id)
-        if v is None:
-            self._views[hb.instance_id] = _View(hb.lendable, now, tier=hb.tier, host_of=hb.host_of)
-            self._needs_sort = True
-            return
-        if v.blocked_below is not None and hb.lendable > v.blocked_below:
-            v.blocked_below = None
-        v.lendable, v.reserved, v.seen_at = hb.lendable, 0, now
-
-    def _maybe_sort(self, now: float) -> None:
-        if (
-            self._needs_sort
-            or self._heartbeats_since_sort >= self.config.resort_every_heartbeats
-            or now - self._sorted_at >= self.config.resort_interval_s
-        ):
-            deadline = now - self.config.heartbeat_timeout_s
-            entries = [
-                (v.reserved - v.lendable, i)  # (-available, id): most room first
-                for i, v in self._views.items()
-                if v.lendable > v.reserved and v.blocked_below is None and v.seen_at >= deadline
-            ]
-            entries.sort()
-            self._ranking = [(i, -neg) for neg, i in entries]
-            self._sorted_at = now
-            self._heartbeats_since_sort = 0
-            self._needs_sort = False
-            self._stats.num_sorts += 1
-
-    def _split(
-        self, debtor_id: int, num_blocks: int, deadline: float
-    ) -> tuple[tuple[int, int], ...]:
-        """Greedy shares over the ranking, largest first; () if they cannot cover the need."""
-        shares: list[tuple[int, int]] = []
-        remaining = num_blocks
-        for creditor_id, _ in self._ranking:
-            v = self._views.get(creditor_id)
-            if (
-                v is None
-                or creditor_id == debtor_id
-                or v.blocked_below is not None
-                or v.seen_at < deadline
-                or v.available <= 0
-            ):
-                continue
-            share = min(v.available, remaining)
-            shares.append((creditor_id, share))
-            remaining -= share
-            if remaining == 0 or len(shares) == self.config.max_split_creditors:
-                break
-        if remaining > 0:
-            return ()
-        for creditor_id, share in shares:
-            self._views[creditor_id].reserved += share
-        return tuple(shares)
+        self._creditors.on_heartbeat(hb, now)
