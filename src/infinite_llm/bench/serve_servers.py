@@ -162,20 +162,22 @@ async def peak_rblocks(
 ) -> int | None:
     """The most rBlocks held by requests (used + lent, every instance) in the server's
     Prometheus metrics, scraped every ``interval`` s until ``done``; None where the server does
-    not report them (vLLM)."""
+    not report them (vLLM), which is then asked only once."""
     peak: int | None = None
     names = (f"{PREFIX}rblocks_used{{", f"{PREFIX}rblocks_lent{{")
     while True:
         try:
             response = await client.get("/metrics")
-            if response.status_code == 200:
-                held = [
-                    float(line.rsplit(" ", 1)[1])
-                    for line in response.text.splitlines()
-                    if line.startswith(names)
-                ]
-                if held:
-                    peak = max(peak or 0, int(sum(held)))
+            text = response.text if response.status_code == 200 else ""
+            if PREFIX not in text and response.status_code in (200, 404):
+                return peak  # not our metrics: scraping on would only load the server
+            held = [
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(names)
+            ]
+            if held:
+                peak = max(peak or 0, int(sum(held)))
         except httpx.HTTPError:
             pass  # a missed scrape: the next one counts
         if done.is_set():
