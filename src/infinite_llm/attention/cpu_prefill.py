@@ -43,6 +43,7 @@ from infinite_llm.native.build import NativeLibrary, load_once
 
 _SOURCE = Path(__file__).parent / "csrc" / "prefill_ma.c"
 MAX_HEAD_DIM = 256
+MAX_GROUP = 64  # query heads per KV head (the kernel's MAX_ROWS)
 _state: dict[str, NativeLibrary | None] = {}
 
 
@@ -61,6 +62,13 @@ def _declare(lib: ctypes.CDLL) -> None:
 def native_library() -> NativeLibrary | None:
     """The compiled kernel, built on first use; None when it cannot be had (logged once)."""
     return load_once(_state, _SOURCE, _declare)
+
+
+def _heads_fit(hq: int, hkv: int, d: int) -> bool:
+    """The kernel's head shapes: whole 16-float tiles of D, whole query groups."""
+    return (
+        d % 16 == 0 and d <= MAX_HEAD_DIM and hkv > 0 and hq % hkv == 0 and hq // hkv <= MAX_GROUP
+    )
 
 
 def _token_rows(x: torch.Tensor) -> bool:
@@ -85,11 +93,7 @@ def causal_self_attention_native(
     if (
         not query_lens
         or any(x.dtype != torch.float32 or not x.is_cpu for x in (q, k, v))
-        or d % 16
-        or d > MAX_HEAD_DIM
-        or hkv == 0
-        or hq % hkv
-        or hq // hkv > 64
+        or not _heads_fit(hq, hkv, d)
         or sum(query_lens) != t
         or not all(_token_rows(x) for x in (q, k, v))
     ):
@@ -145,11 +149,7 @@ def micro_attention_prefill_native(
         or k_cache.stride() != v_cache.stride()
         or k_cache.stride(3) != 1
         or k_cache.stride(2) != d
-        or d % 16
-        or d > MAX_HEAD_DIM
-        or hkv == 0
-        or hq % hkv
-        or hq // hkv > 64
+        or not _heads_fit(hq, hkv, d)
     ):
         return None
     if causal and (batch.q_start_pos is None or batch.kv_start_pos is None):
