@@ -44,14 +44,15 @@
 #endif
 
 /* acc[r][0..15] = sum_e x[r][e] w(e)[0..15] for `rows` (a constant in every inlined copy) rows,
- * w(e) = w + e * wstep (a K panel: 16 contiguous floats per e), or wrow[e] (value rows). */
+ * w(e) = w + e * wstep (a K panel: 16 contiguous floats per e), or wrow[e] + col (columns
+ * col..col+15 of value rows). */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx,
                                                         const float *w, int64_t wstep,
-                                                        const float *const *wrow, int64_t n,
-                                                        const int rows, v8f *acc) {
+                                                        const float *const *wrow, int col,
+                                                        int64_t n, const int rows, v8f *acc) {
     for (int i = 0; i < 2 * rows; i++) acc[i] = splat8(0.f);
     for (int64_t e = 0; e < n; e++) {
-        const float *we = wrow ? wrow[e] : w + e * wstep;
+        const float *we = wrow ? wrow[e] + col : w + e * wstep;
         const v8f w0 = *(const v8f *)we, w1 = *(const v8f *)(we + 8);
         for (int r = 0; r < rows; r++) {
             const v8f xb = splat8(x[r * ldx + e]);
@@ -63,20 +64,20 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
 
 /* The same tile, any row count up to MR: each count its own inlined copy. */
 static void tile_any(const float *x, int64_t ldx, const float *w, int64_t wstep,
-                     const float *const *wrow, int64_t n, int rows, v8f *acc) {
+                     const float *const *wrow, int col, int64_t n, int rows, v8f *acc) {
     switch (rows) {
-    case MR: tile(x, ldx, w, wstep, wrow, n, MR, acc); break;
+    case MR: tile(x, ldx, w, wstep, wrow, col, n, MR, acc); break;
 #if MR > 7
-    case 7: tile(x, ldx, w, wstep, wrow, n, 7, acc); break;
+    case 7: tile(x, ldx, w, wstep, wrow, col, n, 7, acc); break;
 #endif
 #if MR > 6
-    case 6: tile(x, ldx, w, wstep, wrow, n, 6, acc); break;
+    case 6: tile(x, ldx, w, wstep, wrow, col, n, 6, acc); break;
 #endif
-    case 5: tile(x, ldx, w, wstep, wrow, n, 5, acc); break;
-    case 4: tile(x, ldx, w, wstep, wrow, n, 4, acc); break;
-    case 3: tile(x, ldx, w, wstep, wrow, n, 3, acc); break;
-    case 2: tile(x, ldx, w, wstep, wrow, n, 2, acc); break;
-    default: tile(x, ldx, w, wstep, wrow, n, 1, acc); break;
+    case 5: tile(x, ldx, w, wstep, wrow, col, n, 5, acc); break;
+    case 4: tile(x, ldx, w, wstep, wrow, col, n, 4, acc); break;
+    case 3: tile(x, ldx, w, wstep, wrow, col, n, 3, acc); break;
+    case 2: tile(x, ldx, w, wstep, wrow, col, n, 2, acc); break;
+    default: tile(x, ldx, w, wstep, wrow, col, n, 1, acc); break;
     }
 }
 
@@ -98,7 +99,7 @@ typedef struct {
     const int64_t *kt_start;  /* [n]: request i's first panel in kt (per head) */
     int64_t kt_panels;        /* panels per head, all requests */
     const float *kt;          /* [hkv][kt_panels][D][KP] */
-    int hq, hkv, d, tokens_per_item;
+    int hq, hkv, d;
     float scale;
     float *out, *lse;         /* [T, hq, D], [T, hq] */
 } Problem;
@@ -148,7 +149,7 @@ static void run_item(const Problem *P, int64_t i, int h, int64_t l0, int nt) {
         for (int r0 = 0; r0 < rows; r0 += MR) {
             const int mr = rows - r0 < MR ? rows - r0 : MR;
             for (int p = 0; p < np; p++) {
-                tile_any(qs + r0 * D, D, kt + (t / KP + p) * D * KP, KP, NULL, D, mr, t_acc);
+                tile_any(qs + r0 * D, D, kt + (t / KP + p) * D * KP, KP, NULL, 0, D, mr, t_acc);
                 for (int r = 0; r < mr; r++) {
                     *(v8f *)&s[(r0 + r) * KW + p * KP] = t_acc[2 * r];
                     *(v8f *)&s[(r0 + r) * KW + p * KP + 8] = t_acc[2 * r + 1];
@@ -175,9 +176,7 @@ static void run_item(const Problem *P, int64_t i, int h, int64_t l0, int nt) {
         for (int r0 = 0; r0 < rows; r0 += MR) {
             const int mr = rows - r0 < MR ? rows - r0 : MR;
             for (int c0 = 0; c0 < D; c0 += 16) {
-                const float *cols[KW];
-                for (int j = 0; j < real; j++) cols[j] = vrow[j] + c0;
-                tile_any(s + r0 * KW, KW, NULL, 0, cols, real, mr, t_acc);
+                tile_any(s + r0 * KW, KW, NULL, 0, vrow, c0, real, mr, t_acc);
                 for (int r = 0; r < mr; r++) {
                     float *a = acc + (r0 + r) * D + c0;
                     *(v8f *)a += t_acc[2 * r];
@@ -232,7 +231,6 @@ static int run(Problem *P, int64_t n, int num_threads) {
     P->kt_start = kt_start;
     P->kt_panels = panels;
     P->kt = kt;
-    P->tokens_per_item = tpi;
     /* largest items first: later query blocks see more keys */
     int64_t at = 0;
     for (int64_t b = max_blocks - 1; b >= 0; b--)
