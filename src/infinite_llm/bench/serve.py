@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -186,13 +187,9 @@ async def run_rate(
         async def one(prompt: list[int], delay: float) -> list[RequestResult]:
             await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
             body = payload(prompt)
-            if gate is None:
+            async with gate or contextlib.nullcontext():  # the cap counts prompts in flight
                 sent = [send_one(client, args.endpoint, body) for _ in range(width)]
                 results = list(await asyncio.gather(*sent))
-            else:
-                async with gate:
-                    sent = [send_one(client, args.endpoint, body) for _ in range(width)]
-                    results = list(await asyncio.gather(*sent))
             bar.update(1)
             return results
 
@@ -283,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[math.inf],
         help="requests per second, Poisson arrivals; inf sends all at once",
     )
-    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="cap on prompts in flight (with --n, each sent as its n separate requests too)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--no-progress", action="store_true")
