@@ -34,6 +34,7 @@ kernel, 0.35 s with this one, of a 3.0-3.4 s forward.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,26 +104,9 @@ def causal_self_attention_native(
         return None
     starts = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
     torch.cumsum(torch.tensor(query_lens, dtype=torch.int64), 0, out=starts[1:])
-    out = torch.empty(t, hq, d, dtype=torch.float32)
-    lse = torch.empty(t, hq, dtype=torch.float32)
-    status = native.lib.prefill_self_attention(
-        q.data_ptr(),
-        q.stride(0),
-        k.data_ptr(),
-        k.stride(0),
-        v.data_ptr(),
-        v.stride(0),
-        starts.data_ptr(),
-        len(query_lens),
-        hq,
-        hkv,
-        d,
-        scale,
-        out.data_ptr(),
-        lse.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return (out, lse) if status == 0 else None
+    args = (q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0))
+    args += (starts.data_ptr(), len(query_lens))
+    return _call(native.lib.prefill_self_attention, args, t, hq, hkv, d, scale)
 
 
 def micro_attention_prefill_native(
@@ -167,27 +151,20 @@ def micro_attention_prefill_native(
                 dtype=torch.int64,
             ),
         )
+    args = (q.data_ptr(), tables.query_start.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+    args += (k_cache.stride(0), k_cache.stride(1), batch.block_size)
+    args += (tables.block_table.data_ptr(), tables.block_start.data_ptr())
+    args += (tables.context_lens.data_ptr(), None if offsets is None else offsets.data_ptr())
+    args += (batch.num_requests,)
+    return _call(native.lib.prefill_paged_attention, args, t, hq, hkv, d, scale)
+
+
+def _call(
+    fn: Callable[..., int], args: tuple, t: int, hq: int, hkv: int, d: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``fn(*args, hq, hkv, d, scale, out, lse, threads)`` into new (out [t, hq, d], lse
+    [t, hq]) float32; None where the kernel declined (status -1)."""
     out = torch.empty(t, hq, d, dtype=torch.float32)
     lse = torch.empty(t, hq, dtype=torch.float32)
-    status = native.lib.prefill_paged_attention(
-        q.data_ptr(),
-        tables.query_start.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        batch.block_size,
-        tables.block_table.data_ptr(),
-        tables.block_start.data_ptr(),
-        tables.context_lens.data_ptr(),
-        None if offsets is None else offsets.data_ptr(),
-        batch.num_requests,
-        hq,
-        hkv,
-        d,
-        scale,
-        out.data_ptr(),
-        lse.data_ptr(),
-        torch.get_num_threads(),
-    )
+    status = fn(*args, hq, hkv, d, scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     return (out, lse) if status == 0 else None
